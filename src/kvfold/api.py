@@ -1,0 +1,172 @@
+"""The Python API: `compress(model, spec)` for `model.generate`, and `generate(...)` for context + question(s)
+in the two settings, query-aware (the question is compressed with the context) and query-agnostic (the context
+is compressed first, then each question is asked on a fork of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import attention
+from .cache import KVFoldCache
+from .compressor import Compressor
+from .errors import KVFoldError
+from .models import check_supported, context_limit
+
+
+def make_cache(model, method: str | Compressor = "none", compress_appends: bool = False) -> KVFoldCache:
+    """A fresh `KVFoldCache` for `model` (its attention must be "kvfold": see `compress`)."""
+    compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
+    return KVFoldCache(model.config, compressor, compress_appends=compress_appends)
+
+
+@dataclass
+class CompressionSession:
+    """What `compress()` yields: the compressor and the cache of the latest `generate` call."""
+
+    compressor: Compressor
+    caches: list[KVFoldCache] = field(default_factory=list)
+
+    @property
+    def cache(self) -> KVFoldCache | None:
+        return self.caches[-1] if self.caches else None
+
+
+@contextlib.contextmanager
+def use_kvfold_attention(model) -> Iterator[None]:
+    """Switch the model's attention to kvfold's registered function, restoring the previous one on exit."""
+    check_supported(model.config)
+    attention.register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attention.NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def compress(model, method: str | Compressor) -> Iterator[CompressionSession]:
+    """`with kvfold.compress(model, "snapkv:0.75"): model.generate(...)` — every generate call inside gets a fresh
+    compressed cache (unless it passes its own `past_key_values`). Yields a session whose `.cache` is the last one.
+    """
+    compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
+    session = CompressionSession(compressor)
+    original = model.generate
+
+    def generate_with_cache(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = make_cache(model, compressor)
+        session.caches.append(kwargs["past_key_values"])
+        return original(*args, **kwargs)
+
+    with use_kvfold_attention(model):
+        model.generate = generate_with_cache
+        try:
+            yield session
+        finally:
+            del model.generate
+
+
+def split_prompt(tokenizer, context: str, question: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat prompt, split where the question starts: (context part, question part).
+
+    The context part holds the chat template's opening and the context; the question part the question and the
+    template's assistant opening. Query-agnostic compression compresses the first part alone.
+    """
+    if not context.strip():
+        raise KVFoldError("the context is empty: give some text to compress (e.g. --context-file F)")
+    marker = "\x00KVFOLD_QUESTION\x00"
+    user = f"{context}\n\n{marker}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = user + "\n"
+    head, _, tail = text.partition(marker)
+    head_ids = tokenizer(head, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    tail_ids = tokenizer(question + tail, add_special_tokens=False)["input_ids"]
+    return head_ids, tail_ids
+
+
+@dataclass
+class Answer:
+    """One generated answer with what it cost."""
+
+    text: str
+    tokens: list[int]
+    kv_bytes: int  # bytes the cache held when generation ended
+    prefill_seconds: float
+    decode_seconds: float
+
+
+def _greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, max_new_tokens: int,
+            stop_ids: set[int]) -> list[int]:
+    tokens: list[int] = []
+    logits = first_logits
+    device = next(model.parameters()).device
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        if token in stop_ids:
+            break
+        tokens.append(token)
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
+                    position_ids=torch.tensor([[seen]], device=device))
+        seen += 1
+        logits = out.logits
+    return tokens
+
+
+def _forward(model, cache: KVFoldCache, ids: Sequence[int], start: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(ids)], device=device)
+    position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+    return model(input_ids=input_ids, past_key_values=cache, use_cache=True, position_ids=position_ids,
+                 logits_to_keep=1).logits
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, *, context: str, question: str | Sequence[str], method: str | Compressor = "none",
+             agnostic: bool = False, max_new_tokens: int = 32) -> list[Answer]:
+    """Answer one or several questions about `context` with a compressed cache (greedy decoding).
+
+    query-aware (default): each question is appended to the context and the whole prompt is compressed, as in the
+    SnapKV paper. query-agnostic (`agnostic=True`): the context alone is compressed once, then every question is
+    asked on a copy-on-write fork of that cache, as in SCBench.
+    """
+    questions = [question] if isinstance(question, str) else list(question)
+    if not questions:
+        raise KVFoldError("no question given")
+    compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
+    limit = context_limit(model.config)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    stop_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    answers = []
+    with use_kvfold_attention(model):
+        shared = None
+        for q in questions:
+            head, tail = split_prompt(tokenizer, context, q)
+            if len(head) + len(tail) + max_new_tokens > limit:
+                raise KVFoldError(f"prompt of {len(head) + len(tail)} tokens + {max_new_tokens} new tokens exceeds the "
+                                  f"model's context of {limit}: shorten the context or lower max_new_tokens")
+            start = time.perf_counter()
+            if agnostic:
+                if shared is None:
+                    shared = make_cache(model, compressor)
+                    _forward(model, shared, head, 0)
+                cache = shared.fork()
+                logits = _forward(model, cache, tail, len(head))
+            else:
+                cache = make_cache(model, compressor)
+                logits = _forward(model, cache, head + tail, 0)
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            tokens = _greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids)
+            answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(),
+                                  prefill, time.perf_counter() - start))
+    return answers

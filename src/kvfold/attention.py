@@ -1,0 +1,71 @@
+"""kvfold's attention function, registered with transformers' `AttentionInterface` as "kvfold".
+
+The attention module calls `cache.update(k, v, layer_idx)`, which for a `KVFoldCache` returns a `StagedKV`
+handle instead of concatenated tensors; this function then sees queries, keys and values together:
+- first forward of a layer (prefill): exact SDPA over the new tokens, then the method compresses and stores them;
+- later forwards (decoding, or a multi-token turn): attention reads the compressed store page chunk by page chunk
+  plus the new tokens (`kernels.reference.paged_attention`), never rebuilding the whole context; then the new
+  tokens are stored (compressed too for multi-token turns when the cache has `compress_appends`).
+Without a kvfold cache (e.g. `use_cache=False`) it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import StagedKV
+
+NAME = "kvfold"
+
+
+def _valid_new_keys(attention_mask: torch.Tensor | None, batch: int, new: int, device) -> torch.Tensor:
+    """[batch, new] bool: the new keys the last query may attend to (False = padding or outside a sliding window)."""
+    if attention_mask is None:
+        return torch.ones(batch, new, dtype=torch.bool, device=device)
+    last_row = attention_mask[:, 0, -1, -new:]
+    if last_row.dtype != torch.bool:
+        last_row = last_row == 0
+    return last_row.expand(batch, new)
+
+
+def kvfold_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | StagedKV,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if not isinstance(key, StagedKV):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    staged, layer = key, key.layer
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if kwargs.get("softcap") is not None:
+        from .errors import KVFoldError
+
+        raise KVFoldError("attention logit soft-capping (e.g. Gemma2) is not supported by kvfold yet")
+    if layer.stored_tokens == 0 and staged.start == 0:
+        out, _ = sdpa_attention_forward(module, query, staged.keys, staged.values, attention_mask,
+                                        dropout=dropout, scaling=scale, **kwargs)
+        valid = _valid_new_keys(attention_mask, query.shape[0], staged.keys.shape[2], query.device)
+        layer.ingest(staged, query, valid, scale)
+        return out, None
+    new = staged.keys.shape[2]
+    valid = _valid_new_keys(attention_mask, query.shape[0], new, query.device)
+    out = layer.attend(query, staged, valid, scale)
+    if new > 1:
+        layer.ingest(staged, query, valid, scale)
+    else:
+        layer.append(staged, query)
+    return out, None
+
+
+def register() -> None:
+    """Make "kvfold" a valid `attn_implementation` (idempotent)."""
+    AttentionInterface.register(NAME, kvfold_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)

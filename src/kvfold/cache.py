@@ -1,0 +1,371 @@
+"""`KVFoldCache`: a transformers `Cache` whose layers hold only what a compression method keeps.
+
+Each layer stores its tokens per row (one row per batch element and KV head) in pages: full-precision pages for
+the newest tokens and, with a quantizer, packed pages for the older ones. `update()` does not concatenate
+anything: it returns a `StagedKV` handle, and kvfold's registered attention function (`kvfold.attention`) uses
+it to run prefill attention, compress, store, and read the store for decoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from .compressor import Compressor
+from .errors import KVFoldError
+from .kernels.reference import KVChunk, paged_attention
+from .methods.base import ScoreInputs
+from .pages import Field, PagedRows, PagePool
+
+PAGE_CHUNK = 32  # pages per row read at once by the reference decode
+
+
+@dataclass(frozen=True)
+class StagedKV:
+    """What `update()` hands the attention function: the layer and this step's new keys and values."""
+
+    layer: "KVFoldLayer"
+    keys: torch.Tensor  # [batch, kv_heads, new_tokens, head_dim]
+    values: torch.Tensor
+    start: int  # sequence index of the first new token
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.keys.shape
+
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.keys.shape[2], device=self.keys.device)
+
+
+def compact(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gather the kept tokens of each row to its front, in order.
+
+    tensors[name]: [batch, heads, tokens, ...]; keep: [batch, heads, tokens] bool.
+    Returns ({name: [batch * heads, max_kept, ...]}, kept count per row (on the CPU)).
+    """
+    rows, tokens = keep.shape[0] * keep.shape[1], keep.shape[2]
+    keep = keep.reshape(rows, tokens)
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if rows else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    out = {}
+    for name, tensor in tensors.items():
+        flat = tensor.reshape(rows, tokens, *tensor.shape[3:])
+        index = order.view(rows, width, *([1] * (flat.dim() - 2))).expand(rows, width, *flat.shape[2:])
+        out[name] = torch.gather(flat, 1, index)
+    return out, counts.cpu()
+
+
+class KVFoldLayer(CacheLayerMixin):
+    """One attention layer's compressed store. Sliding-window layers keep their window in full precision."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, compressor: Compressor, sliding_window: int | None = None, page_size: int = 64) -> None:
+        super().__init__()
+        self.compressor = compressor
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.page_size = compressor.quantizer.group if compressor.quantizer else page_size
+        self.seen = 0
+        self.full: PagedRows | None = None
+        self.packed: PagedRows | None = None
+        self.recent_queries: torch.Tensor | None = None  # kept only for decode-time compression
+        self.valid_seen: torch.Tensor | None = None  # [batch] real (non-padding) tokens seen
+        self.scale = 1.0
+        self.compress_appends = False  # compress later multi-token turns too (chat keeps its history compressed)
+
+    # ---- transformers' layer protocol -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, self.kv_heads, _, self.head_dim = key_states.shape
+        self.batch_size = batch
+        self.dtype, self.device = key_states.dtype, key_states.device
+        quantizer = None if self.is_sliding else self.compressor.quantizer
+        full_dtype = torch.float16 if quantizer else self.dtype  # KIVI keeps its residual in float16
+        size, dim = self.page_size, self.head_dim
+        full_fields = {"k": Field((size, dim), full_dtype), "v": Field((size, dim), full_dtype),
+                       "pos": Field((size,), torch.int32)}
+        self.full = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
+        if quantizer:
+            self.packed = PagedRows(PagePool(quantizer.fields(dim), size, self.device), batch * self.kv_heads)
+        self.valid_seen = torch.zeros(batch, dtype=torch.long)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        staged = StagedKV(self, key_states, value_states, self.seen)
+        self.seen += key_states.shape[2]
+        return staged, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for rows in (self.full, self.packed):
+            if rows is not None:
+                rows.clear()
+        self.seen, self.recent_queries = 0, None
+        if self.valid_seen is not None:
+            self.valid_seen.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise KVFoldError("beam search is not supported by kvfold's cache yet; use greedy or sampling (num_beams=1)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KVFoldError("kvfold's cache cannot be cropped (assisted/speculative generation is not supported yet)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise KVFoldError("kvfold's cache does not support num_return_sequences > 1 yet; fork() the cache instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise KVFoldError("kvfold's cache does not support selecting batch rows yet")
+
+    # ---- storing ----------------------------------------------------------------------------------------------
+    @property
+    def stored_tokens(self) -> int:
+        return sum(int(rows.lengths.sum()) for rows in (self.full, self.packed) if rows is not None)
+
+    def row_lengths(self) -> torch.Tensor:
+        """Tokens held per row [batch, kv_heads] (packed + full precision)."""
+        total = self.full.lengths.clone()
+        if self.packed is not None:
+            total += self.packed.lengths
+        return total.view(self.batch_size, self.kv_heads)
+
+    def ingest(self, staged: StagedKV, query: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
+        """Store the tokens of a multi-token forward, compressed by the method when it is the prefill.
+
+        valid [batch, tokens]: False for padding and, on sliding layers, tokens outside the last query's window.
+        """
+        keys, values, positions = staged.keys, staged.values, staged.positions()
+        batch, heads, tokens, _ = keys.shape
+        valid = valid.to(keys.device)
+        self.scale = scale
+        self.valid_seen += valid.sum(dim=1).cpu()
+        keep = valid.unsqueeze(1).expand(batch, heads, tokens)
+        scorer, first = self.compressor.scorer, self.stored_tokens == 0
+        if not self.is_sliding and (first or self.compress_appends):
+            inputs = self._score_inputs(query, keys, values, positions, keep, scale)
+            scores = scorer.score(inputs)
+            count = scorer.keep_count(valid.sum(dim=1).cpu())
+            keep = keep & self.compressor.budget.select(scores, count.to(scores.device)) & torch.isfinite(scores)
+        self._remember_queries(query, positions)
+        self._append_rows(keys, values, positions, keep)
+
+    def append(self, staged: StagedKV, query: torch.Tensor) -> None:
+        """Store decoded tokens (all valid) and keep the budget if the method compresses while decoding."""
+        keys = staged.keys
+        batch, heads, tokens, _ = keys.shape
+        self.valid_seen += tokens
+        keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
+        self._remember_queries(query, staged.positions())
+        self._append_rows(keys, staged.values, staged.positions(), keep)
+        every = self.compressor.scorer.every
+        if every and not self.is_sliding and self.seen // every > (self.seen - tokens) // every:
+            self._recompress()
+
+    def _score_inputs(self, query, keys, values, positions, valid, scale) -> ScoreInputs:
+        window = max(1, min(self.compressor.scorer.window, query.shape[2]))
+        batch, heads, tokens, _ = keys.shape
+        return ScoreInputs(query[:, :, -window:], positions[-window:], keys, values,
+                           positions.view(1, 1, -1).expand(batch, heads, tokens), valid, scale)
+
+    def _remember_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
+        scorer = self.compressor.scorer
+        if not scorer.every or self.is_sliding:
+            return
+        recent = query if self.recent_queries is None else torch.cat([self.recent_queries[0], query], dim=2)
+        pos = positions if self.recent_queries is None else torch.cat([self.recent_queries[1], positions])
+        window = max(1, scorer.window)
+        self.recent_queries = (recent[:, :, -window:].clone(), pos[-window:].clone())
+
+    def _append_rows(self, keys, values, positions, keep) -> None:
+        """Append kept tokens [batch, heads, tokens] to each row, then pack full groups and slide windows."""
+        batch, heads, tokens, dim = keys.shape
+        pos = positions.view(1, 1, -1).expand(batch, heads, tokens).to(torch.int32)
+        kept, counts = compact({"k": keys, "v": values, "pos": pos}, keep)
+        if self.packed is not None and self.stored_tokens == 0:
+            self._store_first(kept, counts)
+        else:
+            self.full.append(kept, counts)
+        if self.packed is not None:
+            self._pack_full_groups()
+        if self.is_sliding:
+            self._drop_out_of_window()
+
+    def _store_first(self, kept: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Fill an empty quantized store directly: whole groups of the oldest tokens packed, the rest in the tail.
+
+        Packing at once (rather than through the tail) means the full-precision pool never holds the whole prompt.
+        """
+        quantizer = self.compressor.quantizer
+        group = quantizer.group
+        n_pages = torch.clamp((counts - quantizer.residual) // group, min=0)
+        width = int(n_pages.max())
+        if width:
+            used = (torch.arange(width).unsqueeze(0) < n_pages.unsqueeze(1)).to(self.device)
+            pages = {n: t[:, : width * group].unflatten(1, (width, group))[used] for n, t in kept.items()}
+            fields = quantizer.encode(pages["k"].float(), pages["v"].float())
+            fields["pos"] = pages["pos"]
+            self.packed.fill_pages(fields, n_pages)
+        packed = (n_pages * group).to(self.device)
+        tail = counts - n_pages * group
+        index = packed.unsqueeze(1) + torch.arange(int(tail.max()), device=self.device).unsqueeze(0)
+        index = index.clamp(max=max(0, kept["k"].shape[1] - 1))
+        rest = {n: torch.gather(t, 1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
+                for n, t in kept.items()}
+        self.full.append(rest, tail)
+
+    def _pack_full_groups(self) -> None:
+        """Move the oldest full-precision page of every row whose tail reached residual + group into packed pages."""
+        quantizer = self.compressor.quantizer
+        while True:
+            rows = torch.nonzero(self.full.lengths >= quantizer.residual + quantizer.group).squeeze(1)
+            if rows.numel() == 0:
+                return
+            ids = self.full.pop_first_pages(rows)
+            pool = self.full.pool
+            dev = ids.to(pool.device)
+            page_k, page_v = pool.tensors["k"][dev].float(), pool.tensors["v"][dev].float()
+            fields = quantizer.encode(page_k, page_v)
+            fields["pos"] = pool.tensors["pos"][dev]
+            pool.release(ids)
+            new_ids = self.packed.pool.alloc(len(ids))
+            self.packed.pool.write(new_ids, fields)
+            self.packed.push_pages(rows, new_ids)
+
+    def _drop_out_of_window(self) -> None:
+        """Free whole pages whose every token is outside the sliding window of the next query."""
+        oldest_needed = self.seen - self.sliding_window
+        while True:
+            full_first = (self.full.lengths >= 2 * self.page_size)
+            if not full_first.any():
+                return
+            rows = torch.nonzero(full_first).squeeze(1)
+            last_pos = self.full.pool.tensors["pos"][self.full.table[rows, 0].to(self.device), -1].cpu()
+            rows = rows[last_pos < oldest_needed]
+            if rows.numel() == 0:
+                return
+            self.full.pool.release(self.full.pop_first_pages(rows))
+
+    def _recompress(self) -> None:
+        """Decode-time compression: score the stored tokens with the recent queries and evict down to the budget."""
+        scorer = self.compressor.scorer
+        width = int(self.full.lengths.max())
+        fields, valid = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
+        shape = (self.batch_size, self.kv_heads, width)
+        flat = {n: t.flatten(1, 2)[:, :width].reshape(*shape, *t.shape[3:]) for n, t in fields.items()}
+        valid = valid[:, :width].reshape(shape)
+        queries, q_pos = self.recent_queries
+        inputs = ScoreInputs(queries, q_pos, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
+        scores = scorer.score(inputs)
+        count = torch.minimum(scorer.keep_count(self.valid_seen), valid.sum(dim=2).amin(dim=1).cpu())
+        keep = valid & self.compressor.budget.select(scores, count.to(scores.device)) & torch.isfinite(scores)
+        kept, counts = compact(flat, keep)
+        self.full.fill(kept, counts)
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+    def chunks(self):
+        """The stored K/V as decoded chunks, oldest (packed) first."""
+        if self.packed is not None:
+            quantizer = self.compressor.quantizer
+            for fields, valid in self.packed.read(tuple(self.packed.pool.fields), PAGE_CHUNK):
+                k, v = quantizer.decode(fields)
+                yield KVChunk(k, v, fields["pos"].flatten(1), valid)
+        for fields, valid in self.full.read(("k", "v", "pos"), PAGE_CHUNK):
+            yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
+                          fields["pos"].flatten(1), valid)
+
+    def attend(self, query: torch.Tensor, staged: StagedKV, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of queries [batch, q_heads, n, dim] over the store plus the staged new tokens (not yet stored).
+
+        valid [batch, n]: which new keys are real. Returns [batch, n, q_heads, dim] in the query's dtype.
+        """
+        batch, q_heads, n, dim = query.shape
+        group = q_heads // self.kv_heads
+        rows = batch * self.kv_heads
+        positions = staged.positions()
+        new = KVChunk(staged.keys.reshape(rows, n, dim).float(), staged.values.reshape(rows, n, dim).float(),
+                      positions.view(1, n).expand(rows, n),
+                      valid.unsqueeze(1).expand(batch, self.kv_heads, n).reshape(rows, n))
+        chunks = itertools.chain(self.chunks(), [new])
+        rows_q = query.reshape(rows, group * n, dim)
+        out = paged_attention(rows_q, positions.repeat(group), chunks, scale, self.sliding_window)
+        return out.view(batch, q_heads, n, dim).transpose(1, 2).to(query.dtype)
+
+    # ---- accounting and sharing --------------------------------------------------------------------------------
+    def pools(self) -> list[PagePool]:
+        return [rows.pool for rows in (self.full, self.packed) if rows is not None]
+
+    def table_nbytes(self) -> int:
+        total = sum(rows.table_nbytes() for rows in (self.full, self.packed) if rows is not None)
+        if self.recent_queries is not None:
+            total += sum(t.numel() * t.element_size() for t in self.recent_queries)
+        return total
+
+    def fork(self) -> "KVFoldLayer":
+        child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size)
+        child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed")})
+        child.full = self.full.fork() if self.full is not None else None
+        child.packed = self.packed.fork() if self.packed is not None else None
+        if self.valid_seen is not None:
+            child.valid_seen = self.valid_seen.clone()
+        return child
+
+
+class KVFoldCache(Cache):
+    """A transformers `Cache` holding compressed K/V. Use through `kvfold.compress(model, spec)` or pass as
+    `past_key_values` to a model whose attention implementation is "kvfold".
+    """
+
+    def __init__(self, config, compressor: Compressor | str = "none", page_size: int = 64,
+                 compress_appends: bool = False) -> None:
+        compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        layers = []
+        for layer_type, kwargs in zip(layer_types, layer_kwargs):
+            if layer_type not in ("full_attention", "sliding_attention"):
+                raise KVFoldError(f"kvfold cannot hook layers of type '{layer_type}' (supported: full and sliding attention)")
+            layers.append(KVFoldLayer(compressor, kwargs.get("sliding_window"), page_size))
+            layers[-1].compress_appends = compress_appends
+        super().__init__(layers=layers)
+        self.compressor = compressor
+        self.config = config
+
+    def nbytes(self) -> int:
+        """Bytes this cache really holds: every page of its pools (shared with forks), its tables and buffers."""
+        pools = {id(pool): pool for layer in self.layers if layer.is_initialized for pool in layer.pools()}
+        return sum(pool.nbytes() for pool in pools.values()) + self.table_nbytes()
+
+    def table_nbytes(self) -> int:
+        return sum(layer.table_nbytes() for layer in self.layers if layer.is_initialized)
+
+    def referenced_nbytes(self) -> int:
+        """Bytes of the pages this cache reads (its own view, shared pages counted in full) plus its tables."""
+        return sum(rows.nbytes() for layer in self.layers if layer.is_initialized
+                   for rows in (layer.full, layer.packed) if rows is not None) + \
+            sum(layer.table_nbytes() - sum(r.table_nbytes() for r in (layer.full, layer.packed) if r is not None)
+                for layer in self.layers if layer.is_initialized)
+
+    def stored_tokens(self) -> int:
+        """Tokens held over all layers and rows."""
+        return sum(layer.stored_tokens for layer in self.layers if layer.is_initialized)
+
+    def fork(self) -> "KVFoldCache":
+        """A copy-on-write child: shares every page; what either side appends later is its own."""
+        child = KVFoldCache.__new__(KVFoldCache)
+        Cache.__init__(child, layers=[layer.fork() if layer.is_initialized else KVFoldLayer(
+            layer.compressor, layer.sliding_window, layer.page_size) for layer in self.layers])
+        child.compressor, child.config = self.compressor, self.config
+        return child

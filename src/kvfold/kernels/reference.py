@@ -1,0 +1,117 @@
+"""PyTorch definitions of what kvfold's kernels compute. They run anywhere (CPU included) and are the
+ground truth that every Triton kernel is tested against.
+
+- `quantize` / `dequantize`: asymmetric min-max integer quantization with packed storage (KIVI's format).
+- `paged_attention`: attention of a few queries over per-(batch, KV-head) rows of paged K/V, read page chunk by
+  page chunk with an online softmax (flash-decoding), so the whole context is never rebuilt in full precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+SCALE_DTYPE = torch.float16
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) along the last axis, 8 // bits codes per byte (little end first)."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per_byte = 8 // bits
+    grouped = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 codes with the last axis 8 // bits times longer."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Packed codes with one scale and zero point per group; `x ≈ code * scale + zero`."""
+
+    codes: torch.Tensor  # uint8, the grouped axis packed
+    scale: torch.Tensor  # float16
+    zero: torch.Tensor  # float16
+
+
+def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...]) -> Quantized:
+    """Min-max quantize `x` with statistics reduced over `reduce_dims` (the group) and codes packed on the last axis.
+
+    Keys use KIVI's per-channel layout (reduce over the tokens of a page); values the per-token one (reduce over
+    channel groups). Scales and zeros are stored in float16, as KIVI does.
+    """
+    xf = x.float()
+    lo = xf.amin(dim=reduce_dims, keepdim=True)
+    hi = xf.amax(dim=reduce_dims, keepdim=True)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).to(SCALE_DTYPE)
+    zero = lo.to(SCALE_DTYPE)
+    safe_scale = scale.float().clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    codes = torch.round((xf - zero.float()) / safe_scale).clamp_(0, levels)
+    for dim in sorted(reduce_dims, reverse=True):
+        scale, zero = scale.squeeze(dim), zero.squeeze(dim)
+    return Quantized(pack(codes, bits), scale, zero)
+
+
+def dequantize(q: Quantized, bits: int, expand: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """float32 values from codes; `expand` broadcasts a scale/zero tensor back to the codes' unpacked shape."""
+    codes = unpack(q.codes, bits).float()
+    return codes * expand(q.scale.float()) + expand(q.zero.float())
+
+
+@dataclass(frozen=True)
+class KVChunk:
+    """A chunk of pages of every row, already decoded: K and V in float32 plus key positions and validity."""
+
+    keys: torch.Tensor  # [rows, tokens, head_dim]
+    values: torch.Tensor  # [rows, tokens, head_dim]
+    positions: torch.Tensor  # [rows, tokens] int, sequence index of each key
+    valid: torch.Tensor  # [rows, tokens] bool
+
+
+def paged_attention(
+    query: torch.Tensor,
+    query_positions: torch.Tensor,
+    chunks: Iterable[KVChunk],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of queries over K/V given as a stream of chunks, merged with an online softmax.
+
+    query: [rows, n, head_dim] (the GQA group's query heads and query tokens flattened into n);
+    query_positions: [n] or [rows, n] sequence index of each query. A key is visible to a query when it is valid,
+    not later than the query, and (for sliding-window layers) less than `sliding_window` positions back.
+    Returns [rows, n, head_dim] in float32; a query that sees no key gets zeros.
+    """
+    q = query.float()
+    rows, n, dim = q.shape
+    q_pos = query_positions.expand(rows, n) if query_positions.dim() == 1 else query_positions
+    running_max = torch.full((rows, n), float("-inf"), device=q.device)
+    denom = torch.zeros(rows, n, device=q.device)
+    acc = torch.zeros(rows, n, dim, device=q.device)
+    for chunk in chunks:
+        logits = torch.bmm(q, chunk.keys.transpose(1, 2)) * scale
+        k_pos = chunk.positions.unsqueeze(1)
+        visible = chunk.valid.unsqueeze(1) & (k_pos <= q_pos.unsqueeze(2))
+        if sliding_window is not None:
+            visible &= q_pos.unsqueeze(2) - k_pos < sliding_window
+        logits = logits.masked_fill(~visible, float("-inf"))
+        new_max = torch.maximum(running_max, logits.amax(dim=2))
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        probs = torch.exp(logits - safe_max.unsqueeze(2))
+        correction = torch.exp(running_max - safe_max)
+        denom = denom * correction + probs.sum(dim=2)
+        values = chunk.values.masked_fill(~chunk.valid.unsqueeze(2), 0.0)  # empty slots may hold garbage
+        acc = acc * correction.unsqueeze(2) + torch.bmm(probs, values)
+        running_max = new_max
+    return acc / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(2)

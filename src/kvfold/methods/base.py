@@ -1,0 +1,178 @@
+"""The method contract: scorers (which tokens matter), budgets (how many to keep where), quantizers (how tokens
+are packed). Each method is a frozen dataclass config registered by name; spec strings parse into them
+(see `kvfold.compressor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import KVFoldError
+from ..pages import Field
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a method config available under `name` in spec strings and the CLI."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in REGISTRY:
+            raise KVFoldError(f"method name '{name}' is registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method config: a name, a kind, a paper, and validated knobs."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    positional: ClassVar[str | None] = None  # the knob a bare value sets, e.g. `snapkv:0.5` -> ratio
+
+    def spec(self) -> str:
+        """Canonical spec string: the positional knob as a bare value, then knobs that differ from defaults."""
+        parts = [str(getattr(self, self.positional))] if self.positional else []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default and f.name != self.positional:
+                parts.append(f"{f.name}={value}")
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+    @classmethod
+    def knobs(cls) -> dict[str, object]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def check_int(name: str, value: int, low: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise KVFoldError(f"{name} must be an integer >= {low} ({what}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a scorer sees for one layer: the observation-window queries and the candidate keys/values."""
+
+    queries: torch.Tensor  # [batch, q_heads, window, head_dim], RoPE applied
+    query_positions: torch.Tensor  # [window] sequence index of each window query
+    keys: torch.Tensor  # [batch, kv_heads, tokens, head_dim], RoPE applied
+    values: torch.Tensor  # [batch, kv_heads, tokens, head_dim]
+    positions: torch.Tensor  # [batch, kv_heads, tokens] sequence index of each key
+    valid: torch.Tensor  # [batch, kv_heads, tokens] bool: False for padding / empty slots
+    scale: float
+
+
+@dataclass(frozen=True)
+class Scorer(Method):
+    """Eviction: score every token of a row; the budget keeps the highest. Protected tokens score +inf.
+
+    `ratio` is the fraction of tokens removed (0 keeps everything). `window` newest tokens and `sink` first tokens
+    are always kept. `every` > 0 re-applies the budget every that many decoded tokens (decode-time compression).
+    """
+
+    kind: ClassVar[str] = "scorer"
+    query_aware: ClassVar[bool] = False
+    positional: ClassVar[str | None] = "ratio"
+
+    ratio: float = 0.5
+    window: int = 32
+    sink: int = 0
+    every: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise KVFoldError(f"{self.name}: ratio must be in [0, 1) (the fraction of tokens removed), got {self.ratio!r}")
+        check_int(f"{self.name}: window", self.window, 0, "newest tokens always kept")
+        check_int(f"{self.name}: sink", self.sink, 0, "first tokens always kept")
+        check_int(f"{self.name}: every", self.every, 0, "decode steps between re-compressions; 0 = prefill only")
+
+    def keep_count(self, n_valid: torch.Tensor) -> torch.Tensor:
+        """Tokens each row keeps out of `n_valid` (per batch element): the ratio, never below the protected span."""
+        keep = torch.ceil((1 - self.ratio) * n_valid.double()).long()
+        return torch.minimum(torch.maximum(keep, torch.full_like(keep, self.window + self.sink)), n_valid)
+
+    def raw_score(self, x: ScoreInputs) -> torch.Tensor:
+        """Importance of each key, [batch, kv_heads, tokens]; higher is kept first."""
+        raise NotImplementedError
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        """`raw_score` with protected tokens at +inf (newest first) and invalid slots at -inf."""
+        scores = self.raw_score(x).float()
+        newest = x.positions.masked_fill(~x.valid, -1).amax(dim=-1, keepdim=True)
+        oldest = x.positions.masked_fill(~x.valid, 2**62).amin(dim=-1, keepdim=True)
+        protected = (x.positions > newest - self.window) | (x.positions < oldest + self.sink)
+        # +inf ties are broken by recency so a budget below the protected span keeps the newest tokens.
+        boost = torch.finfo(torch.float32).max / 2
+        scores = torch.where(protected, boost + x.positions.float(), scores)
+        return scores.masked_fill(~x.valid, float("-inf"))
+
+
+@dataclass(frozen=True)
+class Budget(Method):
+    """How many tokens each row of a layer keeps, from scores and a per-batch-element token count."""
+
+    kind: ClassVar[str] = "budget"
+
+    def select(self, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Keep mask [batch, kv_heads, tokens] from scores [batch, kv_heads, tokens] and keep [batch] (per head)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Quantizer(Method):
+    """Packs K/V pages. A page is `group` tokens; the newest `residual` tokens stay in full precision."""
+
+    kind: ClassVar[str] = "quantizer"
+    query_aware: ClassVar[bool] = False
+    positional: ClassVar[str | None] = "bits"
+
+    bits: int = 4
+    group: int = 64
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise KVFoldError(f"{self.name}: bits must be 2, 4 or 8, got {self.bits!r}")
+        check_int(f"{self.name}: group", self.group, 1, "tokens per quantization group and page")
+        check_int(f"{self.name}: residual", self.residual, 0, "newest tokens kept in full precision")
+
+    def fields(self, head_dim: int) -> dict[str, Field]:
+        raise NotImplementedError
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pages [pages, group, head_dim] of K and V -> the stored fields of those pages."""
+        raise NotImplementedError
+
+    def decode(self, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored fields of [rows, pages, ...] -> float32 K and V of [rows, pages * group, head_dim]."""
+        raise NotImplementedError
+
+
+def top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the `counts[i]` highest entries of each row of `scores` [rows, n] (counts [rows])."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks < counts.to(scores.device).unsqueeze(-1)
+
+
+@register("uniform")
+@dataclass(frozen=True)
+class UniformBudget(Budget):
+    """Every KV head keeps the same number of tokens."""
+
+    paper = "—"
+
+    def select(self, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        batch, heads, tokens = scores.shape
+        counts = keep.repeat_interleave(heads)
+        return top_mask(scores.reshape(batch * heads, tokens), counts).view(batch, heads, tokens)

@@ -1,0 +1,246 @@
+"""Paged, per-row storage: the physical layer under every compressed cache.
+
+A row is one (batch, KV-head) pair. Each row owns a list of fixed-size pages (a page table), so rows can hold
+different numbers of tokens and evicting a token frees memory once its page empties. Pages live in one pool per
+layer and format; pages are reference-counted so a forked cache shares them copy-on-write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tensor stored per page: its per-page shape and dtype (e.g. keys: (page_size, head_dim), bfloat16)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class PagePool:
+    """Pages of one format on one device. Capacity grows to exactly what is asked for; freed pages are reused.
+
+    `nbytes()` is the memory really held: every page of capacity, used or free, plus the reference counts.
+    """
+
+    def __init__(self, fields: dict[str, Field], page_size: int, device: torch.device) -> None:
+        self.fields = fields
+        self.page_size = page_size
+        self.device = device
+        self.tensors = {name: torch.empty((0, *f.shape), dtype=f.dtype, device=device) for name, f in fields.items()}
+        self.refcount = torch.zeros(0, dtype=torch.int32)
+        self.free: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return int(self.refcount.numel())
+
+    def page_nbytes(self) -> int:
+        return sum(f.nbytes for f in self.fields.values())
+
+    def nbytes(self) -> int:
+        return self.capacity * self.page_nbytes() + self.refcount.numel() * self.refcount.element_size()
+
+    def alloc(self, count: int) -> torch.Tensor:
+        """Ids of `count` pages, each with reference count 1."""
+        if count > len(self.free):
+            self._grow(count - len(self.free))
+        taken, self.free = self.free[:count], self.free[count:]
+        ids = torch.tensor(taken, dtype=torch.long)
+        self.refcount[ids] = 1
+        return ids
+
+    def _grow(self, extra: int) -> None:
+        start = self.capacity
+        for name, f in self.fields.items():
+            grown = torch.zeros((start + extra, *f.shape), dtype=f.dtype, device=self.device)
+            grown[:start] = self.tensors[name]
+            self.tensors[name] = grown
+        self.refcount = torch.cat([self.refcount, torch.zeros(extra, dtype=torch.int32)])
+        self.free.extend(range(start, start + extra))
+
+    def retain(self, ids: torch.Tensor) -> None:
+        self.refcount.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    def release(self, ids: torch.Tensor) -> None:
+        """Drop one reference to each page; pages nobody references go back to the free list."""
+        if ids.numel() == 0:
+            return
+        self.refcount.index_add_(0, ids, -torch.ones_like(ids, dtype=torch.int32))
+        freed = ids[self.refcount[ids] == 0].unique()
+        self.free.extend(freed.tolist())
+
+    def write(self, ids: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Write whole pages: values[name] is [len(ids), *field.shape]."""
+        dev_ids = ids.to(self.device)
+        for name, tensor in values.items():
+            self.tensors[name][dev_ids] = tensor.to(self.fields[name].dtype)
+
+    def write_slots(self, ids: torch.Tensor, offsets: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Write single token slots: values[name] is [len(ids), *field.shape[1:]]."""
+        dev_ids, dev_off = ids.to(self.device), offsets.to(self.device)
+        for name, tensor in values.items():
+            self.tensors[name][dev_ids, dev_off] = tensor.to(self.fields[name].dtype)
+
+    def copy_page(self, src: torch.Tensor) -> torch.Tensor:
+        """Copy pages into new ones (copy-on-write); returns the new ids."""
+        dst = self.alloc(int(src.numel()))
+        s, d = src.to(self.device), dst.to(self.device)
+        for tensor in self.tensors.values():
+            tensor[d] = tensor[s]
+        return dst
+
+
+class PagedRows:
+    """Rows of tokens stored in pages of a shared pool: a page table and a length per row.
+
+    Tokens of a row are stored in order from slot 0 of its first page; a row's last page may be partly filled.
+    """
+
+    def __init__(self, pool: PagePool, rows: int) -> None:
+        self.pool = pool
+        self.table = torch.full((rows, 0), -1, dtype=torch.long)
+        self.lengths = torch.zeros(rows, dtype=torch.long)
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    def pages_per_row(self) -> torch.Tensor:
+        return (self.lengths + self.page_size - 1) // self.page_size
+
+    def page_ids(self) -> torch.Tensor:
+        """Every page id the rows reference."""
+        return self.table[self.table >= 0]
+
+    def table_nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size() + self.lengths.numel() * self.lengths.element_size()
+
+    def nbytes(self) -> int:
+        """Bytes of the pages this object references plus its tables (shared pages counted in full)."""
+        return int(self.page_ids().numel()) * self.pool.page_nbytes() + self.table_nbytes()
+
+    def _ensure_table_width(self, pages: int) -> None:
+        if pages > self.table.shape[1]:
+            pad = torch.full((self.rows, pages - self.table.shape[1]), -1, dtype=torch.long)
+            self.table = torch.cat([self.table, pad], dim=1)
+
+    def fill(self, values: dict[str, torch.Tensor], lengths: torch.Tensor) -> None:
+        """Replace the contents with ragged rows: values[name] is [rows, max_len, *field.shape[1:]] (padded)."""
+        self.clear()
+        lengths = lengths.to(torch.long).cpu()
+        npages = (lengths + self.page_size - 1) // self.page_size
+        width = int(npages.max()) if lengths.numel() else 0
+        self.table = torch.full((self.rows, width), -1, dtype=torch.long)
+        self.lengths = lengths.clone()
+        total = int(npages.sum())
+        if total == 0:
+            return
+        ids = self.pool.alloc(total)
+        used = torch.arange(width).unsqueeze(0) < npages.unsqueeze(1)
+        self.table[used] = ids
+        padded_len = width * self.page_size
+        pages = {}
+        for name, tensor in values.items():
+            pad = padded_len - tensor.shape[1]
+            if pad > 0:
+                tensor = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], pad, *tensor.shape[2:])], dim=1)
+            tensor = tensor[:, :padded_len].unflatten(1, (width, self.page_size))
+            pages[name] = tensor[used.to(tensor.device)]
+        self.pool.write(ids, pages)
+
+    def fill_pages(self, pages: dict[str, torch.Tensor], pages_per_row: torch.Tensor) -> None:
+        """Replace the contents with whole pages: pages[name] is [sum(pages_per_row), *field.shape], row-major."""
+        self.clear()
+        pages_per_row = pages_per_row.to(torch.long).cpu()
+        width = int(pages_per_row.max()) if pages_per_row.numel() else 0
+        self.table = torch.full((self.rows, width), -1, dtype=torch.long)
+        self.lengths = pages_per_row * self.page_size
+        ids = self.pool.alloc(int(pages_per_row.sum()))
+        self.table[torch.arange(width).unsqueeze(0) < pages_per_row.unsqueeze(1)] = ids
+        self.pool.write(ids, pages)
+
+    def append(self, values: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Append `counts[r]` tokens to row r: values[name] is [rows, max(counts), *field.shape[1:]]."""
+        counts = counts.to(torch.long).cpu()
+        new_lengths = self.lengths + counts
+        need = (new_lengths + self.page_size - 1) // self.page_size
+        self._ensure_table_width(int(need.max()) if need.numel() else 0)
+        self._unshare_last_pages(counts)
+        have = self.pages_per_row()
+        missing = torch.arange(self.table.shape[1]).unsqueeze(0)
+        missing = (missing >= have.unsqueeze(1)) & (missing < need.unsqueeze(1))
+        if missing.any():
+            self.table[missing] = self.pool.alloc(int(missing.sum()))
+        row_idx, tok_idx = torch.nonzero(torch.arange(counts.max().item() if counts.numel() else 0).unsqueeze(0)
+                                         < counts.unsqueeze(1), as_tuple=True)
+        slot = self.lengths[row_idx] + tok_idx
+        page = self.table[row_idx, slot // self.page_size]
+        dev_rows, dev_toks = row_idx.to(self.pool.device), tok_idx.to(self.pool.device)
+        self.pool.write_slots(page, slot % self.page_size,
+                              {name: t.to(self.pool.device)[dev_rows, dev_toks] for name, t in values.items()})
+        self.lengths = new_lengths
+
+    def _unshare_last_pages(self, counts: torch.Tensor) -> None:
+        """Copy-on-write: a partly filled last page shared with a fork is copied before it is written."""
+        partial = (self.lengths % self.page_size != 0) & (counts > 0)
+        if not partial.any():
+            return
+        rows = torch.nonzero(partial).squeeze(1)
+        last = self.table[rows, self.pages_per_row()[rows] - 1]
+        shared = self.pool.refcount[last] > 1
+        if shared.any():
+            rows, last = rows[shared], last[shared]
+            self.table[rows, self.pages_per_row()[rows] - 1] = self.pool.copy_page(last)
+            self.pool.release(last)
+
+    def pop_first_pages(self, rows: torch.Tensor) -> torch.Tensor:
+        """Detach the first (full) page of each given row and return its id; the caller owns the reference."""
+        first = self.table[rows, 0].clone()
+        self.table[rows] = torch.cat([self.table[rows, 1:], torch.full((len(rows), 1), -1, dtype=torch.long)], 1)
+        self.lengths[rows] -= self.page_size
+        return first
+
+    def push_pages(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Append one full page to each given row (rows must end on a page boundary)."""
+        have = self.pages_per_row()
+        self._ensure_table_width(int((have[rows] + 1).max()))
+        self.table[rows, have[rows]] = ids
+        self.lengths[rows] += self.page_size
+
+    def read(self, names: tuple[str, ...], page_chunk: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Chunks of `page_chunk` pages per row, one at a time: ({name: [rows, pages, *shape]}, valid [rows, tokens])."""
+        width = self.table.shape[1]
+        slot = torch.arange(width * self.page_size).view(width, self.page_size)
+        for start in range(0, width, page_chunk):
+            ids = self.table[:, start:start + page_chunk]
+            valid = slot[start:start + page_chunk].flatten().unsqueeze(0) < self.lengths.unsqueeze(1)
+            dev_ids = ids.clamp_min(0).to(self.pool.device)
+            yield {n: self.pool.tensors[n][dev_ids] for n in names}, valid.to(self.pool.device)
+
+    def fork(self) -> "PagedRows":
+        """A copy-on-write child: same pages (reference counted), own tables."""
+        child = PagedRows(self.pool, self.rows)
+        child.table, child.lengths = self.table.clone(), self.lengths.clone()
+        self.pool.retain(self.page_ids())
+        return child
+
+    def clear(self) -> None:
+        self.pool.release(self.page_ids())
+        self.table = torch.full((self.rows, 0), -1, dtype=torch.long)
+        self.lengths = torch.zeros(self.rows, dtype=torch.long)

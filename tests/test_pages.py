@@ -1,0 +1,57 @@
+import torch
+
+from kvfold.pages import Field, PagedRows, PagePool
+
+
+def make_rows(rows=3, page=4, dim=2):
+    pool = PagePool({"x": Field((page, dim), torch.float32)}, page, torch.device("cpu"))
+    return PagedRows(pool, rows)
+
+
+def read_rows(paged: PagedRows) -> list[torch.Tensor]:
+    fields, valid = next(paged.read(("x",), page_chunk=max(1, paged.table.shape[1])))
+    flat = fields["x"].flatten(1, 2)
+    return [flat[r][valid[r]] for r in range(paged.rows)]
+
+
+def test_ragged_fill_allocates_exactly_the_pages_needed():
+    paged = make_rows()
+    data = torch.randn(3, 9, 2)
+    paged.fill({"x": data}, torch.tensor([9, 1, 0]))
+    assert paged.pool.capacity == 3 + 1 + 0  # ceil(9/4), ceil(1/4), nothing for an empty row
+    rows = read_rows(paged)
+    assert torch.equal(rows[0], data[0]) and torch.equal(rows[1], data[1, :1]) and rows[2].numel() == 0
+
+
+def test_append_fills_the_last_page_then_takes_new_ones():
+    paged = make_rows()
+    first = torch.randn(3, 3, 2)
+    paged.fill({"x": first}, torch.tensor([3, 3, 3]))
+    more = torch.randn(3, 2, 2)
+    paged.append({"x": more}, torch.tensor([2, 1, 0]))
+    assert paged.lengths.tolist() == [5, 4, 3]
+    assert paged.pool.capacity == 4  # only row 0 crossed a page boundary
+    rows = read_rows(paged)
+    assert torch.equal(rows[0], torch.cat([first[0], more[0]]))
+    assert torch.equal(rows[1], torch.cat([first[1], more[1, :1]]))
+
+
+def test_fork_shares_pages_and_copies_only_on_write():
+    paged = make_rows(rows=1)
+    data = torch.randn(1, 6, 2)
+    paged.fill({"x": data}, torch.tensor([6]))
+    child = paged.fork()
+    assert paged.pool.capacity == 2 and paged.pool.refcount.tolist() == [2, 2]
+    child.append({"x": torch.ones(1, 1, 2)}, torch.tensor([1]))  # writes into the shared, partly filled page
+    assert paged.pool.capacity == 3  # one copied page, the full first page still shared
+    assert torch.equal(read_rows(paged)[0], data[0])
+    assert torch.equal(read_rows(child)[0], torch.cat([data[0], torch.ones(1, 2)]))
+    child.clear()
+    assert paged.pool.refcount.tolist()[:2] == [1, 1] and len(paged.pool.free) == 1
+
+
+def test_released_pages_are_reused():
+    paged = make_rows(rows=2)
+    paged.fill({"x": torch.randn(2, 8, 2)}, torch.tensor([8, 8]))
+    paged.fill({"x": torch.randn(2, 4, 2)}, torch.tensor([4, 4]))
+    assert paged.pool.capacity == 4 and len(paged.pool.free) == 2
