@@ -105,16 +105,26 @@ class Answer:
     decode_seconds: float
 
 
-def _greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, max_new_tokens: int,
-            stop_ids: set[int]) -> list[int]:
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def decode_greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, max_new_tokens: int,
+                  stop_ids: set[int]) -> list[int]:
+    """Greedy tokens after `first_logits`; each is fed back through the cache except the last one."""
     tokens: list[int] = []
     logits = first_logits
     device = next(model.parameters()).device
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         if token in stop_ids:
             break
         tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
         out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
                     position_ids=torch.tensor([[seen]], device=device))
         seen += 1
@@ -122,7 +132,7 @@ def _greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, ma
     return tokens
 
 
-def _forward(model, cache: KVFoldCache, ids: Sequence[int], start: int) -> torch.Tensor:
+def forward_tokens(model, cache: KVFoldCache, ids: Sequence[int], start: int) -> torch.Tensor:
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(ids)], device=device)
     position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
@@ -144,8 +154,7 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
         raise KVFoldError("no question given")
     compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
     limit = context_limit(model.config)
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    stop_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    stop_ids = stop_token_ids(model, tokenizer)
     answers = []
     with use_kvfold_attention(model):
         shared = None
@@ -158,15 +167,15 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
             if agnostic:
                 if shared is None:
                     shared = make_cache(model, compressor)
-                    _forward(model, shared, head, 0)
+                    forward_tokens(model, shared, head, 0)
                 cache = shared.fork()
-                logits = _forward(model, cache, tail, len(head))
+                logits = forward_tokens(model, cache, tail, len(head))
             else:
                 cache = make_cache(model, compressor)
-                logits = _forward(model, cache, head + tail, 0)
+                logits = forward_tokens(model, cache, head + tail, 0)
             prefill = time.perf_counter() - start
             start = time.perf_counter()
-            tokens = _greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids)
+            tokens = decode_greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids)
             answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(),
                                   prefill, time.perf_counter() - start))
     return answers

@@ -276,6 +276,18 @@ class KVFoldLayer(CacheLayerMixin):
         self.full.fill(kept, counts)
 
     # ---- reading ----------------------------------------------------------------------------------------------
+    def kept_positions(self) -> list[list[torch.Tensor]]:
+        """Sequence indices held by each row, sorted: [batch][kv_head] -> 1-D tensor (for tests and inspection)."""
+        held = []
+        for rows in (self.packed, self.full):
+            if rows is None:
+                continue
+            for fields, valid in rows.read(("pos",), PAGE_CHUNK):
+                held.append(fields["pos"].flatten(1).masked_fill(~valid, -1).cpu())
+        flat = torch.cat(held, dim=1) if held else torch.empty(self.batch_size * self.kv_heads, 0, dtype=torch.int32)
+        per_row = [row[row >= 0].sort().values for row in flat]
+        return [per_row[b * self.kv_heads:(b + 1) * self.kv_heads] for b in range(self.batch_size)]
+
     def chunks(self):
         """The stored K/V as decoded chunks, oldest (packed) first."""
         if self.packed is not None:

@@ -1,0 +1,1 @@
+"""Offline, seeded long-context task samples and scoring for the demo and the benchmark."""

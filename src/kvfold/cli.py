@@ -1,0 +1,160 @@
+"""The `kvfold` command line (Typer + Rich): methods, generate, chat, demo.
+
+Every user mistake is a `KVFoldError`: one red line naming the fix and exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import KVFoldError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Real, composable, measured KV-cache compression for Hugging Face causal LMs.")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Local folder, .gguf file or hub id; "
+                                                    "default: the embedded SmolLM2-135M-Instruct")]
+MethodOption = Annotated[str, typer.Option("--method", help="Method spec, e.g. snapkv:0.5+kivi:4 (see `kvfold methods`)")]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _load(model: str | None):
+    from .models import load_model
+
+    with console.status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}…"):
+        return load_model(model)
+
+
+@app.callback()
+def main(ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False) -> None:
+    ctx.obj = {"debug": debug}
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods with their knobs."""
+    from .compressor import registered_methods
+
+    table = Table(title="kvfold methods")
+    for column in ("name", "kind", "paper", "knobs (defaults)", "query-aware"):
+        table.add_column(column)
+    for name, cls in registered_methods().items():
+        knobs = ", ".join(f"{k}={v}" for k, v in cls.knobs().items()) or "—"
+        aware = {True: "yes", False: "no"}.get(getattr(cls, "query_aware", None), "—")
+        table.add_row(name, cls.kind, cls.paper or "—", knobs, aware)
+    console.print(table)
+    console.print("Compose with '+' (evict, then quantize) and pick a budget with '@': snapkv:0.75@adakv+kivi:4")
+
+
+@app.command()
+def generate(
+    method: MethodOption = "none",
+    question: Annotated[list[str], typer.Option("--question", "-q", help="Question(s); repeat for several")] = [],
+    context_file: Annotated[Optional[Path], typer.Option("--context-file", "-c", help="Text file with the context")] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help="The context as a string")] = None,
+    agnostic: Annotated[bool, typer.Option("--agnostic", help="Compress the context before any question is seen")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    model: ModelOption = None,
+) -> None:
+    """Answer questions about a context with a compressed KV cache."""
+    from .api import generate as run
+    from .compressor import Compressor
+
+    compressor = Compressor.parse(method)
+    if context_file is not None:
+        if not context_file.is_file():
+            raise KVFoldError(f"context file '{context_file}' does not exist")
+        context = context_file.read_text(encoding="utf-8")
+    if context is None:
+        raise KVFoldError("no context: pass --context-file F or --context TEXT")
+    if not question:
+        raise KVFoldError("no question: pass --question Q (repeat it for several)")
+    lm, tokenizer = _load(model)
+    with console.status(f"prefill + decode with {compressor.spec}…"):
+        answers = run(lm, tokenizer, context=context, question=question, method=compressor, agnostic=agnostic,
+                      max_new_tokens=max_new_tokens)
+    for q, answer in zip(question, answers):
+        console.print(f"[bold]Q:[/bold] {q}\n[bold]A:[/bold] {answer.text.strip()}")
+        speed = len(answer.tokens) / answer.decode_seconds if answer.decode_seconds > 0 else float("nan")
+        console.print(f"[dim]KV held {human_bytes(answer.kv_bytes)} · prefill {answer.prefill_seconds:.2f} s · "
+                      f"decode {speed:.1f} tok/s · {compressor.spec} · "
+                      f"{'query-agnostic' if agnostic else 'query-aware'}[/dim]")
+
+
+@app.command()
+def chat(method: MethodOption = "snapkv:0.5", model: ModelOption = None,
+         max_new_tokens: Annotated[int, typer.Option(min=1)] = 128) -> None:
+    """Multi-turn chat; the history stays compressed and the KV bytes are shown after each turn (Ctrl-D ends)."""
+    from .chat import ChatSession
+
+    lm, tokenizer = _load(model)
+    session = ChatSession(lm, tokenizer, method)
+    console.print(f"[dim]chatting with {session.compressor.spec}; Ctrl-D to end[/dim]")
+    while True:
+        try:
+            message = console.input("[bold]you> [/bold]")
+        except EOFError:
+            console.print()
+            return
+        if not message.strip():
+            continue
+        reply = session.send(message, max_new_tokens=max_new_tokens)
+        console.print(f"[bold]bot>[/bold] {reply.strip()}")
+        console.print(f"[dim]KV held {human_bytes(session.cache.nbytes())} for {session.tokens_seen} tokens "
+                      f"({human_bytes(session.uncompressed_bytes())} uncompressed)[/dim]")
+
+
+@app.command()
+def demo(
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated specs")] = "none,streaming,snapkv,adakv,kivi:4,kivi:2",
+    ratios: Annotated[str, typer.Option(help="Comma-separated eviction ratios")] = "0.5",
+    length: Annotated[int, typer.Option(help="Context length in tokens")] = 1024,
+    samples: Annotated[int, typer.Option(min=1, help="Needles (depths spread over 10–90%)")] = 3,
+    agnostic: Annotated[bool, typer.Option("--agnostic", help="Compress before the question is seen")] = False,
+    model: ModelOption = None,
+) -> None:
+    """A small needle-in-a-haystack sweep: accuracy, KV bytes and speed per method."""
+    from .demo import run_demo
+
+    lm, tokenizer = _load(model)
+    run_demo(lm, tokenizer, [m for m in methods_.split(",") if m], [float(r) for r in ratios.split(",") if r],
+             length=length, samples=samples, agnostic=agnostic, console=console)
+
+
+def run() -> None:
+    """Entry point: runs the app and turns KVFoldError into one line and exit code 2."""
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except KVFoldError as err:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {err}")
+        raise SystemExit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("[red]aborted[/red]")
+        raise SystemExit(130)
+    except typer.Exit as done:
+        raise SystemExit(done.exit_code)
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            raise SystemExit(err.exit_code)
+        raise

@@ -1,0 +1,82 @@
+"""`kvfold demo`: a small needle-in-a-haystack sweep printing accuracy, KV bytes and speed per method."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .api import generate
+from .bench.tasks import needle_samples, score_contains
+from .compressor import Compressor
+from .errors import KVFoldError
+
+
+def expand_specs(specs: list[str], ratios: list[float]) -> list[Compressor]:
+    """Each spec once per ratio when its eviction method has no ratio of its own; others as given."""
+    for ratio in ratios:
+        if not 0 <= ratio < 1:
+            raise KVFoldError(f"ratio {ratio} is outside [0, 1): it is the fraction of tokens removed")
+    compressors = []
+    for spec in specs:
+        first = spec.split("+")[0]
+        base = Compressor.parse(spec)
+        if base.evicts and ":" not in first.split("@")[0]:
+            name, at, rest = first.partition("@")
+            tail = spec[len(first):]
+            compressors += [Compressor.parse(f"{name}:{r}{at}{rest}{tail}") for r in ratios]
+        else:
+            compressors.append(base)
+    return list(dict.fromkeys(compressors))
+
+
+@dataclass
+class Row:
+    spec: str
+    scores: list[float]
+    kv_bytes: list[int]
+    prefill: list[float]
+    decode_tps: list[float]
+
+
+def run_demo(model, tokenizer, specs: list[str], ratios: list[float], *, length: int, samples: int,
+             agnostic: bool, console: Console, max_new_tokens: int = 12) -> list[Row]:
+    compressors = expand_specs(specs, ratios)
+    depths = [0.1 + 0.8 * i / max(1, samples - 1) for i in range(samples)] if samples > 1 else [0.5]
+    tasks = needle_samples(tokenizer, length=length, depths=depths, seed=0)
+    rows = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        job = progress.add_task("needles", total=len(compressors) * len(tasks))
+        for compressor in compressors:
+            row = Row(compressor.spec, [], [], [], [])
+            for sample in tasks:
+                progress.update(job, description=f"{compressor.spec} · depth {sample.meta.get('depth', 0):.0%}")
+                answer = generate(model, tokenizer, context=sample.context, question=sample.question,
+                                  method=compressor, agnostic=agnostic, max_new_tokens=max_new_tokens)[0]
+                row.scores.append(score_contains(answer.text, sample.answer))
+                row.kv_bytes.append(answer.kv_bytes)
+                row.prefill.append(answer.prefill_seconds)
+                if answer.decode_seconds > 0:
+                    row.decode_tps.append(len(answer.tokens) / answer.decode_seconds)
+                progress.advance(job)
+            rows.append(row)
+    console.print(summary_table(rows, length, agnostic))
+    return rows
+
+
+def summary_table(rows: list[Row], length: int, agnostic: bool) -> Table:
+    baseline = next((statistics.mean(r.kv_bytes) for r in rows if r.spec == "none"), None)
+    setting = "query-agnostic" if agnostic else "query-aware"
+    table = Table(title=f"needle in a haystack · {length} tokens · {setting}")
+    for column in ("method", "accuracy", "KV held", "vs none", "prefill s", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        held = statistics.mean(row.kv_bytes)
+        table.add_row(row.spec, f"{statistics.mean(row.scores):.0%}", f"{held / 2**20:.2f} MiB",
+                      f"{held / baseline:.0%}" if baseline else "—", f"{statistics.mean(row.prefill):.2f}",
+                      f"{statistics.mean(row.decode_tps):.1f}" if row.decode_tps else "—")
+    return table

@@ -1,0 +1,49 @@
+"""KIVI: packed pages hold whole groups, the residual stays in full precision, errors are bounded."""
+
+import pytest
+import torch
+
+import kvfold
+from kvfold.api import use_kvfold_attention
+from kvfold.methods.kivi import KIVI
+
+from ..conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_decode_restores_pages_within_half_a_step(bits):
+    quantizer = KIVI(bits=bits, group=16)
+    keys, values = torch.randn(5, 16, 32) * 2, torch.randn(5, 16, 32)
+    fields = quantizer.encode(keys, values)
+    k, v = quantizer.decode({n: t.unsqueeze(0) for n, t in fields.items()})
+    k_step = fields["k_scale"].float().unsqueeze(1)
+    v_step = fields["v_scale"].float().repeat_interleave(32 // fields["v_scale"].shape[-1], -1)
+    assert ((k[0].view(5, 16, 32) - keys).abs() <= k_step / 2 + 1e-2).all()
+    assert ((v[0].view(5, 16, 32) - values).abs() <= v_step / 2 + 1e-2).all()
+
+
+def test_residual_stays_between_residual_and_residual_plus_group(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 256, (1, 100))
+    with kvfold.compress(tiny_llama, "kivi:4,group=16,residual=32") as session:
+        tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                            pad_token_id=0)
+    for layer in session.cache.layers:
+        tail, packed = layer.full.lengths, layer.packed.lengths
+        assert ((tail >= 32) & (tail < 48)).all() and (packed % 16 == 0).all()
+        assert (tail + packed == 139).all()
+
+
+@pytest.mark.parametrize("bits, min_cosine", [(8, 0.99999), (4, 0.9995), (2, 0.99)])
+def test_logits_stay_close_to_full_precision(bits, min_cosine):
+    tiny_llama = make_tiny_llama(init=0.02)
+    torch.manual_seed(1)
+    ids, nxt = torch.randint(1, 256, (1, 200)), torch.randint(1, 256, (1, 1))
+    logits = {}
+    with torch.no_grad(), use_kvfold_attention(tiny_llama):
+        for spec in ("none", f"kivi:{bits},group=16,residual=16"):
+            cache = kvfold.make_cache(tiny_llama, spec)
+            tiny_llama(ids, past_key_values=cache)
+            logits[spec] = tiny_llama(nxt, past_key_values=cache, position_ids=torch.tensor([[200]])).logits
+    a, b = logits.values()
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= min_cosine
