@@ -60,7 +60,7 @@ def compact(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[
 
 
 class KVFoldLayer(CacheLayerMixin):
-    """One attention layer's compressed store. Sliding-window layers keep their window in full precision."""
+    """One attention layer's compressed store. Sliding-window layers also drop pages that left their window."""
 
     is_compileable = False
     is_croppable = False
@@ -84,7 +84,7 @@ class KVFoldLayer(CacheLayerMixin):
         batch, self.kv_heads, _, self.head_dim = key_states.shape
         self.batch_size = batch
         self.dtype, self.device = key_states.dtype, key_states.device
-        quantizer = None if self.is_sliding else self.compressor.quantizer
+        quantizer = self.compressor.quantizer
         full_dtype = torch.float16 if quantizer else self.dtype  # KIVI keeps its residual in float16
         size, dim = self.page_size, self.head_dim
         full_fields = {"k": Field((size, dim), full_dtype), "v": Field((size, dim), full_dtype),
@@ -155,7 +155,7 @@ class KVFoldLayer(CacheLayerMixin):
         self.valid_seen += valid.sum(dim=1).cpu()
         keep = valid.unsqueeze(1).expand(batch, heads, tokens)
         scorer, first = self.compressor.scorer, self.stored_tokens == 0
-        if not self.is_sliding and (first or self.compress_appends):
+        if first or self.compress_appends:
             inputs = self._score_inputs(query, keys, values, positions, keep, scale)
             scores = scorer.score(inputs)
             count = scorer.keep_count(valid.sum(dim=1).cpu())
@@ -172,7 +172,7 @@ class KVFoldLayer(CacheLayerMixin):
         self._remember_queries(query, staged.positions())
         self._append_rows(keys, staged.values, staged.positions(), keep)
         every = self.compressor.scorer.every
-        if every and not self.is_sliding and self.seen // every > (self.seen - tokens) // every:
+        if every and self.seen // every > (self.seen - tokens) // every:
             self._recompress()
 
     def _score_inputs(self, query, keys, values, positions, valid, scale) -> ScoreInputs:
@@ -183,7 +183,7 @@ class KVFoldLayer(CacheLayerMixin):
 
     def _remember_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
         scorer = self.compressor.scorer
-        if not scorer.every or self.is_sliding:
+        if not scorer.every:
             return
         recent = query if self.recent_queries is None else torch.cat([self.recent_queries[0], query], dim=2)
         pos = positions if self.recent_queries is None else torch.cat([self.recent_queries[1], positions])
@@ -246,18 +246,21 @@ class KVFoldLayer(CacheLayerMixin):
             self.packed.push_pages(rows, new_ids)
 
     def _drop_out_of_window(self) -> None:
-        """Free whole pages whose every token is outside the sliding window of the next query."""
+        """Free whole pages, oldest first, whose every token is outside the sliding window of the next query."""
         oldest_needed = self.seen - self.sliding_window
-        while True:
-            full_first = (self.full.lengths >= 2 * self.page_size)
-            if not full_first.any():
-                return
-            rows = torch.nonzero(full_first).squeeze(1)
-            last_pos = self.full.pool.tensors["pos"][self.full.table[rows, 0].to(self.device), -1].cpu()
-            rows = rows[last_pos < oldest_needed]
-            if rows.numel() == 0:
-                return
-            self.full.pool.release(self.full.pop_first_pages(rows))
+        for rows in (self.packed, self.full):
+            if rows is None:
+                continue
+            while True:
+                candidates = torch.nonzero(rows.lengths >= rows.page_size).squeeze(1)
+                if candidates.numel() == 0:
+                    break
+                first = rows.table[candidates, 0].to(self.device)
+                last_pos = rows.pool.tensors["pos"][first, -1].cpu()
+                candidates = candidates[last_pos < oldest_needed]
+                if candidates.numel() == 0:
+                    break
+                rows.pool.release(rows.pop_first_pages(candidates))
 
     def _recompress(self) -> None:
         """Decode-time compression: score the stored tokens with the recent queries and evict down to the budget."""

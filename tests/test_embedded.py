@@ -1,0 +1,137 @@
+"""End to end on the embedded SmolLM2-135M-Instruct (CPU): exactness, bytes, needles, forks, bad input."""
+
+import pytest
+import torch
+
+import kvfold
+from kvfold.api import use_kvfold_attention
+from kvfold.bench.tasks import needle_samples, score_contains
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain in two sentences why the sky is blue, then list three colours.",
+    "What is the capital of France? Answer and then describe the city in detail.",
+]
+
+
+def chat_ids(tokenizer, texts):
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                              add_generation_prompt=True) for t in texts]
+    return tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("batch", [[0], [1], [2], [0, 1]])
+def test_none_is_token_identical_to_dynamic_cache(embedded, batch):
+    model, tokenizer = embedded
+    inputs = chat_ids(tokenizer, [PROMPTS[i] for i in batch])
+    settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    reference = model.generate(**inputs, **settings)
+    with kvfold.compress(model, "none"):
+        ours = model.generate(**inputs, **settings)
+    assert ours.shape[1] - inputs["input_ids"].shape[1] >= 32
+    assert torch.equal(ours, reference)
+
+
+def prefill_cache(model, ids, spec):
+    with torch.no_grad(), use_kvfold_attention(model):
+        cache = kvfold.make_cache(model, spec)
+        logits = model(ids, past_key_values=cache).logits[:, -1]
+    return cache, logits
+
+
+def kv_elements(model, tokens):
+    config = model.config
+    return 2 * tokens * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+
+
+@pytest.fixture(scope="module")
+def long_ids(embedded):
+    _, tokenizer = embedded
+    sample = needle_samples(tokenizer, length=4000, depths=[0.5], seed=7)[0]
+    head, tail = kvfold.split_prompt(tokenizer, sample.context, sample.question)
+    return torch.tensor([head + tail])
+
+
+def test_bytes_of_snapkv_and_kivi(embedded, long_ids):
+    model, _ = embedded
+    tokens = long_ids.shape[1]
+    assert tokens >= 3900
+    full, full_logits = prefill_cache(model, long_ids, "none")
+    half, _ = prefill_cache(model, long_ids, "snapkv:0.5")
+    assert half.nbytes() <= 0.55 * full.nbytes()
+    kivi2, _ = prefill_cache(model, long_ids, "kivi:2,group=64,residual=128")
+    assert kivi2.nbytes() <= 0.20 * kv_elements(model, tokens) * 2  # the same KV in bf16
+    kivi4, kivi4_logits = prefill_cache(model, long_ids, "kivi:4")
+    cosine = torch.nn.functional.cosine_similarity(full_logits.flatten(), kivi4_logits.flatten(), dim=0)
+    assert cosine >= 0.99
+    # the float32 baseline holds exactly 4 bytes per element plus positions and tables
+    assert full.nbytes() >= kv_elements(model, tokens) * 4
+
+
+@pytest.fixture(scope="module")
+def needles(embedded):
+    _, tokenizer = embedded
+    return needle_samples(tokenizer, length=2000, depths=[0.1, 0.3, 0.5, 0.7, 0.9], seed=0)
+
+
+def answer(embedded, sample, spec, agnostic=False):
+    model, tokenizer = embedded
+    return kvfold.generate(model, tokenizer, context=sample.context, question=sample.question, method=spec,
+                           agnostic=agnostic, max_new_tokens=12)[0]
+
+
+def test_needles_none_and_kivi(embedded, needles):
+    found = {spec: [score_contains(answer(embedded, s, spec).text, s.answer) for s in needles]
+             for spec in ("none", "kivi:8", "kivi:4")}
+    assert found["none"] == [1.0] * len(needles)
+    assert found["kivi:8"] == found["none"] and found["kivi:4"] == found["none"]
+
+
+def test_streaming_finds_the_needle_exactly_when_it_is_kept(embedded, needles):
+    model, tokenizer = embedded
+    for sample in needles:
+        head, tail = kvfold.split_prompt(tokenizer, sample.context, sample.question)
+        spec = "streaming:0.5"
+        cache, _ = prefill_cache(model, torch.tensor([head + tail]), spec)
+        kept = set(cache.layers[0].kept_positions()[0][0].tolist())
+        start, end = needle_span(tokenizer, head, sample)
+        in_span = all(p in kept for p in range(start, end))
+        got = score_contains(answer(embedded, sample, spec).text, sample.answer)
+        assert got == float(in_span), f"depth {sample.meta['depth']}: kept={in_span} found={got}"
+
+
+def needle_span(tokenizer, head, sample):
+    """Token positions of the needle's value inside the prompt."""
+    value_ids = tokenizer(sample.answer, add_special_tokens=False)["input_ids"]
+    for start in range(len(head) - len(value_ids) + 1):
+        if head[start:start + len(value_ids)] == value_ids:
+            return start, start + len(value_ids)
+    text = tokenizer.decode(head)
+    index = text.index(sample.answer)
+    prefix = tokenizer(text[:index], add_special_tokens=False)["input_ids"]
+    return len(prefix) - 1, len(prefix) + len(value_ids) + 1
+
+
+def test_forks_answer_like_fresh_prefills_and_share_pages(embedded, needles):
+    model, tokenizer = embedded
+    sample = needles[2]
+    questions = [sample.question, "What is the text about? Answer in a few words."]
+    together = kvfold.generate(model, tokenizer, context=sample.context, question=questions, method="snapkv:0.5",
+                               agnostic=True, max_new_tokens=12)
+    alone = [kvfold.generate(model, tokenizer, context=sample.context, question=q, method="snapkv:0.5",
+                             agnostic=True, max_new_tokens=12)[0] for q in questions]
+    assert [a.tokens for a in together] == [a.tokens for a in alone]
+    # the second answer's pool holds the shared context once plus the first fork's pages, not two contexts
+    assert together[1].kv_bytes < 1.5 * alone[1].kv_bytes
+
+
+def test_bad_inputs(embedded):
+    model, tokenizer = embedded
+    with pytest.raises(kvfold.KVFoldError, match="context is empty"):
+        kvfold.generate(model, tokenizer, context="  ", question="q")
+    with pytest.raises(kvfold.KVFoldError, match="exceeds the model's context of 8192"):
+        kvfold.generate(model, tokenizer, context="word " * 9000, question="q")
+    with pytest.raises(kvfold.KVFoldError, match="did you mean 'snapkv'"):
+        kvfold.generate(model, tokenizer, context="text", question="q", method="snapk:0.5")
