@@ -80,18 +80,19 @@ def test_nbytes_matches_the_formula_for_eviction(tiny_llama, spec):
     assert cache.nbytes() == expected_bytes(tiny_llama, lengths)
 
 
-def test_kivi_nbytes_matches_the_formula(tiny_llama):
-    bits, group, residual, tokens = 2, 16, 32, 300
+@pytest.mark.parametrize("tokens", [300, 301, 317])
+def test_kivi_nbytes_matches_the_formula(tiny_llama, tokens):
+    bits, group, residual, tail_page = 2, 32, 64, 16
     cache = prefill(tiny_llama, f"kivi:{bits},group={group},residual={residual}", tokens=tokens)
     dim, rows = tiny_llama.config.head_dim, 2
-    packed_pages = (tokens - residual) // group  # per row
+    packed_pages = -(-(tokens - residual) // group)  # per row: the tail keeps at most `residual` tokens
     tail = tokens - packed_pages * group
-    tail_pages = math.ceil(tail / group)
+    tail_pages = math.ceil(tail / tail_page)
     packed_page = 2 * group * dim * bits // 8 + 2 * dim * 2 + 2 * group * 2 + group * 4  # codes, k s/z, v s/z, pos
-    full_page = group * (2 * dim * 2 + 4)  # float16 K and V + int32 positions
+    full_page = tail_page * (2 * dim * 2 + 4)  # float16 K and V + int32 positions
     per_layer = rows * (packed_pages * (packed_page + 4) + tail_pages * (full_page + 4)) \
         + rows * (packed_pages + 1) * 8 + rows * (tail_pages + 1) * 8
-    assert cache.layers[0].full.lengths.tolist() == [tail] * rows
+    assert cache.layers[0].full.lengths.tolist() == [tail] * rows and 0 < tail <= residual
     assert cache.nbytes() == per_layer * len(cache.layers)
 
 

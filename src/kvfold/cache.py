@@ -9,10 +9,11 @@ it to run prefill attention, compress, store, and read the store for decoding.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compressor import Compressor
 from .errors import KVFoldError
@@ -21,6 +22,7 @@ from .methods.base import ScoreInputs
 from .pages import Field, PagedRows, PagePool
 
 PAGE_CHUNK = 32  # pages per row read at once by the reference decode
+TAIL_PAGE = 16  # tokens per full-precision page in front of a quantizer
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class KVFoldLayer(CacheLayerMixin):
         self.compressor = compressor
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
-        self.page_size = compressor.quantizer.group if compressor.quantizer else page_size
+        # With a quantizer the full-precision pages only hold the short tail: small pages waste less.
+        self.page_size = math.gcd(compressor.quantizer.group, TAIL_PAGE) if compressor.quantizer else page_size
         self.seen = 0
         self.full: PagedRows | None = None
         self.packed: PagedRows | None = None
@@ -87,11 +90,12 @@ class KVFoldLayer(CacheLayerMixin):
         quantizer = self.compressor.quantizer
         full_dtype = torch.float16 if quantizer else self.dtype  # KIVI keeps its residual in float16
         size, dim = self.page_size, self.head_dim
+        group = quantizer.group if quantizer else size
         full_fields = {"k": Field((size, dim), full_dtype), "v": Field((size, dim), full_dtype),
                        "pos": Field((size,), torch.int32)}
         self.full = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
         if quantizer:
-            self.packed = PagedRows(PagePool(quantizer.fields(dim), size, self.device), batch * self.kv_heads)
+            self.packed = PagedRows(PagePool(quantizer.fields(dim), group, self.device), batch * self.kv_heads)
         self.valid_seen = torch.zeros(batch, dtype=torch.long)
         self.is_initialized = True
 
@@ -211,7 +215,7 @@ class KVFoldLayer(CacheLayerMixin):
         """
         quantizer = self.compressor.quantizer
         group = quantizer.group
-        n_pages = torch.clamp((counts - quantizer.residual) // group, min=0)
+        n_pages = torch.minimum(torch.clamp(-((quantizer.residual - counts) // group), min=0), counts // group)
         width = int(n_pages.max())
         if width:
             used = (torch.arange(width).unsqueeze(0) < n_pages.unsqueeze(1)).to(self.device)
@@ -228,20 +232,21 @@ class KVFoldLayer(CacheLayerMixin):
         self.full.append(rest, tail)
 
     def _pack_full_groups(self) -> None:
-        """Move the oldest full-precision page of every row whose tail reached residual + group into packed pages."""
+        """Pack the oldest `group` tail tokens of every row whose tail passed `residual` (and holds a whole group)."""
         quantizer = self.compressor.quantizer
+        per_group = quantizer.group // self.page_size
+        pool = self.full.pool
         while True:
-            rows = torch.nonzero(self.full.lengths >= quantizer.residual + quantizer.group).squeeze(1)
+            rows = torch.nonzero(self.full.lengths >= max(quantizer.residual + 1, quantizer.group)).squeeze(1)
             if rows.numel() == 0:
                 return
-            ids = self.full.pop_first_pages(rows)
-            pool = self.full.pool
+            ids = torch.stack([self.full.pop_first_pages(rows) for _ in range(per_group)], dim=1)  # [rows, per_group]
             dev = ids.to(pool.device)
-            page_k, page_v = pool.tensors["k"][dev].float(), pool.tensors["v"][dev].float()
-            fields = quantizer.encode(page_k, page_v)
-            fields["pos"] = pool.tensors["pos"][dev]
-            pool.release(ids)
-            new_ids = self.packed.pool.alloc(len(ids))
+            group = {n: pool.tensors[n][dev].flatten(1, 2) for n in ("k", "v", "pos")}
+            fields = quantizer.encode(group["k"].float(), group["v"].float())
+            fields["pos"] = group["pos"]
+            pool.release(ids.flatten())
+            new_ids = self.packed.pool.alloc(len(rows))
             self.packed.pool.write(new_ids, fields)
             self.packed.push_pages(rows, new_ids)
 
@@ -339,6 +344,21 @@ class KVFoldLayer(CacheLayerMixin):
         return child
 
 
+def layer_windows(config) -> list[int | None]:
+    """The sliding window of each layer (None for full attention), from `layer_types` or `sliding_window`."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or (
+        ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers)
+    windows = []
+    for layer_type in layer_types:
+        if layer_type not in ("full_attention", "sliding_attention"):
+            raise KVFoldError(f"kvfold cannot hook layers of type '{layer_type}' (supported: full_attention, "
+                              "sliding_attention)")
+        windows.append(window if layer_type == "sliding_attention" else None)
+    return windows
+
+
 class KVFoldCache(Cache):
     """A transformers `Cache` holding compressed K/V. Use through `kvfold.compress(model, spec)` or pass as
     `past_key_values` to a model whose attention implementation is "kvfold".
@@ -347,12 +367,9 @@ class KVFoldCache(Cache):
     def __init__(self, config, compressor: Compressor | str = "none", page_size: int = 64,
                  compress_appends: bool = False) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers = []
-        for layer_type, kwargs in zip(layer_types, layer_kwargs):
-            if layer_type not in ("full_attention", "sliding_attention"):
-                raise KVFoldError(f"kvfold cannot hook layers of type '{layer_type}' (supported: full and sliding attention)")
-            layers.append(KVFoldLayer(compressor, kwargs.get("sliding_window"), page_size))
+        for window in layer_windows(config):
+            layers.append(KVFoldLayer(compressor, window, page_size))
             layers[-1].compress_appends = compress_appends
         super().__init__(layers=layers)
         self.compressor = compressor

@@ -18,7 +18,7 @@ from .errors import KVFoldError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Real, composable, measured KV-cache compression for Hugging Face causal LMs.")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Local folder, .gguf file or hub id; "
                                                     "default: the embedded SmolLM2-135M-Instruct")]
@@ -34,7 +34,11 @@ def human_bytes(n: float) -> str:
 
 
 def _load(model: str | None):
+    from transformers.utils import logging as hf_logging
+
     from .models import load_model
+
+    hf_logging.disable_progress_bar()  # our spinner says what is happening
 
     with console.status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}…"):
         return load_model(model)
@@ -129,11 +133,15 @@ def demo(
     model: ModelOption = None,
 ) -> None:
     """A small needle-in-a-haystack sweep: accuracy, KV bytes and speed per method."""
-    from .demo import run_demo
+    from .demo import expand_specs, run_demo
 
+    try:
+        ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise KVFoldError(f"--ratios takes comma-separated numbers in [0, 1), got '{ratios}'") from None
+    compressors = expand_specs([m for m in methods_.split(",") if m.strip()], ratio_values)
     lm, tokenizer = _load(model)
-    run_demo(lm, tokenizer, [m for m in methods_.split(",") if m], [float(r) for r in ratios.split(",") if r],
-             length=length, samples=samples, agnostic=agnostic, console=console)
+    run_demo(lm, tokenizer, compressors, length=length, samples=samples, agnostic=agnostic, console=console)
 
 
 def run() -> None:

@@ -42,9 +42,8 @@ class Row:
     decode_tps: list[float]
 
 
-def run_demo(model, tokenizer, specs: list[str], ratios: list[float], *, length: int, samples: int,
-             agnostic: bool, console: Console, max_new_tokens: int = 12) -> list[Row]:
-    compressors = expand_specs(specs, ratios)
+def run_demo(model, tokenizer, compressors: list[Compressor], *, length: int, samples: int,
+             agnostic: bool, console: Console, max_new_tokens: int = 24) -> list[Row]:
     depths = [0.1 + 0.8 * i / max(1, samples - 1) for i in range(samples)] if samples > 1 else [0.5]
     tasks = needle_samples(tokenizer, length=length, depths=depths, seed=0)
     rows = []

@@ -4,8 +4,9 @@ full precision until a whole group of them can be quantized together.
 Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024 (arXiv:2402.02750).
 A page holds `group` tokens. Keys: one float16 scale and zero per channel per page (the statistic runs over the
 page's tokens). Values: one float16 scale and zero per token per `group` channels (the whole head when
-head_dim <= group). The full-precision tail holds between `residual` and `residual + group - 1` tokens once the
-row is long enough, and is stored in float16 as in KIVI. Approximate: each value is rounded to its group's grid,
+head_dim <= group). At most the newest `residual` tokens stay in full precision (float16, as in KIVI): whenever
+the tail passes `residual`, its oldest `group` tokens are packed, so a long row's tail holds between
+`residual - group + 1` and `residual` tokens (KIVI's rule for keys; values use the same tail here). Approximate: each value is rounded to its group's grid,
 an error of at most half a step (scale / 2) per element, which the tests bound.
 """
 

@@ -1,0 +1,53 @@
+"""The command line: tables, one-line errors with exit code 2, and end-to-end runs on the embedded model."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def kvfold(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvfold", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_methods_lists_every_registered_method():
+    result = kvfold("methods")
+    assert result.returncode == 0, result.stderr
+    for name in ("none", "streaming", "snapkv", "adakv", "kivi", "uniform"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--method", "snapk:0.5", "--context", "x", "-q", "y"], "did you mean 'snapkv'"),
+    (["generate", "--method", "snapkv:1.5", "--context", "x", "-q", "y"], "ratio must be in [0, 1)"),
+    (["generate", "--method", "kivi:3", "--context", "x", "-q", "y"], "bits must be 2, 4 or 8"),
+    (["generate", "--method", "snapkv:0.5+", "--context", "x", "-q", "y"], "empty method name"),
+    (["generate", "--context-file", "/nonexistent/file.txt", "-q", "y"], "does not exist"),
+    (["generate", "-q", "y"], "no context"),
+    (["generate", "--model", "/nonexistent/model", "--context", "x", "-q", "y"], "/nonexistent/model"),
+    (["demo", "--ratios", "1.2"], "outside [0, 1)"),
+])
+def test_bad_input_is_one_clear_line_and_exit_code_2(args, message):
+    result = kvfold(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback():
+    result = kvfold("--debug", "generate", "--method", "snapk:0.5", "--context", "x", "-q", "y")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_and_demo_run_on_the_embedded_model(tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("The secret code of the vault is 4711. " + "The weather was mild and calm. " * 40)
+    result = kvfold("generate", "--method", "snapkv:0.5+kivi:4", "--context-file", str(context),
+                    "-q", "What is the secret code of the vault?", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert "A: " in result.stdout and "KV held" in result.stdout and "snapkv:0.5+kivi:4" in result.stdout
+    result = kvfold("demo", "--methods", "none,kivi:4", "--length", "600", "--samples", "1")
+    assert result.returncode == 0, result.stderr
+    assert "none" in result.stdout and "kivi:4" in result.stdout and "accuracy" in result.stdout
