@@ -49,21 +49,25 @@ def exactness(device: str) -> dict:
 
 
 def split_devices() -> dict:
-    """Layers 0-1 on the GPU, layer 2 and the head on the CPU: pools follow their layer's device."""
-    from accelerate import dispatch_model
+    """Layers 0-1 run on the GPU and layer 2 on the CPU: each layer's pools live on that layer's device."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    model = tiny()
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
-                  "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    model = dispatch_model(model, device_map=device_map)
+    model = tiny().to("cuda")
+    model.model.layers[2].to("cpu")
+    add_hook_to_module(model.model.layers[2], AlignDevicesHook(execution_device=torch.device("cpu"),
+                                                               io_same_device=True))
     torch.manual_seed(2)
     ids = torch.randint(1, 256, (1, 90), device="cuda")
     settings = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
     reference = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
-    with kvfold.compress(model, "none") as session:
-        got = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
-    devices = sorted({str(pool.device) for layer in session.cache.layers for pool in layer.pools()})
-    return {"same_tokens": bool(torch.equal(got.cpu(), reference.cpu())), "pool_devices": devices}
+    out = {}
+    for spec in ("none", "snapkv:0.5+kivi:4,group=16,residual=16"):
+        with kvfold.compress(model, spec) as session:
+            got = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+        devices = [sorted({str(pool.device) for pool in layer.pools()}) for layer in session.cache.layers]
+        out[spec] = {"same_tokens_as_dynamic_cache": bool(torch.equal(got.cpu(), reference.cpu())),
+                     "pool_devices_per_layer": devices}
+    return out
 
 
 def decode_speed(batch: int, context: int, steps: int) -> dict:

@@ -3,9 +3,10 @@
 The attention module calls `cache.update(k, v, layer_idx)`, which for a `KVFoldCache` returns a `StagedKV`
 handle instead of concatenated tensors; this function then sees queries, keys and values together:
 - first forward of a layer (prefill): exact SDPA over the new tokens, then the method compresses and stores them;
-- later forwards (decoding, or a multi-token turn): attention reads the compressed store page chunk by page chunk
-  plus the new tokens (`kernels.reference.paged_attention`), never rebuilding the whole context; then the new
-  tokens are stored (compressed too for multi-token turns when the cache has `compress_appends`).
+- decoding: the token is stored, then attention reads the compressed store page by page (the Triton kernel on
+  CUDA, `kernels.reference.paged_attention` elsewhere), never rebuilding the whole context in full precision;
+- a multi-token turn on a filled cache: attention over the store plus the new tokens, then the new tokens are
+  stored (compressed too when the cache has `compress_appends`).
 Without a kvfold cache (e.g. `use_cache=False`) it is plain SDPA.
 """
 
@@ -56,12 +57,14 @@ def kvfold_attention(
         layer.ingest(staged, query, valid, scale)
         return out, None
     new = staged.keys.shape[2]
-    valid = _valid_new_keys(attention_mask, query.shape[0], new, query.device)
-    out = layer.attend(query, staged, valid, scale)
-    if new > 1:
-        layer.ingest(staged, query, valid, scale)
-    else:
+    if new == 1:  # decoding: store the token, read the store, keep the budget
         layer.append(staged, query)
+        out = layer.attend(query, staged.positions(), scale)
+        layer.keep_budget(new)
+        return out, None
+    valid = _valid_new_keys(attention_mask, query.shape[0], new, query.device)
+    out = layer.attend(query, staged.positions(), scale, new=layer.new_chunk(staged, valid))
+    layer.ingest(staged, query, valid, scale)
     return out, None
 
 

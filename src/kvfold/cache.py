@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compressor import Compressor
 from .errors import KVFoldError
+from .kernels import use_triton
 from .kernels.reference import KVChunk, paged_attention
 from .methods.base import ScoreInputs
 from .pages import Field, PagedRows, PagePool
@@ -168,13 +169,16 @@ class KVFoldLayer(CacheLayerMixin):
         self._append_rows(keys, values, positions, keep)
 
     def append(self, staged: StagedKV, query: torch.Tensor) -> None:
-        """Store decoded tokens (all valid) and keep the budget if the method compresses while decoding."""
+        """Store decoded tokens (all valid). Call `keep_budget()` after attending."""
         keys = staged.keys
         batch, heads, tokens, _ = keys.shape
         self.valid_seen += tokens
         keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
         self._remember_queries(query, staged.positions())
         self._append_rows(keys, staged.values, staged.positions(), keep)
+
+    def keep_budget(self, tokens: int) -> None:
+        """Decode-time compression: re-apply the budget when `every` decoded tokens have passed."""
         every = self.compressor.scorer.every
         if every and self.seen // every > (self.seen - tokens) // every:
             self._recompress()
@@ -307,22 +311,54 @@ class KVFoldLayer(CacheLayerMixin):
             yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
                           fields["pos"].flatten(1), valid)
 
-    def attend(self, query: torch.Tensor, staged: StagedKV, valid: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of queries [batch, q_heads, n, dim] over the store plus the staged new tokens (not yet stored).
+    def attend(self, query: torch.Tensor, positions: torch.Tensor, scale: float,
+               new: KVChunk | None = None) -> torch.Tensor:
+        """Attention of queries [batch, q_heads, n, dim] over the store, plus `new` tokens not stored yet.
 
-        valid [batch, n]: which new keys are real. Returns [batch, n, q_heads, dim] in the query's dtype.
+        Returns [batch, n, q_heads, dim] in the query's dtype. One query token with nothing unstored runs the
+        Triton decode kernel where `kernels.use_triton` allows it; everything else the reference.
         """
         batch, q_heads, n, dim = query.shape
         group = q_heads // self.kv_heads
         rows = batch * self.kv_heads
-        positions = staged.positions()
-        new = KVChunk(staged.keys.reshape(rows, n, dim).float(), staged.values.reshape(rows, n, dim).float(),
-                      positions.view(1, n).expand(rows, n),
-                      valid.unsqueeze(1).expand(batch, self.kv_heads, n).reshape(rows, n))
-        chunks = itertools.chain(self.chunks(), [new])
-        rows_q = query.reshape(rows, group * n, dim)
-        out = paged_attention(rows_q, positions.repeat(group), chunks, scale, self.sliding_window)
+        if n == 1 and new is None and use_triton(query.device):
+            from .kernels.decode import paged_decode
+
+            out = paged_decode(query.reshape(rows, group, dim), self.kernel_parts(), int(positions[-1]), scale,
+                               self.sliding_window)
+        else:
+            chunks = itertools.chain(self.chunks(), [new] if new is not None else [])
+            out = paged_attention(query.reshape(rows, group * n, dim), positions.repeat(group), chunks, scale,
+                                  self.sliding_window)
         return out.view(batch, q_heads, n, dim).transpose(1, 2).to(query.dtype)
+
+    def new_chunk(self, staged: StagedKV, valid: torch.Tensor) -> KVChunk:
+        """The staged tokens as a chunk the reference attention can read; valid [batch, n]."""
+        batch, _, n, dim = staged.keys.shape
+        rows = batch * self.kv_heads
+        return KVChunk(staged.keys.reshape(rows, n, dim).float(), staged.values.reshape(rows, n, dim).float(),
+                       staged.positions().view(1, n).expand(rows, n),
+                       valid.unsqueeze(1).expand(batch, self.kv_heads, n).reshape(rows, n))
+
+    def kernel_parts(self) -> list:
+        """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages."""
+        from .kernels.decode import PagedPart
+
+        parts = []
+        for rows in (self.packed, self.full):
+            if rows is None:
+                continue
+            t = rows.pool.tensors
+            meta = dict(table=rows.table.to(torch.int32).to(self.device), lengths=rows.lengths.to(torch.int32)
+                        .to(self.device), positions=t["pos"])
+            if rows is self.packed:
+                parts.append(PagedPart(keys=t["k_codes"], values=t["v_codes"], bits=self.compressor.quantizer.bits,
+                                       key_scale=t["k_scale"], key_zero=t["k_zero"], value_scale=t["v_scale"],
+                                       value_zero=t["v_zero"], value_group=self.head_dim // t["v_scale"].shape[-1],
+                                       **meta))
+            else:
+                parts.append(PagedPart(keys=t["k"], values=t["v"], **meta))
+        return parts
 
     # ---- accounting and sharing --------------------------------------------------------------------------------
     def pools(self) -> list[PagePool]:

@@ -1,0 +1,137 @@
+"""Decode attention over kvfold's paged store: the Triton kernel vs SDPA on full bf16 KV, side by side in one run.
+
+Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), one layer, batch 8, 32k tokens.
+Prints (and writes as JSON) time per call, speed-up over SDPA, bytes read and achieved bandwidth beside the
+measured copy bandwidth, plus the kernel's error against the reference at full size.
+
+    python benchmarks/decode_kernel.py --out decode_kernel.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import kvfold  # noqa: E402
+from kvfold.cache import KVFoldLayer  # noqa: E402
+from kvfold.compressor import Compressor  # noqa: E402
+from kvfold.kernels.decode import paged_decode  # noqa: E402
+from kvfold.kernels.reference import paged_attention  # noqa: E402
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy, counting read + write."""
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms / 1e3)
+
+
+def store(spec: str, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None = None) -> KVFoldLayer:
+    layer = KVFoldLayer(Compressor.parse(spec))
+    layer.lazy_initialization(keys, values)
+    tokens = keys.shape[2]
+    layer.seen = tokens
+    keep = keep if keep is not None else torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    layer._append_rows(keys, values, torch.arange(tokens, device=keys.device), keep)
+    return layer
+
+
+def referenced_bytes(layer: KVFoldLayer) -> int:
+    return sum(rows.nbytes() for rows in (layer.full, layer.packed) if rows is not None)
+
+
+def accuracy(dims=(64, 128), groups=(1, 4, 8), tokens=4096, batch=4) -> list[dict]:
+    rows = []
+    for dim in dims:
+        for group in groups:
+            for spec in ("none", "kivi:8", "kivi:4", "kivi:2", "ragged"):
+                kv_heads = 4
+                k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                keep = torch.rand(batch, kv_heads, tokens, device="cuda") < torch.rand(batch, kv_heads, 1, device="cuda")
+                layer = store(spec.replace("ragged", "none"), k, v, keep if spec == "ragged" else None)
+                q = torch.randn(batch * kv_heads, group, dim, device="cuda", dtype=torch.bfloat16)
+                pos = tokens - 1
+                ref = paged_attention(q.float(), torch.full((group,), pos, device="cuda"), layer.chunks(),
+                                      dim ** -0.5)
+                for label, query in (("bf16 dots", q), ("fp32 dots", q.float())):
+                    got = paged_decode(query, layer.kernel_parts(), pos, dim ** -0.5)
+                    err = ((got - ref).norm() / ref.norm()).item()
+                    rows.append({"dim": dim, "group": group, "store": spec, "mode": label, "rel_err": err})
+    return rows
+
+
+def speed(batch: int, tokens: int, peak: float) -> list[dict]:
+    kv_heads, group, dim = 8, 4, 128
+    q = torch.randn(batch, kv_heads * group, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    scale = dim ** -0.5
+    sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=scale),
+                       warmup=50, rep=300, return_mode="median")
+    full_bytes = 2 * k.numel() * k.element_size()
+    results = [{"store": "SDPA, full bf16 KV", "ms": sdpa_ms, "vs_sdpa": 1.0, "bytes": full_bytes,
+                "tb_s": full_bytes / sdpa_ms / 1e9, "of_peak": full_bytes / (sdpa_ms / 1e3) / peak}]
+    rows_q = q.view(batch, kv_heads, group, dim).reshape(batch * kv_heads, group, dim)
+    torch.manual_seed(0)
+    uniform = torch.rand(batch, kv_heads, tokens, device="cuda").argsort(-1).argsort(-1) < tokens // 2
+    share = torch.linspace(0.1, 0.9, kv_heads, device="cuda").view(1, kv_heads, 1).expand(batch, kv_heads, 1)
+    ragged = torch.rand(batch, kv_heads, tokens, device="cuda") < share
+    cases = [("none (bf16 pages)", "none", None), ("uniform 50% (bf16)", "none", uniform),
+             ("ragged 10-90% per head (bf16)", "none", ragged), ("kivi:4", "kivi:4", None),
+             ("kivi:2", "kivi:2", None), ("ragged + kivi:4", "kivi:4", ragged)]
+    none_ms = None
+    for run, (label, spec, keep) in enumerate(cases * 2):  # two passes: the spread between them is the noise
+        label = f"{label} [pass {run // len(cases) + 1}]"
+        layer = store(spec, k, v, keep)
+        parts = layer.kernel_parts()
+        ms = do_bench(lambda: paged_decode(rows_q, parts, tokens - 1, scale), warmup=50, rep=300,
+                      return_mode="median")
+        none_ms = ms if spec == "none" and keep is None else none_ms
+        kept = layer.stored_tokens / (batch * kv_heads * tokens)
+        read = referenced_bytes(layer)
+        results.append({"store": label, "ms": ms, "vs_sdpa": sdpa_ms / ms, "bytes": read, "kept": kept,
+                        "tb_s": read / ms / 1e9, "of_peak": read / (ms / 1e3) / peak,
+                        "vs_ideal": ms / (kept * none_ms) if keep is not None and spec == "none" else None})
+        del layer, parts
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32768)
+    args = parser.parse_args()
+    peak = copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "kvfold": kvfold.__version__, "copy_bandwidth_tb_s": peak / 1e12,
+              "shape": f"batch {args.batch}, {args.tokens} tokens, 32 q heads / 8 KV heads, head_dim 128, one layer",
+              "accuracy": accuracy(), "speed": speed(args.batch, args.tokens, peak)}
+    args.out.write_text(json.dumps(result, indent=1))
+    worst = {}
+    for row in result["accuracy"]:
+        key = (row["store"], row["mode"])
+        worst[key] = max(worst.get(key, 0.0), row["rel_err"])
+    print(f"device {result['device']} · copy bandwidth {peak / 1e12:.2f} TB/s · {result['shape']}")
+    print("worst relative error vs reference (head_dim 64/128, GQA 1/4/8, 4096 ragged tokens):")
+    for (spec, mode), err in worst.items():
+        print(f"  {spec:10s} {mode:10s} {err:.2e}")
+    print(f"{'store':32s} {'ms':>8s} {'x SDPA':>7s} {'GB read':>8s} {'TB/s':>6s} {'of copy':>7s} {'vs ideal':>8s}")
+    for row in result["speed"]:
+        ideal = f"{row['vs_ideal']:.2f}" if row.get("vs_ideal") else "—"
+        print(f"{row['store']:32s} {row['ms']:8.3f} {row['vs_sdpa']:7.2f} {row['bytes'] / 1e9:8.3f} "
+              f"{row['tb_s']:6.2f} {row['of_peak']:7.0%} {ideal:>8s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The Triton decode kernel equals the reference paged attention (TRITON_INTERPRET=1 on the CPU in CI)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from kvfold.cache import KVFoldLayer
+from kvfold.compressor import Compressor
+from kvfold.kernels.reference import paged_attention
+
+from ..conftest import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+# CPU under TRITON_INTERPRET=1 (CI); the GPU when run there with TRITON_INTERPRET=0.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
+
+
+def filled_layer(spec, batch, kv_heads, dim, tokens, page_size=64, window=None, seed=0, dtype=torch.float32):
+    """A layer store with ragged rows: random K/V, each row keeping a random subset (some rows empty or 1 token)."""
+    torch.manual_seed(seed)
+    layer = KVFoldLayer(Compressor.parse(spec), sliding_window=window, page_size=page_size)
+    keys = torch.randn(batch, kv_heads, tokens, dim, dtype=dtype, device=DEVICE)
+    values = torch.randn(batch, kv_heads, tokens, dim, dtype=dtype, device=DEVICE)
+    layer.lazy_initialization(keys, values)
+    layer.seen = tokens
+    keep = (torch.rand(batch, kv_heads, tokens) < torch.rand(batch, kv_heads, 1)).to(DEVICE)
+    keep[0, 0] = False  # an empty row
+    if kv_heads > 1:
+        keep[0, 1] = False
+        keep[0, 1, tokens // 2] = True  # a one-token row
+    layer._append_rows(keys, values, torch.arange(tokens, device=DEVICE), keep)
+    return layer
+
+
+@pytest.mark.parametrize("spec, page_size", [("none", 16), ("none", 64), ("kivi:8,group=16,residual=16", 64),
+                                             ("kivi:4,group=16,residual=32", 64), ("kivi:2,group=32,residual=16", 64)])
+@pytest.mark.parametrize("dim, group", [(16, 1), (32, 4), (64, 8)])
+@pytest.mark.parametrize("window", [None, 23])
+def test_kernel_matches_reference(spec, page_size, dim, group, window):
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens = 2, 2, 150
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, page_size, window)
+    rows = batch * kv_heads
+    query = torch.randn(rows, group, dim, device=DEVICE)
+    q_pos = tokens - 1
+    expected = paged_attention(query, torch.full((group,), q_pos, device=DEVICE), layer.chunks(), 0.125, window)
+    got = paged_decode(query, layer.kernel_parts(), q_pos, 0.125, window, pages_per_split=2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_reads_half_precision_pages(dtype):
+    from kvfold.kernels.decode import paged_decode
+
+    layer = filled_layer("none", 1, 2, 32, 90, 16, dtype=dtype)
+    query = torch.randn(2, 3, 32, device=DEVICE)
+    expected = paged_attention(query, torch.full((3,), 89, device=DEVICE), layer.chunks(), 0.2)
+    torch.testing.assert_close(paged_decode(query, layer.kernel_parts(), 89, 0.2), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_decodes_the_same_through_the_kernel(monkeypatch):
+    import kvfold
+
+    tiny_llama = make_tiny_llama().to(DEVICE)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 256, (2, 80)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    outputs = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("KVFOLD_KERNELS", mode)
+        with kvfold.compress(tiny_llama, "snapkv:0.5+kivi:4,group=16,residual=16"):
+            outputs[mode] = tiny_llama.generate(ids, attention_mask=mask, **settings)
+    # same logits step by step while the tokens agree (a top-2 gap below float32 noise may flip a token)
+    for step, (ref, ker) in enumerate(zip(outputs["reference"].scores, outputs["triton"].scores)):
+        torch.testing.assert_close(ker, ref, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+        if not torch.equal(ref.argmax(-1), ker.argmax(-1)):
+            gap = ref.topk(2).values.diff().abs().min()
+            assert gap < 1e-4, f"tokens differ at step {step} with a top-2 gap of {gap}"
+            break
