@@ -122,6 +122,7 @@ def test_fork_shares_pages_and_answers_like_a_fresh_prefill(tiny_llama):
         child = parent.fork()
         assert parent.nbytes() == before  # forking copies no page
         assert child.nbytes() == before - parent.table_nbytes() + child.table_nbytes()
+        assert child.referenced_nbytes() == parent.referenced_nbytes()  # same pages, same-sized tables
         forked = tiny_llama(question, past_key_values=child, position_ids=torch.arange(200, 212)[None]).logits
         fresh = kvfold.make_cache(tiny_llama, "snapkv:0.5")
         tiny_llama(context, past_key_values=fresh)

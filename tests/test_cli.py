@@ -51,3 +51,12 @@ def test_generate_and_demo_run_on_the_embedded_model(tmp_path):
     result = kvfold("demo", "--methods", "none,kivi:4", "--length", "600", "--samples", "1")
     assert result.returncode == 0, result.stderr
     assert "none" in result.stdout and "kivi:4" in result.stdout and "accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_chat_answers_each_turn_and_shows_kv_bytes():
+    result = subprocess.run([sys.executable, "-m", "kvfold", "chat", "--method", "snapkv:0.5", "--max-new-tokens", "8"],
+                            input="Hello! Who are you?\nWhat can you do?\n", capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("bot>") == 2 and result.stdout.count("KV held") == 2

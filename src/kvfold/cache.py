@@ -365,10 +365,14 @@ class KVFoldLayer(CacheLayerMixin):
         return [rows.pool for rows in (self.full, self.packed) if rows is not None]
 
     def table_nbytes(self) -> int:
-        total = sum(rows.table_nbytes() for rows in (self.full, self.packed) if rows is not None)
-        if self.recent_queries is not None:
-            total += sum(t.numel() * t.element_size() for t in self.recent_queries)
-        return total
+        """Page tables, row lengths and the recent-query buffer (decode-time compression)."""
+        return sum(rows.table_nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
+
+    def referenced_nbytes(self) -> int:
+        return sum(rows.nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
+
+    def buffer_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
 
     def fork(self) -> "KVFoldLayer":
         child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size)
@@ -420,11 +424,9 @@ class KVFoldCache(Cache):
         return sum(layer.table_nbytes() for layer in self.layers if layer.is_initialized)
 
     def referenced_nbytes(self) -> int:
-        """Bytes of the pages this cache reads (its own view, shared pages counted in full) plus its tables."""
-        return sum(rows.nbytes() for layer in self.layers if layer.is_initialized
-                   for rows in (layer.full, layer.packed) if rows is not None) + \
-            sum(layer.table_nbytes() - sum(r.table_nbytes() for r in (layer.full, layer.packed) if r is not None)
-                for layer in self.layers if layer.is_initialized)
+        """Bytes of the pages this cache reads (shared pages counted in full), its tables and buffers: what it
+        would hold alone, without the pages its forks or parent added."""
+        return sum(layer.referenced_nbytes() for layer in self.layers if layer.is_initialized)
 
     def stored_tokens(self) -> int:
         """Tokens held over all layers and rows."""
