@@ -149,3 +149,19 @@ def test_cache_refuses_beam_search(tiny_llama):
     ids, mask = padded_batch(pads=(0,), length=16)
     with kvfold.compress(tiny_llama, "none"), pytest.raises(kvfold.KVFoldError, match="beam search"):
         tiny_llama.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, pad_token_id=0)
+
+
+def test_dropped_forks_give_their_pages_back(tiny_llama):
+    torch.manual_seed(6)
+    context = torch.randint(1, 256, (1, 200))
+    with torch.no_grad(), use_kvfold_attention(tiny_llama):
+        parent = kvfold.make_cache(tiny_llama, "snapkv:0.5")
+        tiny_llama(context, past_key_values=parent)
+        held = []
+        for _ in range(3):  # one question after another on a fresh fork: the pool stops growing after the first
+            child = parent.fork()
+            tiny_llama(torch.randint(1, 256, (1, 80)), past_key_values=child,
+                       position_ids=torch.arange(200, 280)[None])
+            held.append(parent.nbytes())
+            del child
+    assert held[1] == held[2] == held[0]

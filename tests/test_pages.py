@@ -55,3 +55,13 @@ def test_released_pages_are_reused():
     paged.fill({"x": torch.randn(2, 8, 2)}, torch.tensor([8, 8]))
     paged.fill({"x": torch.randn(2, 4, 2)}, torch.tensor([4, 4]))
     assert paged.pool.capacity == 4 and len(paged.pool.free) == 2
+
+
+def test_a_dropped_fork_gives_its_pages_back():
+    paged = make_rows(rows=1)
+    paged.fill({"x": torch.randn(1, 6, 2)}, torch.tensor([6]))
+    child = paged.fork()
+    child.append({"x": torch.ones(1, 5, 2)}, torch.tensor([5]))  # one copied page, one new page
+    assert paged.pool.capacity == 4
+    del child
+    assert paged.pool.refcount.tolist() == [1, 1, 0, 0] and sorted(paged.pool.free) == [2, 3]

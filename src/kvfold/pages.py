@@ -240,6 +240,13 @@ class PagedRows:
         self.pool.retain(self.page_ids())
         return child
 
+    def __del__(self) -> None:
+        # A dropped fork gives its page references back, so pages only it held return to the free list.
+        try:
+            self.pool.release(self.page_ids())
+        except Exception:  # interpreter shutdown: nothing left to give back to
+            pass
+
     def clear(self) -> None:
         self.pool.release(self.page_ids())
         self.table = torch.full((self.rows, 0), -1, dtype=torch.long)
