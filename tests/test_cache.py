@@ -165,3 +165,15 @@ def test_dropped_forks_give_their_pages_back(tiny_llama):
             held.append(parent.nbytes())
             del child
     assert held[1] == held[2] == held[0]
+
+
+def test_compress_contexts_nest_and_restore_the_model(tiny_llama):
+    ids = torch.randint(1, 256, (1, 20))
+    before = tiny_llama.config._attn_implementation
+    with kvfold.compress(tiny_llama, "snapkv:0.5") as outer:
+        with kvfold.compress(tiny_llama, "kivi:8") as inner:
+            tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
+        tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
+    assert inner.cache.compressor.quantizer is not None and outer.cache.compressor.spec == "snapkv:0.5"
+    assert len(inner.caches) == 1 and len(outer.caches) == 1
+    assert "generate" not in tiny_llama.__dict__ and tiny_llama.config._attn_implementation == before

@@ -27,7 +27,7 @@ def make_cache(model, method: str | Compressor = "none", compress_appends: bool 
 
 @dataclass
 class CompressionSession:
-    """What `compress()` yields: the compressor and the cache of the latest `generate` call."""
+    """What `compress()` yields: the compressor and the caches it made for `generate` calls (`.cache`: the latest)."""
 
     compressor: Compressor
     caches: list[KVFoldCache] = field(default_factory=list)
@@ -53,7 +53,8 @@ def use_kvfold_attention(model) -> Iterator[None]:
 @contextlib.contextmanager
 def compress(model, method: str | Compressor) -> Iterator[CompressionSession]:
     """`with kvfold.compress(model, "snapkv:0.75"): model.generate(...)` — every generate call inside gets a fresh
-    compressed cache (unless it passes its own `past_key_values`). Yields a session whose `.cache` is the last one.
+    compressed cache (unless it passes its own `past_key_values`). Yields a session whose `.cache` is the last one
+    it made. Contexts nest: the innermost method applies.
     """
     compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
     session = CompressionSession(compressor)
@@ -62,15 +63,19 @@ def compress(model, method: str | Compressor) -> Iterator[CompressionSession]:
     def generate_with_cache(*args, **kwargs):
         if kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = make_cache(model, compressor)
-        session.caches.append(kwargs["past_key_values"])
+            session.caches.append(kwargs["past_key_values"])
         return original(*args, **kwargs)
 
+    own = model.__dict__.get("generate")  # an outer compress() may have wrapped it already
     with use_kvfold_attention(model):
         model.generate = generate_with_cache
         try:
             yield session
         finally:
-            del model.generate
+            if own is None:
+                del model.generate
+            else:
+                model.generate = own
 
 
 def split_prompt(tokenizer, context: str, question: str) -> tuple[list[int], list[int]]:
