@@ -60,3 +60,10 @@ def test_chat_answers_each_turn_and_shows_kv_bytes():
                             timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("bot>") == 2 and result.stdout.count("KV held") == 2
+
+
+@pytest.mark.parametrize("args", [[], ["nosuchcommand"], ["generate", "--max-new-tokens", "0"]])
+def test_usage_errors_show_help_without_a_traceback(args):
+    result = kvfold(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Usage" in result.stdout + result.stderr

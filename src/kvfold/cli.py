@@ -145,24 +145,11 @@ def demo(
 
 
 def run() -> None:
-    """Entry point: runs the app and turns KVFoldError into one line and exit code 2."""
-    debug = "--debug" in sys.argv
+    """Entry point: Typer handles usage errors and --help; a KVFoldError becomes one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except KVFoldError as err:
-        if debug:
+        if "--debug" in sys.argv:
             raise
         err_console.print(f"[red]error:[/red] {err}")
-        raise SystemExit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[red]aborted[/red]")
-        raise SystemExit(130)
-    except typer.Exit as done:
-        raise SystemExit(done.exit_code)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            raise SystemExit(err.exit_code)
-        raise
+        raise SystemExit(2) from None
