@@ -43,6 +43,12 @@ class StagedKV:
         return torch.arange(self.start, self.start + self.keys.shape[2], device=self.keys.device)
 
 
+def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor [rows, tokens, ...] gathered at index [rows, n] along the tokens: [rows, n, ...]."""
+    index = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return torch.gather(tensor, 1, index)
+
+
 def compact(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Gather the kept tokens of each row to its front, in order.
 
@@ -54,11 +60,7 @@ def compact(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[
     counts = keep.sum(dim=1)
     width = int(counts.max()) if rows else 0
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-    out = {}
-    for name, tensor in tensors.items():
-        flat = tensor.reshape(rows, tokens, *tensor.shape[3:])
-        index = order.view(rows, width, *([1] * (flat.dim() - 2))).expand(rows, width, *flat.shape[2:])
-        out[name] = torch.gather(flat, 1, index)
+    out = {name: gather_tokens(t.reshape(rows, tokens, *t.shape[3:]), order) for name, t in tensors.items()}
     return out, counts.cpu()
 
 
@@ -160,7 +162,7 @@ class KVFoldLayer(CacheLayerMixin):
         self.valid_seen += valid.sum(dim=1).cpu()
         keep = valid.unsqueeze(1).expand(batch, heads, tokens)
         scorer, first = self.compressor.scorer, self.stored_tokens == 0
-        if first or self.compress_appends:
+        if self.compressor.evicts and (first or self.compress_appends):
             inputs = self._score_inputs(query, keys, values, positions, keep, scale)
             scores = scorer.score(inputs)
             count = scorer.keep_count(valid.sum(dim=1).cpu())
@@ -231,8 +233,7 @@ class KVFoldLayer(CacheLayerMixin):
         tail = counts - n_pages * group
         index = packed.unsqueeze(1) + torch.arange(int(tail.max()), device=self.device).unsqueeze(0)
         index = index.clamp(max=max(0, kept["k"].shape[1] - 1))
-        rest = {n: torch.gather(t, 1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
-                for n, t in kept.items()}
+        rest = {n: gather_tokens(t, index) for n, t in kept.items()}
         self.full.append(rest, tail)
 
     def _pack_full_groups(self) -> None:
