@@ -70,9 +70,11 @@ class KVFoldLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, compressor: Compressor, sliding_window: int | None = None, page_size: int = 64) -> None:
+    def __init__(self, compressor: Compressor, sliding_window: int | None = None, page_size: int = 64,
+                 layer_idx: int = 0, num_layers: int = 1) -> None:
         super().__init__()
         self.compressor = compressor
+        self.layer_idx, self.num_layers = layer_idx, num_layers
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         # With a quantizer the full-precision pages only hold the short tail: small pages waste less.
@@ -166,7 +168,7 @@ class KVFoldLayer(CacheLayerMixin):
             inputs = self._score_inputs(query, keys, values, positions, keep, scale)
             scores = scorer.score(inputs)
             count = scorer.keep_count(valid.sum(dim=1).cpu())
-            keep = keep & self.compressor.budget.select(scores, count.to(scores.device)) & torch.isfinite(scores)
+            keep = keep & self._select(scores, count) & torch.isfinite(scores)
         self._remember_queries(query, positions)
         self._append_rows(keys, values, positions, keep)
 
@@ -184,6 +186,9 @@ class KVFoldLayer(CacheLayerMixin):
         every = self.compressor.scorer.every
         if every and self.seen // every > (self.seen - tokens) // every:
             self._recompress()
+
+    def _select(self, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return self.compressor.budget.select(scores, count.to(scores.device), self.layer_idx, self.num_layers)
 
     def _score_inputs(self, query, keys, values, positions, valid, scale) -> ScoreInputs:
         window = max(1, min(self.compressor.scorer.window, query.shape[2]))
@@ -284,7 +289,7 @@ class KVFoldLayer(CacheLayerMixin):
         inputs = ScoreInputs(queries, q_pos, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
         scores = scorer.score(inputs)
         count = torch.minimum(scorer.keep_count(self.valid_seen), valid.sum(dim=2).amin(dim=1).cpu())
-        keep = valid & self.compressor.budget.select(scores, count.to(scores.device)) & torch.isfinite(scores)
+        keep = valid & self._select(scores, count) & torch.isfinite(scores)
         kept, counts = compact(flat, keep)
         self.full.fill(kept, counts)
 
@@ -376,7 +381,7 @@ class KVFoldLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
 
     def fork(self) -> "KVFoldLayer":
-        child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size)
+        child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)
         child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed")})
         child.full = self.full.fork() if self.full is not None else None
         child.packed = self.packed.fork() if self.packed is not None else None
@@ -408,9 +413,9 @@ class KVFoldCache(Cache):
     def __init__(self, config, compressor: Compressor | str = "none", page_size: int = 64,
                  compress_appends: bool = False) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
-        layers = []
-        for window in layer_windows(config):
-            layers.append(KVFoldLayer(compressor, window, page_size))
+        layers, windows = [], layer_windows(config)
+        for index, window in enumerate(windows):
+            layers.append(KVFoldLayer(compressor, window, page_size, index, len(windows)))
             layers[-1].compress_appends = compress_appends
         super().__init__(layers=layers)
         self.compressor = compressor
@@ -437,6 +442,6 @@ class KVFoldCache(Cache):
         """A copy-on-write child: shares every page; what either side appends later is its own."""
         child = KVFoldCache.__new__(KVFoldCache)
         Cache.__init__(child, layers=[layer.fork() if layer.is_initialized else KVFoldLayer(
-            layer.compressor, layer.sliding_window, layer.page_size) for layer in self.layers])
+            layer.compressor, layer.sliding_window, layer.page_size, layer.layer_idx, layer.num_layers) for layer in self.layers])
         child.compressor, child.config = self.compressor, self.config
         return child

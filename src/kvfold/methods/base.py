@@ -122,8 +122,10 @@ class Budget(Method):
 
     kind: ClassVar[str] = "budget"
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Keep mask [batch, kv_heads, tokens] from scores [batch, kv_heads, tokens] and keep [batch] (per head)."""
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+        """Keep mask [batch, kv_heads, tokens] from scores [batch, kv_heads, tokens] and keep [batch] (per head,
+        the layer's uniform share). `layer` of `layers` lets per-layer budgets (pyramids) move tokens across depth.
+        """
         raise NotImplementedError
 
 
@@ -172,7 +174,7 @@ class UniformBudget(Budget):
 
     paper = "—"
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
         batch, heads, tokens = scores.shape
         counts = keep.repeat_interleave(heads)
         return top_mask(scores.reshape(batch * heads, tokens), counts).view(batch, heads, tokens)
