@@ -191,7 +191,8 @@ class KVFoldLayer(CacheLayerMixin):
         return self.compressor.budget.select(scores, count.to(scores.device), self.layer_idx, self.num_layers)
 
     def _score_inputs(self, query, keys, values, positions, valid, scale) -> ScoreInputs:
-        window = max(1, min(self.compressor.scorer.window, query.shape[2]))
+        scorer = self.compressor.scorer
+        window = query.shape[2] if scorer.observes_all else max(1, min(scorer.window, query.shape[2]))
         batch, heads, tokens, _ = keys.shape
         return ScoreInputs(query[:, :, -window:], positions[-window:], keys, values,
                            positions.view(1, 1, -1).expand(batch, heads, tokens), valid, scale)

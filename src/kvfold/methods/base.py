@@ -75,18 +75,21 @@ class ScoreInputs:
 class Scorer(Method):
     """Eviction: score every token of a row; the budget keeps the highest. Protected tokens score +inf.
 
-    `ratio` is the fraction of tokens removed (0 keeps everything). `window` newest tokens and `sink` first tokens
-    are always kept. `every` > 0 re-applies the budget every that many decoded tokens (decode-time compression).
+    `ratio` is the fraction of tokens removed (0 keeps everything); `budget` > 0 replaces it with a fixed number
+    of tokens kept per row. `window` newest tokens and `sink` first tokens are always kept. `every` > 0 re-applies
+    the budget every that many decoded tokens (decode-time compression).
     """
 
     kind: ClassVar[str] = "scorer"
     query_aware: ClassVar[bool] = False
+    observes_all: ClassVar[bool] = False  # True: at prefill `ScoreInputs.queries` holds every prompt query, not the window
     positional: ClassVar[str | None] = "ratio"
 
     ratio: float = 0.5
     window: int = 32
     sink: int = 0
     every: int = 0
+    budget: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -94,9 +97,20 @@ class Scorer(Method):
         check_int(f"{self.name}: window", self.window, 0, "newest tokens always kept")
         check_int(f"{self.name}: sink", self.sink, 0, "first tokens always kept")
         check_int(f"{self.name}: every", self.every, 0, "decode steps between re-compressions; 0 = prefill only")
+        check_int(f"{self.name}: budget", self.budget, 0, "tokens kept per row; 0 = use the ratio")
+        if self.budget:
+            default_ratio = type(self).__dataclass_fields__["ratio"].default
+            if self.ratio != default_ratio:
+                raise KVFoldError(f"{self.name}: give either a ratio or a token budget=, not both")
+            if self.budget < self.window + self.sink:
+                raise KVFoldError(f"{self.name}: budget={self.budget} is smaller than the protected tokens "
+                                  f"(sink={self.sink} + window={self.window}); raise the budget or shrink them")
 
     def keep_count(self, n_valid: torch.Tensor) -> torch.Tensor:
-        """Tokens each row keeps out of `n_valid` (per batch element): the ratio, never below the protected span."""
+        """Tokens each row keeps out of `n_valid` (per batch element): the ratio or the token budget, never below
+        the protected span."""
+        if self.budget:
+            return torch.clamp(n_valid.long(), max=self.budget)
         keep = torch.ceil((1 - self.ratio) * n_valid.double()).long()
         return torch.minimum(torch.maximum(keep, torch.full_like(keep, self.window + self.sink)), n_valid)
 
