@@ -51,19 +51,27 @@ def use_kvfold_attention(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def compress(model, method: str | Compressor) -> Iterator[CompressionSession]:
+def compress(model, method: str | Compressor, prefill_chunk: int | None = None) -> Iterator[CompressionSession]:
     """`with kvfold.compress(model, "snapkv:0.75"): model.generate(...)` — every generate call inside gets a fresh
     compressed cache (unless it passes its own `past_key_values`). Yields a session whose `.cache` is the last one
-    it made. Contexts nest: the innermost method applies.
+    it made. Contexts nest: the innermost method applies. `prefill_chunk=N` prefills the prompt N tokens at a
+    time, compressing after each chunk, before `generate` takes over (see `prefill`).
     """
+    check_chunk(prefill_chunk)
     compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
     session = CompressionSession(compressor)
     original = model.generate
 
     def generate_with_cache(*args, **kwargs):
         if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = make_cache(model, compressor)
-            session.caches.append(kwargs["past_key_values"])
+            cache = kwargs["past_key_values"] = make_cache(model, compressor)
+            session.caches.append(cache)
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if prefill_chunk and input_ids is not None and input_ids.shape[1] > prefill_chunk + 1:
+                mask = kwargs.get("attention_mask")
+                with torch.no_grad():  # not inference_mode: generate() updates the cache's tensors in place later
+                    prefill(model, cache, input_ids[:, :-1], chunk=prefill_chunk,
+                            attention_mask=None if mask is None else mask[:, :-1])
         return original(*args, **kwargs)
 
     own = model.__dict__.get("generate")  # an outer compress() may have wrapped it already
@@ -145,15 +153,67 @@ def forward_tokens(model, cache: KVFoldCache, ids: Sequence[int], start: int) ->
                  logits_to_keep=1).logits
 
 
+def check_chunk(prefill_chunk: int | None) -> None:
+    if prefill_chunk is None:
+        return
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
+        raise KVFoldError(f"prefill_chunk must be a positive number of tokens (None = prefill in one pass), "
+                          f"got {prefill_chunk!r}")
+
+
+def prefill(model, cache: KVFoldCache, input_ids: torch.Tensor, *, chunk: int | None = None,
+            attention_mask: torch.Tensor | None = None, probe_ids: Sequence[int] | None = None,
+            start: int = 0) -> torch.Tensor:
+    """Feed `input_ids` [batch, n] into `cache`, `chunk` tokens at a time, and return the last position's logits.
+
+    After each chunk the cache is evicted back to its budget (the ratio of all tokens read so far, or the token
+    budget), so its memory never exceeds budget + one chunk. Each chunk attends to the compressed past plus
+    itself at its true positions. `probe_ids` (the question, when known) are appended to every chunk but the last
+    as the scorer's observation window, then dropped. `chunk=None` is one forward. `attention_mask` [batch, start + n]
+    marks left padding as in `model.generate`.
+    """
+    check_chunk(chunk)
+    batch, total = input_ids.shape
+    device = input_ids.device
+    if chunk is None or chunk >= total:
+        bounds = [(0, total)]
+    else:
+        bounds = [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
+    probe = torch.tensor([list(probe_ids or [])], dtype=input_ids.dtype, device=device).expand(batch, -1)
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, start + total, dtype=torch.long, device=device)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if len(bounds) > 1:
+        cache.begin_chunks()
+    try:
+        for i, (lo, hi) in enumerate(bounds):
+            ids, mask, pos = input_ids[:, lo:hi], attention_mask[:, :start + hi], positions[:, start + lo:start + hi]
+            n_probe = probe.shape[1] if len(bounds) > 1 and i < len(bounds) - 1 else 0
+            if n_probe:
+                ids = torch.cat([ids, probe], dim=1)
+                mask = torch.cat([mask, torch.ones_like(probe)], dim=1)
+                pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n_probe, device=device)], dim=1)
+            cache.set_probe(n_probe)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits
+    finally:
+        if len(bounds) > 1:
+            cache.finish_chunks()
+    return logits
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, *, context: str, question: str | Sequence[str], method: str | Compressor = "none",
-             agnostic: bool = False, max_new_tokens: int = 32) -> list[Answer]:
+             agnostic: bool = False, max_new_tokens: int = 32, prefill_chunk: int | None = None) -> list[Answer]:
     """Answer one or several questions about `context` with a compressed cache (greedy decoding).
 
     query-aware (default): each question is appended to the context and the whole prompt is compressed, as in the
     SnapKV paper. query-agnostic (`agnostic=True`): the context alone is compressed once, then every question is
-    asked on a copy-on-write fork of that cache, as in SCBench.
+    asked on a copy-on-write fork of that cache, as in SCBench. `prefill_chunk=N` reads the context N tokens at a
+    time and compresses after each chunk (bounded memory); query-aware, the question is repeated after every chunk
+    as the scorer's window.
     """
+    check_chunk(prefill_chunk)
     questions = [question] if isinstance(question, str) else list(question)
     if not questions:
         raise KVFoldError("no question given")
@@ -169,18 +229,20 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
                 raise KVFoldError(f"prompt of {len(head) + len(tail)} tokens + {max_new_tokens} new tokens exceeds the "
                                   f"model's context of {limit}: shorten the context or lower max_new_tokens")
             start = time.perf_counter()
+            device = next(model.parameters()).device
             if agnostic:
                 if shared is None:
                     shared = make_cache(model, compressor)
-                    forward_tokens(model, shared, head, 0)
+                    prefill(model, shared, torch.tensor([head], device=device), chunk=prefill_chunk)
                 cache = shared.fork()
                 logits = forward_tokens(model, cache, tail, len(head))
             else:
                 cache = make_cache(model, compressor)
-                logits = forward_tokens(model, cache, head + tail, 0)
-            prefill = time.perf_counter() - start
+                logits = prefill(model, cache, torch.tensor([head + tail], device=device), chunk=prefill_chunk,
+                                 probe_ids=tail if compressor.query_aware else None)
+            prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
             tokens = decode_greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids)
             answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(),
-                                  prefill, time.perf_counter() - start))
+                                  prefill_seconds, time.perf_counter() - start))
     return answers

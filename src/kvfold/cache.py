@@ -86,6 +86,9 @@ class KVFoldLayer(CacheLayerMixin):
         self.valid_seen: torch.Tensor | None = None  # [batch] real (non-padding) tokens seen
         self.scale = 1.0
         self.compress_appends = False  # compress later multi-token turns too (chat keeps its history compressed)
+        self.chunking = False  # inside a chunked prefill: every chunk is stored, then the whole store is evicted
+        self.probe_tokens = 0  # chunked prefill: the forward's last tokens only score (a repeated question)
+        self.peak_row_tokens = 0  # the most tokens any row has held (the cache's own high-water mark)
 
     # ---- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -156,21 +159,33 @@ class KVFoldLayer(CacheLayerMixin):
         """Store the tokens of a multi-token forward, compressed by the method when it is the prefill.
 
         valid [batch, tokens]: False for padding and, on sliding layers, tokens outside the last query's window.
+        Inside a chunked prefill (`chunking`) the chunk is stored whole, then the store is evicted back to its
+        budget with the chunk's own queries; `probe_tokens` trailing tokens (the question, repeated as the
+        observation window) are scored with but not stored, and their positions are given back.
         """
         keys, values, positions = staged.keys, staged.values, staged.positions()
+        query_positions = positions
+        if self.probe_tokens:
+            n = keys.shape[2] - self.probe_tokens
+            keys, values, positions, valid = keys[:, :, :n], values[:, :, :n], positions[:n], valid[:, :n]
+            self.seen -= self.probe_tokens
         batch, heads, tokens, _ = keys.shape
         valid = valid.to(keys.device)
         self.scale = scale
         self.valid_seen += valid.sum(dim=1).cpu()
         keep = valid.unsqueeze(1).expand(batch, heads, tokens)
-        scorer, first = self.compressor.scorer, self.stored_tokens == 0
-        if self.compressor.evicts and (first or self.compress_appends):
-            inputs = self._score_inputs(query, keys, values, positions, keep, scale)
-            scores = scorer.score(inputs)
-            count = scorer.keep_count(valid.sum(dim=1).cpu())
+        evicts, first = self.compressor.evicts, self.stored_tokens == 0
+        if evicts and not self.chunking and (first or self.compress_appends):
+            queries, q_pos = self._observation(query, query_positions)
+            inputs = ScoreInputs(queries, q_pos, keys, values, positions.view(1, 1, -1).expand(batch, heads, tokens),
+                                 keep, scale)
+            scores = self.compressor.scorer.score(inputs)
+            count = self.compressor.scorer.keep_count(valid.sum(dim=1).cpu())
             keep = keep & self._select(scores, count) & torch.isfinite(scores)
-        self._remember_queries(query, positions)
+        self._remember_queries(query[:, :, :tokens], positions)
         self._append_rows(keys, values, positions, keep)
+        if evicts and self.chunking:
+            self._recompress(*self._observation(query, query_positions))
 
     def append(self, staged: StagedKV, query: torch.Tensor) -> None:
         """Store decoded tokens (all valid). Call `keep_budget()` after attending."""
@@ -185,17 +200,27 @@ class KVFoldLayer(CacheLayerMixin):
         """Decode-time compression: re-apply the budget when `every` decoded tokens have passed."""
         every = self.compressor.scorer.every
         if every and self.seen // every > (self.seen - tokens) // every:
-            self._recompress()
+            self._recompress(*self.recent_queries)
+
+    def finish_chunks(self) -> None:
+        """End of a chunked prefill: pack what eviction kept (packing waits so packed tokens are never evicted) and
+        give the pool pages the chunks needed back to the allocator."""
+        self.chunking, self.probe_tokens = False, 0
+        if self.packed is not None and self.is_initialized:
+            self._pack_full_groups()
+        for rows in (self.full, self.packed) if self.is_initialized else ():
+            if rows is not None:
+                rows.defragment()
+                rows.pool.trim()
 
     def _select(self, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         return self.compressor.budget.select(scores, count.to(scores.device), self.layer_idx, self.num_layers)
 
-    def _score_inputs(self, query, keys, values, positions, valid, scale) -> ScoreInputs:
+    def _observation(self, query: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries the scorer reads and their positions: the last `window` ones, or all (`observes_all`)."""
         scorer = self.compressor.scorer
         window = query.shape[2] if scorer.observes_all else max(1, min(scorer.window, query.shape[2]))
-        batch, heads, tokens, _ = keys.shape
-        return ScoreInputs(query[:, :, -window:], positions[-window:], keys, values,
-                           positions.view(1, 1, -1).expand(batch, heads, tokens), valid, scale)
+        return query[:, :, -window:], positions[-window:]
 
     def _remember_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
         scorer = self.compressor.scorer
@@ -211,11 +236,13 @@ class KVFoldLayer(CacheLayerMixin):
         batch, heads, tokens, dim = keys.shape
         pos = positions.view(1, 1, -1).expand(batch, heads, tokens).to(torch.int32)
         kept, counts = compact({"k": keys, "v": values, "pos": pos}, keep)
-        if self.packed is not None and self.stored_tokens == 0:
+        self.peak_row_tokens = max(self.peak_row_tokens, int((self.row_lengths().flatten().cpu() + counts).max()))
+        defer = self.chunking and self.compressor.evicts  # chunked eviction reads full-precision tokens only
+        if self.packed is not None and self.stored_tokens == 0 and not defer:
             self._store_first(kept, counts)
         else:
             self.full.append(kept, counts)
-        if self.packed is not None:
+        if self.packed is not None and not defer:
             self._pack_full_groups()
         if self.is_sliding:
             self._drop_out_of_window()
@@ -278,19 +305,20 @@ class KVFoldLayer(CacheLayerMixin):
                     break
                 rows.pool.release(rows.pop_first_pages(candidates))
 
-    def _recompress(self) -> None:
-        """Decode-time compression: score the stored tokens with the recent queries and evict down to the budget."""
+    def _recompress(self, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
+        """Score every stored (full-precision) token with `queries` and evict down to the budget of all tokens
+        seen so far (decode-time compression, and each chunk of a chunked prefill)."""
         scorer = self.compressor.scorer
         width = int(self.full.lengths.max())
+        if width == 0:
+            return
         fields, valid = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
         shape = (self.batch_size, self.kv_heads, width)
         flat = {n: t.flatten(1, 2)[:, :width].reshape(*shape, *t.shape[3:]) for n, t in fields.items()}
         valid = valid[:, :width].reshape(shape)
-        queries, q_pos = self.recent_queries
-        inputs = ScoreInputs(queries, q_pos, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
+        inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
         scores = scorer.score(inputs)
-        count = torch.minimum(scorer.keep_count(self.valid_seen), valid.sum(dim=2).amin(dim=1).cpu())
-        keep = valid & self._select(scores, count) & torch.isfinite(scores)
+        keep = valid & self._select(scores, scorer.keep_count(self.valid_seen)) & torch.isfinite(scores)
         kept, counts = compact(flat, keep)
         self.full.fill(kept, counts)
 
@@ -434,6 +462,29 @@ class KVFoldCache(Cache):
         """Bytes of the pages this cache reads (shared pages counted in full), its tables and buffers: what it
         would hold alone, without the pages its forks or parent added."""
         return sum(layer.referenced_nbytes() for layer in self.layers if layer.is_initialized)
+
+    def peak_nbytes(self) -> int:
+        """The most bytes this cache's pools have held at once (capacity high-water mark), plus tables now."""
+        pools = {id(pool): pool for layer in self.layers if layer.is_initialized for pool in layer.pools()}
+        return sum(pool.peak_nbytes() for pool in pools.values()) + self.table_nbytes()
+
+    def peak_row_tokens(self) -> int:
+        """The most tokens any (batch, KV head) row of any layer has held at once."""
+        return max((layer.peak_row_tokens for layer in self.layers), default=0)
+
+    def begin_chunks(self) -> None:
+        """Start a chunked prefill (see `kvfold.api.prefill`): each chunk is stored, then evicted to the budget."""
+        for layer in self.layers:
+            layer.chunking = True
+
+    def set_probe(self, tokens: int) -> None:
+        """The next forward's last `tokens` tokens only score (the question repeated as the window)."""
+        for layer in self.layers:
+            layer.probe_tokens = tokens
+
+    def finish_chunks(self) -> None:
+        for layer in self.layers:
+            layer.finish_chunks()
 
     def stored_tokens(self) -> int:
         """Tokens held over all layers and rows."""

@@ -23,6 +23,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Local folder, .gguf file or hub id; "
                                                     "default: the embedded SmolLM2-135M-Instruct")]
 MethodOption = Annotated[str, typer.Option("--method", help="Method spec, e.g. snapkv:0.5+kivi:4 (see `kvfold methods`)")]
+ChunkOption = Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, help="Read the context N tokens at a time, "
+                                                    "compressing after each chunk (bounded memory)")]
 
 
 def human_bytes(n: float) -> str:
@@ -73,6 +75,7 @@ def generate(
     context: Annotated[Optional[str], typer.Option("--context", help="The context as a string")] = None,
     agnostic: Annotated[bool, typer.Option("--agnostic", help="Compress the context before any question is seen")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    prefill_chunk: ChunkOption = None,
     model: ModelOption = None,
 ) -> None:
     """Answer questions about a context with a compressed KV cache."""
@@ -91,7 +94,7 @@ def generate(
     lm, tokenizer = _load(model)
     with console.status(f"prefill + decode with {compressor.spec}…"):
         answers = run(lm, tokenizer, context=context, question=question, method=compressor, agnostic=agnostic,
-                      max_new_tokens=max_new_tokens)
+                      max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk)
     for q, answer in zip(question, answers):
         console.print(f"[bold]Q:[/bold] {q}\n[bold]A:[/bold] {answer.text.strip()}")
         speed = len(answer.tokens) / answer.decode_seconds if answer.decode_seconds > 0 else float("nan")
@@ -130,6 +133,7 @@ def demo(
     length: Annotated[int, typer.Option(help="Context length in tokens")] = 1024,
     samples: Annotated[int, typer.Option(min=1, help="Needles (depths spread over 10–90%)")] = 3,
     agnostic: Annotated[bool, typer.Option("--agnostic", help="Compress before the question is seen")] = False,
+    prefill_chunk: ChunkOption = None,
     model: ModelOption = None,
 ) -> None:
     """A small needle-in-a-haystack sweep: accuracy, KV bytes and speed per method."""
@@ -141,7 +145,8 @@ def demo(
         raise KVFoldError(f"--ratios takes comma-separated numbers in [0, 1), got '{ratios}'") from None
     compressors = expand_specs([m for m in methods_.split(",") if m.strip()], ratio_values)
     lm, tokenizer = _load(model)
-    run_demo(lm, tokenizer, compressors, length=length, samples=samples, agnostic=agnostic, console=console)
+    run_demo(lm, tokenizer, compressors, length=length, samples=samples, agnostic=agnostic, console=console,
+             prefill_chunk=prefill_chunk)
 
 
 def run() -> None:

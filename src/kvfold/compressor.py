@@ -54,6 +54,8 @@ def _knob_list(cls: type[Method]) -> str:
 
 def _build(cls: type[Method], kwargs: dict[str, object], spec: str) -> Method:
     known = cls.knobs()
+    if kwargs.get("budget") and "ratio" in kwargs:
+        raise KVFoldError(f"in '{spec}': {cls.name}: give either a ratio or a token budget=, not both")
     for key in kwargs:
         if key not in known:
             raise KVFoldError(f"in '{spec}': {cls.name} has no knob '{key}'{closest(key, known)}; knobs: {_knob_list(cls)}")

@@ -43,7 +43,8 @@ class Row:
 
 
 def run_demo(model, tokenizer, compressors: list[Compressor], *, length: int, samples: int,
-             agnostic: bool, console: Console, max_new_tokens: int = 24) -> list[Row]:
+             agnostic: bool, console: Console, max_new_tokens: int = 24,
+             prefill_chunk: int | None = None) -> list[Row]:
     depths = [0.1 + 0.8 * i / max(1, samples - 1) for i in range(samples)] if samples > 1 else [0.5]
     tasks = needle_samples(tokenizer, length=length, depths=depths, seed=0)
     rows = []
@@ -55,7 +56,8 @@ def run_demo(model, tokenizer, compressors: list[Compressor], *, length: int, sa
             for sample in tasks:
                 progress.update(job, description=f"{compressor.spec} · depth {sample.meta.get('depth', 0):.0%}")
                 answer = generate(model, tokenizer, context=sample.context, question=sample.question,
-                                  method=compressor, agnostic=agnostic, max_new_tokens=max_new_tokens)[0]
+                                  method=compressor, agnostic=agnostic, max_new_tokens=max_new_tokens,
+                                  prefill_chunk=prefill_chunk)[0]
                 row.scores.append(score_contains(answer.text, sample.answer))
                 row.kv_bytes.append(answer.kv_bytes)
                 row.prefill.append(answer.prefill_seconds)
@@ -63,13 +65,13 @@ def run_demo(model, tokenizer, compressors: list[Compressor], *, length: int, sa
                     row.decode_tps.append(len(answer.tokens) / answer.decode_seconds)
                 progress.advance(job)
             rows.append(row)
-    console.print(summary_table(rows, length, agnostic))
+    console.print(summary_table(rows, length, agnostic, prefill_chunk))
     return rows
 
 
-def summary_table(rows: list[Row], length: int, agnostic: bool) -> Table:
+def summary_table(rows: list[Row], length: int, agnostic: bool, prefill_chunk: int | None = None) -> Table:
     baseline = next((statistics.mean(r.kv_bytes) for r in rows if r.spec == "none"), None)
-    setting = "query-agnostic" if agnostic else "query-aware"
+    setting = ("query-agnostic" if agnostic else "query-aware") + (f" · chunks of {prefill_chunk}" if prefill_chunk else "")
     table = Table(title=f"needle in a haystack · {length} tokens · {setting}")
     for column in ("method", "accuracy", "KV held", "vs none", "prefill s", "decode tok/s"):
         table.add_column(column, justify="left" if column == "method" else "right")

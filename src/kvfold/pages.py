@@ -41,6 +41,7 @@ class PagePool:
         self.tensors = {name: torch.empty((0, *f.shape), dtype=f.dtype, device=device) for name, f in fields.items()}
         self.refcount = torch.zeros(0, dtype=torch.int32)
         self.free: list[int] = []
+        self.peak_capacity = 0
 
     @property
     def capacity(self) -> int:
@@ -52,10 +53,15 @@ class PagePool:
     def nbytes(self) -> int:
         return self.capacity * self.page_nbytes() + self.refcount.numel() * self.refcount.element_size()
 
+    def peak_nbytes(self) -> int:
+        """Bytes at the largest capacity this pool has had."""
+        return self.peak_capacity * (self.page_nbytes() + self.refcount.element_size())
+
     def alloc(self, count: int) -> torch.Tensor:
         """Ids of `count` pages, each with reference count 1."""
         if count > len(self.free):
             self._grow(count - len(self.free))
+        self.free.sort()  # lowest ids first, so pages in use gather at the front and `trim` can cut the tail
         taken, self.free = self.free[:count], self.free[count:]
         ids = torch.tensor(taken, dtype=torch.long)
         self.refcount[ids] = 1
@@ -69,6 +75,17 @@ class PagePool:
             self.tensors[name] = grown
         self.refcount = torch.cat([self.refcount, torch.zeros(extra, dtype=torch.int32)])
         self.free.extend(range(start, start + extra))
+        self.peak_capacity = max(self.peak_capacity, self.capacity)
+
+    def trim(self) -> None:
+        """Give back the free pages at the end of the pool (after a peak, e.g. the chunks of a chunked prefill)."""
+        used = torch.nonzero(self.refcount > 0)
+        keep = int(used.max()) + 1 if used.numel() else 0
+        if keep == self.capacity:
+            return
+        self.tensors = {name: t[:keep].clone() for name, t in self.tensors.items()}
+        self.refcount = self.refcount[:keep].clone()
+        self.free = [i for i in self.free if i < keep]
 
     def retain(self, ids: torch.Tensor) -> None:
         self.refcount.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
@@ -232,6 +249,29 @@ class PagedRows:
             valid = slot[start:start + page_chunk].flatten().unsqueeze(0) < self.lengths.unsqueeze(1)
             dev_ids = ids.clamp_min(0).to(self.pool.device)
             yield {n: self.pool.tensors[n][dev_ids] for n in names}, valid.to(self.pool.device)
+
+    def defragment(self) -> None:
+        """Move this object's pages to the lowest ids of its pool so `PagePool.trim` can give the rest back.
+
+        Only when it is the pool's sole user (no fork shares a page): otherwise other tables would go stale.
+        """
+        ids, pool = self.page_ids(), self.pool
+        n = int(ids.numel())
+        if int((pool.refcount > 0).sum()) != n or bool((pool.refcount[ids] != 1).any()):
+            return
+        high = ids[ids >= n]
+        if high.numel() == 0:
+            return
+        low = torch.tensor(sorted(i for i in pool.free if i < n), dtype=torch.long)  # exactly len(high) of them
+        src, dst = high.to(pool.device), low.to(pool.device)
+        for tensor in pool.tensors.values():
+            tensor[dst] = tensor[src]
+        pool.refcount[low], pool.refcount[high] = 1, 0
+        remap = torch.arange(pool.capacity)
+        remap[high] = low
+        used = self.table >= 0
+        self.table[used] = remap[self.table[used]]
+        pool.free = sorted(set(pool.free) - set(low.tolist()) | set(high.tolist()))
 
     def fork(self) -> "PagedRows":
         """A copy-on-write child: same pages (reference counted), own tables."""

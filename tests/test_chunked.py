@@ -1,0 +1,163 @@
+"""Chunked prefill (`prefill_chunk=N`): equal to one pass when nothing is evicted, and never holding more than
+budget + one chunk per row, by the cache's own accounting."""
+
+import pytest
+import torch
+
+import kvfold
+from kvfold.api import prefill, use_kvfold_attention
+from kvfold.errors import KVFoldError
+
+from .tiny_models import FAMILIES, tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def run(model, spec, ids, chunk=None, **kwargs):
+    with use_kvfold_attention(model):
+        cache = kvfold.make_cache(model, spec)
+        logits = prefill(model, cache, ids, chunk=chunk, **kwargs)
+    return cache, logits
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 64, 100, 299])
+@pytest.mark.parametrize("spec", ["none", "snapkv:budget=400", "snapkv:0.0", "streaming:budget=300"])
+def test_a_budget_covering_the_context_gives_the_one_pass_logits(tiny_llama, spec, chunk):
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(chunk))
+    whole, expected = run(tiny_llama, "none", ids)
+    cache, logits = run(tiny_llama, spec, ids, chunk)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    assert cache.stored_tokens() == whole.stored_tokens()
+    assert cache.get_seq_length() == 300
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_chunked_equals_one_pass(family):
+    """Sliding-window layers (mistral, gemma3: window 64) included: the chunks' attention sees the right keys."""
+    model = tiny_model(family)
+    ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(1))
+    _, expected = run(model, "none", ids)
+    _, logits = run(model, "none", ids, chunk=48)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_left_padded_batches_chunk_like_one_pass(tiny_llama):
+    ids = torch.randint(1, 256, (2, 160), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0  # row 0 is left-padded
+    whole, expected = run(tiny_llama, "none", ids, attention_mask=mask)
+    cache, logits = run(tiny_llama, "none", ids, chunk=50, attention_mask=mask)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    assert [int(n) for n in cache.layers[0].row_lengths()[:, 0]] == [130, 160]
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=64", "streaming:budget=64", "snapkv:budget=64@adakv",
+                                  "snapkv:budget=64,window=8,sink=4"])
+@pytest.mark.parametrize("chunk", [32, 100])
+def test_rows_never_exceed_budget_plus_one_chunk(tiny_llama, spec, chunk):
+    ids = torch.randint(1, 256, (1, 500), generator=torch.Generator().manual_seed(3))
+    cache, _ = run(tiny_llama, spec, ids, chunk)
+    heads = cache.layers[0].kv_heads
+    if "adakv" in spec:  # one budget per layer, shared across heads: a head may hold more, the layer never
+        for layer in cache.layers:
+            assert int(layer.row_lengths().sum()) == 64 * heads
+        assert cache.peak_row_tokens() <= 64 * heads + chunk
+    else:
+        assert cache.peak_row_tokens() <= 64 + chunk
+        for layer in cache.layers:
+            assert layer.row_lengths().flatten().tolist() == [64] * heads
+    one_pass, _ = run(tiny_llama, spec, ids)
+    assert cache.nbytes() <= one_pass.nbytes() * 1.25  # ragged rows may round to a few more pages
+
+
+def test_ratio_budget_tracks_what_has_been_read(tiny_llama):
+    ids = torch.randint(1, 256, (1, 400), generator=torch.Generator().manual_seed(4))
+    cache, _ = run(tiny_llama, "snapkv:0.75", ids, chunk=64)
+    assert cache.layers[0].row_lengths().flatten().tolist() == [100, 100]  # ceil(0.25 * 400)
+    assert cache.peak_row_tokens() <= 100 + 64
+
+
+def test_peak_bytes_are_bounded_and_given_back(tiny_llama):
+    """Pool capacity peaks at about budget + chunk per row, and the pages the chunks needed are returned."""
+    ids = torch.randint(1, 256, (1, 600), generator=torch.Generator().manual_seed(5))
+    layers, rows, page = len(tiny_llama.model.layers), 2, 64
+    token_bytes = 2 * 16 * 4 + 4  # K and V float32 of head_dim 16, plus the int32 position
+    cache, _ = run(tiny_llama, "snapkv:budget=128", ids, chunk=128)
+    pages_at_peak = -(-(128 + 128) // page)
+    assert cache.peak_nbytes() <= layers * rows * (pages_at_peak + 1) * page * (token_bytes + 4) + cache.table_nbytes()
+    one_pass, _ = run(tiny_llama, "snapkv:budget=128", ids)
+    assert cache.nbytes() == one_pass.nbytes()
+
+
+def test_quantized_eviction_packs_what_the_chunks_kept(tiny_llama):
+    ids = torch.randint(1, 256, (1, 600), generator=torch.Generator().manual_seed(6))
+    cache, _ = run(tiny_llama, "snapkv:budget=256+kivi:4,group=32,residual=32", ids, chunk=100)
+    layer = cache.layers[0]
+    assert layer.row_lengths().flatten().tolist() == [256, 256]
+    assert layer.packed.lengths.tolist() == [224, 224] and layer.full.lengths.tolist() == [32, 32]
+    fp_only, _ = run(tiny_llama, "snapkv:budget=256", ids, chunk=100)
+    assert cache.nbytes() < 0.6 * fp_only.nbytes()
+
+
+def test_quantizer_alone_packs_as_it_reads(tiny_llama):
+    ids = torch.randint(1, 256, (1, 600), generator=torch.Generator().manual_seed(7))
+    cache, _ = run(tiny_llama, "kivi:4", ids, chunk=100)
+    one_pass, _ = run(tiny_llama, "kivi:4", ids)
+    assert cache.layers[0].row_lengths().tolist() == one_pass.layers[0].row_lengths().tolist()
+    assert cache.nbytes() <= one_pass.nbytes() * 1.05  # same tokens packed; only table widths may differ
+
+
+def test_probe_tokens_score_but_are_not_stored(tiny_llama):
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(8))
+    probe = [5, 6, 7, 8, 9, 10]
+    cache, _ = run(tiny_llama, "snapkv:budget=64,window=8", ids, chunk=64, probe_ids=probe)
+    assert cache.get_seq_length() == 300
+    for layer in cache.layers:
+        positions = torch.cat([p for row in layer.kept_positions() for p in row])
+        assert int(positions.max()) == 299 and len(positions) == 64 * layer.kv_heads
+    assert all(not layer.chunking and layer.probe_tokens == 0 for layer in cache.layers)
+
+
+def test_generate_and_model_generate_take_prefill_chunk(tiny_llama):
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(9))
+    with kvfold.compress(tiny_llama, "snapkv:budget=500") as session:
+        plain = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
+    with kvfold.compress(tiny_llama, "snapkv:budget=500", prefill_chunk=32) as session:
+        chunked = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(plain, chunked)
+    assert session.cache.get_seq_length() == 127
+    with kvfold.compress(tiny_llama, "snapkv:budget=40", prefill_chunk=32) as session:
+        tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
+    assert session.cache.peak_row_tokens() <= 40 + 32 + 1
+
+
+@pytest.mark.parametrize("chunk", [0, -5, 2.5, True])
+def test_bad_chunks_are_clear_errors(tiny_llama, chunk):
+    ids = torch.randint(1, 256, (1, 20))
+    with pytest.raises(KVFoldError, match="prefill_chunk must be a positive number"):
+        run(tiny_llama, "none", ids, chunk)
+    with pytest.raises(KVFoldError, match="prefill_chunk"):
+        with kvfold.compress(tiny_llama, "none", prefill_chunk=chunk):
+            pass
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("snapkv:budget=16", "smaller than the protected tokens"),  # window 32 by default
+    ("snapkv:budget=10,window=4,sink=8", "smaller than the protected tokens"),
+    ("snapkv:0.5,budget=100", "either a ratio or a token budget"),
+    ("snapkv:budget=-3", "budget must be an integer >= 0"),
+])
+def test_bad_budgets_are_clear_errors(spec, message):
+    with pytest.raises(KVFoldError, match=message):
+        kvfold.Compressor.parse(spec)
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_through_chunks(embedded):
+    model, tokenizer = embedded
+    from kvfold.bench.tasks import needle_sample
+
+    sample = needle_sample(tokenizer, length=1536, depth=0.4, seed=1)
+    answer, = kvfold.generate(model, tokenizer, context=sample.context, question=sample.question,
+                              method="snapkv:budget=512", prefill_chunk=512, max_new_tokens=32)
+    assert sample.answer in answer.text
