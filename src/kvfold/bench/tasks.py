@@ -1,30 +1,48 @@
-"""Offline, seeded, deterministic long-context task samples (needle-in-a-haystack) and their metric.
+"""Offline, seeded, deterministic long-context task samples (RULER / SCBench style), their registry and scoring.
 
-The haystack is English prose taken from CPython's own reference docs (``pydoc_data.topics``), so
-nothing is downloaded and no text is pasted into the repo. Code, grammar rules, tables and headings
-are dropped; see :func:`prose_paragraphs`.
+Every generator takes a tokenizer, a ``length`` in tokens and a ``seed``; the same seed gives the same
+sample, and the context has between ``length - LENGTH_TOLERANCE`` (64) and ``length`` tokens. Haystack
+tasks hide short template sentences in English prose from CPython's own docs (see :mod:`.haystack`);
+prose past the ~28k-token pool repeats paragraphs, while every hidden name and number is unique and
+absent from the prose. Use :func:`make_samples` and :func:`score`; the prose/JSONL helpers are re-exported.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import random
-import re
-import textwrap
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import KVFoldError
+from ..errors import KVFoldError, closest
+from .haystack import (  # noqa: F401  (re-exported: older code imports these from here)
+    LENGTH_TOLERANCE, MIN_SLACK, PERPLEXITY_TOLERANCE, _ids, _insert, _token_span, build_haystack, check_length, hide,
+    perplexity_text, prose_paragraphs, prose_text, prose_words,
+)
+from .samples import METRICS, Answer, Sample, load_jsonl_tasks, score_contains, score_metric  # noqa: F401
 
 TASKS: dict[str, str] = {
     "niah": "needle in a haystack: recall a 7-digit 'special magic number' hidden at a given depth of prose",
+    "multikey": "multi-key needle: 4 magic numbers for different keys in prose, recall the one asked for",
+    "multivalue": "multi-value needle: 4 magic numbers for one key in prose, recall all of them",
+    "vt": "variable tracking: follow a chain of 'VAR X = VAR Y.' assignments past 2 distractor chains",
+    "cwe": "common words extraction: name the 10 most frequent words of a long numbered word list",
+    "multihop": "two-hop retrieval: the key opens a box, the box holds a number; 3 distractor key/box pairs",
+    "multiturn": "shared context, 4 turns: each question asks for a different magic number in the same prose",
 }
+TASK_METRICS: dict[str, str] = {"niah": "contains", "multikey": "contains", "multivalue": "recall", "vt": "recall",
+                                "cwe": "recall", "multihop": "contains", "multiturn": "contains"}
 
 NEEDLE = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
-MIN_SLACK = 64  # a context must have room for at least this many haystack tokens besides the needle
+QUESTION_ALL = "What are all the special magic numbers for {key} mentioned in the provided text?"
+VT_VALUE, VT_LINK = "VAR {name} = {value}.", "VAR {name} = VAR {prev}."
+VT_QUESTION = ("Find all variables that are assigned the value {value} in the text above, "
+               "directly or through other variables.")
+CWE_QUESTION = "What are the {n} most common words in the numbered list above?"
+HOP_KEY, HOP_BOX = "The {key} key opens the {box} box.", "The {box} box holds the number {value}."
+HOP_QUESTION = "What number is held by the box that the {key} key opens?"
+CWE_MIN_LENGTH = 256
 
 _WORDS = (
     "amber", "anchor", "apple", "arrow", "autumn", "bamboo", "basket", "beacon", "birch", "blossom",
@@ -38,139 +56,7 @@ _WORDS = (
     "spruce", "stone", "summit", "sunset", "thunder", "tiger", "timber", "tulip", "valley", "velvet",
     "violet", "walnut", "willow", "winter", "wolf", "yarrow", "zephyr", "lotus", "marsh", "spiral",
 )
-
-_MIN_SENTENCES = 2
-_MAX_SENTENCE_CHARS = 240  # keeps trimming at a sentence boundary within ~60 tokens of the target
 _SEED_STRIDE = 1_000_003
-# End of a sentence: terminal punctuation (plus closing quote/paren) followed by a capitalised start or the end.
-_SENT_END = re.compile(r"[.!?][\"”’)]?(?=\s+[\"“(A-Z]|\s*$)")
-_SYMBOLS = set("=<>{}[]|\\/#@$%^~`+&_")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One task instance: feed ``context`` then ``question``; score the model's reply against ``answer``."""
-
-    task: str
-    context: str
-    question: str
-    answer: str
-    meta: dict
-
-
-def _is_codeish(line: str) -> bool:
-    """A line of code, grammar, a table or a heading underline rather than prose."""
-    s = line.strip()
-    if s.startswith((">>>", "...", "$ ", "%")) or "::=" in s or s.endswith("::"):
-        return True
-    return sum(c in _SYMBOLS for c in s) > 0.08 * max(len(s), 1)
-
-
-def _tidy(text: str) -> str:
-    """Drop footnote marks and reST emphasis, collapse whitespace."""
-    text = re.sub(r"\s?\[\d+\]", "", text)
-    text = re.sub(r"\*{1,2}([^*\s][^*]*?)\*{1,2}", r"\1", text)
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _is_prose(text: str) -> bool:
-    """Starts like a sentence, ends like one, has several of them, none overly long."""
-    ends = [m.end() for m in _SENT_END.finditer(text)]
-    if not text or not (text[0].isupper() or text[0] in "\"“(") or not ends or ends[-1] != len(text):
-        return False
-    lengths = [b - a for a, b in zip([0] + ends[:-1], ends)]
-    return len(ends) >= _MIN_SENTENCES and max(lengths) <= _MAX_SENTENCE_CHARS
-
-
-@functools.lru_cache(maxsize=1)
-def prose_paragraphs() -> tuple[str, ...]:
-    """Prose paragraphs of the Python reference docs bundled with CPython, in a fixed order.
-
-    A blank-line separated block is kept only when, after dedenting (and turning a leading "* "
-    bullet into indentation), all its lines share one indentation (ragged blocks are code or grammar),
-    no line is code-ish (``>>>``, ``::=``, ``::`` endings, symbol-heavy lines such as tables and
-    heading underlines), and the joined text starts with a capital, ends with a full stop and has at
-    least two sentences of at most 240 characters each. Footnote marks and ``*emphasis*`` are removed.
-    """
-    from pydoc_data.topics import topics
-
-    seen: set[str] = set()
-    out: list[str] = []
-    for name in sorted(topics):
-        for block in re.split(r"\n[ \t]*\n", topics[name]):
-            lines = [line.rstrip() for line in block.splitlines() if line.strip()]
-            if not lines:
-                continue
-            lines[0] = re.sub(r"^(\s*)[*-] ", r"\1  ", lines[0])
-            lines = textwrap.dedent("\n".join(lines)).splitlines()
-            if any(line[:1].isspace() for line in lines) or any(_is_codeish(line) for line in lines):
-                continue
-            text = _tidy(" ".join(lines))
-            if _is_prose(text) and text not in seen:
-                seen.add(text)
-                out.append(text)
-    return tuple(out)
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def build_haystack(tokenizer: Any, n_tokens: int, seed: int) -> str:
-    """Seeded prose of at most ``n_tokens`` tokens (and at least ~``n_tokens - 60``), cut at a sentence end.
-
-    Paragraphs are drawn from a ``random.Random(seed)`` shuffle of :func:`prose_paragraphs` and joined
-    by blank lines; a paragraph repeats only once the whole pool (~40k tokens) has been used.
-    """
-    if n_tokens < 1:
-        raise KVFoldError(f"haystack length must be at least 1 token, got {n_tokens}")
-    pool = prose_paragraphs()
-    rng = random.Random(seed)
-    order: list[str] = []
-    chosen: list[str] = []
-    estimate = 0
-    while estimate < n_tokens + 32:
-        if not order:
-            order = list(pool)
-            rng.shuffle(order)
-        chosen.append(order.pop())
-        estimate += len(_ids(tokenizer, chosen[-1])) + 1
-    text = "\n\n".join(chosen)
-    cuts = [m.end() for m in _SENT_END.finditer(text)]
-    lo, hi, best = 0, len(cuts) - 1, 0  # largest cut whose prefix fits
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if len(_ids(tokenizer, text[:cuts[mid]])) <= n_tokens:
-            best, lo = cuts[mid], mid + 1
-        else:
-            hi = mid - 1
-    return text[:best]
-
-
-def _insert(haystack: str, needle: str, depth: float) -> tuple[str, int]:
-    """Put ``needle`` at the sentence boundary nearest ``depth`` of the haystack's characters."""
-    bounds = [0] + [m.end() for m in _SENT_END.finditer(haystack)]
-    pos = min(bounds, key=lambda b: (abs(b - depth * len(haystack)), b))
-    before, after = haystack[:pos], haystack[pos:]
-    if before:
-        before += " "
-    if after and not after[0].isspace():
-        after = " " + after
-    return before + needle + after, len(before)
-
-
-def _token_span(tokenizer: Any, context: str, start: int, end: int) -> tuple[int, tuple[int, int]]:
-    """(number of context tokens, [first, last+1) token span covering characters [start, end))."""
-    try:
-        offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        offsets = None
-    if offsets:
-        first = next(i for i, (_, b) in enumerate(offsets) if b > start)
-        last = max(i for i, (a, _) in enumerate(offsets) if a < end)
-        return len(offsets), (first, last + 1)
-    n = len(_ids(tokenizer, context))
-    return n, (len(_ids(tokenizer, context[:start].rstrip())), min(n, len(_ids(tokenizer, context[:end]))))
 
 
 def needle_sample(tokenizer: Any, *, length: int, depth: float, seed: int) -> Sample:
@@ -181,8 +67,7 @@ def needle_sample(tokenizer: Any, *, length: int, depth: float, seed: int) -> Sa
     """
     if not isinstance(depth, (int, float)) or not math.isfinite(depth) or not 0.0 <= depth <= 1.0:
         raise KVFoldError(f"depth must be a number in [0, 1], got {depth!r}")
-    if not isinstance(length, int) or isinstance(length, bool):
-        raise KVFoldError(f"length must be an int number of tokens, got {length!r}")
+    check_length(length)
     rng = random.Random(f"kvfold-niah-{seed}")
     key = "-".join(rng.sample(_WORDS, 2))
     value = str(rng.randint(1_000_000, 9_999_999))
@@ -222,11 +107,179 @@ def needle_samples(tokenizer: Any, *, length: int, depths: Sequence[float], samp
     return out
 
 
-def score_contains(prediction: str, answer: str) -> float:
-    """Substring-match accuracy: 1.0 if the stripped answer occurs in the stripped prediction, else 0.0.
+def _fresh(rng: random.Random, make: Callable[[random.Random], str], used: set[str]) -> str:
+    """A new ``make(rng)`` string that is not in the prose pool and neither contains nor is inside a used one."""
+    for _ in range(10_000):
+        s = make(rng)
+        if s not in prose_text() and not any(s in u or u in s for u in used):
+            used.add(s)
+            return s
+    raise KVFoldError("ran out of distinct names or numbers; ask for fewer keys, values or chains")
 
-    Case-sensitive and exact (for NIAH the answer is a 7-digit string, so extra words around it are
-    fine but a wrong or partial number scores 0). An empty answer scores 0.0.
+
+def _key(rng: random.Random) -> str:
+    return "-".join(rng.sample(_WORDS, 2))
+
+
+def _number(digits: int) -> Callable[[random.Random], str]:
+    return lambda rng: str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5))
+
+
+def _hidden(task: str, tokenizer: Any, length: int, seed: int, snippets: list[str], depths: list[float],
+            question: str, answer: Answer, meta: dict, **turns: Any) -> Sample:
+    """Hide ``snippets`` in prose and wrap the result; ``meta`` also records where each one landed."""
+    h = hide(tokenizer, length=length, seed=seed, snippets=snippets, depths=depths, task=task)
+    meta = {"length": length, "n_tokens": h.n_tokens, "seed": seed, "snippets": snippets, "depths": depths,
+            "char_offsets": h.offsets, "token_spans": h.spans, **meta}
+    return Sample(task, h.context, question, answer, meta, metric=TASK_METRICS[task], **turns)
+
+
+def multikey_sample(tokenizer: Any, *, length: int, seed: int, keys: int = 4) -> Sample:
+    """``keys`` magic-number needles with distinct keys at random depths; the question asks for one of them."""
+    rng, used = random.Random(f"kvfold-multikey-{seed}"), set()
+    names = [_fresh(rng, _key, used) for _ in range(keys)]
+    values = [_fresh(rng, _number(7), used) for _ in range(keys)]
+    target = rng.randrange(keys)
+    snippets = [NEEDLE.format(key=k, value=v) for k, v in zip(names, values)]
+    return _hidden("multikey", tokenizer, length, seed, snippets, [rng.random() for _ in snippets],
+                   QUESTION.format(key=names[target]), values[target], {"keys": names, "target": target})
+
+
+def multivalue_sample(tokenizer: Any, *, length: int, seed: int, values: int = 4) -> Sample:
+    """``values`` magic-number needles for one key at random depths; the answer is all values (scored by recall)."""
+    rng, used = random.Random(f"kvfold-multivalue-{seed}"), set()
+    key = _fresh(rng, _key, used)
+    numbers = [_fresh(rng, _number(7), used) for _ in range(values)]
+    snippets = [NEEDLE.format(key=key, value=v) for v in numbers]
+    return _hidden("multivalue", tokenizer, length, seed, snippets, [rng.random() for _ in snippets],
+                   QUESTION_ALL.format(key=key), tuple(numbers), {"key": key})
+
+
+def vt_sample(tokenizer: Any, *, length: int, seed: int, hops: int = 4, distractors: int = 2) -> Sample:
+    """Variable tracking (RULER): ``VAR A = 12345.`` then ``VAR B = VAR A.`` ... (``hops`` links, in reading
+    order at random depths) plus ``distractors`` chains with other values. The answer is the first chain's
+    ``hops + 1`` variables, scored by recall: naming extra (distractor) variables is not penalised."""
+    rng, used = random.Random(f"kvfold-vt-{seed}"), set()
+    chains = [[_fresh(rng, _name, used) for _ in range(hops + 1)] for _ in range(distractors + 1)]
+    values = [_fresh(rng, _number(5), used) for _ in chains]
+    snippets, depths = [], []
+    for names, value in zip(chains, values):
+        snippets += [VT_VALUE.format(name=names[0], value=value)]
+        snippets += [VT_LINK.format(name=b, prev=a) for a, b in zip(names, names[1:])]
+        depths += sorted(rng.random() for _ in names)
+    return _hidden("vt", tokenizer, length, seed, snippets, depths, VT_QUESTION.format(value=values[0]),
+                   tuple(chains[0]), {"chains": chains, "values": values})
+
+
+def multihop_sample(tokenizer: Any, *, length: int, seed: int, distractors: int = 3) -> Sample:
+    """Two facts to chain, "The K key opens the B box." and "The B box holds the number V.", at random depths
+    among ``distractors`` other key/box/number triples; the question names K, the answer is V."""
+    rng, used = random.Random(f"kvfold-multihop-{seed}"), set()
+    for _ in range(10_000):
+        words = rng.sample(_WORDS, 2 * (distractors + 1))
+        if not any(f"{w} key" in prose_text() or f"{w} box" in prose_text() for w in words):
+            break
+    else:  # pragma: no cover - the prose would have to mention most "<word> key"s
+        raise KVFoldError("multihop found no key/box words absent from the prose")
+    keys, boxes = words[:distractors + 1], words[distractors + 1:]
+    values = [_fresh(rng, _number(7), used) for _ in keys]
+    snippets = [HOP_KEY.format(key=k, box=b) for k, b in zip(keys, boxes)]
+    snippets += [HOP_BOX.format(box=b, value=v) for b, v in zip(boxes, values)]
+    return _hidden("multihop", tokenizer, length, seed, snippets, [rng.random() for _ in snippets],
+                   HOP_QUESTION.format(key=keys[0]), values[0], {"keys": keys, "boxes": boxes, "values": values})
+
+
+def multiturn_sample(tokenizer: Any, *, length: int, seed: int, turns: int = 4) -> Sample:
+    """SCBench-style shared context: ``turns`` needles with distinct keys, asked one per turn in a seeded
+    order (not the reading order); ``questions``/``answers`` hold every turn, ``question``/``answer`` the first."""
+    rng, used = random.Random(f"kvfold-multiturn-{seed}"), set()
+    keys = [_fresh(rng, _key, used) for _ in range(turns)]
+    values = [_fresh(rng, _number(7), used) for _ in range(turns)]
+    snippets = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
+    depths = [rng.random() for _ in snippets]
+    order = rng.sample(range(turns), turns)
+    questions = tuple(QUESTION.format(key=keys[i]) for i in order)
+    answers = tuple(values[i] for i in order)
+    return _hidden("multiturn", tokenizer, length, seed, snippets, depths, questions[0], answers[0],
+                   {"keys": keys, "order": order}, questions=questions, answers=answers)
+
+
+def cwe_sample(tokenizer: Any, *, length: int, seed: int, common: int = 10) -> Sample:
+    """Common words extraction (RULER): the context is a numbered list ("1. word" lines) of prose words where
+    ``common`` words appear C times each (C = length // 160, clamped to 3..30) and the rest at most
+    R = clamp(C // 4, 1, 3) times each; the answer is the ``common`` words, scored by recall. The list is
+    as long as fits in ``length`` tokens; past what ~1,600 distinct words can fill, the error names the maximum."""
+    if check_length(length) < CWE_MIN_LENGTH:
+        raise KVFoldError(f"cwe needs length >= {CWE_MIN_LENGTH} tokens, got {length}")
+    rng = random.Random(f"kvfold-cwe-{seed}")
+    words = list(prose_words())
+    rng.shuffle(words)
+    top, rest = words[:common], words[common:]
+    c = min(30, max(3, length // 160))
+    r = min(3, max(1, c // 4))
+
+    def listing(n_items: int) -> str:
+        items = [w for w in top for _ in range(c)] + [rest[j // r] for j in range(n_items - common * c)]
+        random.Random(f"kvfold-cwe-order-{seed}").shuffle(items)
+        return "\n".join(f"{i}. {w}" for i, w in enumerate(items, start=1))
+
+    lo, hi = common * (c + 1), min(common * c + len(rest) * r, length)  # an item is at least one token
+    best, best_n = None, 0
+    while lo <= hi:  # the largest list that fits; token counts grow with the number of items
+        mid = (lo + hi) // 2
+        text = listing(mid)
+        if (n := len(_ids(tokenizer, text))) <= length:
+            best, best_n, n_items, lo = text, n, mid, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:  # pragma: no cover - only a tokenizer with very long words
+        raise KVFoldError(f"cwe could not fit {common * (c + 1)} list items into {length} tokens")
+    if best_n < length - LENGTH_TOLERANCE:
+        raise KVFoldError(f"cwe supports at most {best_n} tokens with this tokenizer (every word used), got {length}")
+    meta = {"length": length, "n_tokens": best_n, "seed": seed, "n_items": n_items, "common_count": c,
+            "rare_max_count": r}
+    return Sample("cwe", best, CWE_QUESTION.format(n=common), tuple(top), meta, metric="recall")
+
+
+def _niah(tokenizer: Any, *, length: int, seed: int, k: int, samples: int) -> Sample:
+    """make_samples' NIAH: depths spread evenly over 0.1..0.9 (0.5 for one sample), as in the demo."""
+    depth = 0.1 + 0.8 * k / (samples - 1) if samples > 1 else 0.5
+    return needle_sample(tokenizer, length=length, depth=depth, seed=seed)
+
+
+_GENERATORS: dict[str, Callable[..., Sample]] = {
+    "multikey": multikey_sample, "multivalue": multivalue_sample, "vt": vt_sample, "cwe": cwe_sample,
+    "multihop": multihop_sample, "multiturn": multiturn_sample,
+}
+
+
+def make_samples(task: str, tokenizer: Any, *, length: int, samples: int, seed: int = 0) -> list[Sample]:
+    """``samples`` samples of ``task`` (a :data:`TASKS` name), each of ``length - LENGTH_TOLERANCE`` to ``length``
+    tokens; sample k gets
+    seed ``seed * 1000003 + k``, so the list is deterministic and its items differ."""
+    if not isinstance(task, str) or task not in TASKS:
+        raise KVFoldError(f"unknown task {task!r}{closest(str(task), TASKS)}; valid: {', '.join(TASKS)}")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise KVFoldError(f"samples must be a positive int, got {samples!r}")
+    check_length(length)
+    seeds = [seed * _SEED_STRIDE + k for k in range(samples)]
+    if task == "niah":
+        return [_niah(tokenizer, length=length, seed=s, k=k, samples=samples) for k, s in enumerate(seeds)]
+    return [_GENERATORS[task](tokenizer, length=length, seed=s) for s in seeds]
+
+
+def score(task_or_metric: str, prediction: str, answer: Answer | Sequence[str]) -> float:
+    """Score a reply in [0, 1] with a task's metric (:data:`TASK_METRICS`) or a metric name (:data:`METRICS`).
+
+    For a JSONL sample pass ``sample.metric``; for a multi-turn sample score each ``answers[i]`` in turn.
     """
-    answer = answer.strip()
-    return 1.0 if answer and answer in prediction.strip() else 0.0
+    metric = TASK_METRICS.get(task_or_metric, task_or_metric) if isinstance(task_or_metric, str) else None
+    if metric not in METRICS:
+        names = [*TASKS, *METRICS]
+        raise KVFoldError(f"unknown task or metric {task_or_metric!r}{closest(str(task_or_metric), names)}; "
+                          f"valid: {', '.join(names)}")
+    return score_metric(metric, prediction, answer)
