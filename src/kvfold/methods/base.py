@@ -15,6 +15,7 @@ from ..errors import KVFoldError
 from ..pages import Field
 
 REGISTRY: dict[str, type["Method"]] = {}
+PROTECTED = 2.0**50  # scores at or above this mark protected tokens (sink, window); raw scores stay below it
 
 
 def register(name: str):
@@ -119,14 +120,14 @@ class Scorer(Method):
         raise NotImplementedError
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        """`raw_score` with protected tokens at +inf (newest first) and invalid slots at -inf."""
-        scores = self.raw_score(x).float()
+        """`raw_score` (float64) with protected tokens at PROTECTED + position and invalid slots at -inf."""
+        scores = self.raw_score(x).double()
         newest = x.positions.masked_fill(~x.valid, -1).amax(dim=-1, keepdim=True)
         oldest = x.positions.masked_fill(~x.valid, 2**62).amin(dim=-1, keepdim=True)
         protected = (x.positions > newest - self.window) | (x.positions < oldest + self.sink)
-        # +inf ties are broken by recency so a budget below the protected span keeps the newest tokens.
-        boost = torch.finfo(torch.float32).max / 2
-        scores = torch.where(protected, boost + x.positions.float(), scores)
+        # Protected tokens rank above any raw score, newest first, so a budget below the protected span keeps the
+        # newest; PROTECTED + position is exact in float64 (positions < 2**31, PROTECTED = 2**50).
+        scores = torch.where(protected, PROTECTED + x.positions.double(), scores)
         return scores.masked_fill(~x.valid, float("-inf"))
 
 

@@ -1,0 +1,65 @@
+"""`h2o`: Heavy-Hitter Oracle — keep the keys that have received the most attention so far, plus recent tokens.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
+NeurIPS 2023 (arXiv:2306.14048). A key's score is its accumulated attention: the sum, over every query that could
+see it (causal), of the softmax attention that query gave it. Heavy hitters are the highest-scoring keys; the
+`window` newest tokens are the paper's "recent" part and are always kept (by kvfold's protected span). H2O scores
+per head; with grouped-query attention the query heads of each KV head's group are averaged.
+
+At prefill the score reads every prompt query (`observes_all`), accumulated `QUERY_CHUNK` queries at a time with an
+exact causal softmax per query, so the full [query heads, n, n] attention is never materialised (a chunk holds
+[query heads, QUERY_CHUNK, n]). In a chunked prefill (`prefill_chunk=N`) each chunk re-scores the stored tokens
+with that chunk's queries only.
+
+Decode time (`every=N`) differs from the paper: the paper keeps a running per-token accumulator and adds each new
+query's attention to it; kvfold re-scores the stored tokens with the recent `window` queries the cache keeps for
+decode-time compression (their summed attention). A running accumulator would be one more number per stored token
+that has to follow the token through eviction, compaction, forks and packing — a stored page field the cache's
+pages do not have (see `pages.Field`); the recent-query re-score needs nothing stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import ScoreInputs, Scorer, register
+
+QUERY_CHUNK = 256  # queries per step of the accumulation
+
+
+def accumulated_attention(x: ScoreInputs, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """Causal softmax attention each key receives, summed over the queries of `x` and averaged over the query heads
+    of its GQA group: [batch, kv_heads, tokens] in float32. A query sees the valid keys at or before its position.
+    """
+    batch, q_heads, n_queries, dim = x.queries.shape
+    kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
+    group = q_heads // kv_heads
+    keys_t = x.keys.float().transpose(-1, -2).unsqueeze(2)  # [batch, kv, 1, dim, tokens]
+    key_pos = x.positions.view(batch, kv_heads, 1, 1, tokens)
+    valid = x.valid.view(batch, kv_heads, 1, 1, tokens)
+    query_pos = x.query_positions.to(x.positions.device)
+    total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=x.keys.device)
+    for start in range(0, n_queries, chunk):
+        q = x.queries[:, :, start:start + chunk].float()
+        size = q.shape[2]
+        logits = torch.matmul(q.view(batch, kv_heads, group, size, dim), keys_t) * x.scale  # [b, kv, g, c, n]
+        visible = valid & (key_pos <= query_pos[start:start + size].view(1, 1, 1, size, 1))
+        attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        total += attn.sum(dim=3).mean(dim=2)
+    return total
+
+
+@register("h2o")
+@dataclass(frozen=True)
+class H2O(Scorer):
+    """Keeps the heavy hitters (most accumulated attention from all prompt queries) and the `window` newest tokens."""
+
+    paper = "H2O (Zhang et al., 2023)"
+    query_aware = True
+    observes_all: ClassVar[bool] = True
+
+    def raw_score(self, x: ScoreInputs) -> torch.Tensor:
+        return accumulated_attention(x)
