@@ -72,8 +72,10 @@ def load(args):
 
         config = LlamaConfig(**CONFIGS[args.config], attn_implementation="sdpa")
         torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)  # build in bf16: no float32 copy of 8B weights on the way
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+            model = LlamaForCausalLM(config).eval()
+        torch.set_default_dtype(torch.float32)
         return model, None
     return kvfold.load_model(args.model)
 
@@ -81,12 +83,12 @@ def load(args):
 def prompt_ids(args, model, tokenizer, length: int) -> torch.Tensor:
     if tokenizer is None:
         gen = torch.Generator().manual_seed(length)
-        return torch.randint(10, model.config.vocab_size, (1, length), generator=gen).to(args.device)
+        return torch.randint(10, model.config.vocab_size, (args.batch, length), generator=gen).to(args.device)
     from kvfold.bench.tasks import build_haystack
 
     text = build_haystack(tokenizer, length, seed=0)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
-    return torch.tensor([ids])
+    return torch.tensor([ids] * args.batch)
 
 
 def kv_bytes_per_token(model) -> int:
@@ -102,12 +104,31 @@ def measure(args, model, tokenizer, mode: str, length: int) -> dict:
     per_token = kv_bytes_per_token(model)
     cuda = args.device == "cuda"
     if cuda:
+        import gc
+
+        gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     chunk = int(mode.split("-")[1]) if mode.startswith("chunk-") else None
     spec = f"{args.method}:budget={args.budget}"
+    row = {"mode": mode, "length": length, "batch": ids.shape[0], "method": "none" if mode == "dynamic" else spec,
+           "chunk": chunk, "kv_full_bytes": per_token * length * ids.shape[0],
+           "bound_bytes": per_token * (args.budget + chunk) * ids.shape[0] if chunk else None}
+    try:
+        row.update(run_prefill(model, ids, mode, spec, chunk, cuda))
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+        return row
+    if row["bound_bytes"]:
+        row["kv_peak_over_bound"] = round(row["kv_peak_bytes"] / row["bound_bytes"], 3)
+    if cuda:
+        row["process_peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    return row
+
+
+def run_prefill(model, ids: torch.Tensor, mode: str, spec: str, chunk: int | None, cuda: bool) -> dict:
     start = time.perf_counter()
     with PeakRSS() as rss:
         rss_before = rss.peak
@@ -125,19 +146,11 @@ def measure(args, model, tokenizer, mode: str, length: int) -> dict:
             kv_peak, kv_final = cache.peak_nbytes(), cache.nbytes()
         if cuda:
             torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    row = {"mode": mode, "length": length, "method": "none" if mode == "dynamic" else spec, "chunk": chunk,
-           "seconds": round(seconds, 3), "kv_peak_bytes": kv_peak, "kv_final_bytes": kv_final,
-           "kv_full_bytes": per_token * length,
-           "bound_bytes": per_token * (args.budget + chunk) if chunk else None}
-    if row["bound_bytes"]:
-        row["kv_peak_over_bound"] = round(kv_peak / row["bound_bytes"], 3)
-    if cuda:
-        row["process_peak_bytes"] = torch.cuda.max_memory_allocated() - before
-    else:
-        row["process_peak_bytes"] = rss.peak - rss_before
+    out = {"seconds": round(time.perf_counter() - start, 3), "kv_peak_bytes": kv_peak, "kv_final_bytes": kv_final}
+    if not cuda:
+        out["process_peak_bytes"] = rss.peak - rss_before
     del cache
-    return row
+    return out
 
 
 def environment(args) -> dict:
@@ -158,6 +171,7 @@ def main() -> None:
     parser.add_argument("--config", default="llama-3.1-8b", choices=sorted(CONFIGS), help="CUDA: random-init shape")
     parser.add_argument("--method", default="snapkv")
     parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lengths", default="4096,8192")
     parser.add_argument("--chunks", default="512,1024")
     parser.add_argument("--out", type=Path, default=None)
@@ -198,11 +212,15 @@ def table(result: dict) -> str:
              f"transformers {env['transformers']})", "",
              f"Token budget {result['budget']} per row. KV peak: DynamicCache tensors, or kvfold's pool high-water "
              "mark; bound: budget + chunk tokens in the model dtype. Process peak: above the level before the prefill.",
-             "", "| length | mode | KV peak MiB | KV kept MiB | bound MiB | peak / bound | process peak MiB | s |",
+             "", "| batch × length | mode | KV peak MiB | KV kept MiB | bound MiB | peak / bound | process peak MiB | s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} × {r['length']} | {r['mode']} | {r['error']} (full KV would be "
+                         f"{r['kv_full_bytes'] / mib:.0f}) | | | | | |")
+            continue
         bound = f"{r['bound_bytes'] / mib:.1f}" if r["bound_bytes"] else "—"
-        lines.append(f"| {r['length']} | {r['mode']} | {r['kv_peak_bytes'] / mib:.1f} | {r['kv_final_bytes'] / mib:.1f} "
+        lines.append(f"| {r['batch']} × {r['length']} | {r['mode']} | {r['kv_peak_bytes'] / mib:.1f} | {r['kv_final_bytes'] / mib:.1f} "
                      f"| {bound} | {r.get('kv_peak_over_bound', '—')} | {r['process_peak_bytes'] / mib:.0f} "
                      f"| {r['seconds']:.1f} |")
     return "\n".join(lines)
