@@ -101,8 +101,10 @@ def kv_bytes_per_token(model) -> int:
 @torch.inference_mode()
 def measure(args, model, tokenizer, mode: str, length: int) -> dict:
     ids = prompt_ids(args, model, tokenizer, length)
+    length = ids.shape[1]
     per_token = kv_bytes_per_token(model)
     cuda = args.device == "cuda"
+    model(input_ids=ids[:, :64], use_cache=False, logits_to_keep=1)  # warm-up: weights paged in, allocator primed
     if cuda:
         import gc
 

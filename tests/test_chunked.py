@@ -31,6 +31,14 @@ def test_a_budget_covering_the_context_gives_the_one_pass_logits(tiny_llama, spe
     assert cache.get_seq_length() == 300
 
 
+def test_long_chunks_attend_in_query_blocks_like_one_pass(tiny_llama):
+    """Chunks longer than the query block (256) attend block by block over the decoded store."""
+    ids = torch.randint(1, 256, (1, 900), generator=torch.Generator().manual_seed(10))
+    _, expected = run(tiny_llama, "none", ids)
+    _, logits = run(tiny_llama, "none", ids, chunk=600)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_chunked_equals_one_pass(family):
     """Sliding-window layers (mistral, gemma3: window 64) included: the chunks' attention sees the right keys."""

@@ -24,6 +24,7 @@ from .pages import Field, PagedRows, PagePool
 
 PAGE_CHUNK = 32  # pages per row read at once by the reference decode
 TAIL_PAGE = 16  # tokens per full-precision page in front of a quantizer
+QUERY_BLOCK = 256  # query tokens per step when a multi-token turn attends to the store
 
 
 @dataclass(frozen=True)
@@ -361,10 +362,21 @@ class KVFoldLayer(CacheLayerMixin):
 
             out = paged_decode(query.reshape(rows, group, dim), self.kernel_parts(), int(positions[-1]), scale,
                                self.sliding_window)
-        else:
+        elif n <= QUERY_BLOCK:
             chunks = itertools.chain(self.chunks(), [new] if new is not None else [])
             out = paged_attention(query.reshape(rows, group * n, dim), positions.repeat(group), chunks, scale,
                                   self.sliding_window)
+        else:  # a long turn (a prefill chunk): decode the store once, attend QUERY_BLOCK queries at a time
+            chunks = list(itertools.chain(self.chunks(), [new] if new is not None else []))
+            grouped = query.reshape(rows, group, n, dim)
+            blocks = []
+            for start in range(0, n, QUERY_BLOCK):
+                q = grouped[:, :, start:start + QUERY_BLOCK]
+                width = q.shape[2]
+                part = paged_attention(q.reshape(rows, group * width, dim),
+                                       positions[start:start + width].repeat(group), chunks, scale, self.sliding_window)
+                blocks.append(part.view(rows, group, width, dim))
+            out = torch.cat(blocks, dim=2)
         return out.view(batch, q_heads, n, dim).transpose(1, 2).to(query.dtype)
 
     def new_chunk(self, staged: StagedKV, valid: torch.Tensor) -> KVChunk:
