@@ -1,4 +1,4 @@
-"""The `kvfold` command line (Typer + Rich): methods, generate, chat, demo.
+"""The `kvfold` command line (Typer + Rich): methods, generate, chat, demo, bench.
 
 Every user mistake is a `KVFoldError`: one red line naming the fix and exit code 2 (`--debug` shows the traceback).
 """
@@ -147,6 +147,50 @@ def demo(
     lm, tokenizer = _load(model)
     run_demo(lm, tokenizer, compressors, length=length, samples=samples, agnostic=agnostic, console=console,
              prefill_chunk=prefill_chunk)
+
+
+@app.command()
+def bench(
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated specs; a spec without a ratio runs at "
+                                          "each --ratios value")] = "none,snapkv",
+    ratios: Annotated[str, typer.Option(help="Comma-separated eviction ratios in [0, 1)")] = "0.5",
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: niah, multikey, multivalue, vt, cwe, multihop, "
+                                       "multiturn")] = "niah",
+    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths in tokens")] = "2048",
+    samples: Annotated[int, typer.Option(help="Seeded samples per task and length")] = 3,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.jsonl (required; rerun "
+                                                "the same command to resume)")] = None,
+    setting: Annotated[str, typer.Option(help="aware (question compressed with the context), agnostic (context "
+                                         "compressed first, questions on forks) or both")] = "aware",
+    prefill_chunk: ChunkOption = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the task samples")] = 0,
+    model: ModelOption = None,
+) -> None:
+    """Benchmark methods x ratios x tasks x lengths; one JSON line per answer in OUT/results.jsonl (resumable)."""
+    from .bench.records import summary_table
+    from .bench.runner import BenchConfig, parse_list, run_bench, split_specs
+
+    if out is None:
+        raise KVFoldError("no output folder: pass --out DIR (results go to DIR/results.jsonl; rerun the same "
+                          "command to resume)")
+    config = BenchConfig(out=out, methods=split_specs(methods_), ratios=parse_list(ratios, float, "--ratios"),
+                         tasks=parse_list(tasks, str, "--tasks"), lengths=parse_list(lengths, int, "--lengths"),
+                         samples=samples, setting=setting, prefill_chunk=prefill_chunk,
+                         max_new_tokens=max_new_tokens, seed=seed)
+    lm, tokenizer = _load(model)
+    name = model or "embedded:SmolLM2-135M-Instruct"
+    try:
+        rows = run_bench(lm, tokenizer, config, model_name=name, console=console)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: finished answers are in {config.out / 'results.jsonl'}; run the same "
+                          "command again to resume")
+        raise SystemExit(130) from None
+    if rows:
+        lengths_text = ", ".join(str(n) for n in config.lengths)
+        console.print(summary_table(rows, title=f"kvfold bench · {name} · lengths {lengths_text}"))
+    skipped = f", {len(rows.warnings)} bad line(s) skipped" if rows.warnings else ""
+    console.print(f"{len(rows)} rows ({rows.computed} new{skipped}) in {rows.path}")
 
 
 def run() -> None:

@@ -1,0 +1,302 @@
+"""`kvfold bench`: run methods x ratios x tasks x lengths x settings on one model and append every answered question
+to ``DIR/results.jsonl`` (see :mod:`.records`); rerunning the same command resumes where it stopped.
+
+Cells: each method spec is expanded with the ratios as ``kvfold demo`` does (``snapkv`` + 0.5,0.75 gives
+``snapkv:0.5`` and ``snapkv:0.75``); a spec that already names its ratio, or that evicts nothing (``none``,
+``kivi:4``), runs once, with ``ratio`` null. Each cell answers ``samples`` seeded samples of its task; a multi-turn
+sample asks every question: query-aware, each question is its own prompt compressed with the context;
+query-agnostic, the context is compressed once and each question is asked on a fork (`generate(agnostic=True)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..api import check_chunk, generate, split_prompt
+from ..compressor import Compressor
+from ..demo import expand_specs
+from ..errors import KVFoldError, closest
+from ..models import context_limit
+from .records import (SAME_RUN, PeakMemory, ResultsWriter, environment, make_key, read_results, timestamp,
+                      uncompressed_bytes)
+from .tasks import TASKS, Sample, make_samples, score
+
+SETTINGS: dict[str, tuple[str, ...]] = {"aware": ("aware",), "agnostic": ("agnostic",), "both": ("aware", "agnostic")}
+RESULTS_FILE = "results.jsonl"
+
+
+def split_specs(text: str) -> list[str]:
+    """Comma-separated method specs, where a knob list's own commas stay in its spec:
+    ``"none,streaming:sink=4,window=512,snapkv"`` -> ``["none", "streaming:sink=4,window=512", "snapkv"]``."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        first = part.replace("@", "+").split("+")[0]
+        if specs and ((":" not in first and "=" in first) or _is_number(first)):
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_list(text: str, cast: type, flag: str) -> list:
+    """``"2048,6144"`` -> [2048, 6144]; a bad item is a KVFoldError naming the flag."""
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [cast(p) for p in items]
+    except ValueError:
+        kind = "integers" if cast is int else "numbers"
+        raise KVFoldError(f"{flag} takes comma-separated {kind}, got '{text}'") from None
+
+
+def method_ratio(compressor: Compressor) -> float | None:
+    """The eviction ratio a compressor runs at, or None when it evicts nothing or keeps a fixed token count."""
+    scorer = compressor.scorer
+    if not compressor.evicts or scorer.budget or (scorer.name == "streaming" and getattr(scorer, "window", 0)):
+        return None
+    return float(scorer.ratio)
+
+
+def _tuple(value: object, name: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise KVFoldError(f"{name} must be a list, got {value!r}")
+    if not value:
+        raise KVFoldError(f"{name} is empty: give at least one")
+    return tuple(dict.fromkeys(value))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, task, length, setting) of the sweep; it answers every question of every sample."""
+
+    compressor: Compressor
+    task: str
+    length: int
+    setting: str
+
+    @property
+    def method(self) -> str:
+        return self.compressor.spec
+
+    @property
+    def ratio(self) -> float | None:
+        return method_ratio(self.compressor)
+
+    def key(self, model: str, sample: int, question: int) -> str:
+        return make_key(model, self.method, self.ratio, self.task, self.length, self.setting, sample, question)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """A validated sweep. ``methods``/``tasks``: lists (a ``str`` is split at commas); ``ratios``: eviction ratios in
+    [0, 1) for specs without their own; ``setting``: aware | agnostic | both. Results go to ``out/results.jsonl``."""
+
+    out: str | Path
+    methods: Sequence[str] = ("none", "snapkv")
+    ratios: Sequence[float] = (0.5,)
+    tasks: Sequence[str] = ("niah",)
+    lengths: Sequence[int] = (2048,)
+    samples: int = 3
+    setting: str = "aware"
+    prefill_chunk: int | None = None
+    max_new_tokens: int = 32
+    seed: int = 0
+    compressors: tuple[Compressor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        if self.out is None or not str(self.out).strip():
+            raise KVFoldError("no output folder: pass --out DIR (out=...); results go to DIR/results.jsonl and "
+                              "running the same command again resumes")
+        put("out", Path(self.out))
+        put("methods", _tuple(split_specs(self.methods) if isinstance(self.methods, str) else self.methods,
+                              "methods"))
+        put("ratios", _tuple(self.ratios, "ratios"))
+        for ratio in self.ratios:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+                raise KVFoldError(f"ratio {ratio!r} is not a number in [0, 1)")
+        put("tasks", _tuple(self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks, "tasks"))
+        for task in self.tasks:
+            if task not in TASKS:
+                raise KVFoldError(f"unknown task {task!r}{closest(str(task), TASKS)}; valid: {', '.join(TASKS)}")
+        put("lengths", _tuple(self.lengths, "lengths"))
+        for length in self.lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+                raise KVFoldError(f"length {length!r} must be a positive number of tokens")
+        for name in ("samples", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KVFoldError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise KVFoldError(f"seed must be an integer, got {self.seed!r}")
+        if self.setting not in SETTINGS:
+            raise KVFoldError(f"unknown setting {self.setting!r}{closest(str(self.setting), SETTINGS)}; "
+                              f"valid: {', '.join(SETTINGS)}")
+        check_chunk(self.prefill_chunk)
+        for spec in self.methods:
+            if not isinstance(spec, str):
+                raise KVFoldError(f"a method spec must be a string, got {spec!r}")
+        put("compressors", tuple(expand_specs(list(self.methods), [float(r) for r in self.ratios])))
+
+    def check_context(self, limit: int) -> None:
+        """Every length plus ``max_new_tokens`` must fit in the model's context of ``limit`` tokens."""
+        for length in self.lengths:
+            if length + self.max_new_tokens > limit:
+                raise KVFoldError(f"length {length} + max_new_tokens {self.max_new_tokens} passes the model's context "
+                                  f"of {limit} tokens: use lengths up to {limit - self.max_new_tokens}")
+
+    def cells(self) -> list[Cell]:
+        """Method x task x length x setting, in that nesting order."""
+        return [Cell(c, t, n, s) for c in self.compressors for t in self.tasks for n in self.lengths
+                for s in SETTINGS[self.setting]]
+
+
+class BenchRows(list):
+    """`run_bench`'s rows (this sweep's, stored earlier or computed now, in cell order) with ``path`` (the
+    results file), ``warnings`` (one per bad line skipped) and ``computed`` (rows appended by this run)."""
+
+    def __init__(self, rows: list[dict], path: Path, warnings: list[str], computed: int) -> None:
+        super().__init__(rows)
+        self.path, self.warnings, self.computed = path, warnings, computed
+
+
+def sample_hash(sample: Sample) -> str:
+    blob = json.dumps([sample.context, list(sample.questions), [list(a) if isinstance(a, tuple) else a
+                                                               for a in sample.answers]], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def run_bench(model, tokenizer, config: BenchConfig, *, model_name: str, on_row: Callable[[dict], None] | None = None,
+              progress: bool | None = None, console: Console | None = None) -> BenchRows:
+    """Run every missing (sample, question) of `config`'s cells and append its row to ``out/results.jsonl``.
+
+    Keys already in the file are skipped (resume). Bad lines are warned about on `console` (default: stderr) by
+    line number and their keys run again. A stored row for one of this sweep's keys that came from other
+    settings (another seed or sample count, max_new_tokens or prefill_chunk) is an error: use another folder.
+    `on_row(row)` is called after each row is safely written. `progress`: Rich bars (None = when on a terminal).
+    """
+    console = console or Console(stderr=True)
+    limit = context_limit(model.config)
+    config.check_context(limit)
+    path = Path(config.out) / RESULTS_FILE
+    done, warnings = read_results(path)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    samples = {(t, n): make_samples(t, tokenizer, length=n, samples=config.samples, seed=config.seed)
+               for t in config.tasks for n in config.lengths}
+    prompts = {(t, n): [[sum(map(len, split_prompt(tokenizer, s.context, q))) for q in s.questions] for s in group]
+               for (t, n), group in samples.items()}
+    for (task, length), group in prompts.items():
+        longest = max(max(p) for p in group)
+        if longest + config.max_new_tokens > limit:
+            raise KVFoldError(f"{task} at length {length}: the prompt has {longest} tokens (context, question and "
+                              f"chat template) + max_new_tokens {config.max_new_tokens} > the model's context of "
+                              f"{limit}: use a smaller length")
+    cells = config.cells()
+    hashes = {k: [sample_hash(s) for s in group] for k, group in samples.items()}
+    plan = {cell: [[cell.key(model_name, i, q) for q in range(len(s.questions))]
+                   for i, s in enumerate(samples[cell.task, cell.length])] for cell in cells}
+    for cell, keys in plan.items():
+        for i, key in ((i, key) for i, sample_keys in enumerate(keys) for key in sample_keys if key in done):
+            ours = {"sample_hash": hashes[cell.task, cell.length][i], "max_new_tokens": config.max_new_tokens,
+                    "prefill_chunk": config.prefill_chunk}
+            for name in SAME_RUN:
+                if done[key].get(name) != ours[name]:
+                    raise KVFoldError(
+                        f"{path} already has {cell.method} · {cell.task} · {cell.length} · sample {i} from another "
+                        f"run ({name} {done[key].get(name)!r}, this run {ours[name]!r}; seed and samples change the "
+                        "samples): pass another --out, or the settings of that run")
+    all_keys = [key for keys in plan.values() for sample_keys in keys for key in sample_keys]
+    scores = [done[key]["score"] for key in all_keys if key in done]
+    env, device, computed = environment(model), next(model.parameters()).device, 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    enabled = console.is_terminal if progress is None else bool(progress)
+
+    def accuracy(values: list[float]) -> str:
+        return f"acc {sum(values) / len(values):.0%}" if values else "acc —"
+
+    with ResultsWriter(path) as writer, Progress(*columns, console=console, disable=not enabled) as bars:
+        resumed = f" · {len(scores)} resumed" if scores else ""
+        overall = bars.add_task(f"bench{resumed} · {accuracy(scores)}", total=len(all_keys) - len(scores))
+        for cell, keys in plan.items():
+            todo = [[q for q, key in enumerate(sample_keys) if key not in done] for sample_keys in keys]
+            if not any(todo):
+                continue
+            name = f"{cell.method} · {cell.task} · {cell.length} · {cell.setting}"
+            cell_scores: list[float] = []
+            bar = bars.add_task(name, total=sum(map(len, todo)))
+            for i, (sample, missing) in enumerate(zip(samples[cell.task, cell.length], todo)):
+                for q, answer, memory in _answers(model, tokenizer, config, cell, sample, missing, device):
+                    row = _row(model, config, cell, model_name, i, q, sample, answer, memory,
+                               prompts[cell.task, cell.length][i][q], hashes[cell.task, cell.length][i], env)
+                    writer.append(row)
+                    done[row["key"]] = row
+                    computed += 1
+                    scores.append(row["score"])
+                    cell_scores.append(row["score"])
+                    bars.update(bar, advance=1, description=f"{name} · {accuracy(cell_scores)}")
+                    bars.update(overall, advance=1, description=f"bench{resumed} · {accuracy(scores)}")
+                    if on_row is not None:
+                        on_row(row)
+            bars.remove_task(bar)
+    rows = [done[key] for key in all_keys if key in done]
+    return BenchRows(rows, path, warnings, computed)
+
+
+def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int, sample: Sample, answer,
+         memory: PeakMemory, prompt_tokens: int, digest: str, env: dict) -> dict:
+    """One results line: question `q` of sample `i` of `cell` (fields: see the README's `kvfold bench`)."""
+    gold = sample.answers[q]
+    return {
+        "key": cell.key(model_name, i, q), "model": model_name, "method": cell.method, "ratio": cell.ratio,
+        "task": cell.task, "metric": sample.metric, "length": cell.length, "setting": cell.setting, "sample": i,
+        "question": q, "questions": len(sample.questions), "seed": config.seed, "sample_seed": sample.meta.get("seed"),
+        "sample_hash": digest, "question_text": sample.questions[q],
+        "answer": list(gold) if isinstance(gold, tuple) else gold, "prediction": answer.text,
+        "score": score(sample.metric, answer.text, gold), "context_tokens": sample.meta.get("n_tokens"),
+        "prompt_tokens": prompt_tokens, "new_tokens": len(answer.tokens), "kv_bytes": answer.kv_bytes,
+        "kv_bytes_uncompressed": uncompressed_bytes(model, prompt_tokens),
+        "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
+        "prefill_seconds": answer.prefill_seconds, "decode_seconds": answer.decode_seconds,
+        "decode_tokens_per_second": len(answer.tokens) / answer.decode_seconds
+        if answer.tokens and answer.decode_seconds > 0 else None,
+        "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, **env,
+        "timestamp": timestamp(),
+    }
+
+
+def _answers(model, tokenizer, config: BenchConfig, cell: Cell, sample: Sample, missing: list[int], device):
+    """(question index, Answer, PeakMemory) for each missing question. Query-agnostic asks every question of the
+    sample on forks of one compressed context (question 0's prefill time includes it) and yields the missing ones;
+    query-aware runs each missing question as its own prompt."""
+    kwargs = dict(method=cell.compressor, max_new_tokens=config.max_new_tokens, prefill_chunk=config.prefill_chunk)
+    if cell.setting == "agnostic":
+        with PeakMemory(device) as memory:
+            answers = generate(model, tokenizer, context=sample.context, question=list(sample.questions),
+                               agnostic=True, **kwargs)
+        for q in missing:
+            yield q, answers[q], memory
+        return
+    for q in missing:
+        with PeakMemory(device) as memory:
+            answer = generate(model, tokenizer, context=sample.context, question=sample.questions[q], **kwargs)[0]
+        yield q, answer, memory
