@@ -55,6 +55,17 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     ids = torch.randint(10, config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(1)).cuda()
     rows = []
+    # Baseline for the size of bf16 differences: transformers' own SDPA + DynamicCache vs kvfold's reference.
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    ref_tokens, ref_logits, _ = generate(model, ids, "none", "reference", args.new)
+    plain_tokens = plain.sequences[0, ids.shape[1]:].cpu()
+    rows.append({"method": "none: transformers SDPA+DynamicCache vs kvfold reference",
+                 "common_prefix": int((plain_tokens == ref_tokens).long().cumprod(0).sum()), "new_tokens": args.new,
+                 "second_step_logits_max_abs_diff": float((plain.logits[1][0].float().cpu() - ref_logits).abs().max()),
+                 "logit_scale": float(ref_logits.abs().max()), "generate_seconds_kernel": None,
+                 "generate_seconds_reference": None})
+    print(json.dumps(rows[-1]), flush=True)
     for spec in args.methods.split(","):
         kernel_tokens, kernel_logits, kernel_s = generate(model, ids, spec, "triton", args.new)
         ref_tokens, ref_logits, ref_s = generate(model, ids, spec, "reference", args.new)
