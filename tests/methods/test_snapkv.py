@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import kvfold
 from kvfold.api import use_kvfold_attention
 
+from .helpers import eager_attentions
+
 
 def independent_snapkv(attentions, kv_heads, keep, window, kernel):
     """From eager attention maps [batch, q_heads, L, L]: the positions SnapKV must keep, per KV head."""
@@ -27,16 +29,6 @@ def kept_by_kvfold(model, ids, spec):
         cache = kvfold.make_cache(model, spec)
         model(ids, past_key_values=cache)
     return [torch.stack([p.long() for p in layer.kept_positions()[0]]) for layer in cache.layers]
-
-
-def eager_attentions(model, ids):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(ids, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def test_kept_indices_equal_an_independent_top_k(tiny_llama):

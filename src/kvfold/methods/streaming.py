@@ -29,6 +29,9 @@ class StreamingLLM(Scorer):
         super().__post_init__()
         if self.window and self.ratio not in (0, 0.5):
             raise KVFoldError("streaming: give either a ratio or a fixed window=, not both")
+        if self.window and self.budget:
+            raise KVFoldError("streaming: window= and budget= both fix the cache size; give one "
+                              f"(budget={self.budget} keeps sink={self.sink} + the newest {self.budget - self.sink})")
 
     def spec(self) -> str:
         if not self.window:
