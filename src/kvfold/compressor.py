@@ -82,6 +82,9 @@ class Compressor:
     quantizer: Quantizer | None = None
 
     def __post_init__(self) -> None:
+        if self.budget.needs_attention_mass and not self.scorer.attention_mass:
+            raise KVFoldError(f"the {self.budget.name} budget reads scores as attention mass; {self.scorer.name} "
+                              f"scores are not (use snapkv, h2o or tova)")
         if self.scorer.every and self.quantizer is not None:
             raise KVFoldError("decode-time eviction (every=) over quantized pages is not supported yet: "
                               "drop every= or the quantizer")

@@ -84,6 +84,7 @@ class Scorer(Method):
     kind: ClassVar[str] = "scorer"
     query_aware: ClassVar[bool] = False
     observes_all: ClassVar[bool] = False  # True: at prefill `ScoreInputs.queries` holds every prompt query, not the window
+    attention_mass: ClassVar[bool] = False  # True: raw scores are attention probabilities (mass-threshold budgets)
     positional: ClassVar[str | None] = "ratio"
 
     ratio: float = 0.5
@@ -136,6 +137,7 @@ class Budget(Method):
     """How many tokens each row of a layer keeps, from scores and a per-batch-element token count."""
 
     kind: ClassVar[str] = "budget"
+    needs_attention_mass: ClassVar[bool] = False  # True: only for scorers whose scores are attention probabilities
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
         """Keep mask [batch, kv_heads, tokens] from scores [batch, kv_heads, tokens] and keep [batch] (per head,

@@ -59,6 +59,7 @@ class H2O(Scorer):
 
     paper = "H2O (Zhang et al., 2023)"
     query_aware = True
+    attention_mass = True
     observes_all: ClassVar[bool] = True
 
     def raw_score(self, x: ScoreInputs) -> torch.Tensor:

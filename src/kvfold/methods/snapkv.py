@@ -35,6 +35,7 @@ class SnapKV(Scorer):
 
     paper = "SnapKV (Li et al., 2024)"
     query_aware = True
+    attention_mass = True
     kernel: int = 7
 
     def __post_init__(self) -> None:

@@ -41,6 +41,7 @@ class TOVA(Scorer):
 
     paper = "TOVA (Oren et al., 2024)"
     query_aware = True
+    attention_mass = True
     window: int = 1
     every: int = 1
     per_head: bool = False
