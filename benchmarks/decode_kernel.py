@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
-from kvfold.cache import KVFoldLayer  # noqa: E402
+from kvfold.layer import KVFoldLayer  # noqa: E402
 from kvfold.compressor import Compressor  # noqa: E402
 from kvfold.kernels.decode import paged_decode  # noqa: E402
 from kvfold.kernels.reference import paged_attention  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from kvfold.cache import KVFoldLayer
+from kvfold.layer import KVFoldLayer
 from kvfold.compressor import Compressor
 from kvfold.kernels.reference import paged_attention
 

@@ -1,0 +1,343 @@
+"""One attention layer's compressed store, and the handle `update()` returns.
+
+Each layer stores its tokens per row (one row per batch element and KV head) in pages: full-precision pages for
+the newest tokens and, with a quantizer, packed pages for the older ones. `update()` does not concatenate
+anything: it returns a `StagedKV` handle, and kvfold's registered attention function (`kvfold.attention`) uses
+it to run prefill attention, compress and store; reading the store is `reading.StoreReader`'s part.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .compressor import Compressor
+from .errors import KVFoldError
+from .methods.base import ScoreInputs
+from .pages import Field, PagedRows, PagePool
+from .reading import StoreReader
+
+TAIL_PAGE = 16  # tokens per full-precision page in front of a quantizer
+
+
+@dataclass(frozen=True)
+class StagedKV:
+    """What `update()` hands the attention function: the layer and this step's new keys and values."""
+
+    layer: "KVFoldLayer"
+    keys: torch.Tensor  # [batch, kv_heads, new_tokens, head_dim]
+    values: torch.Tensor
+    start: int  # sequence index of the first new token
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.keys.shape
+
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.keys.shape[2], device=self.keys.device)
+
+
+def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor [rows, tokens, ...] gathered at index [rows, n] along the tokens: [rows, n, ...]."""
+    index = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return torch.gather(tensor, 1, index)
+
+
+def compact(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gather the kept tokens of each row to its front, in order.
+
+    tensors[name]: [batch, heads, tokens, ...]; keep: [batch, heads, tokens] bool.
+    Returns ({name: [batch * heads, max_kept, ...]}, kept count per row (on the CPU)).
+    """
+    rows, tokens = keep.shape[0] * keep.shape[1], keep.shape[2]
+    keep = keep.reshape(rows, tokens)
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if rows else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    out = {name: gather_tokens(t.reshape(rows, tokens, *t.shape[3:]), order) for name, t in tensors.items()}
+    return out, counts.cpu()
+
+
+class KVFoldLayer(StoreReader, CacheLayerMixin):
+    """One attention layer's compressed store. Sliding-window layers also drop pages that left their window."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, compressor: Compressor, sliding_window: int | None = None, page_size: int = 64,
+                 layer_idx: int = 0, num_layers: int = 1) -> None:
+        super().__init__()
+        self.compressor = compressor
+        self.layer_idx, self.num_layers = layer_idx, num_layers
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        # With a quantizer the full-precision pages only hold the short tail: small pages waste less.
+        self.page_size = math.gcd(compressor.quantizer.group, TAIL_PAGE) if compressor.quantizer else page_size
+        self.seen = 0
+        self.full: PagedRows | None = None
+        self.packed: PagedRows | None = None
+        self.recent_queries: torch.Tensor | None = None  # kept only for decode-time compression
+        self.valid_seen: torch.Tensor | None = None  # [batch] real (non-padding) tokens seen
+        self.scale = 1.0
+        self.compress_appends = False  # compress later multi-token turns too (chat keeps its history compressed)
+        self.chunking = False  # inside a chunked prefill: every chunk is stored, then the whole store is evicted
+        self.probe_tokens = 0  # chunked prefill: the forward's last tokens only score (a repeated question)
+        self.peak_row_tokens = 0  # the most tokens any row has held (the cache's own high-water mark)
+
+    # ---- transformers' layer protocol -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, self.kv_heads, _, self.head_dim = key_states.shape
+        self.batch_size = batch
+        self.dtype, self.device = key_states.dtype, key_states.device
+        quantizer = self.compressor.quantizer
+        full_dtype = torch.float16 if quantizer else self.dtype  # KIVI keeps its residual in float16
+        size, dim = self.page_size, self.head_dim
+        group = quantizer.group if quantizer else size
+        full_fields = {"k": Field((size, dim), full_dtype), "v": Field((size, dim), full_dtype),
+                       "pos": Field((size,), torch.int32)}
+        self.full = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
+        if quantizer:
+            self.packed = PagedRows(PagePool(quantizer.fields(dim), group, self.device), batch * self.kv_heads)
+        self.valid_seen = torch.zeros(batch, dtype=torch.long)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        staged = StagedKV(self, key_states, value_states, self.seen)
+        self.seen += key_states.shape[2]
+        return staged, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for rows in (self.full, self.packed):
+            if rows is not None:
+                rows.clear()
+        self.seen, self.recent_queries = 0, None
+        if self.valid_seen is not None:
+            self.valid_seen.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise KVFoldError("beam search is not supported by kvfold's cache yet; use greedy or sampling (num_beams=1)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KVFoldError("kvfold's cache cannot be cropped (assisted/speculative generation is not supported yet)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise KVFoldError("kvfold's cache does not support num_return_sequences > 1 yet; fork() the cache instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise KVFoldError("kvfold's cache does not support selecting batch rows yet")
+
+    # ---- storing ----------------------------------------------------------------------------------------------
+    @property
+    def stored_tokens(self) -> int:
+        return sum(int(rows.lengths.sum()) for rows in (self.full, self.packed) if rows is not None)
+
+    def row_lengths(self) -> torch.Tensor:
+        """Tokens held per row [batch, kv_heads] (packed + full precision)."""
+        total = self.full.lengths.clone()
+        if self.packed is not None:
+            total += self.packed.lengths
+        return total.view(self.batch_size, self.kv_heads)
+
+    def ingest(self, staged: StagedKV, query: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
+        """Store the tokens of a multi-token forward, compressed by the method when it is the prefill.
+
+        valid [batch, tokens]: False for padding and, on sliding layers, tokens outside the last query's window.
+        Inside a chunked prefill (`chunking`) the chunk is stored whole, then the store is evicted back to its
+        budget with the chunk's own queries; `probe_tokens` trailing tokens (the question, repeated as the
+        observation window) are scored with but not stored, and their positions are given back.
+        """
+        keys, values, positions = staged.keys, staged.values, staged.positions()
+        query_positions = positions
+        if self.probe_tokens:
+            n = keys.shape[2] - self.probe_tokens
+            keys, values, positions, valid = keys[:, :, :n], values[:, :, :n], positions[:n], valid[:, :n]
+            self.seen -= self.probe_tokens
+        batch, heads, tokens, _ = keys.shape
+        valid = valid.to(keys.device)
+        self.scale = scale
+        self.valid_seen += valid.sum(dim=1).cpu()
+        keep = valid.unsqueeze(1).expand(batch, heads, tokens)
+        evicts, first = self.compressor.evicts, self.stored_tokens == 0
+        if evicts and not self.chunking and (first or self.compress_appends):
+            queries, q_pos = self._observation(query, query_positions)
+            inputs = ScoreInputs(queries, q_pos, keys, values, positions.view(1, 1, -1).expand(batch, heads, tokens),
+                                 keep, scale)
+            scores = self.compressor.scorer.score(inputs)
+            count = self.compressor.scorer.keep_count(valid.sum(dim=1).cpu())
+            keep = keep & self._select(scores, count) & torch.isfinite(scores)
+        self._remember_queries(query[:, :, :tokens], positions)
+        self._append_rows(keys, values, positions, keep)
+        if evicts and self.chunking:
+            self._recompress(*self._observation(query, query_positions))
+
+    def append(self, staged: StagedKV, query: torch.Tensor) -> None:
+        """Store decoded tokens (all valid). Call `keep_budget()` after attending."""
+        keys = staged.keys
+        batch, heads, tokens, _ = keys.shape
+        self.valid_seen += tokens
+        keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
+        self._remember_queries(query, staged.positions())
+        self._append_rows(keys, staged.values, staged.positions(), keep)
+
+    def keep_budget(self, tokens: int) -> None:
+        """Decode-time compression: re-apply the budget when `every` decoded tokens have passed."""
+        every = self.compressor.scorer.every
+        if every and self.seen // every > (self.seen - tokens) // every:
+            self._recompress(*self.recent_queries)
+
+    def finish_chunks(self) -> None:
+        """End of a chunked prefill: pack what eviction kept (packing waits so packed tokens are never evicted) and
+        give the pool pages the chunks needed back to the allocator."""
+        self.chunking, self.probe_tokens = False, 0
+        if self.packed is not None and self.is_initialized:
+            self._pack_full_groups()
+        for rows in (self.full, self.packed) if self.is_initialized else ():
+            if rows is not None:
+                rows.defragment()
+                rows.pool.trim()
+
+    def _select(self, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return self.compressor.budget.select(scores, count.to(scores.device), self.layer_idx, self.num_layers)
+
+    def _observation(self, query: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries the scorer reads and their positions: the last `window` ones, or all (`observes_all`)."""
+        scorer = self.compressor.scorer
+        window = query.shape[2] if scorer.observes_all else max(1, min(scorer.window, query.shape[2]))
+        return query[:, :, -window:], positions[-window:]
+
+    def _remember_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
+        scorer = self.compressor.scorer
+        if not scorer.every:
+            return
+        recent = query if self.recent_queries is None else torch.cat([self.recent_queries[0], query], dim=2)
+        pos = positions if self.recent_queries is None else torch.cat([self.recent_queries[1], positions])
+        window = max(1, scorer.window)
+        self.recent_queries = (recent[:, :, -window:].clone(), pos[-window:].clone())
+
+    def _append_rows(self, keys, values, positions, keep) -> None:
+        """Append kept tokens [batch, heads, tokens] to each row, then pack full groups and slide windows."""
+        batch, heads, tokens, dim = keys.shape
+        pos = positions.view(1, 1, -1).expand(batch, heads, tokens).to(torch.int32)
+        kept, counts = compact({"k": keys, "v": values, "pos": pos}, keep)
+        self.peak_row_tokens = max(self.peak_row_tokens, int((self.row_lengths().flatten().cpu() + counts).max()))
+        defer = self.chunking and self.compressor.evicts  # chunked eviction reads full-precision tokens only
+        if self.packed is not None and self.stored_tokens == 0 and not defer:
+            self._store_first(kept, counts)
+        else:
+            self.full.append(kept, counts)
+        if self.packed is not None and not defer:
+            self._pack_full_groups()
+        if self.is_sliding:
+            self._drop_out_of_window()
+
+    def _store_first(self, kept: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Fill an empty quantized store directly: whole groups of the oldest tokens packed, the rest in the tail.
+
+        Packing at once (rather than through the tail) means the full-precision pool never holds the whole prompt.
+        """
+        quantizer = self.compressor.quantizer
+        group = quantizer.group
+        n_pages = torch.minimum(torch.clamp(-((quantizer.residual - counts) // group), min=0), counts // group)
+        width = int(n_pages.max())
+        if width:
+            used = (torch.arange(width).unsqueeze(0) < n_pages.unsqueeze(1)).to(self.device)
+            pages = {n: t[:, : width * group].unflatten(1, (width, group))[used] for n, t in kept.items()}
+            fields = quantizer.encode(pages["k"].float(), pages["v"].float())
+            fields["pos"] = pages["pos"]
+            self.packed.fill_pages(fields, n_pages)
+        packed = (n_pages * group).to(self.device)
+        tail = counts - n_pages * group
+        index = packed.unsqueeze(1) + torch.arange(int(tail.max()), device=self.device).unsqueeze(0)
+        index = index.clamp(max=max(0, kept["k"].shape[1] - 1))
+        rest = {n: gather_tokens(t, index) for n, t in kept.items()}
+        self.full.append(rest, tail)
+
+    def _pack_full_groups(self) -> None:
+        """Pack the oldest `group` tail tokens of every row whose tail passed `residual` (and holds a whole group)."""
+        quantizer = self.compressor.quantizer
+        per_group = quantizer.group // self.page_size
+        pool = self.full.pool
+        while True:
+            rows = torch.nonzero(self.full.lengths >= max(quantizer.residual + 1, quantizer.group)).squeeze(1)
+            if rows.numel() == 0:
+                return
+            ids = torch.stack([self.full.pop_first_pages(rows) for _ in range(per_group)], dim=1)  # [rows, per_group]
+            dev = ids.to(pool.device)
+            group = {n: pool.tensors[n][dev].flatten(1, 2) for n in ("k", "v", "pos")}
+            fields = quantizer.encode(group["k"].float(), group["v"].float())
+            fields["pos"] = group["pos"]
+            pool.release(ids.flatten())
+            new_ids = self.packed.pool.alloc(len(rows))
+            self.packed.pool.write(new_ids, fields)
+            self.packed.push_pages(rows, new_ids)
+
+    def _drop_out_of_window(self) -> None:
+        """Free whole pages, oldest first, whose every token is outside the sliding window of the next query."""
+        oldest_needed = self.seen - self.sliding_window
+        for rows in (self.packed, self.full):
+            if rows is None:
+                continue
+            while True:
+                candidates = torch.nonzero(rows.lengths >= rows.page_size).squeeze(1)
+                if candidates.numel() == 0:
+                    break
+                first = rows.table[candidates, 0].to(self.device)
+                last_pos = rows.pool.tensors["pos"][first, -1].cpu()
+                candidates = candidates[last_pos < oldest_needed]
+                if candidates.numel() == 0:
+                    break
+                rows.pool.release(rows.pop_first_pages(candidates))
+
+    def _recompress(self, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
+        """Score every stored (full-precision) token with `queries` and evict down to the budget of all tokens
+        seen so far (decode-time compression, and each chunk of a chunked prefill)."""
+        scorer = self.compressor.scorer
+        width = int(self.full.lengths.max())
+        if width == 0:
+            return
+        fields, valid = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
+        shape = (self.batch_size, self.kv_heads, width)
+        flat = {n: t.flatten(1, 2)[:, :width].reshape(*shape, *t.shape[3:]) for n, t in fields.items()}
+        valid = valid[:, :width].reshape(shape)
+        inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
+        scores = scorer.score(inputs)
+        keep = valid & self._select(scores, scorer.keep_count(self.valid_seen)) & torch.isfinite(scores)
+        kept, counts = compact(flat, keep)
+        self.full.fill(kept, counts)
+
+    # ---- accounting and sharing --------------------------------------------------------------------------------
+    def pools(self) -> list[PagePool]:
+        return [rows.pool for rows in (self.full, self.packed) if rows is not None]
+
+    def table_nbytes(self) -> int:
+        """Page tables, row lengths and the recent-query buffer (decode-time compression)."""
+        return sum(rows.table_nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
+
+    def referenced_nbytes(self) -> int:
+        return sum(rows.nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
+
+    def buffer_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
+
+    def fork(self) -> "KVFoldLayer":
+        child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)
+        child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed")})
+        child.full = self.full.fork() if self.full is not None else None
+        child.packed = self.packed.fork() if self.packed is not None else None
+        if self.valid_seen is not None:
+            child.valid_seen = self.valid_seen.clone()
+        return child

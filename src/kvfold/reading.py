@@ -1,0 +1,101 @@
+"""Reading a layer's store: attention over its pages (the Triton decode kernel or the PyTorch reference), the
+store as decoded chunks, and which positions each row holds."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .kernels import use_triton
+from .kernels.reference import KVChunk, paged_attention
+
+PAGE_CHUNK = 32  # pages per row read at once by the reference decode
+QUERY_BLOCK = 256  # query tokens per step when a multi-token turn attends to the store
+
+
+class StoreReader:
+    """The reading half of `KVFoldLayer` (which provides `full`, `packed`, `compressor`, `kv_heads`, ...)."""
+
+    def kept_positions(self) -> list[list[torch.Tensor]]:
+        """Sequence indices held by each row, sorted: [batch][kv_head] -> 1-D tensor (for tests and inspection)."""
+        held = []
+        for rows in (self.packed, self.full):
+            if rows is None:
+                continue
+            for fields, valid in rows.read(("pos",), PAGE_CHUNK):
+                held.append(fields["pos"].flatten(1).masked_fill(~valid, -1).cpu())
+        flat = torch.cat(held, dim=1) if held else torch.empty(self.batch_size * self.kv_heads, 0, dtype=torch.int32)
+        per_row = [row[row >= 0].sort().values for row in flat]
+        return [per_row[b * self.kv_heads:(b + 1) * self.kv_heads] for b in range(self.batch_size)]
+
+    def chunks(self):
+        """The stored K/V as decoded chunks, oldest (packed) first."""
+        if self.packed is not None:
+            quantizer = self.compressor.quantizer
+            for fields, valid in self.packed.read(tuple(self.packed.pool.fields), PAGE_CHUNK):
+                k, v = quantizer.decode(fields)
+                yield KVChunk(k, v, fields["pos"].flatten(1), valid)
+        for fields, valid in self.full.read(("k", "v", "pos"), PAGE_CHUNK):
+            yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
+                          fields["pos"].flatten(1), valid)
+
+    def attend(self, query: torch.Tensor, positions: torch.Tensor, scale: float,
+               new: KVChunk | None = None) -> torch.Tensor:
+        """Attention of queries [batch, q_heads, n, dim] over the store, plus `new` tokens not stored yet.
+
+        Returns [batch, n, q_heads, dim] in the query's dtype. One query token with nothing unstored runs the
+        Triton decode kernel where `kernels.use_triton` allows it; everything else the reference.
+        """
+        batch, q_heads, n, dim = query.shape
+        group = q_heads // self.kv_heads
+        rows = batch * self.kv_heads
+        if n == 1 and new is None and use_triton(query.device):
+            from .kernels.decode import paged_decode
+
+            out = paged_decode(query.reshape(rows, group, dim), self.kernel_parts(), int(positions[-1]), scale,
+                               self.sliding_window)
+        elif n <= QUERY_BLOCK:
+            chunks = itertools.chain(self.chunks(), [new] if new is not None else [])
+            out = paged_attention(query.reshape(rows, group * n, dim), positions.repeat(group), chunks, scale,
+                                  self.sliding_window)
+        else:  # a long turn (a prefill chunk): decode the store once, attend QUERY_BLOCK queries at a time
+            chunks = list(itertools.chain(self.chunks(), [new] if new is not None else []))
+            grouped = query.reshape(rows, group, n, dim)
+            blocks = []
+            for start in range(0, n, QUERY_BLOCK):
+                q = grouped[:, :, start:start + QUERY_BLOCK]
+                width = q.shape[2]
+                part = paged_attention(q.reshape(rows, group * width, dim),
+                                       positions[start:start + width].repeat(group), chunks, scale, self.sliding_window)
+                blocks.append(part.view(rows, group, width, dim))
+            out = torch.cat(blocks, dim=2)
+        return out.view(batch, q_heads, n, dim).transpose(1, 2).to(query.dtype)
+
+    def new_chunk(self, staged, valid: torch.Tensor) -> KVChunk:
+        """The staged tokens as a chunk the reference attention can read; valid [batch, n]."""
+        batch, _, n, dim = staged.keys.shape
+        rows = batch * self.kv_heads
+        return KVChunk(staged.keys.reshape(rows, n, dim).float(), staged.values.reshape(rows, n, dim).float(),
+                       staged.positions().view(1, n).expand(rows, n),
+                       valid.unsqueeze(1).expand(batch, self.kv_heads, n).reshape(rows, n))
+
+    def kernel_parts(self) -> list:
+        """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages."""
+        from .kernels.decode import PagedPart
+
+        parts = []
+        for rows in (self.packed, self.full):
+            if rows is None:
+                continue
+            t = rows.pool.tensors
+            meta = dict(table=rows.table.to(torch.int32).to(self.device), lengths=rows.lengths.to(torch.int32)
+                        .to(self.device), positions=t["pos"])
+            if rows is self.packed:
+                parts.append(PagedPart(keys=t["k_codes"], values=t["v_codes"], bits=self.compressor.quantizer.bits,
+                                       key_scale=t["k_scale"], key_zero=t["k_zero"], value_scale=t["v_scale"],
+                                       value_zero=t["v_zero"], value_group=self.head_dim // t["v_scale"].shape[-1],
+                                       **meta))
+            else:
+                parts.append(PagedPart(keys=t["k"], values=t["v"], **meta))
+        return parts
