@@ -26,15 +26,17 @@ from kvfold.bench.tasks import make_samples, score  # noqa: E402
 
 
 def settings(args) -> list[dict]:
-    out = []
+    out = [{"study": "chunk-cost", "task": task, "length": args.length, "method": "none", "chunk": None}
+           for task in args.tasks.split(",")]
     for scorer in args.scorers.split(","):
         for chunk in [None] + [int(c) for c in args.chunks.split(",")]:
             for task in args.tasks.split(","):
                 out.append({"study": "chunk-cost", "task": task, "length": args.length,
                             "method": f"{scorer}:{args.ratio}", "chunk": chunk})
-    for chunk in (None, 1024):
-        out.append({"study": "8k-needle", "task": "niah", "length": args.long_length, "method": "snapkv:budget=1024",
-                    "chunk": chunk})
+    for method, chunk in (("none", None), ("snapkv:budget=1024", None), ("snapkv:budget=1024", 1024)):
+        if args.long_length:
+            out.append({"study": "8k-needle", "task": "niah", "length": args.long_length, "method": method,
+                        "chunk": chunk})
     return out
 
 
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="512,1024,2048")
     parser.add_argument("--tasks", default="niah,multikey,multiturn")
     parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--long-length", type=int, default=8000)
+    parser.add_argument("--long-length", type=int, default=8000, help="0 skips the long-needle study")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--jsonl", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None)
@@ -115,6 +117,11 @@ def table(rows: list[dict], args) -> str:
              "", "| method | task | one pass | " + " | ".join(f"chunk {c}" for c in args.chunks.split(",")) + " |",
              "|---|---|---|" + "---|" * len(args.chunks.split(","))]
     chunks = [None] + [int(c) for c in args.chunks.split(",")]
+    for task in args.tasks.split(","):
+        got = groups.get(("chunk-cost", "none", task, None), [])
+        if got:
+            lines.append(f"| none (uncompressed) | {task} | {statistics.mean(r['score'] for r in got):.2f} | "
+                         + " | ".join("" for _ in chunks[1:]) + " |")
     for scorer in args.scorers.split(","):
         method = f"{scorer}:{args.ratio}"
         for task in args.tasks.split(","):
@@ -123,13 +130,16 @@ def table(rows: list[dict], args) -> str:
                 got = groups.get(("chunk-cost", method, task, chunk), [])
                 cells.append(f"{statistics.mean(r['score'] for r in got):.2f}" if got else "—")
             lines.append(f"| {method} | {task} | " + " | ".join(cells) + " |")
+    if not args.long_length:
+        return "\n".join(lines)
     lines += ["", f"Needle at ~{args.long_length} tokens with a 1024-token budget per row (snapkv):", ""]
-    for chunk in (None, 1024):
-        got = groups.get(("8k-needle", "snapkv:budget=1024", "niah", chunk), [])
+    for method, chunk in (("none", None), ("snapkv:budget=1024", None), ("snapkv:budget=1024", 1024)):
+        got = groups.get(("8k-needle", method, "niah", chunk), [])
         if got:
             hits = sum(r["score"] for r in got)
-            lines.append(f"- {'one pass' if chunk is None else f'chunks of {chunk}'}: {hits:.0f}/{len(got)} needles "
-                         f"found, KV held {statistics.mean(r['kv_bytes'] for r in got) / 2**20:.1f} MiB")
+            how = "uncompressed" if method == "none" else "one pass" if chunk is None else f"chunks of {chunk}"
+            lines.append(f"- {how}: {hits:.0f}/{len(got)} needles found, KV held "
+                         f"{statistics.mean(r['kv_bytes'] for r in got) / 2**20:.1f} MiB")
     return "\n".join(lines)
 
 
