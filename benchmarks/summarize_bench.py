@@ -36,11 +36,14 @@ def main(path: str) -> None:
         held = statistics.mean(r["kv_bytes"] / r["kv_bytes_uncompressed"] for r in group)
         print(f"| {method} | {ratio if ratio is not None else '—'} | " + " | ".join(f"{s:.2f}" for s in by_task)
               + f" | {mean:.2f} | {held:.0%} |")
-        if ratio is not None and mean > best.get(ratio, (-1.0, ""))[0]:
+        if ratio is not None and mean > best.get(ratio, (0.0, "no method scores above 0"))[0]:
             best[ratio] = (mean, method)
+        elif ratio is not None:
+            best.setdefault(ratio, (0.0, "no method scores above 0"))
     samples = len({(r["task"], r["sample"]) for r in rows})
     print(f"\n{len(rows)} answers; {samples} task samples. Best method per ratio (mean over tasks): "
-          + "; ".join(f"{ratio}: {method} ({score:.2f})" for ratio, (score, method) in sorted(best.items())))
+          + "; ".join(f"{ratio}: {method} ({score:.2f})" if score > 0 else f"{ratio}: {method}"
+                     for ratio, (score, method) in sorted(best.items())))
 
 
 if __name__ == "__main__":
