@@ -20,12 +20,13 @@ pages do not have (see `pages.Field`); the recent-query re-score needs nothing s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from .base import ScoreInputs, Scorer, register
+from .snapkv import window_attention
 
 QUERY_CHUNK = 256  # queries per step of the accumulation
 
@@ -34,21 +35,15 @@ def accumulated_attention(x: ScoreInputs, chunk: int = QUERY_CHUNK) -> torch.Ten
     """Causal softmax attention each key receives, summed over the queries of `x` and averaged over the query heads
     of its GQA group: [batch, kv_heads, tokens] in float32. A query sees the valid keys at or before its position.
     """
-    batch, q_heads, n_queries, dim = x.queries.shape
+    batch, q_heads, n_queries, _ = x.queries.shape
     kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
-    group = q_heads // kv_heads
-    keys_t = x.keys.float().transpose(-1, -2).unsqueeze(2)  # [batch, kv, 1, dim, tokens]
-    key_pos = x.positions.view(batch, kv_heads, 1, 1, tokens)
-    valid = x.valid.view(batch, kv_heads, 1, 1, tokens)
-    query_pos = x.query_positions.to(x.positions.device)
+    x = replace(x, keys=x.keys.float())  # converted once, not per chunk
     total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=x.keys.device)
     for start in range(0, n_queries, chunk):
-        q = x.queries[:, :, start:start + chunk].float()
-        size = q.shape[2]
-        logits = torch.matmul(q.view(batch, kv_heads, group, size, dim), keys_t) * x.scale  # [b, kv, g, c, n]
-        visible = valid & (key_pos <= query_pos[start:start + size].view(1, 1, 1, size, 1))
-        attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        total += attn.sum(dim=3).mean(dim=2)
+        part = replace(x, queries=x.queries[:, :, start:start + chunk],
+                       query_positions=x.query_positions[start:start + chunk])
+        attn = window_attention(part)  # [batch, q_heads, size, tokens]
+        total += attn.sum(dim=2).view(batch, kv_heads, q_heads // kv_heads, tokens).mean(dim=2)
     return total
 
 

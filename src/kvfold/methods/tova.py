@@ -17,21 +17,20 @@ newest query only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .base import ScoreInputs, Scorer, register
+from .snapkv import window_attention
 
 
 def last_query_attention(x: ScoreInputs) -> torch.Tensor:
     """Softmax attention of the newest query over the keys: [batch, kv_heads, group, tokens] in float32."""
-    batch, q_heads, _, dim = x.queries.shape
-    kv_heads = x.keys.shape[1]
-    query = x.queries[:, :, -1].float().view(batch, kv_heads, q_heads // kv_heads, dim)
-    logits = torch.matmul(query, x.keys.float().transpose(-1, -2)) * x.scale  # [batch, kv, group, tokens]
-    visible = x.valid & (x.positions <= x.query_positions[-1].to(x.positions.device))
-    return torch.softmax(logits.masked_fill(~visible.unsqueeze(2), float("-inf")), dim=-1).nan_to_num(0.0)
+    batch, q_heads, _, _ = x.queries.shape
+    kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
+    newest = replace(x, queries=x.queries[:, :, -1:], query_positions=x.query_positions[-1:])
+    return window_attention(newest).view(batch, kv_heads, q_heads // kv_heads, tokens)
 
 
 @register("tova")
