@@ -146,11 +146,9 @@ def decode_greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: i
 
 
 def forward_tokens(model, cache: KVFoldCache, ids: Sequence[int], start: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([list(ids)], device=device)
-    position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
-    return model(input_ids=input_ids, past_key_values=cache, use_cache=True, position_ids=position_ids,
-                 logits_to_keep=1).logits
+    """One forward of token ids (batch 1) at positions start.., through `cache`; the last position's logits."""
+    input_ids = torch.tensor([list(ids)], device=next(model.parameters()).device)
+    return prefill(model, cache, input_ids, start=start)
 
 
 def check_chunk(prefill_chunk: int | None) -> None:
@@ -188,7 +186,7 @@ def prefill(model, cache: KVFoldCache, input_ids: torch.Tensor, *, chunk: int | 
     try:
         for i, (lo, hi) in enumerate(bounds):
             ids, mask, pos = input_ids[:, lo:hi], attention_mask[:, :start + hi], positions[:, start + lo:start + hi]
-            n_probe = probe.shape[1] if len(bounds) > 1 and i < len(bounds) - 1 else 0
+            n_probe = probe.shape[1] if i < len(bounds) - 1 else 0
             if n_probe:
                 ids = torch.cat([ids, probe], dim=1)
                 mask = torch.cat([mask, torch.ones_like(probe)], dim=1)
@@ -220,6 +218,7 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
     compressor = method if isinstance(method, Compressor) else Compressor.parse(method)
     limit = context_limit(model.config)
     stop_ids = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
     answers = []
     with use_kvfold_attention(model):
         shared = None
@@ -229,7 +228,6 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
                 raise KVFoldError(f"prompt of {len(head) + len(tail)} tokens + {max_new_tokens} new tokens exceeds the "
                                   f"model's context of {limit}: shorten the context or lower max_new_tokens")
             start = time.perf_counter()
-            device = next(model.parameters()).device
             if agnostic:
                 if shared is None:
                     shared = make_cache(model, compressor)

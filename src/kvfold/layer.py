@@ -176,9 +176,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
             queries, q_pos = self._observation(query, query_positions)
             inputs = ScoreInputs(queries, q_pos, keys, values, positions.view(1, 1, -1).expand(batch, heads, tokens),
                                  keep, scale)
-            scores = self.compressor.scorer.score(inputs)
-            count = self.compressor.scorer.keep_count(valid.sum(dim=1).cpu())
-            keep = keep & self._select(scores, count) & torch.isfinite(scores)
+            keep = self._keep_mask(inputs, valid.sum(dim=1).cpu())
         self._remember_queries(query[:, :, :tokens], positions)
         self._append_rows(keys, values, positions, keep)
         if evicts and self.chunking:
@@ -210,8 +208,12 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
                 rows.defragment()
                 rows.pool.trim()
 
-    def _select(self, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        return self.compressor.budget.select(scores, count.to(scores.device), self.layer_idx, self.num_layers)
+    def _keep_mask(self, inputs: ScoreInputs, n_tokens: torch.Tensor) -> torch.Tensor:
+        """Which of `inputs`' valid tokens the method keeps, when `n_tokens` [batch] tokens have been read."""
+        scores = self.compressor.scorer.score(inputs)
+        count = self.compressor.scorer.keep_count(n_tokens).to(scores.device)
+        keep = self.compressor.budget.select(scores, count, self.layer_idx, self.num_layers)
+        return inputs.valid & keep & torch.isfinite(scores)
 
     def _observation(self, query: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The queries the scorer reads and their positions: the last `window` ones, or all (`observes_all`)."""
@@ -305,7 +307,6 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
     def _recompress(self, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Score every stored (full-precision) token with `queries` and evict down to the budget of all tokens
         seen so far (decode-time compression, and each chunk of a chunked prefill)."""
-        scorer = self.compressor.scorer
         width = int(self.full.lengths.max())
         if width == 0:
             return
@@ -314,9 +315,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         flat = {n: t.flatten(1, 2)[:, :width].reshape(*shape, *t.shape[3:]) for n, t in fields.items()}
         valid = valid[:, :width].reshape(shape)
         inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
-        scores = scorer.score(inputs)
-        keep = valid & self._select(scores, scorer.keep_count(self.valid_seen)) & torch.isfinite(scores)
-        kept, counts = compact(flat, keep)
+        kept, counts = compact(flat, self._keep_mask(inputs, self.valid_seen))
         self.full.fill(kept, counts)
 
     # ---- accounting and sharing --------------------------------------------------------------------------------

@@ -61,7 +61,6 @@ class PagePool:
         """Ids of `count` pages, each with reference count 1."""
         if count > len(self.free):
             self._grow(count - len(self.free))
-        self.free.sort()  # lowest ids first, so pages in use gather at the front and `trim` can cut the tail
         taken, self.free = self.free[:count], self.free[count:]
         ids = torch.tensor(taken, dtype=torch.long)
         self.refcount[ids] = 1

@@ -55,12 +55,11 @@ class StoreReader:
 
             out = paged_decode(query.reshape(rows, group, dim), self.kernel_parts(), int(positions[-1]), scale,
                                self.sliding_window)
-        elif n <= QUERY_BLOCK:
-            chunks = itertools.chain(self.chunks(), [new] if new is not None else [])
-            out = paged_attention(query.reshape(rows, group * n, dim), positions.repeat(group), chunks, scale,
-                                  self.sliding_window)
-        else:  # a long turn (a prefill chunk): decode the store once, attend QUERY_BLOCK queries at a time
-            chunks = list(itertools.chain(self.chunks(), [new] if new is not None else []))
+        else:
+            stream = itertools.chain(self.chunks(), [new] if new is not None else [])
+            # A long turn (a prefill chunk) attends QUERY_BLOCK queries at a time over the store decoded once; a
+            # short one streams the store page chunk by page chunk and never holds it whole.
+            chunks = stream if n <= QUERY_BLOCK else list(stream)
             grouped = query.reshape(rows, group, n, dim)
             blocks = []
             for start in range(0, n, QUERY_BLOCK):
