@@ -53,7 +53,7 @@ def accuracy(dims=(64, 128), groups=(1, 4, 8), tokens=4096, batch=4) -> list[dic
     rows = []
     for dim in dims:
         for group in groups:
-            for spec in ("none", "kivi:8", "kivi:4", "kivi:2", "ragged"):
+            for spec in ("none", "kivi:8", "kivi:4", "kivi:2", "fp8", "rotate+kivi:4", "ragged"):
                 kv_heads = 4
                 k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn_like(k)
@@ -88,7 +88,8 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     ragged = torch.rand(batch, kv_heads, tokens, device="cuda") < share
     cases = [("none (bf16 pages)", "none", None), ("uniform 50% (bf16)", "none", uniform),
              ("ragged 10-90% per head (bf16)", "none", ragged), ("kivi:4", "kivi:4", None),
-             ("kivi:2", "kivi:2", None), ("ragged + kivi:4", "kivi:4", ragged)]
+             ("kivi:2", "kivi:2", None), ("ragged + kivi:4", "kivi:4", ragged), ("fp8 (e4m3, scale/token)", "fp8", None),
+             ("fp8 (e4m3, scale/page)", "fp8:scale=page", None), ("rotate+kivi:4", "rotate+kivi:4", None)]
     none_ms = None
     for run, (label, spec, keep) in enumerate(cases * 2):  # two passes: the spread between them is the noise
         label = f"{label} [pass {run // len(cases) + 1}]"

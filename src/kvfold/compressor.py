@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import methods  # noqa: F401  (registers every method)
 from .errors import KVFoldError, closest
-from .methods.base import REGISTRY, Budget, Method, Quantizer, Scorer, UniformBudget
+from .methods.base import REGISTRY, Budget, Method, Quantizer, Rotation, Scorer, UniformBudget
 
 
 def _parse_value(text: str) -> object:
@@ -75,16 +75,20 @@ def _lookup(name: str, spec: str) -> type[Method]:
 
 @dataclass(frozen=True)
 class Compressor:
-    """scorer (+ budget) then quantizer. `Compressor.parse("snapkv:0.75+kivi:4")` builds one from a spec."""
+    """scorer (+ budget), then rotation, then quantizer. `Compressor.parse("snapkv:0.75+kivi:4")` builds one."""
 
     scorer: Scorer = field(default_factory=lambda: REGISTRY["none"]())
     budget: Budget = field(default_factory=UniformBudget)
     quantizer: Quantizer | None = None
+    rotation: Rotation | None = None
 
     def __post_init__(self) -> None:
         if self.budget.needs_attention_mass and not self.scorer.attention_mass:
             raise KVFoldError(f"the {self.budget.name} budget reads scores as attention mass; {self.scorer.name} "
                               f"scores are not (use snapkv, h2o or tova)")
+        if self.rotation is not None and self.quantizer is None:
+            raise KVFoldError(f"{self.rotation.name} rotates K/V before a quantizer packs them; add one, "
+                              f"e.g. '{self.rotation.spec()}+kivi:4'")
         if self.scorer.every and self.quantizer is not None:
             raise KVFoldError("decode-time eviction (every=) over quantized pages is not supported yet: "
                               "drop every= or the quantizer")
@@ -102,6 +106,8 @@ class Compressor:
         parts = []
         if self.evicts or self.quantizer is None:
             parts.append(self.scorer.spec() + ("" if isinstance(self.budget, UniformBudget) else "@" + self.budget.spec()))
+        if self.rotation is not None:
+            parts.append(self.rotation.spec())
         if self.quantizer is not None:
             parts.append(self.quantizer.spec())
         return "+".join(parts)
@@ -113,7 +119,7 @@ class Compressor:
     def parse(cls, spec: str) -> "Compressor":
         if not isinstance(spec, str) or not spec.strip():
             raise KVFoldError("empty method spec: give e.g. 'none', 'snapkv:0.5' or 'snapkv:0.5+kivi:4'")
-        scorer = budget = quantizer = None
+        scorer = budget = quantizer = rotation = None
         for component in spec.replace(" ", "").split("+"):
             head, _, budget_part = component.partition("@")
             name, _, args = head.partition(":")
@@ -145,7 +151,11 @@ class Compressor:
                 if quantizer is not None:
                     raise KVFoldError(f"in '{spec}': two quantizers ({quantizer.name}, {method.name}); use one")
                 quantizer = method
-        return cls(scorer or REGISTRY["none"](), budget or UniformBudget(), quantizer)
+            elif isinstance(method, Rotation):
+                if new_budget is not None or rotation is not None:
+                    raise KVFoldError(f"in '{spec}': use at most one rotation, without '@'")
+                rotation = method
+        return cls(scorer or REGISTRY["none"](), budget or UniformBudget(), quantizer, rotation)
 
 
 def _names(kind: type[Method]) -> str:

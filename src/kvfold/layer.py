@@ -86,6 +86,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.chunking = False  # inside a chunked prefill: every chunk is stored, then the whole store is evicted
         self.probe_tokens = 0  # chunked prefill: the forward's last tokens only score (a repeated question)
         self.peak_row_tokens = 0  # the most tokens any row has held (the cache's own high-water mark)
+        self.rotation: torch.Tensor | None = None  # [head_dim, head_dim]: packed pages hold x @ rotation
 
     # ---- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -101,6 +102,8 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.full = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
         if quantizer:
             self.packed = PagedRows(PagePool(quantizer.fields(dim), group, self.device), batch * self.kv_heads)
+        if self.compressor.rotation is not None:
+            self.rotation = self.compressor.rotation.matrix(dim, self.layer_idx).to(self.device)
         self.valid_seen = torch.zeros(batch, dtype=torch.long)
         self.is_initialized = True
 
@@ -258,7 +261,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         if width:
             used = (torch.arange(width).unsqueeze(0) < n_pages.unsqueeze(1)).to(self.device)
             pages = {n: t[:, : width * group].unflatten(1, (width, group))[used] for n, t in kept.items()}
-            fields = quantizer.encode(pages["k"].float(), pages["v"].float())
+            fields = self._encode(pages["k"], pages["v"])
             fields["pos"] = pages["pos"]
             self.packed.fill_pages(fields, n_pages)
         packed = (n_pages * group).to(self.device)
@@ -267,6 +270,13 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         index = index.clamp(max=max(0, kept["k"].shape[1] - 1))
         rest = {n: gather_tokens(t, index) for n, t in kept.items()}
         self.full.append(rest, tail)
+
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The quantizer's fields of pages of K and V, rotated first when the method rotates."""
+        keys, values = keys.float(), values.float()
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation, values @ self.rotation
+        return self.compressor.quantizer.encode(keys, values)
 
     def _pack_full_groups(self) -> None:
         """Pack the oldest `group` tail tokens of every row whose tail passed `residual` (and holds a whole group)."""
@@ -280,7 +290,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
             ids = torch.stack([self.full.pop_first_pages(rows) for _ in range(per_group)], dim=1)  # [rows, per_group]
             dev = ids.to(pool.device)
             group = {n: pool.tensors[n][dev].flatten(1, 2) for n in ("k", "v", "pos")}
-            fields = quantizer.encode(group["k"].float(), group["v"].float())
+            fields = self._encode(group["k"], group["v"])
             fields["pos"] = group["pos"]
             pool.release(ids.flatten())
             new_ids = self.packed.pool.alloc(len(rows))
@@ -323,14 +333,17 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         return [rows.pool for rows in (self.full, self.packed) if rows is not None]
 
     def table_nbytes(self) -> int:
-        """Page tables, row lengths and the recent-query buffer (decode-time compression)."""
+        """Page tables, row lengths, the recent-query buffer (decode-time compression) and the rotation."""
         return sum(rows.table_nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
 
     def referenced_nbytes(self) -> int:
         return sum(rows.nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
 
     def buffer_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
+        """The recent-query buffer (decode-time compression) and the rotation matrix."""
+        queries = sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
+        rotation = self.rotation.numel() * self.rotation.element_size() if self.rotation is not None else 0
+        return queries + rotation
 
     def fork(self) -> "KVFoldLayer":
         child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)

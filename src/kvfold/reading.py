@@ -35,6 +35,8 @@ class StoreReader:
             quantizer = self.compressor.quantizer
             for fields, valid in self.packed.read(tuple(self.packed.pool.fields), PAGE_CHUNK):
                 k, v = quantizer.decode(fields)
+                if self.rotation is not None:  # packed pages hold x @ R; R is orthogonal
+                    k, v = k @ self.rotation.T, v @ self.rotation.T
                 yield KVChunk(k, v, fields["pos"].flatten(1), valid)
         for fields, valid in self.full.read(("k", "v", "pos"), PAGE_CHUNK):
             yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
@@ -50,11 +52,11 @@ class StoreReader:
         batch, q_heads, n, dim = query.shape
         group = q_heads // self.kv_heads
         rows = batch * self.kv_heads
-        if n == 1 and new is None and use_triton(query.device):
-            from .kernels.decode import paged_decode
-
-            out = paged_decode(query.reshape(rows, group, dim), self.kernel_parts(), int(positions[-1]), scale,
-                               self.sliding_window)
+        parts = self.kernel_parts() if n == 1 and new is None and use_triton(query.device) else None
+        if parts is not None:
+            from .kernels.decode import paged_decode, supports
+        if parts is not None and supports(parts, dim):
+            out = paged_decode(query.reshape(rows, group, dim), parts, int(positions[-1]), scale, self.sliding_window)
         else:
             stream = itertools.chain(self.chunks(), [new] if new is not None else [])
             # A long turn (a prefill chunk) attends QUERY_BLOCK queries at a time over the store decoded once; a
@@ -91,10 +93,8 @@ class StoreReader:
             meta = dict(table=rows.table.to(torch.int32).to(self.device), lengths=rows.lengths.to(torch.int32)
                         .to(self.device), positions=t["pos"])
             if rows is self.packed:
-                parts.append(PagedPart(keys=t["k_codes"], values=t["v_codes"], bits=self.compressor.quantizer.bits,
-                                       key_scale=t["k_scale"], key_zero=t["k_zero"], value_scale=t["v_scale"],
-                                       value_zero=t["v_zero"], value_group=self.head_dim // t["v_scale"].shape[-1],
-                                       **meta))
+                parts.append(PagedPart(**self.compressor.quantizer.kernel_part(t, self.head_dim),
+                                       rotation=self.rotation, **meta))
             else:
                 parts.append(PagedPart(keys=t["k"], values=t["v"], **meta))
         return parts

@@ -36,14 +36,18 @@ def filled_layer(spec, batch, kv_heads, dim, tokens, page_size=64, window=None, 
 
 
 @pytest.mark.parametrize("spec, page_size", [("none", 16), ("none", 64), ("kivi:8,group=16,residual=16", 64),
-                                             ("kivi:4,group=16,residual=32", 64), ("kivi:2,group=32,residual=16", 64)])
+                                             ("kivi:4,group=16,residual=32", 64), ("kivi:2,group=32,residual=16", 64),
+                                             ("fp8", 64), ("fp8:e5m2,scale=page,group=32,residual=16", 64),
+                                             ("rotate+kivi:4,group=16,residual=16", 64), ("rotate:random+fp8", 64)])
 @pytest.mark.parametrize("dim, group", [(16, 1), (32, 4), (64, 8)])
 @pytest.mark.parametrize("window", [None, 23])
 def test_kernel_matches_reference(spec, page_size, dim, group, window):
-    from kvfold.kernels.decode import paged_decode
+    from kvfold.kernels.decode import paged_decode, supports
 
     batch, kv_heads, tokens = 2, 2, 150
     layer = filled_layer(spec, batch, kv_heads, dim, tokens, page_size, window)
+    if DEVICE == "cuda" and not supports(layer.kernel_parts(), dim):
+        pytest.skip("Triton's dot needs >= 16 tokens per page and head_dim on a GPU (the layer reads the reference)")
     rows = batch * kv_heads
     query = torch.randn(rows, group, dim, device=DEVICE)
     q_pos = tokens - 1
@@ -85,3 +89,11 @@ def test_model_decodes_the_same_through_the_kernel(monkeypatch):
             gap = ref.topk(2).values.diff().abs().min()
             assert gap < 1e-4, f"tokens differ at step {step} with a top-2 gap of {gap}"
             break
+
+
+def test_unsupported_shapes_fall_back_to_the_reference():
+    from kvfold.kernels.decode import supports
+
+    assert supports(filled_layer("kivi:2,group=16,residual=16", 1, 2, 64, 40).kernel_parts(), 64)
+    assert not supports(filled_layer("none", 1, 2, 8, 40, page_size=16).kernel_parts(), 8)
+    assert not supports(filled_layer("none", 1, 2, 32, 40, page_size=8).kernel_parts(), 32)

@@ -1,8 +1,8 @@
 """Triton decode attention over kvfold's paged store (flash-decoding over per-row page tables).
 
 One program handles one row (a batch element's KV head, with all its GQA query heads) over a split of its pages:
-it loads each page, de-quantizes packed KIVI pages in registers (codes never expand in HBM), and keeps an online
-softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by `combine`. The meaning is
+it loads each page, de-quantizes packed KIVI pages (or scaled float8 pages) in registers (codes never expand in
+HBM), and keeps an online softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by `combine`. The meaning is
 `reference.paged_attention`; tests compare the two under TRITON_INTERPRET=1 on the CPU and at full size on a GPU.
 """
 
@@ -18,7 +18,8 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class PagedPart:
-    """One part of a layer's store as the kernel reads it. `bits` 0 means full-precision pages."""
+    """One part of a layer's store as the kernel reads it. `bits` 0 means float pages (16/32-bit, or float8 with
+    `scaled` 1: a scale per token, 2: a scale per page). `rotation` R: the pages hold x @ R."""
 
     table: torch.Tensor  # [rows, width] int32 page ids
     lengths: torch.Tensor  # [rows] int32 tokens per row
@@ -31,6 +32,8 @@ class PagedPart:
     value_scale: torch.Tensor | None = None  # [pages, page, dim / value_group] float16
     value_zero: torch.Tensor | None = None
     value_group: int = 1
+    scaled: int = 0
+    rotation: torch.Tensor | None = None  # [dim, dim] float32, orthogonal
 
 
 @triton.jit
@@ -60,6 +63,7 @@ def _paged_decode_kernel(
     width, splits, q_pos, window, scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BITS: tl.constexpr, VG: tl.constexpr, PRECISE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -84,6 +88,12 @@ def _paged_decode_kernel(
             if BITS == 0:
                 k = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :]).to(tl.float32)
                 v = tl.load(v_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :]).to(tl.float32)
+                if SCALED == 1:  # float8 with a scale per token
+                    k = k * tl.load(ks_ptr + page * P + offs_p).to(tl.float32)[:, None]
+                    v = v * tl.load(vs_ptr + page * P + offs_p).to(tl.float32)[:, None]
+                elif SCALED == 2:  # float8 with a scale per page
+                    k = k * tl.load(ks_ptr + page).to(tl.float32)
+                    v = v * tl.load(vs_ptr + page).to(tl.float32)
             else:
                 BYTES: tl.constexpr = D * BITS // 8
                 NVG: tl.constexpr = D // VG
@@ -132,15 +142,25 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: int, window: int, sca
     l, acc = torch.empty_like(m), torch.empty(rows, splits, group, dim, device=query.device, dtype=torch.float32)
     table = part.table if part.table.shape[1] else torch.zeros(rows, 1, dtype=torch.int32, device=query.device)
     dummy = part.positions  # unused pointers for full-precision pages
+    if part.rotation is not None:  # the pages hold x @ R: read them with q @ R, turn the output back below
+        query = (query @ part.rotation).contiguous()
     _paged_decode_kernel[(rows, splits)](
         query, table, part.lengths, part.keys, part.values, part.positions,
-        part.key_scale if part.bits else dummy, part.key_zero if part.bits else dummy,
-        part.value_scale if part.bits else dummy, part.value_zero if part.bits else dummy,
+        part.key_scale if part.key_scale is not None else dummy, part.key_zero if part.bits else dummy,
+        part.value_scale if part.value_scale is not None else dummy, part.value_zero if part.bits else dummy,
         m, l, acc, width, splits, q_pos, window, scale,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page,
-        BITS=part.bits, VG=part.value_group, PRECISE=precise, PAGES_PER_SPLIT=pages_per_split,
+        BITS=part.bits, VG=part.value_group, PRECISE=precise, PAGES_PER_SPLIT=pages_per_split, SCALED=part.scaled,
     )
+    if part.rotation is not None:
+        acc = acc @ part.rotation.T  # linear in the values, so the split merge (`combine`) is unchanged
     return m, l, acc
+
+
+def supports(parts: list[PagedPart], dim: int) -> bool:
+    """Whether the kernel compiles for these parts on a GPU: Triton's dot needs pages of >= 16 tokens and a
+    power-of-two head_dim >= 16."""
+    return dim >= 16 and not dim & (dim - 1) and all(p.positions.shape[1] >= 16 for p in parts)
 
 
 def combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:

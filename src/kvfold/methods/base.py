@@ -175,6 +175,23 @@ class Quantizer(Method):
         """Stored fields of [rows, pages, ...] -> float32 K and V of [rows, pages * group, head_dim]."""
         raise NotImplementedError
 
+    def kernel_part(self, tensors: dict[str, torch.Tensor], head_dim: int) -> dict:
+        """The pool's tensors as `kernels.decode.PagedPart` fields (keys, values, scales, format flags)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Rotation(Method):
+    """An orthogonal transform of K and V before a quantizer packs them (spreads outlier channels). Attention reads
+    the rotated pages with the query rotated the same way, and turns the output back (see `kernels.decode`)."""
+
+    kind: ClassVar[str] = "rotation"
+    query_aware: ClassVar[bool] = False
+
+    def matrix(self, head_dim: int, layer_idx: int) -> torch.Tensor:
+        """The float32 orthogonal [head_dim, head_dim] matrix R of one layer: stored rows are `x @ R`."""
+        raise NotImplementedError
+
 
 def top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mask of the `counts[i]` highest entries of each row of `scores` [rows, n] (counts [rows])."""

@@ -64,3 +64,8 @@ class KIVI(Quantizer):
         v = dequantize(Quantized(fields["v_codes"], fields["v_scale"], fields["v_zero"]), self.bits,
                        lambda s: s.repeat_interleave(k.shape[-1] // value_groups, dim=-1))
         return k.flatten(-3, -2), v.flatten(-3, -2)
+
+    def kernel_part(self, tensors: dict[str, torch.Tensor], head_dim: int) -> dict:
+        return dict(keys=tensors["k_codes"], values=tensors["v_codes"], bits=self.bits, key_scale=tensors["k_scale"],
+                    key_zero=tensors["k_zero"], value_scale=tensors["v_scale"], value_zero=tensors["v_zero"],
+                    value_group=head_dim // tensors["v_scale"].shape[-1])
