@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache
 from .compressor import Compressor
 from .errors import KVFoldError
 from .layer import KVFoldLayer, StagedKV, compact, gather_tokens  # noqa: F401  (re-exported)
+from .models import rope_frequencies
 
 
 def layer_windows(config) -> list[int | None]:
@@ -35,9 +36,11 @@ class KVFoldCache(Cache):
                  compress_appends: bool = False) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
         layers, windows = [], layer_windows(config)
+        frequencies = {kind: rope_frequencies(config, kind) for kind in ("full_attention", "sliding_attention")}
         for index, window in enumerate(windows):
             layers.append(KVFoldLayer(compressor, window, page_size, index, len(windows)))
             layers[-1].compress_appends = compress_appends
+            layers[-1].inv_freq = frequencies["sliding_attention" if window else "full_attention"]
         super().__init__(layers=layers)
         self.compressor = compressor
         self.config = config

@@ -87,6 +87,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.probe_tokens = 0  # chunked prefill: the forward's last tokens only score (a repeated question)
         self.peak_row_tokens = 0  # the most tokens any row has held (the cache's own high-water mark)
         self.rotation: torch.Tensor | None = None  # [head_dim, head_dim]: packed pages hold x @ rotation
+        self.inv_freq: torch.Tensor | None = None  # RoPE frequencies, set by the cache from the model config
 
     # ---- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -178,7 +179,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         if evicts and not self.chunking and (first or self.compress_appends):
             queries, q_pos = self._observation(query, query_positions)
             inputs = ScoreInputs(queries, q_pos, keys, values, positions.view(1, 1, -1).expand(batch, heads, tokens),
-                                 keep, scale)
+                                 keep, scale, self.inv_freq)
             keep = self._keep_mask(inputs, valid.sum(dim=1).cpu())
         self._remember_queries(query[:, :, :tokens], positions)
         self._append_rows(keys, values, positions, keep)
@@ -324,7 +325,8 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         shape = (self.batch_size, self.kv_heads, width)
         flat = {n: t.flatten(1, 2)[:, :width].reshape(*shape, *t.shape[3:]) for n, t in fields.items()}
         valid = valid[:, :width].reshape(shape)
-        inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale)
+        inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale,
+                             self.inv_freq)
         kept, counts = compact(flat, self._keep_mask(inputs, self.valid_seen))
         self.full.fill(kept, counts)
 

@@ -63,6 +63,28 @@ def check_supported(config: PreTrainedConfig) -> None:
                       "(and gemma3 with a gemma3_text text part); load a model of one of those types")
 
 
+def rope_frequencies(config: PreTrainedConfig, layer_type: str = "full_attention") -> torch.Tensor | None:
+    """The RoPE inverse frequencies [rotary_dim / 2] of a layer type (float32), for scorers that rotate queries to
+    other positions (`expected`); None when the config has no RoPE kvfold understands."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    text = config.get_text_config()
+    params = getattr(text, "rope_parameters", None) or {}
+    if layer_type in params and isinstance(params[layer_type], dict):  # per layer type (gemma3)
+        params = params[layer_type]
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(text, "rope_theta", None))
+        if theta is None:
+            return None
+        dim = int(head_dim * params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)))
+        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim).float()
+    if rope_type in ROPE_INIT_FUNCTIONS:
+        return ROPE_INIT_FUNCTIONS[rope_type](text, torch.device("cpu"), layer_type=layer_type)[0].float()
+    return None
+
+
 def context_limit(config: PreTrainedConfig) -> int:
     """The model's maximum context in tokens (``max_position_embeddings`` of its text config)."""
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

@@ -70,6 +70,7 @@ class ScoreInputs:
     positions: torch.Tensor  # [batch, kv_heads, tokens] sequence index of each key
     valid: torch.Tensor  # [batch, kv_heads, tokens] bool: False for padding / empty slots
     scale: float
+    inv_freq: torch.Tensor | None = None  # [rotary_dim / 2] the layer's RoPE frequencies (None: no RoPE known)
 
 
 @dataclass(frozen=True)
