@@ -36,7 +36,8 @@ class KVFoldCache(Cache):
                  compress_appends: bool = False) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
         layers, windows = [], layer_windows(config)
-        frequencies = {kind: rope_frequencies(config, kind) for kind in ("full_attention", "sliding_attention")}
+        frequencies = {kind: rope_frequencies(config, kind) if compressor.scorer.needs_rope else None
+                       for kind in ("full_attention", "sliding_attention")}
         for index, window in enumerate(windows):
             layers.append(KVFoldLayer(compressor, window, page_size, index, len(windows)))
             layers[-1].compress_appends = compress_appends

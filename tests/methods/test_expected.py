@@ -12,6 +12,7 @@ from kvfold.methods.expected import ExpectedAttention, rotate
 from kvfold.models import rope_frequencies
 
 from ..conftest import make_tiny_llama
+from ..tiny_models import FAMILIES, tiny_model
 from .helpers import embedded_run, run_spec, uniform_rows
 
 
@@ -100,3 +101,14 @@ def test_needs_rope_frequencies_and_valid_knobs():
 def test_embedded_model_generates_with_fewer_bytes(embedded):
     answer, full = embedded_run(*embedded, "expected:0.5")
     assert answer.tokens and answer.kv_bytes < 0.75 * full.kv_bytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_frequencies_match_every_family_and_layer_type(family):
+    model = tiny_model(family)
+    for name, buffer in model.model.rotary_emb.named_buffers():
+        if name.endswith("inv_freq") and "original" not in name:
+            layer_type = name.removesuffix("_inv_freq") if name != "inv_freq" else "full_attention"
+            torch.testing.assert_close(rope_frequencies(model.config, layer_type), buffer.float())
+    torch.manual_seed(0)
+    uniform_rows(run_spec(model, "expected:0.5,window=4", torch.randint(1, 200, (1, 40))), 20)

@@ -86,6 +86,7 @@ class Scorer(Method):
     query_aware: ClassVar[bool] = False
     observes_all: ClassVar[bool] = False  # True: at prefill `ScoreInputs.queries` holds every prompt query, not the window
     attention_mass: ClassVar[bool] = False  # True: raw scores are attention probabilities (mass-threshold budgets)
+    needs_rope: ClassVar[bool] = False  # True: `ScoreInputs.inv_freq` must hold the model's RoPE frequencies
     positional: ClassVar[str | None] = "ratio"
 
     ratio: float = 0.5

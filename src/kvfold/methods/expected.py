@@ -40,6 +40,7 @@ class ExpectedAttention(Scorer):
     """Keeps the keys that queries of the next `future` positions are expected to attend to (query-agnostic)."""
 
     paper = "Expected Attention (Devoto et al., 2025)"
+    needs_rope = True
     sink: int = 4
     future: int = 512
     covariance: bool = True
