@@ -167,6 +167,24 @@ def test_dropped_forks_give_their_pages_back(tiny_llama):
     assert held[1] == held[2] == held[0]
 
 
+def test_a_fork_made_in_inference_mode_frees_its_pages_when_dropped_outside_it(tiny_llama):
+    import gc
+
+    torch.manual_seed(6)
+    with torch.inference_mode(), use_kvfold_attention(tiny_llama):
+        parent = kvfold.make_cache(tiny_llama, "snapkv:0.5")
+        tiny_llama(torch.randint(1, 256, (1, 200)), past_key_values=parent)
+        before = [pool.refcount.clone() for layer in parent.layers for pool in layer.pools()]
+        child = parent.fork()
+        tiny_llama(torch.randint(1, 256, (1, 80)), past_key_values=child, position_ids=torch.arange(200, 280)[None])
+    del child
+    gc.collect()
+    after = [pool.refcount for layer in parent.layers for pool in layer.pools()]
+    for old, new, pool in zip(before, after, (p for layer in parent.layers for p in layer.pools())):
+        assert torch.equal(new[: len(old)], old) and not new[len(old):].any()
+        assert sorted(pool.free) == sorted(torch.nonzero(new == 0).flatten().tolist())  # every free page reusable
+
+
 def test_compress_contexts_nest_and_restore_the_model(tiny_llama):
     ids = torch.randint(1, 256, (1, 20))
     before = tiny_llama.config._attn_implementation

@@ -63,7 +63,8 @@ class PagePool:
             self._grow(count - len(self.free))
         taken, self.free = self.free[:count], self.free[count:]
         ids = torch.tensor(taken, dtype=torch.long)
-        self.refcount[ids] = 1
+        with torch.inference_mode():  # see `release`
+            self.refcount[ids] = 1
         return ids
 
     def _grow(self, extra: int) -> None:
@@ -86,11 +87,16 @@ class PagePool:
         self.refcount = self.refcount[:keep].clone()
         self.free = [i for i in self.free if i < keep]
 
+    @torch.inference_mode()
     def retain(self, ids: torch.Tensor) -> None:
         self.refcount.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
+    @torch.inference_mode()
     def release(self, ids: torch.Tensor) -> None:
-        """Drop one reference to each page; pages nobody references go back to the free list."""
+        """Drop one reference to each page; pages nobody references go back to the free list.
+
+        Reference counts change inside inference mode: a pool filled under `torch.inference_mode()` holds inference
+        tensors, which may only be updated there, and a fork may be dropped (garbage-collected) anywhere."""
         if ids.numel() == 0:
             return
         self.refcount.index_add_(0, ids, -torch.ones_like(ids, dtype=torch.int32))
@@ -265,7 +271,8 @@ class PagedRows:
         src, dst = high.to(pool.device), low.to(pool.device)
         for tensor in pool.tensors.values():
             tensor[dst] = tensor[src]
-        pool.refcount[low], pool.refcount[high] = 1, 0
+        with torch.inference_mode():  # see `PagePool.release`
+            pool.refcount[low], pool.refcount[high] = 1, 0
         remap = torch.arange(pool.capacity)
         remap[high] = low
         used = self.table >= 0
