@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
+import re
 import shutil
 import sys
 import time
@@ -224,9 +226,12 @@ def test_peak_memory_on_the_cpu_sees_a_short_lived_allocation():
     with PeakMemory(torch.device("cpu")) as before:
         pass
     with PeakMemory(torch.device("cpu")) as memory:
-        block = torch.ones(16 * 2**20)  # 64 MiB, freed before the block ends
+        # A fresh anonymous mapping, touched page by page: a tensor could reuse heap pages that are
+        # already resident from earlier tests, and then the RSS would not move.
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))
         time.sleep(0.2)
-        del block
+        block.close()
     assert memory.source == "cpu_rss_sampled" and memory.bytes >= before.bytes + 48 * 2**20
 
 
@@ -252,3 +257,15 @@ def test_cli_bench_runs_resumes_and_prints_a_summary(lm, tok, tmp_path, monkeypa
     assert result.exit_code == 0 and "10 rows (0 new)" in result.output
     result = CliRunner().invoke(cli.app, [*args[:-2], "--setting", "sideways"])
     assert isinstance(result.exception, KVFoldError) and "valid: aware, agnostic, both" in str(result.exception)
+
+
+def test_progress_shows_overall_and_cell_bars_with_eta_and_running_accuracy(lm, tok, tmp_path):
+    printed = io.StringIO()
+    config = BenchConfig(out=tmp_path, **{**SWEEP, "methods": ("none",), "tasks": ("multiturn",), "samples": 1,
+                                          "setting": "aware"})
+    run_bench(lm, tok, config, model_name="tiny", progress=True, on_row=lambda row: time.sleep(0.3),
+              console=Console(file=printed, width=200, force_terminal=True))  # the sleep lets a refresh happen
+    out = printed.getvalue()
+    assert "none · multiturn · 400 · aware · acc" in out  # the cell's bar, while it runs, with its accuracy
+    assert re.search(r"bench · acc \d+% of 4", out)  # overall: the running accuracy over every row
+    assert "ETA" in out and "4/4" in out

@@ -48,9 +48,13 @@ def test_generate_and_demo_run_on_the_embedded_model(tmp_path):
                     "-q", "What is the secret code of the vault?", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
     assert "A: " in result.stdout and "KV held" in result.stdout and "snapkv:0.5+kivi:4" in result.stdout
-    result = kvfold("demo", "--methods", "none,kivi:4", "--length", "600", "--samples", "1")
+    result = kvfold("demo", "--methods", "none,kivi:4", "--length", "600", "--samples", "1", "--out",
+                    str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     assert "none" in result.stdout and "kivi:4" in result.stdout and "accuracy" in result.stdout
+    rows = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 4  # 2 methods x the 2 default tasks x 1 sample
+    assert all((tmp_path / "demo" / name).is_file() for name in ("report.md", "report.html", "report.png"))
 
 
 @pytest.mark.slow

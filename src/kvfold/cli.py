@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import KVFoldError
@@ -128,25 +129,33 @@ def chat(method: MethodOption = "snapkv:0.5", model: ModelOption = None,
 
 @app.command()
 def demo(
-    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated specs")] = "none,streaming,snapkv,adakv,kivi:4,kivi:2",
-    ratios: Annotated[str, typer.Option(help="Comma-separated eviction ratios")] = "0.5",
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated specs")] = "none,streaming,snapkv,kivi:4",
+    ratios: Annotated[str, typer.Option(help="Comma-separated eviction ratios")] = "0.25,0.5",
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks (see `kvfold bench --help`)")] = "niah,multikey",
     length: Annotated[int, typer.Option(help="Context length in tokens")] = 1024,
-    samples: Annotated[int, typer.Option(min=1, help="Needles (depths spread over 10–90%)")] = 3,
+    samples: Annotated[int, typer.Option(min=1, help="Seeded samples per task")] = 3,
     agnostic: Annotated[bool, typer.Option("--agnostic", help="Compress before the question is seen")] = False,
     prefill_chunk: ChunkOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.jsonl and the report (rerun to "
+                                      "resume)")] = Path("out/demo"),
     model: ModelOption = None,
 ) -> None:
-    """A small needle-in-a-haystack sweep: accuracy, KV bytes and speed per method."""
-    from .demo import expand_specs, run_demo
+    """A small sweep (methods x ratios x tasks): accuracy with 95% intervals, KV bytes and speed per method, and
+    the report (report.md, report.html, report.png) in --out."""
+    from .bench.runner import BenchConfig, parse_list, split_specs
+    from .demo import DEMO_NEW_TOKENS, run_demo_sweep
 
-    try:
-        ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
-    except ValueError:
-        raise KVFoldError(f"--ratios takes comma-separated numbers in [0, 1), got '{ratios}'") from None
-    compressors = expand_specs([m for m in methods_.split(",") if m.strip()], ratio_values)
+    config = BenchConfig(out=out, methods=split_specs(methods_), ratios=parse_list(ratios, float, "--ratios"),
+                         tasks=parse_list(tasks, str, "--tasks"), lengths=(length,), samples=samples,
+                         setting="agnostic" if agnostic else "aware", prefill_chunk=prefill_chunk,
+                         max_new_tokens=DEMO_NEW_TOKENS)
     lm, tokenizer = _load(model)
-    run_demo(lm, tokenizer, compressors, length=length, samples=samples, agnostic=agnostic, console=console,
-             prefill_chunk=prefill_chunk)
+    try:
+        run_demo_sweep(lm, tokenizer, config, model_name=model or "embedded:SmolLM2-135M-Instruct", console=console)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: finished answers are in {config.out / 'results.jsonl'}; run the same "
+                          "command again to resume")
+        raise SystemExit(130) from None
 
 
 @app.command()
@@ -165,6 +174,10 @@ def bench(
     prefill_chunk: ChunkOption = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the task samples")] = 0,
+    ray: Annotated[bool, typer.Option("--ray", help="Run each method's cells as a Ray task (one GPU, or one CPU, "
+                                      "each) on a new local Ray, or on RAY_ADDRESS's cluster")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Run on this Ray cluster (implies "
+                                                       "--ray), e.g. auto or ray://host:10001")] = None,
     model: ModelOption = None,
 ) -> None:
     """Benchmark methods x ratios x tasks x lengths; one JSON line per answer in OUT/results.jsonl (resumable)."""
@@ -178,10 +191,17 @@ def bench(
                          tasks=parse_list(tasks, str, "--tasks"), lengths=parse_list(lengths, int, "--lengths"),
                          samples=samples, setting=setting, prefill_chunk=prefill_chunk,
                          max_new_tokens=max_new_tokens, seed=seed)
-    lm, tokenizer = _load(model)
     name = model or "embedded:SmolLM2-135M-Instruct"
     try:
-        rows = run_bench(lm, tokenizer, config, model_name=name, console=console)
+        if ray or ray_address:
+            from .bench.distributed import ModelSource, RayOptions, require_ray, run_bench_ray
+
+            require_ray()
+            rows = run_bench_ray(ModelSource(model), config, model_name=name, options=RayOptions(ray_address),
+                                 console=console)
+        else:
+            lm, tokenizer = _load(model)
+            rows = run_bench(lm, tokenizer, config, model_name=name, console=console)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: finished answers are in {config.out / 'results.jsonl'}; run the same "
                           "command again to resume")
@@ -190,7 +210,124 @@ def bench(
         lengths_text = ", ".join(str(n) for n in config.lengths)
         console.print(summary_table(rows, title=f"kvfold bench · {name} · lengths {lengths_text}"))
     skipped = f", {len(rows.warnings)} bad line(s) skipped" if rows.warnings else ""
-    console.print(f"{len(rows)} rows ({rows.computed} new{skipped}) in {rows.path}")
+    console.print(f"{len(rows)} rows ({rows.computed} new{skipped}) in {rows.path}; `kvfold report {config.out}` "
+                  "writes its report")
+
+
+@app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(help="A `kvfold bench --out` folder (or its results.jsonl)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the report files (default: the "
+                                                "results' folder)")] = None,
+) -> None:
+    """Write report.md (tables with 95% intervals), report.html (offline interactive plots) and report.png."""
+    from .bench.report import load_report, summary_grid
+
+    result = load_report(folder)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    paths = result.write(out or result.source.parent)
+    console.print(summary_grid(result, title=f"kvfold report · {len(result.rows)} rows").rich())
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+def serve(
+    model: ModelOption = None,
+    method: MethodOption = "none",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    kv_budget: Annotated[str, typer.Option("--kv-budget", help="Most KV bytes held: prefix-cache snapshots plus the "
+                                           "running request (e.g. 2GiB, 512MiB)")] = "2GiB",
+    block: Annotated[int, typer.Option(min=1, help="Prefix-cache block in tokens: prompts are prefilled and "
+                                       "snapshotted block by block")] = 256,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="KVFOLD_API_KEY", help="Require "
+                                                   "'Authorization: Bearer KEY' (prefer $KVFOLD_API_KEY or "
+                                                   "--api-keys-file: arguments show in ps)")] = None,
+    api_keys_file: Annotated[Optional[Path], typer.Option("--api-keys-file", help="File with one accepted key "
+                                                          "per line")] = None,
+    rate_limit: Annotated[Optional[int], typer.Option("--rate-limit", min=1, help="Requests per minute per key "
+                                                      "(per client address without keys)")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest prompt accepted (default: "
+                                                             "the model's context)")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=64, help="Largest request body accepted (413 beyond)")] = 4 << 20,
+    queue: Annotated[int, typer.Option(min=1, help="Requests waiting behind the running one; more get 429")] = 16,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="max_tokens of requests that give "
+                                            "none")] = 256,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (default: sizes only)")] = False,
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) with a
+    compressed prefix cache; one request runs at a time (no continuous batching yet). Greedy unless a request
+    sets temperature > 0."""
+    from .serve import ServeConfig, load_api_keys, parse_bytes, run_server
+
+    keys = ((api_key,) if api_key else ()) + (load_api_keys(api_keys_file) if api_keys_file is not None else ())
+    config = ServeConfig(model_id=model or "embedded:SmolLM2-135M-Instruct", method=method,
+                         kv_budget=parse_bytes(kv_budget), block=block, api_keys=keys, rate_limit=rate_limit,
+                         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, queue=queue,
+                         default_max_tokens=max_tokens, log_prompts=log_prompts)
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        err_console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
+                          "it can use it (pass --api-keys-file F)")
+    lm, tokenizer = _load(model)
+    console.print(f"serving {config.model_id} with {config.method} on http://{host}:{port}/v1 · KV budget "
+                  f"{human_bytes(config.kv_budget)} · block {block} · queue {queue}"
+                  f"{' · API keys on' if keys else ''}")
+    run_server(lm, tokenizer, config, host=host, port=port)
+
+
+@app.command("inspect")
+def inspect_command(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for profile.json, maps.npz, the PNGs "
+                                                "and index.html (required)")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="A text file to inspect, tokenized as is")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="A task sample to inspect (default niah): niah, "
+                                                "multikey, multivalue, vt, cwe, multihop, multiturn")] = None,
+    length: Annotated[Optional[str], typer.Option("--length", help="Tokens of the task sample, e.g. 2048 or 4k "
+                                                  "(default 2k); with --text, keep the first N tokens")] = None,
+    method: Annotated[list[str], typer.Option("--method", help="Spec whose kept tokens are mapped (default "
+                                              "snapkv:0.5); repeat for several")] = [],
+    seed: Annotated[int, typer.Option(help="Seed of the task sample")] = 0,
+    depth: Annotated[float, typer.Option(help="niah: depth of the needle in [0, 1]")] = 0.5,
+    model: ModelOption = None,
+) -> None:
+    """One forward pass: attention sinks, head roles, K/V channel statistics and what a method keeps, as
+    OUT/profile.json (read by budget methods) and plots in OUT/index.html."""
+    from .bench.tasks import TASKS
+    from .compressor import Compressor
+    from .errors import closest
+    from .inspection import InspectConfig, inspect_model, parse_length, task_input, text_input, write_inspection
+    from .inspection.plots import summary_rows
+    from .models import context_limit
+
+    if out is None:
+        raise KVFoldError("no output folder: pass --out DIR (profile.json, plots and index.html go there)")
+    if text is not None and task is not None:
+        raise KVFoldError("--text and --task both given: inspect either a text file or a task sample")
+    if text is not None and not text.is_file():
+        raise KVFoldError(f"text file '{text}' does not exist: pass an existing file to --text")
+    task = task or "niah"
+    if text is None and task not in TASKS:
+        raise KVFoldError(f"unknown task '{task}'{closest(task, TASKS)}; valid: {', '.join(TASKS)}")
+    if not 0.0 <= depth <= 1.0:
+        raise KVFoldError(f"--depth must be in [0, 1], got {depth}")
+    tokens = parse_length(length) if length is not None else None
+    specs = tuple(Compressor.parse(spec).spec for spec in (method or ["snapkv:0.5"]))
+    config = InspectConfig(methods=specs)
+    lm, tokenizer = _load(model)
+    if tokens is not None and tokens > context_limit(lm.config):
+        raise KVFoldError(f"--length {tokens} is past the model's context of {context_limit(lm.config)} tokens: "
+                          "lower it")
+    source = (text_input(tokenizer, text, tokens) if text is not None
+              else task_input(tokenizer, task, tokens or 2048, seed=seed, depth=depth))
+    with console.status(f"inspecting {len(source.ids)} tokens (one pass with {specs[0]})…"):
+        result = inspect_model(lm, tokenizer, source, config, model_name=model or "embedded:SmolLM2-135M-Instruct")
+        paths = write_inspection(result, out)
+    table = Table(title="kvfold inspect", show_header=False)
+    for label, value in summary_rows(result.profile):
+        table.add_row(label, escape(value))
+    console.print(table)
+    console.print(f"wrote {len(paths)} files to {out}; open {out / 'index.html'}")
 
 
 def run() -> None:
@@ -200,5 +337,5 @@ def run() -> None:
     except KVFoldError as err:
         if "--debug" in sys.argv:
             raise
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")  # messages may hold [brackets]
         raise SystemExit(2) from None

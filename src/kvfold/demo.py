@@ -1,9 +1,13 @@
-"""`kvfold demo`: a small needle-in-a-haystack sweep printing accuracy, KV bytes and speed per method."""
+"""`kvfold demo`: a small sweep on the embedded model (a few methods x 2 ratios x 2 tasks, via `kvfold bench`) that
+prints accuracy with 95% intervals, KV bytes and speed per method and writes the report (:func:`run_demo_sweep`);
+:func:`run_demo` is the older needle-only table, kept for scripts."""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -81,3 +85,22 @@ def summary_table(rows: list[Row], length: int, agnostic: bool, prefill_chunk: i
                       f"{held / baseline:.0%}" if baseline else "—", f"{statistics.mean(row.prefill):.2f}",
                       f"{statistics.mean(row.decode_tps):.1f}" if row.decode_tps else "—")
     return table
+
+
+DEMO_NEW_TOKENS = 24  # the needle answers ("The special magic number for X is: 1234567.") fit
+
+
+def run_demo_sweep(model, tokenizer, config, *, model_name: str, console: Console) -> tuple[object, dict[str, Path]]:
+    """Run `config` (a :class:`~kvfold.bench.runner.BenchConfig`) with `kvfold bench` (resumable, in
+    ``config.out``), print this sweep's summary and write its report next to the results; returns (report, paths)."""
+    from .bench.report import Report, summary_grid
+    from .bench.runner import run_bench
+
+    rows = run_bench(model, tokenizer, config, model_name=model_name, console=console)
+    report = Report(rows.path, tuple(rows), tuple(rows.warnings))
+    paths = report.write(Path(config.out))
+    title = f"kvfold demo · {model_name} · {', '.join(map(str, config.lengths))} tokens · {config.setting}"
+    console.print(summary_grid(report, title=title).rich())
+    console.print(f"{len(rows)} answers ({rows.computed} new) in {rows.path}; report: "
+                  + ", ".join(str(p) for p in paths.values()))
+    return report, paths

@@ -51,8 +51,9 @@ def _problem(row: Any) -> str | None:
     return None
 
 
-def read_results(path: Path) -> tuple[dict[str, dict], list[str]]:
-    """The rows of ``path`` by key (a later line wins) and one warning per unusable line, naming its number.
+def read_results(path: Path, consequence: str = "its sample runs again") -> tuple[dict[str, dict], list[str]]:
+    """The rows of ``path`` by key (a later line wins) and one warning per unusable line, naming its number and
+    ending with ``consequence`` (what happens to it: the bench runs it again, the report leaves it out).
 
     Blank lines are ignored; a missing file is empty. Nothing is raised for the file's content.
     """
@@ -76,7 +77,7 @@ def read_results(path: Path) -> tuple[dict[str, dict], list[str]]:
                 rows[row["key"]] = row
             else:
                 where = " (the last line, cut off: was the run killed while writing it?)" if truncated else ""
-                warnings.append(f"{path}:{number}: skipped a bad line{where}: {problem}; its sample runs again")
+                warnings.append(f"{path}:{number}: skipped a bad line{where}: {problem}; {consequence}")
     return rows, warnings
 
 

@@ -6,14 +6,17 @@ Cells: each method spec is expanded with the ratios as ``kvfold demo`` does (``s
 ``kivi:4``), runs once, with ``ratio`` null. Each cell answers ``samples`` seeded samples of its task; a multi-turn
 sample asks every question: query-aware, each question is its own prompt compressed with the context;
 query-agnostic, the context is compressed once and each question is asked on a fork (`generate(agnostic=True)`).
+
+A run is planned (:func:`plan_bench`: samples, keys, what the file already holds), then driven (:func:`drive`: rows
+appended as they arrive, with progress bars) from events that :func:`kvfold.bench.cells.cell_events` produces in
+this process or, with ``--ray``, on Ray workers (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +24,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..api import check_chunk, generate, split_prompt
+from ..api import check_chunk, split_prompt
 from ..compressor import Compressor
 from ..demo import expand_specs
 from ..errors import KVFoldError, closest
 from ..models import context_limit
-from .records import (SAME_RUN, PeakMemory, ResultsWriter, environment, make_key, read_results, timestamp,
-                      uncompressed_bytes)
-from .tasks import TASKS, Sample, make_samples, score
+from .cells import Cell, CellWork, cell_events, method_ratio, sample_hash  # noqa: F401  (method_ratio: re-exported)
+from .records import SAME_RUN, ResultsWriter, read_results
+from .tasks import TASKS, make_samples
 
 SETTINGS: dict[str, tuple[str, ...]] = {"aware": ("aware",), "agnostic": ("agnostic",), "both": ("aware", "agnostic")}
 RESULTS_FILE = "results.jsonl"
@@ -67,41 +70,12 @@ def parse_list(text: str, cast: type, flag: str) -> list:
         raise KVFoldError(f"{flag} takes comma-separated {kind}, got '{text}'") from None
 
 
-def method_ratio(compressor: Compressor) -> float | None:
-    """The eviction ratio a compressor runs at, or None when it evicts nothing or keeps a fixed token count."""
-    scorer = compressor.scorer
-    if not compressor.evicts or scorer.budget or (scorer.name == "streaming" and getattr(scorer, "window", 0)):
-        return None
-    return float(scorer.ratio)
-
-
 def _tuple(value: object, name: str) -> tuple:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise KVFoldError(f"{name} must be a list, got {value!r}")
     if not value:
         raise KVFoldError(f"{name} is empty: give at least one")
     return tuple(dict.fromkeys(value))
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One (method, task, length, setting) of the sweep; it answers every question of every sample."""
-
-    compressor: Compressor
-    task: str
-    length: int
-    setting: str
-
-    @property
-    def method(self) -> str:
-        return self.compressor.spec
-
-    @property
-    def ratio(self) -> float | None:
-        return method_ratio(self.compressor)
-
-    def key(self, model: str, sample: int, question: int) -> str:
-        return make_key(model, self.method, self.ratio, self.task, self.length, self.setting, sample, question)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,23 +152,34 @@ class BenchRows(list):
         self.path, self.warnings, self.computed = path, warnings, computed
 
 
-def sample_hash(sample: Sample) -> str:
-    blob = json.dumps([sample.context, list(sample.questions), [list(a) if isinstance(a, tuple) else a
-                                                               for a in sample.answers]], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+@dataclass
+class Plan:
+    """A sweep checked against the results file: every key of every cell (in cell order), the rows already stored
+    (``done``, by key), the warnings about bad lines, and the work left (:meth:`work`)."""
+
+    config: BenchConfig
+    model_name: str
+    path: Path
+    keys: dict[Cell, list[list[str]]]
+    done: dict[str, dict]
+    warnings: list[str]
+    _work: dict[Cell, CellWork]
+
+    @property
+    def all_keys(self) -> list[str]:
+        return [key for keys in self.keys.values() for sample_keys in keys for key in sample_keys]
+
+    def work(self) -> list[CellWork]:
+        """The cells with questions left, in cell order (a cell fully stored is left out)."""
+        return [w for w in self._work.values() if w.total]
 
 
-def run_bench(model, tokenizer, config: BenchConfig, *, model_name: str, on_row: Callable[[dict], None] | None = None,
-              progress: bool | None = None, console: Console | None = None) -> BenchRows:
-    """Run every missing (sample, question) of `config`'s cells and append its row to ``out/results.jsonl``.
-
-    Keys already in the file are skipped (resume). Bad lines are warned about on `console` (default: stderr) by
-    line number and their keys run again. A stored row for one of this sweep's keys that came from other
-    settings (another seed or sample count, max_new_tokens or prefill_chunk) is an error: use another folder.
-    `on_row(row)` is called after each row is safely written. `progress`: Rich bars (None = when on a terminal).
-    """
+def plan_bench(model_config, tokenizer, config: BenchConfig, *, model_name: str,
+               console: Console | None = None) -> Plan:
+    """Generate the sweep's samples, check every prompt fits ``model_config``'s context, read the results file
+    (bad lines are warned about on `console` by line number) and refuse stored rows of another run for our keys."""
     console = console or Console(stderr=True)
-    limit = context_limit(model.config)
+    limit = context_limit(model_config)
     config.check_context(limit)
     path = Path(config.out) / RESULTS_FILE
     done, warnings = read_results(path)
@@ -202,20 +187,19 @@ def run_bench(model, tokenizer, config: BenchConfig, *, model_name: str, on_row:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     samples = {(t, n): make_samples(t, tokenizer, length=n, samples=config.samples, seed=config.seed)
                for t in config.tasks for n in config.lengths}
-    prompts = {(t, n): [[sum(map(len, split_prompt(tokenizer, s.context, q))) for q in s.questions] for s in group]
-               for (t, n), group in samples.items()}
+    prompts = {(t, n): [tuple(sum(map(len, split_prompt(tokenizer, s.context, q))) for q in s.questions)
+                        for s in group] for (t, n), group in samples.items()}
     for (task, length), group in prompts.items():
         longest = max(max(p) for p in group)
         if longest + config.max_new_tokens > limit:
             raise KVFoldError(f"{task} at length {length}: the prompt has {longest} tokens (context, question and "
                               f"chat template) + max_new_tokens {config.max_new_tokens} > the model's context of "
                               f"{limit}: use a smaller length")
-    cells = config.cells()
     hashes = {k: [sample_hash(s) for s in group] for k, group in samples.items()}
-    plan = {cell: [[cell.key(model_name, i, q) for q in range(len(s.questions))]
-                   for i, s in enumerate(samples[cell.task, cell.length])] for cell in cells}
-    for cell, keys in plan.items():
-        for i, key in ((i, key) for i, sample_keys in enumerate(keys) for key in sample_keys if key in done):
+    keys = {cell: [[cell.key(model_name, i, q) for q in range(len(s.questions))]
+                   for i, s in enumerate(samples[cell.task, cell.length])] for cell in config.cells()}
+    for cell, cell_keys in keys.items():
+        for i, key in ((i, key) for i, sample_keys in enumerate(cell_keys) for key in sample_keys if key in done):
             ours = {"sample_hash": hashes[cell.task, cell.length][i], "max_new_tokens": config.max_new_tokens,
                     "prefill_chunk": config.prefill_chunk}
             for name in SAME_RUN:
@@ -224,79 +208,84 @@ def run_bench(model, tokenizer, config: BenchConfig, *, model_name: str, on_row:
                         f"{path} already has {cell.method} · {cell.task} · {cell.length} · sample {i} from another "
                         f"run ({name} {done[key].get(name)!r}, this run {ours[name]!r}; seed and samples change the "
                         "samples): pass another --out, or the settings of that run")
-    all_keys = [key for keys in plan.values() for sample_keys in keys for key in sample_keys]
+    work = {cell: CellWork(cell, tuple(samples[cell.task, cell.length]), tuple(prompts[cell.task, cell.length]),
+                           tuple(hashes[cell.task, cell.length]),
+                           tuple(tuple(q for q, key in enumerate(sample_keys) if key not in done)
+                                 for sample_keys in cell_keys))
+            for cell, cell_keys in keys.items()}
+    return Plan(config, model_name, path, keys, done, warnings, work)
+
+
+def run_bench(model, tokenizer, config: BenchConfig, *, model_name: str, on_row: Callable[[dict], None] | None = None,
+              progress: bool | None = None, console: Console | None = None) -> BenchRows:
+    """Run every missing (sample, question) of `config`'s cells in this process and append its row to
+    ``out/results.jsonl``.
+
+    Keys already in the file are skipped (resume). Bad lines are warned about on `console` (default: stderr) by
+    line number and their keys run again. A stored row for one of this sweep's keys that came from other
+    settings (another seed or sample count, max_new_tokens or prefill_chunk) is an error: use another folder.
+    `on_row(row)` is called after each row is safely written. `progress`: Rich bars (None = when on a terminal).
+    For Ray, see :func:`kvfold.bench.distributed.run_bench_ray`: same plan, same rows, cells on workers.
+    """
+    plan = plan_bench(model.config, tokenizer, config, model_name=model_name, console=console)
+    events = cell_events(model, tokenizer, config, plan.work(), model_name)
+    return drive(plan, events, on_row=on_row, progress=progress, console=console)
+
+
+def _accuracy(values: list[float]) -> str:
+    return f"acc {sum(values) / len(values):.0%} of {len(values)}" if values else "acc —"
+
+
+@contextmanager
+def closing_events(events: Iterable[tuple]) -> Iterator[None]:
+    """Close a generator of events when the driver stops early (Ctrl-C, an error), so that its clean-up (e.g.
+    cancelling Ray tasks) runs now rather than at garbage collection."""
+    try:
+        yield
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
+def drive(plan: Plan, events: Iterable[tuple], *, on_row: Callable[[dict], None] | None = None,
+          progress: bool | None = None, console: Console | None = None) -> BenchRows:
+    """Append each ``("row", row)`` event's row to the results file as it arrives (flushed, fsync'ed), with Rich
+    bars: one overall (ETA, running accuracy of every row of the sweep, resumed ones included) and one per running
+    cell (its own accuracy), created at the cell's ``("start", label, total)`` event and removed when it is done."""
+    console = console or Console(stderr=True)
+    done, all_keys = plan.done, plan.all_keys
     scores = [done[key]["score"] for key in all_keys if key in done]
-    env, device, computed = environment(model), next(model.parameters()).device, 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
+               TextColumn("ETA"), TimeRemainingColumn())
     enabled = console.is_terminal if progress is None else bool(progress)
-
-    def accuracy(values: list[float]) -> str:
-        return f"acc {sum(values) / len(values):.0%}" if values else "acc —"
-
-    with ResultsWriter(path) as writer, Progress(*columns, console=console, disable=not enabled) as bars:
-        resumed = f" · {len(scores)} resumed" if scores else ""
-        overall = bars.add_task(f"bench{resumed} · {accuracy(scores)}", total=len(all_keys) - len(scores))
-        for cell, keys in plan.items():
-            todo = [[q for q, key in enumerate(sample_keys) if key not in done] for sample_keys in keys]
-            if not any(todo):
+    computed, live = 0, {}
+    resumed = f" · {len(scores)} resumed" if scores else ""
+    with ResultsWriter(plan.path) as writer, Progress(*columns, console=console, disable=not enabled) as bars, \
+            closing_events(events):
+        overall = bars.add_task(f"bench{resumed} · {_accuracy(scores)}", total=len(all_keys) - len(scores))
+        for event in events:
+            if event[0] == "start":
+                _, label, total = event
+                live[label] = (bars.add_task(label, total=total), [], total)
                 continue
-            name = f"{cell.method} · {cell.task} · {cell.length} · {cell.setting}"
-            cell_scores: list[float] = []
-            bar = bars.add_task(name, total=sum(map(len, todo)))
-            for i, (sample, missing) in enumerate(zip(samples[cell.task, cell.length], todo)):
-                for q, answer, memory in _answers(model, tokenizer, config, cell, sample, missing, device):
-                    row = _row(model, config, cell, model_name, i, q, sample, answer, memory,
-                               prompts[cell.task, cell.length][i][q], hashes[cell.task, cell.length][i], env)
-                    writer.append(row)
-                    done[row["key"]] = row
-                    computed += 1
-                    scores.append(row["score"])
-                    cell_scores.append(row["score"])
-                    bars.update(bar, advance=1, description=f"{name} · {accuracy(cell_scores)}")
-                    bars.update(overall, advance=1, description=f"bench{resumed} · {accuracy(scores)}")
-                    if on_row is not None:
-                        on_row(row)
-            bars.remove_task(bar)
+            row = event[1]
+            writer.append(row)
+            done[row["key"]] = row
+            computed += 1
+            scores.append(row["score"])
+            label = f"{row['method']} · {row['task']} · {row['length']} · {row['setting']}"
+            if label in live:
+                bar, cell_scores, total = live[label]
+                cell_scores.append(row["score"])
+                bars.update(bar, advance=1, description=f"{label} · {_accuracy(cell_scores)}")
+                if len(cell_scores) == total:
+                    bars.remove_task(bar)
+                    del live[label]
+            bars.update(overall, advance=1, description=f"bench{resumed} · {_accuracy(scores)}")
+            if on_row is not None:
+                on_row(row)
     rows = [done[key] for key in all_keys if key in done]
-    return BenchRows(rows, path, warnings, computed)
+    return BenchRows(rows, plan.path, plan.warnings, computed)
 
 
-def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int, sample: Sample, answer,
-         memory: PeakMemory, prompt_tokens: int, digest: str, env: dict) -> dict:
-    """One results line: question `q` of sample `i` of `cell` (fields: see the README's `kvfold bench`)."""
-    gold = sample.answers[q]
-    return {
-        "key": cell.key(model_name, i, q), "model": model_name, "method": cell.method, "ratio": cell.ratio,
-        "task": cell.task, "metric": sample.metric, "length": cell.length, "setting": cell.setting, "sample": i,
-        "question": q, "questions": len(sample.questions), "seed": config.seed, "sample_seed": sample.meta.get("seed"),
-        "sample_hash": digest, "question_text": sample.questions[q],
-        "answer": list(gold) if isinstance(gold, tuple) else gold, "prediction": answer.text,
-        "score": score(sample.metric, answer.text, gold), "context_tokens": sample.meta.get("n_tokens"),
-        "prompt_tokens": prompt_tokens, "new_tokens": len(answer.tokens), "kv_bytes": answer.kv_bytes,
-        "kv_bytes_uncompressed": uncompressed_bytes(model, prompt_tokens),
-        "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
-        "prefill_seconds": answer.prefill_seconds, "decode_seconds": answer.decode_seconds,
-        "decode_tokens_per_second": len(answer.tokens) / answer.decode_seconds
-        if answer.tokens and answer.decode_seconds > 0 else None,
-        "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, **env,
-        "timestamp": timestamp(),
-    }
-
-
-def _answers(model, tokenizer, config: BenchConfig, cell: Cell, sample: Sample, missing: list[int], device):
-    """(question index, Answer, PeakMemory) for each missing question. Query-agnostic asks every question of the
-    sample on forks of one compressed context (question 0's prefill time includes it) and yields the missing ones;
-    query-aware runs each missing question as its own prompt."""
-    kwargs = dict(method=cell.compressor, max_new_tokens=config.max_new_tokens, prefill_chunk=config.prefill_chunk)
-    if cell.setting == "agnostic":
-        with PeakMemory(device) as memory:
-            answers = generate(model, tokenizer, context=sample.context, question=list(sample.questions),
-                               agnostic=True, **kwargs)
-        for q in missing:
-            yield q, answers[q], memory
-        return
-    for q in missing:
-        with PeakMemory(device) as memory:
-            answer = generate(model, tokenizer, context=sample.context, question=sample.questions[q], **kwargs)[0]
-        yield q, answer, memory

@@ -1,0 +1,126 @@
+"""One cell of a `kvfold bench` sweep and the code that answers it: rows from a model, no file access, so the
+same code runs in the driver and in a Ray worker (:mod:`.distributed`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..api import generate
+from ..compressor import Compressor
+from .records import PeakMemory, environment, make_key, timestamp, uncompressed_bytes
+from .tasks import Sample, score
+
+if TYPE_CHECKING:
+    from .runner import BenchConfig
+
+
+def method_ratio(compressor: Compressor) -> float | None:
+    """The eviction ratio a compressor runs at, or None when it evicts nothing or keeps a fixed token count."""
+    scorer = compressor.scorer
+    if not compressor.evicts or scorer.budget or (scorer.name == "streaming" and getattr(scorer, "window", 0)):
+        return None
+    return float(scorer.ratio)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, task, length, setting) of the sweep; it answers every question of every sample."""
+
+    compressor: Compressor
+    task: str
+    length: int
+    setting: str
+
+    @property
+    def method(self) -> str:
+        return self.compressor.spec
+
+    @property
+    def ratio(self) -> float | None:
+        return method_ratio(self.compressor)
+
+    def key(self, model: str, sample: int, question: int) -> str:
+        return make_key(model, self.method, self.ratio, self.task, self.length, self.setting, sample, question)
+
+
+def sample_hash(sample: Sample) -> str:
+    blob = json.dumps([sample.context, list(sample.questions), [list(a) if isinstance(a, tuple) else a
+                                                               for a in sample.answers]], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CellWork:
+    """What one cell still has to answer, self-contained (picklable) so that a Ray worker can run it: the cell's
+    samples, each prompt's token count, the samples' hashes and, per sample, the question indices still missing."""
+
+    cell: Cell
+    samples: tuple[Sample, ...]
+    prompts: tuple[tuple[int, ...], ...]
+    hashes: tuple[str, ...]
+    todo: tuple[tuple[int, ...], ...]
+
+    @property
+    def label(self) -> str:
+        c = self.cell
+        return f"{c.method} · {c.task} · {c.length} · {c.setting}"
+
+    @property
+    def total(self) -> int:
+        return sum(map(len, self.todo))
+
+
+def cell_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork], model_name: str) -> Iterator[tuple]:
+    """Answer the missing questions of each cell: yields ``("start", label, total)`` when a cell begins, then
+    ``("row", row)`` per answered question. Runs in the driver or in a Ray worker; writes nothing."""
+    env, device = environment(model), next(model.parameters()).device
+    for item in work:
+        yield "start", item.label, item.total
+        for i, (sample, missing) in enumerate(zip(item.samples, item.todo)):
+            for q, answer, memory in _answers(model, tokenizer, config, item.cell, sample, missing, device):
+                yield "row", _row(model, config, item.cell, model_name, i, q, sample, answer, memory,
+                                  item.prompts[i][q], item.hashes[i], env)
+
+
+def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int, sample: Sample, answer,
+         memory: PeakMemory, prompt_tokens: int, digest: str, env: dict) -> dict:
+    """One results line: question `q` of sample `i` of `cell` (fields: see the README's `kvfold bench`)."""
+    gold = sample.answers[q]
+    return {
+        "key": cell.key(model_name, i, q), "model": model_name, "method": cell.method, "ratio": cell.ratio,
+        "task": cell.task, "metric": sample.metric, "length": cell.length, "setting": cell.setting, "sample": i,
+        "question": q, "questions": len(sample.questions), "seed": config.seed, "sample_seed": sample.meta.get("seed"),
+        "sample_hash": digest, "question_text": sample.questions[q],
+        "answer": list(gold) if isinstance(gold, tuple) else gold, "prediction": answer.text,
+        "score": score(sample.metric, answer.text, gold), "context_tokens": sample.meta.get("n_tokens"),
+        "prompt_tokens": prompt_tokens, "new_tokens": len(answer.tokens), "kv_bytes": answer.kv_bytes,
+        "kv_bytes_uncompressed": uncompressed_bytes(model, prompt_tokens),
+        "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
+        "prefill_seconds": answer.prefill_seconds, "decode_seconds": answer.decode_seconds,
+        "decode_tokens_per_second": len(answer.tokens) / answer.decode_seconds
+        if answer.tokens and answer.decode_seconds > 0 else None,
+        "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, **env,
+        "timestamp": timestamp(),
+    }
+
+
+def _answers(model, tokenizer, config: BenchConfig, cell: Cell, sample: Sample, missing: list[int], device):
+    """(question index, Answer, PeakMemory) for each missing question. Query-agnostic asks every question of the
+    sample on forks of one compressed context (question 0's prefill time includes it) and yields the missing ones;
+    query-aware runs each missing question as its own prompt."""
+    kwargs = dict(method=cell.compressor, max_new_tokens=config.max_new_tokens, prefill_chunk=config.prefill_chunk)
+    if cell.setting == "agnostic":
+        with PeakMemory(device) as memory:
+            answers = generate(model, tokenizer, context=sample.context, question=list(sample.questions),
+                               agnostic=True, **kwargs)
+        for q in missing:
+            yield q, answers[q], memory
+        return
+    for q in missing:
+        with PeakMemory(device) as memory:
+            answer = generate(model, tokenizer, context=sample.context, question=sample.questions[q], **kwargs)[0]
+        yield q, answer, memory
