@@ -35,6 +35,7 @@ class KVFoldCache(Cache):
     def __init__(self, config, compressor: Compressor | str = "none", page_size: int = 64,
                  compress_appends: bool = False) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
+        compressor.budget.check_model(config)
         layers, windows = [], layer_windows(config)
         frequencies = {kind: rope_frequencies(config, kind) if compressor.scorer.needs_rope else None
                        for kind in ("full_attention", "sliding_attention")}

@@ -147,6 +147,9 @@ class Budget(Method):
         """
         raise NotImplementedError
 
+    def check_model(self, config) -> None:
+        """Raise KVFoldError if this budget cannot serve the model of `config` (e.g. a profile of another model)."""
+
 
 @dataclass(frozen=True)
 class Quantizer(Method):
