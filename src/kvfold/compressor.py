@@ -81,11 +81,15 @@ class Compressor:
     budget: Budget = field(default_factory=UniformBudget)
     quantizer: Quantizer | None = None
     rotation: Rotation | None = None
+    merger: Method | None = None  # `merge`: evicted tokens folded into kept ones
 
     def __post_init__(self) -> None:
         if self.budget.needs_attention_mass and not self.scorer.attention_mass:
             raise KVFoldError(f"the {self.budget.name} budget reads scores as attention mass; {self.scorer.name} "
                               f"scores are not (use snapkv, h2o or tova)")
+        if self.merger is not None and not self.evicts:
+            raise KVFoldError(f"{self.merger.name} folds evicted tokens into kept ones; add an eviction method, "
+                              f"e.g. 'snapkv:0.5+{self.merger.spec()}'")
         if self.rotation is not None and self.quantizer is None:
             raise KVFoldError(f"{self.rotation.name} rotates K/V before a quantizer packs them; add one, "
                               f"e.g. '{self.rotation.spec()}+kivi:4'")
@@ -106,6 +110,8 @@ class Compressor:
         parts = []
         if self.evicts or self.quantizer is None:
             parts.append(self.scorer.spec() + ("" if isinstance(self.budget, UniformBudget) else "@" + self.budget.spec()))
+        if self.merger is not None:
+            parts.append(self.merger.spec())
         if self.rotation is not None:
             parts.append(self.rotation.spec())
         if self.quantizer is not None:
@@ -119,7 +125,7 @@ class Compressor:
     def parse(cls, spec: str) -> "Compressor":
         if not isinstance(spec, str) or not spec.strip():
             raise KVFoldError("empty method spec: give e.g. 'none', 'snapkv:0.5' or 'snapkv:0.5+kivi:4'")
-        scorer = budget = quantizer = rotation = None
+        scorer = budget = quantizer = rotation = merger = None
         for component in spec.replace(" ", "").split("+"):
             head, _, budget_part = component.partition("@")
             name, _, args = head.partition(":")
@@ -155,7 +161,11 @@ class Compressor:
                 if new_budget is not None or rotation is not None:
                     raise KVFoldError(f"in '{spec}': use at most one rotation, without '@'")
                 rotation = method
-        return cls(scorer or REGISTRY["none"](), budget or UniformBudget(), quantizer, rotation)
+            elif method.kind == "merge":
+                if new_budget is not None or merger is not None:
+                    raise KVFoldError(f"in '{spec}': use at most one merge, without '@'")
+                merger = method
+        return cls(scorer or REGISTRY["none"](), budget or UniformBudget(), quantizer, rotation, merger)
 
 
 def _names(kind: type[Method]) -> str:

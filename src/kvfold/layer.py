@@ -181,6 +181,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
             inputs = ScoreInputs(queries, q_pos, keys, values, positions.view(1, 1, -1).expand(batch, heads, tokens),
                                  keep, scale, self.inv_freq)
             keep = self._keep_mask(inputs, valid.sum(dim=1).cpu())
+            keys, values = self._merge(keys, values, keep, inputs.valid)
         self._remember_queries(query[:, :, :tokens], positions)
         self._append_rows(keys, values, positions, keep)
         if evicts and self.chunking:
@@ -218,6 +219,12 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         count = self.compressor.scorer.keep_count(n_tokens).to(scores.device)
         keep = self.compressor.budget.select(scores, count, self.layer_idx, self.num_layers)
         return inputs.valid & keep & torch.isfinite(scores)
+
+    def _merge(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With a `merge` method, fold the evicted valid tokens into the kept ones; otherwise unchanged."""
+        merger = self.compressor.merger
+        return (keys, values) if merger is None else merger.merge(keys, values, keep, valid)
 
     def _observation(self, query: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The queries the scorer reads and their positions: the last `window` ones, or all (`observes_all`)."""
@@ -327,7 +334,9 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         valid = valid[:, :width].reshape(shape)
         inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale,
                              self.inv_freq)
-        kept, counts = compact(flat, self._keep_mask(inputs, self.valid_seen))
+        keep = self._keep_mask(inputs, self.valid_seen)
+        flat["k"], flat["v"] = self._merge(flat["k"], flat["v"], keep, valid)
+        kept, counts = compact(flat, keep)
         self.full.fill(kept, counts)
 
     # ---- accounting and sharing --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Every method registers itself on import; `kvfold.compressor` composes them from spec strings."""
 
-from . import adakv, duo, expected, fp8, h2o, kivi, knorm, none, pyramidkv, rotate, snapkv, streaming, tova, zipvl  # noqa: F401
+from . import (adakv, duo, expected, fp8, h2o, kivi, knorm, merge, none, pyramidkv, rotate, snapkv,  # noqa: F401
+               streaming, tova, zipvl)
 from .base import REGISTRY, Budget, Method, Quantizer, Rotation, ScoreInputs, Scorer, register
 
 __all__ = ["REGISTRY", "Budget", "Method", "Quantizer", "Rotation", "ScoreInputs", "Scorer", "register"]
