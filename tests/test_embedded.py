@@ -83,9 +83,10 @@ def answer(embedded, sample, spec, agnostic=False):
 
 
 def test_needles_none_and_kivi(embedded, needles):
-    found = {spec: [score_contains(answer(embedded, s, spec).text, s.answer) for s in needles]
+    shallow_middle_deep = needles[::2]  # depths 10%, 50%, 90% (the suite's time budget)
+    found = {spec: [score_contains(answer(embedded, s, spec).text, s.answer) for s in shallow_middle_deep]
              for spec in ("none", "kivi:8", "kivi:4")}
-    assert found["none"] == [1.0] * len(needles)
+    assert found["none"] == [1.0] * len(shallow_middle_deep)
     assert found["kivi:8"] == found["none"] and found["kivi:4"] == found["none"]
 
 

@@ -253,6 +253,18 @@ def test_cli_refuses_bad_settings_before_loading_the_model(tmp_path, monkeypatch
         assert isinstance(result.exception, KVFoldError) and message in str(result.exception)
 
 
+def test_prefill_chunk_is_the_block_size(monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvfold import cli, serve
+
+    seen = {}
+    monkeypatch.setattr(cli, "_load", lambda model: (None, None))
+    monkeypatch.setattr(serve, "run_server", lambda lm, tok, config, **kw: seen.setdefault("block", config.block))
+    result = CliRunner().invoke(cli.app, ["serve", "--prefill-chunk", "128"])
+    assert result.exit_code == 0 and seen["block"] == 128
+
+
 @pytest.mark.slow
 def test_embedded_model_end_to_end(embedded):
     import torch

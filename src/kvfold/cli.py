@@ -239,8 +239,9 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     kv_budget: Annotated[str, typer.Option("--kv-budget", help="Most KV bytes held: prefix-cache snapshots plus the "
                                            "running request (e.g. 2GiB, 512MiB)")] = "2GiB",
-    block: Annotated[int, typer.Option(min=1, help="Prefix-cache block in tokens: prompts are prefilled and "
-                                       "snapshotted block by block")] = 256,
+    block: Annotated[int, typer.Option("--block", "--prefill-chunk", min=1, help="Prompts are prefilled in chunks "
+                                       "of this many tokens, each compressed as it arrives (bounded memory), and "
+                                       "snapshotted chunk by chunk for the prefix cache")] = 256,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="KVFOLD_API_KEY", help="Require "
                                                    "'Authorization: Bearer KEY' (prefer $KVFOLD_API_KEY or "
                                                    "--api-keys-file: arguments show in ps)")] = None,
