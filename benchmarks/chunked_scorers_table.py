@@ -3,8 +3,11 @@ folder (one pass and --prefill-chunk 512).
 
     python benchmarks/chunked_scorers_table.py > benchmarks/results/chunked_scorers_2k/summary.md
 """
-import json, statistics, sys
+
+import json
+import statistics
 from collections import defaultdict
+
 base = "benchmarks/results/chunked_scorers_2k"
 rows = {mode: [json.loads(l) for l in open(f"{base}/{mode}/results.jsonl")] for mode in ("onepass", "512")}
 first = rows["onepass"][0]
