@@ -65,7 +65,8 @@ def methods() -> None:
         aware = {True: "yes", False: "no"}.get(getattr(cls, "query_aware", None), "—")
         table.add_row(name, cls.kind, cls.paper or "—", knobs, aware)
     console.print(table)
-    console.print("Compose with '+' (evict, then quantize) and pick a budget with '@': snapkv:0.75@adakv+kivi:4")
+    console.print("Compose with '+' (evict, merge, rotate, then quantize) and pick a budget with '@': "
+                  "snapkv:0.75@adakv+kivi:4, snapkv:0.5+merge+rotate+fp8")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""A `Compressor` is an ordered composition: a scorer under a budget (evict), then a quantizer (pack).
+"""A `Compressor` is an ordered composition: a scorer under a budget (evict), an optional merge of what is evicted,
+an optional rotation, then a quantizer (pack).
 
 Spec strings, as the CLI and the Python API take them:
 
@@ -9,6 +10,7 @@ Spec strings, as the CLI and the Python API take them:
     streaming:sink=4,window=512 StreamingLLM with a fixed window
     kivi:2                      KIVI 2-bit (group 64, residual 128)
     snapkv:0.75+kivi:4          evict, then quantize what is kept
+    snapkv:0.75+merge+rotate+fp8  evict, fold evicted tokens into kept ones, rotate, store as float8
 """
 
 from __future__ import annotations
