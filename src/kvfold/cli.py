@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import KVFoldError
+from .units import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Real, composable, measured KV-cache compression for Hugging Face causal LMs.")
@@ -26,14 +27,6 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Local
 MethodOption = Annotated[str, typer.Option("--method", help="Method spec, e.g. snapkv:0.5+kivi:4 (see `kvfold methods`)")]
 ChunkOption = Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, help="Read the context N tokens at a time, "
                                                     "compressing after each chunk (bounded memory)")]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _load(model: str | None):

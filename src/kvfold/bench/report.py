@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..errors import KVFoldError
+from ..units import human_bytes
 from .plots import accuracy_png, accuracy_vs_bytes, html_page, method_ratio_heatmap, speed_vs_length
 from .records import read_results
 from .stats import LEVEL, SETTING_NAMES, Section, aggregate, sections, speed_by_length
@@ -87,7 +88,7 @@ class Report:
                 s = group.score
                 interval = f"[{s.low:.0%}, {s.high:.0%}] {s.method}" if s.low is not None else "—"
                 body.append((group.method + (" ★" if on_front else ""), _ratio(group.ratio), str(s.n), f"{s.mean:.1%}",
-                             interval, human_bytes(group.kv_bytes), human_bytes(group.kv_plain),
+                             interval, human_bytes(group.kv_bytes, 2), human_bytes(group.kv_plain, 2),
                              f"{group.compression:.2f}×" if group.compression else "—",
                              _num(group.prefill_seconds, ".3f"), _num(group.decode_tps, ".1f")))
             lengths = ", ".join(map(str, sorted({n for g in section.groups for n in g.lengths})))
@@ -171,14 +172,6 @@ def load_report(target: str | Path) -> Report:
     return Report(path, tuple(done.values()), tuple(warnings))
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"  # pragma: no cover
-
-
 def _ratio(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio:g}"
 
@@ -206,7 +199,7 @@ def summary_grid(report: Report, title: str = "kvfold") -> Grid:
         held, plain = sum(g.kv_bytes for g in groups), sum(g.kv_plain for g in groups)
         prefill = [g.prefill_seconds for g in groups if g.prefill_seconds is not None]
         decode = [g.decode_tps for g in groups if g.decode_tps is not None]
-        rows.append((method, *cells, human_bytes(held / len(groups)) if groups else "—",
+        rows.append((method, *cells, human_bytes(held / len(groups), 2) if groups else "—",
                      f"{held / plain:.0%}" if plain else "—", _num(sum(prefill) / len(prefill) if prefill else None,
                                                                    ".2f"),
                      _num(sum(decode) / len(decode) if decode else None, ".1f")))
