@@ -64,13 +64,17 @@ def load_profile(path: str | Path, model_config=None) -> dict:
                           f"{SCHEMA_VERSION}: run `kvfold inspect` again")
     validate_profile(profile)
     if model_config is not None:
-        ours, theirs = model_identity(model_config, "")["config_hash"], profile["model"]["config_hash"]
-        if ours != theirs:
-            m = profile["model"]
-            raise KVFoldError(f"profile '{path}' is for model '{m['name']}' ({m['model_type']}, {m['layers']} layers x "
-                              f"{m['heads']} heads, config hash {theirs}), not this one (config hash {ours}): run "
-                              "`kvfold inspect --model M` for this model")
+        check_profile_model(profile["model"], model_config, path)
     return profile
+
+
+def check_profile_model(model: dict, model_config, path: str | Path) -> None:
+    """Raise KVFoldError unless a profile's recorded `model` identity is that of `model_config`."""
+    ours, theirs = model_identity(model_config, "")["config_hash"], model["config_hash"]
+    if ours != theirs:
+        raise KVFoldError(f"profile '{path}' is for model '{model['name']}' ({model['model_type']}, {model['layers']} "
+                          f"layers x {model['heads']} heads, config hash {theirs}), not this one (config hash {ours}): "
+                          "run `kvfold inspect --model M` for this model")
 
 
 def head_matrix(profile: dict, key: str) -> list[list]:

@@ -57,9 +57,9 @@ class DuoBudget(Budget):
         return self._streaming_heads
 
     def check_model(self, config) -> None:
-        from ..inspection.profile import load_profile
+        from ..inspection.profile import check_profile_model
 
-        load_profile(self.profile, config)  # raises when the profile was made for another model
+        check_profile_model(self._model, config, self.profile)  # the identity read at parse time; no second read
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
         batch, heads, _ = scores.shape
