@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from . import methods  # noqa: F401  (registers every method)
 from .errors import KVFoldError, closest
-from .methods.base import REGISTRY, Budget, Method, Quantizer, Rotation, Scorer, UniformBudget
+from .methods.base import REGISTRY, Budget, Merger, Method, Quantizer, Rotation, Scorer, UniformBudget
 
 
 def _parse_value(text: str) -> object:
@@ -83,7 +83,7 @@ class Compressor:
     budget: Budget = field(default_factory=UniformBudget)
     quantizer: Quantizer | None = None
     rotation: Rotation | None = None
-    merger: Method | None = None  # `merge`: evicted tokens folded into kept ones
+    merger: Merger | None = None  # `merge`: evicted tokens folded into kept ones
 
     def __post_init__(self) -> None:
         if self.budget.needs_attention_mass and not self.scorer.attention_mass:
@@ -163,7 +163,7 @@ class Compressor:
                 if new_budget is not None or rotation is not None:
                     raise KVFoldError(f"in '{spec}': use at most one rotation, without '@'")
                 rotation = method
-            elif method.kind == "merge":
+            elif isinstance(method, Merger):
                 if new_budget is not None or merger is not None:
                     raise KVFoldError(f"in '{spec}': use at most one merge, without '@'")
                 merger = method

@@ -52,10 +52,10 @@ class StoreReader:
         batch, q_heads, n, dim = query.shape
         group = q_heads // self.kv_heads
         rows = batch * self.kv_heads
-        parts = self.kernel_parts() if n == 1 and new is None and use_triton(query.device) else None
+        parts = self._kernel_parts_for(query) if n == 1 and new is None else None
         if parts is not None:
-            from .kernels.decode import paged_decode, supports
-        if parts is not None and supports(parts, dim):
+            from .kernels.decode import paged_decode
+
             out = paged_decode(query.reshape(rows, group, dim), parts, int(positions[-1]), scale, self.sliding_window)
         else:
             stream = itertools.chain(self.chunks(), [new] if new is not None else [])
@@ -80,6 +80,15 @@ class StoreReader:
         return KVChunk(staged.keys.reshape(rows, n, dim).float(), staged.values.reshape(rows, n, dim).float(),
                        staged.positions().view(1, n).expand(rows, n),
                        valid.unsqueeze(1).expand(batch, self.kv_heads, n).reshape(rows, n))
+
+    def _kernel_parts_for(self, query: torch.Tensor) -> list | None:
+        """The store's kernel parts when the Triton decode kernel should and can read it, else None."""
+        if not use_triton(query.device):
+            return None
+        from .kernels.decode import supports
+
+        parts = self.kernel_parts()
+        return parts if supports(parts, query.shape[-1]) else None
 
     def kernel_parts(self) -> list:
         """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages."""

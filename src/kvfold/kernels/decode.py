@@ -2,8 +2,9 @@
 
 One program handles one row (a batch element's KV head, with all its GQA query heads) over a split of its pages:
 it loads each page, de-quantizes packed KIVI pages (or scaled float8 pages) in registers (codes never expand in
-HBM), and keeps an online softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by `combine`. The meaning is
-`reference.paged_attention`; tests compare the two under TRITON_INTERPRET=1 on the CPU and at full size on a GPU.
+HBM), and keeps an online softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by
+`combine`. The meaning is `reference.paged_attention`; tests compare the two under TRITON_INTERPRET=1 on the CPU
+and at full size on a GPU.
 """
 
 from __future__ import annotations

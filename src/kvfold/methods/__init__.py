@@ -2,6 +2,6 @@
 
 from . import (adakv, duo, expected, fp8, h2o, kivi, knorm, merge, none, pyramidkv, rotate, snapkv,  # noqa: F401
                streaming, tova, zipvl)
-from .base import REGISTRY, Budget, Method, Quantizer, Rotation, ScoreInputs, Scorer, register
+from .base import REGISTRY, Budget, Merger, Method, Quantizer, Rotation, ScoreInputs, Scorer, register
 
-__all__ = ["REGISTRY", "Budget", "Method", "Quantizer", "Rotation", "ScoreInputs", "Scorer", "register"]
+__all__ = ["REGISTRY", "Budget", "Merger", "Method", "Quantizer", "Rotation", "ScoreInputs", "Scorer", "register"]

@@ -198,6 +198,19 @@ class Rotation(Method):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Merger(Method):
+    """Folds the tokens an eviction drops into the ones it keeps (changes kept contents, never which are kept)."""
+
+    kind: ClassVar[str] = "merge"
+    query_aware: ClassVar[bool] = False
+
+    def merge(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [batch, heads, tokens, dim]; keep, valid [batch, heads, tokens] bool -> merged keys, values."""
+        raise NotImplementedError
+
+
 def top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mask of the `counts[i]` highest entries of each row of `scores` [rows, n] (counts [rows])."""
     order = scores.argsort(dim=-1, descending=True, stable=True)

@@ -14,12 +14,11 @@ Approximate by design (a merged key is not any real key); the tests check the ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from ..errors import KVFoldError
-from .base import Method, register
+from .base import Merger, register
 
 STRATEGIES = ("average", "weighted")
 BLOCK = 1024  # evicted tokens compared at once (bounds the [block, tokens] similarity matrix)
@@ -27,11 +26,9 @@ BLOCK = 1024  # evicted tokens compared at once (bounds the [block, tokens] simi
 
 @register("merge")
 @dataclass(frozen=True)
-class Merge(Method):
+class Merge(Merger):
     """Fold evicted tokens into their most similar kept token (by key cosine similarity)."""
 
-    kind: ClassVar[str] = "merge"
-    query_aware: ClassVar[bool] = False
     paper = "LOOK-M (Wan et al., 2024)"
     positional = "strategy"
 
