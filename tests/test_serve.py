@@ -13,7 +13,7 @@ from kvfold.errors import KVFoldError
 from kvfold.serve import PrefixCache, ServeConfig, held_nbytes, kv_upper_bound, load_api_keys, parse_bytes
 from kvfold.serve.prefix_cache import release
 from kvfold.serve.protocol import APIError
-from kvfold.serve.sampling import TextStream, pick_token
+from kvfold.sampling import TextStream
 from kvfold.serve.security import RateLimiter
 
 from .serve_helpers import byte_tokenizer
@@ -182,18 +182,6 @@ def test_kv_upper_bound_covers_what_a_request_holds(tiny_llama, spec):
     bound = kv_upper_bound(tiny_llama.config, compressor, 340, 4)
     assert held_nbytes([cache]) <= bound
     assert bound < 3 * kv_upper_bound(tiny_llama.config, Compressor.parse("none"), 340, 4)  # and not absurd
-
-
-def test_sampling_is_greedy_at_zero_and_reproducible_with_a_seed():
-    logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
-    assert pick_token(logits, 0.0, 1.0, None) == int(logits.argmax())
-    draws = [[pick_token(logits, 1.0, 0.9, torch.Generator().manual_seed(7)) for _ in range(1)] for _ in range(3)]
-    assert draws[0] == draws[1] == draws[2]
-    gen = torch.Generator().manual_seed(3)
-    spread = {pick_token(logits, 1.5, 1.0, gen) for _ in range(50)}
-    assert len(spread) > 5
-    gen = torch.Generator().manual_seed(3)
-    assert {pick_token(logits, 1.5, 1e-6, gen) for _ in range(20)} == {int(logits.argmax())}  # nucleus of one
 
 
 def test_text_stream_holds_back_what_could_start_a_stop_string():

@@ -15,6 +15,7 @@ import torch
 from . import attention
 from .cache import KVFoldCache
 from .compressor import Compressor
+from .decoding import decode
 from .errors import KVFoldError
 from .models import check_supported, context_limit
 
@@ -126,23 +127,10 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 def decode_greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, max_new_tokens: int,
-                  stop_ids: set[int]) -> list[int]:
-    """Greedy tokens after `first_logits`; each is fed back through the cache except the last one."""
-    tokens: list[int] = []
-    logits = first_logits
-    device = next(model.parameters()).device
-    for step in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        if token in stop_ids:
-            break
-        tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
-                    position_ids=torch.tensor([[seen]], device=device))
-        seen += 1
-        logits = out.logits
-    return tokens
+                  stop_ids: set[int], fast: bool = False) -> list[int]:
+    """Greedy tokens (batch 1) after `first_logits`, the next one at RoPE position `seen`; see `decoding.decode`."""
+    return decode(model, cache, first_logits, torch.tensor([seen]), max_new_tokens, stop_ids=stop_ids,
+                  fast=fast).tokens[0]
 
 
 def forward_tokens(model, cache: KVFoldCache, ids: Sequence[int], start: int) -> torch.Tensor:
@@ -202,14 +190,16 @@ def prefill(model, cache: KVFoldCache, input_ids: torch.Tensor, *, chunk: int | 
 
 @torch.inference_mode()
 def generate(model, tokenizer, *, context: str, question: str | Sequence[str], method: str | Compressor = "none",
-             agnostic: bool = False, max_new_tokens: int = 32, prefill_chunk: int | None = None) -> list[Answer]:
+             agnostic: bool = False, max_new_tokens: int = 32, prefill_chunk: int | None = None,
+             fast: bool = False) -> list[Answer]:
     """Answer one or several questions about `context` with a compressed cache (greedy decoding).
 
     query-aware (default): each question is appended to the context and the whole prompt is compressed, as in the
     SnapKV paper. query-agnostic (`agnostic=True`): the context alone is compressed once, then every question is
     asked on a copy-on-write fork of that cache, as in SCBench. `prefill_chunk=N` reads the context N tokens at a
     time and compresses after each chunk (bounded memory); query-aware, the question is repeated after every chunk
-    as the scorer's window.
+    as the scorer's window. `fast=True` decodes with the fast loop (`kvfold.decoding`; CUDA graphs on a GPU),
+    which gives the same greedy tokens.
     """
     check_chunk(prefill_chunk)
     questions = [question] if isinstance(question, str) else list(question)
@@ -240,7 +230,7 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
                                  probe_ids=tail if compressor.query_aware else None)
             prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            tokens = decode_greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids)
+            tokens = decode_greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids, fast)
             answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(),
                                   prefill_seconds, time.perf_counter() - start))
     return answers

@@ -46,6 +46,8 @@ def kvfold_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     staged, layer = key, key.layer
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer.fast is not None and staged.keys.shape[2] == 1:  # the fast decode loop (kvfold.fastpath)
+        return layer.fast.step(staged, query, scale), None
     if kwargs.get("softcap") is not None:
         from .errors import KVFoldError
 
@@ -60,7 +62,7 @@ def kvfold_attention(
     if new == 1:  # decoding: store the token, read the store, keep the budget
         layer.append(staged, query)
         out = layer.attend(query, staged.positions(), scale)
-        layer.keep_budget(new)
+        layer.after_decode(new)
         return out, None
     valid = _valid_new_keys(attention_mask, query.shape[0], new, query.device)
     out = layer.attend(query, staged.positions(), scale, new=layer.new_chunk(staged, valid))

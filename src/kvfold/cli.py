@@ -25,6 +25,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Local folder, .gguf file or hub id; "
                                                     "default: the embedded SmolLM2-135M-Instruct")]
 MethodOption = Annotated[str, typer.Option("--method", help="Method spec, e.g. snapkv:0.5+kivi:4 (see `kvfold methods`)")]
+FastOption = Annotated[bool, typer.Option("--fast", help="Decode with the fast loop: pages written in place, "
+                                          "Triton kernel and CUDA graphs on a GPU (same greedy tokens)")]
 ChunkOption = Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, help="Read the context N tokens at a time, "
                                                     "compressing after each chunk (bounded memory)")]
 
@@ -71,6 +73,7 @@ def generate(
     agnostic: Annotated[bool, typer.Option("--agnostic", help="Compress the context before any question is seen")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     prefill_chunk: ChunkOption = None,
+    fast: FastOption = False,
     model: ModelOption = None,
 ) -> None:
     """Answer questions about a context with a compressed KV cache."""
@@ -89,7 +92,7 @@ def generate(
     lm, tokenizer = _load(model)
     with console.status(f"prefill + decode with {compressor.spec}…"):
         answers = run(lm, tokenizer, context=context, question=question, method=compressor, agnostic=agnostic,
-                      max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk)
+                      max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, fast=fast)
     for q, answer in zip(question, answers):
         console.print(f"[bold]Q:[/bold] {q}\n[bold]A:[/bold] {answer.text.strip()}")
         speed = len(answer.tokens) / answer.decode_seconds if answer.decode_seconds > 0 else float("nan")
@@ -167,6 +170,7 @@ def bench(
                                          "compressed first, questions on forks) or both")] = "aware",
     prefill_chunk: ChunkOption = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    fast: FastOption = False,
     seed: Annotated[int, typer.Option(help="Seed of the task samples")] = 0,
     ray: Annotated[bool, typer.Option("--ray", help="Run each method's cells as a Ray task (one GPU, or one CPU, "
                                       "each) on a new local Ray, or on RAY_ADDRESS's cluster")] = False,
@@ -184,7 +188,7 @@ def bench(
     config = BenchConfig(out=out, methods=split_specs(methods_), ratios=parse_list(ratios, float, "--ratios"),
                          tasks=parse_list(tasks, str, "--tasks"), lengths=parse_list(lengths, int, "--lengths"),
                          samples=samples, setting=setting, prefill_chunk=prefill_chunk,
-                         max_new_tokens=max_new_tokens, seed=seed)
+                         max_new_tokens=max_new_tokens, seed=seed, fast=fast)
     name = model or "embedded:SmolLM2-135M-Instruct"
     try:
         if ray or ray_address:

@@ -88,6 +88,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.peak_row_tokens = 0  # the most tokens any row has held (the cache's own high-water mark)
         self.rotation: torch.Tensor | None = None  # [head_dim, head_dim]: packed pages hold x @ rotation
         self.inv_freq: torch.Tensor | None = None  # RoPE frequencies, set by the cache from the model config
+        self.fast = None  # a `fastpath.FastLayer` while the fast decode loop runs
 
     # ---- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -188,19 +189,26 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
             self._recompress(*self._observation(query, query_positions))
 
     def append(self, staged: StagedKV, query: torch.Tensor) -> None:
-        """Store decoded tokens (all valid). Call `keep_budget()` after attending."""
+        """Store decoded tokens (all valid) in the full-precision tail. Call `after_decode()` after attending."""
         keys = staged.keys
         batch, heads, tokens, _ = keys.shape
         self.valid_seen += tokens
         keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
         self._remember_queries(query, staged.positions())
-        self._append_rows(keys, staged.values, staged.positions(), keep)
+        self._append_rows(keys, staged.values, staged.positions(), keep, pack=False)
 
-    def keep_budget(self, tokens: int) -> None:
-        """Decode-time compression: re-apply the budget when `every` decoded tokens have passed."""
-        every = self.compressor.scorer.every
-        if every and self.seen // every > (self.seen - tokens) // every:
+    def after_decode(self, tokens: int) -> None:
+        """The clocked work of decoding, after the step(s) that brought `seen` to its value attended: pack the
+        tail's whole groups each time `seen` passes a multiple of the quantizer's `group`, and re-apply the budget
+        each time it passes a multiple of `every` (decode-time compression). On a clock shared by all rows, so
+        the fast loop (`kvfold.decoding`) can run the steps in between without the host and do the same work."""
+        if self.packed is not None and self._ticked(self.compressor.quantizer.group, tokens):
+            self._pack_full_groups()
+        if self._ticked(self.compressor.scorer.every, tokens):
             self._recompress(*self.recent_queries)
+
+    def _ticked(self, period: int, tokens: int) -> bool:
+        return bool(period) and self.seen // period > (self.seen - tokens) // period
 
     def finish_chunks(self) -> None:
         """End of a chunked prefill: pack what eviction kept (packing waits so packed tokens are never evicted) and
@@ -241,8 +249,9 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         window = max(1, scorer.window)
         self.recent_queries = (recent[:, :, -window:].clone(), pos[-window:].clone())
 
-    def _append_rows(self, keys, values, positions, keep) -> None:
-        """Append kept tokens [batch, heads, tokens] to each row, then pack full groups and slide windows."""
+    def _append_rows(self, keys, values, positions, keep, pack: bool = True) -> None:
+        """Append kept tokens [batch, heads, tokens] to each row, then pack full groups (unless `pack` is False:
+        decoding packs on a clock, see `after_decode`) and slide windows."""
         batch, heads, tokens, dim = keys.shape
         pos = positions.view(1, 1, -1).expand(batch, heads, tokens).to(torch.int32)
         kept, counts = compact({"k": keys, "v": values, "pos": pos}, keep)
@@ -252,7 +261,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
             self._store_first(kept, counts)
         else:
             self.full.append(kept, counts)
-        if self.packed is not None and not defer:
+        if self.packed is not None and not defer and pack:
             self._pack_full_groups()
         if self.is_sliding:
             self._drop_out_of_window()
@@ -358,7 +367,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
 
     def fork(self) -> "KVFoldLayer":
         child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)
-        child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed")})
+        child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed", "fast")})
         child.full = self.full.fork() if self.full is not None else None
         child.packed = self.packed.fork() if self.packed is not None else None
         if self.valid_seen is not None:

@@ -67,6 +67,12 @@ class PagePool:
             self.refcount[ids] = 1
         return ids
 
+    def reserve(self, count: int) -> None:
+        """Grow the capacity now so that `count` pages are free: the fast decode loop allocates its pool once, so
+        the tensors a captured CUDA graph reads never move."""
+        if count > len(self.free):
+            self._grow(count - len(self.free))
+
     def _grow(self, extra: int) -> None:
         start = self.capacity
         for name, f in self.fields.items():
@@ -206,7 +212,7 @@ class PagedRows:
         self._unshare_last_pages(counts)
         have = self.pages_per_row()
         missing = torch.arange(self.table.shape[1]).unsqueeze(0)
-        missing = (missing >= have.unsqueeze(1)) & (missing < need.unsqueeze(1))
+        missing = (missing >= have.unsqueeze(1)) & (missing < need.unsqueeze(1)) & (self.table < 0)
         if missing.any():
             self.table[missing] = self.pool.alloc(int(missing.sum()))
         row_idx, tok_idx = torch.nonzero(torch.arange(counts.max().item() if counts.numel() else 0).unsqueeze(0)
@@ -217,6 +223,34 @@ class PagedRows:
         self.pool.write_slots(page, slot % self.page_size,
                               {name: t.to(self.pool.device)[dev_rows, dev_toks] for name, t in values.items()})
         self.lengths = new_lengths
+
+    def reserve_tokens(self, extra: int) -> None:
+        """Give every row the pages to hold `extra` more tokens (past its length) and make its partly filled last
+        page its own, so a decode segment can write tokens in place (`write_next`) without allocating.
+        `release_unused` gives back what the segment did not fill."""
+        self._unshare_last_pages(torch.ones(self.rows, dtype=torch.long))
+        need = (self.lengths + extra + self.page_size - 1) // self.page_size
+        self._ensure_table_width(int(need.max()) if need.numel() else 0)
+        column = torch.arange(self.table.shape[1]).unsqueeze(0)
+        missing = (column >= (self.table >= 0).sum(dim=1, keepdim=True)) & (column < need.unsqueeze(1))
+        if missing.any():
+            self.table[missing] = self.pool.alloc(int(missing.sum()))
+
+    def release_unused(self) -> None:
+        """Give back the pages past each row's length (what `reserve_tokens` set aside and was not written)."""
+        beyond = (torch.arange(self.table.shape[1]).unsqueeze(0) >= self.pages_per_row().unsqueeze(1)) & (self.table >= 0)
+        if beyond.any():
+            self.pool.release(self.table[beyond])
+            self.table[beyond] = -1
+
+    def write_next(self, values: dict[str, torch.Tensor], table: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Write one token per row at slot `lengths[r]` of its reserved pages and count it: values[name] is
+        [rows, *field.shape[1:]]. `table` and `lengths` are this object's own (CPU) tensors or their device
+        mirrors (the fast loop's); either is updated in place, with no allocation and no host synchronisation."""
+        page = table.gather(1, (lengths // self.page_size).long().unsqueeze(1)).squeeze(1).long()
+        offset = (lengths % self.page_size).long()
+        self.pool.write_slots(page, offset, values)
+        lengths += 1
 
     def _unshare_last_pages(self, counts: torch.Tensor) -> None:
         """Copy-on-write: a partly filled last page shared with a fork is copied before it is written."""

@@ -56,7 +56,7 @@ class StoreReader:
         if parts is not None:
             from .kernels.decode import paged_decode
 
-            out = paged_decode(query.reshape(rows, group, dim), parts, int(positions[-1]), scale, self.sliding_window)
+            out = paged_decode(query.reshape(rows, group, dim), parts, positions[-1:], scale, self.sliding_window)
         else:
             stream = itertools.chain(self.chunks(), [new] if new is not None else [])
             # A long turn (a prefill chunk) attends QUERY_BLOCK queries at a time over the store decoded once; a
@@ -90,17 +90,20 @@ class StoreReader:
         parts = self.kernel_parts()
         return parts if supports(parts, query.shape[-1]) else None
 
-    def kernel_parts(self) -> list:
-        """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages."""
+    def kernel_parts(self, mirrors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list:
+        """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages.
+        `mirrors` ({"packed"|"full": (table, lengths)}, int32 on the device) replaces the tables copied from the
+        CPU: the fast decode loop's, which its steps update in place."""
         from .kernels.decode import PagedPart
 
         parts = []
-        for rows in (self.packed, self.full):
+        for name, rows in (("packed", self.packed), ("full", self.full)):
             if rows is None:
                 continue
             t = rows.pool.tensors
-            meta = dict(table=rows.table.to(torch.int32).to(self.device), lengths=rows.lengths.to(torch.int32)
-                        .to(self.device), positions=t["pos"])
+            table, lengths = mirrors[name] if mirrors else (rows.table.to(torch.int32).to(self.device),
+                                                            rows.lengths.to(torch.int32).to(self.device))
+            meta = dict(table=table, lengths=lengths, positions=t["pos"])
             if rows is self.packed:
                 parts.append(PagedPart(**self.compressor.quantizer.kernel_part(t, self.head_dim),
                                        rotation=self.rotation, **meta))

@@ -103,7 +103,8 @@ def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int
         "prefill_seconds": answer.prefill_seconds, "decode_seconds": answer.decode_seconds,
         "decode_tokens_per_second": len(answer.tokens) / answer.decode_seconds
         if answer.tokens and answer.decode_seconds > 0 else None,
-        "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, **env,
+        "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, "fast_decode": config.fast,
+        **env,
         "timestamp": timestamp(),
     }
 
@@ -112,7 +113,8 @@ def _answers(model, tokenizer, config: BenchConfig, cell: Cell, sample: Sample, 
     """(question index, Answer, PeakMemory) for each missing question. Query-agnostic asks every question of the
     sample on forks of one compressed context (question 0's prefill time includes it) and yields the missing ones;
     query-aware runs each missing question as its own prompt."""
-    kwargs = dict(method=cell.compressor, max_new_tokens=config.max_new_tokens, prefill_chunk=config.prefill_chunk)
+    kwargs = dict(method=cell.compressor, max_new_tokens=config.max_new_tokens, prefill_chunk=config.prefill_chunk,
+                  fast=config.fast)
     if cell.setting == "agnostic":
         with PeakMemory(device) as memory:
             answers = generate(model, tokenizer, context=sample.context, question=list(sample.questions),

@@ -93,6 +93,7 @@ class BenchConfig:
     prefill_chunk: int | None = None
     max_new_tokens: int = 32
     seed: int = 0
+    fast: bool = False  # decode with the fast loop (same greedy tokens; faster on a GPU)
     compressors: tuple[Compressor, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

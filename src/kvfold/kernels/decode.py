@@ -61,7 +61,7 @@ def _per_channel(per_group, P: tl.constexpr, NVG: tl.constexpr, VG: tl.constexpr
 def _paged_decode_kernel(
     q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
     m_ptr, l_ptr, acc_ptr,
-    width, splits, q_pos, window, scale,
+    width, splits, qpos_ptr, window, scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BITS: tl.constexpr, VG: tl.constexpr, PRECISE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
     SCALED: tl.constexpr,
@@ -85,7 +85,7 @@ def _paged_decode_kernel(
             valid = page_index * P + offs_p < length
             if window > 0:
                 pos = tl.load(pos_ptr + page * P + offs_p)
-                valid = valid & (pos > q_pos - window)
+                valid = valid & (pos > tl.load(qpos_ptr) - window)
             if BITS == 0:
                 k = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :]).to(tl.float32)
                 v = tl.load(v_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :]).to(tl.float32)
@@ -130,7 +130,7 @@ def _paged_decode_kernel(
     tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc, mask=offs_g[:, None] < G)
 
 
-def _partials(query: torch.Tensor, part: PagedPart, q_pos: int, window: int, scale: float,
+def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window: int, scale: float,
               pages_per_split: int | None, precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, group, dim = query.shape
     page = part.positions.shape[1]
@@ -179,16 +179,20 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int, scale: float,
+def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch.Tensor, scale: float,
                  sliding_window: int | None = None, pages_per_split: int | None = None) -> torch.Tensor:
     """Attention of one query token per row ([rows, group, dim]) over the stored parts; float32 [rows, group, dim].
 
     Keys must all precede the query (true when decoding); `sliding_window` masks keys older than the window.
+    `q_pos`, the query's sequence index, may be a one-element device tensor: the kernel reads it from memory, so a
+    captured CUDA graph replays with the value of each step.
     A float32 query gets float32 dot products (matching the reference to ~1e-6); 16-bit queries get bfloat16
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
     """
     precise = query.dtype == torch.float32
     query = query.float().contiguous()
+    if not isinstance(q_pos, torch.Tensor):
+        q_pos = torch.tensor([q_pos], dtype=torch.int32, device=query.device)
     pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise) for part in parts]
     m, l, acc = (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
     return combine(m, l, acc)

@@ -4,10 +4,12 @@ full precision until a whole group of them can be quantized together.
 Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024 (arXiv:2402.02750).
 A page holds `group` tokens. Keys: one float16 scale and zero per channel per page (the statistic runs over the
 page's tokens). Values: one float16 scale and zero per token per `group` channels (the whole head when
-head_dim <= group). At most the newest `residual` tokens stay in full precision (float16, as in KIVI): whenever
-the tail passes `residual`, its oldest `group` tokens are packed, so a long row's tail holds between
-`residual - group + 1` and `residual` tokens (KIVI's rule for keys; values use the same tail here). Approximate: each value is rounded to its group's grid,
-an error of at most half a step (scale / 2) per element, which the tests bound.
+head_dim <= group). The newest tokens stay in full precision (float16, as in KIVI): when the tail passes
+`residual`, its oldest whole groups are packed, leaving between `residual - group + 1` and `residual` tokens
+(KIVI's rule for keys; values use the same tail here). While decoding, packing runs on a clock shared by all rows
+(each time the sequence passes a multiple of `group`, as KIVI packs its residual in bursts), so between ticks the
+tail holds up to `group - 1` more tokens; the fast decode loop relies on that clock. Approximate: each value is
+rounded to its group's grid, an error of at most half a step (scale / 2) per element, which the tests bound.
 """
 
 from __future__ import annotations

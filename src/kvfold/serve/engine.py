@@ -25,7 +25,7 @@ from .config import ServeConfig
 from .jobs import Event, GenerationRequest, Job, JobQueue, ServeError, Usage
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, kv_upper_bound, release
-from .sampling import TextStream, pick_token
+from ..sampling import Sampling, TextStream, choose_tokens
 
 logger = logging.getLogger("kvfold.serve")
 GUARD_EVERY = 64  # decode steps between checks that the KV held is still under the budget
@@ -184,7 +184,7 @@ class Engine:
         for step in range(req.max_tokens):
             if job.cancelled.is_set():
                 return None
-            token = pick_token(logits[0, -1], req.temperature, req.top_p, generator)
+            token = int(choose_tokens(logits[:, -1].float().cpu(), Sampling(req.temperature, req.top_p), generator)[0])
             if token in self.stop_ids:
                 self._post_text(job, text.flush())
                 return "stop"

@@ -1,21 +1,51 @@
-"""Choosing tokens (greedy or temperature + top-p with a seed) and turning them into streamed text with stop
-strings."""
+"""Choosing tokens (greedy, or temperature + top-p with a seed) and turning them into streamed text with stop
+strings; shared by `kvfold.decoding` and `kvfold serve`."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from .errors import KVFoldError
 
-def pick_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise sample from softmax(logits / T) restricted to the top_p nucleus."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        probs, order = probs.sort(descending=True)
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the first token always stays
-        return int(order[torch.multinomial(probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen: greedy at temperature 0, else softmax(logits / temperature) over the top-p nucleus,
+    from a generator seeded with `seed` (None: torch's global one)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise KVFoldError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise KVFoldError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+def choose_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of logits [batch, vocab], on their device (the generator's device must match)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < sampling.top_p)  # the most likely token always stays
+        return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
 
 
 class TextStream:

@@ -1,0 +1,150 @@
+"""The fast decode path: decode steps that touch only the GPU, so they can be captured in a CUDA graph.
+
+The normal decode step does host work in every layer (it compacts the new token, grows page tables, copies them
+to the device, packs groups). Here the work is split on a clock shared by all rows:
+- a *segment* of steps: every layer writes each new token in place into pages reserved beforehand
+  (`PagedRows.reserve_tokens`), through device mirrors of its page tables and lengths, and the Triton kernel reads
+  those mirrors. No allocation, no host synchronisation: one captured graph replays the whole model step;
+- at the segment's end, the host catches up: lengths come back, unused reserved pages are given back, and the
+  clocked work of the normal path runs (`KVFoldLayer.after_decode`: packing every `group` tokens, decode-time
+  eviction every `every` tokens). Segments end exactly where that clock ticks, so the fast path stores and reads
+  the same tokens as the normal one and greedy decoding gives the same tokens.
+The pools are grown once before the loop (`PagePool.reserve`), so the tensors a graph reads never move; if they do
+(a bound was too small) the mirrors are rebuilt and the graph captured again.
+Where the kernel cannot run (CPU, `KVFOLD_KERNELS=reference`) the same segments run eagerly and the reference reads
+the CPU tables, which the steps update in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels import use_triton
+
+Mirrors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class FastLayer:
+    """One layer's state during the fast loop; `kvfold_attention` hands decode steps to `step`."""
+
+    def __init__(self, layer, q_pos: torch.Tensor, widths: dict[str, int]) -> None:
+        from .kernels.decode import supports
+
+        self.layer, self.q_pos, self.widths = layer, q_pos, widths
+        self.use_kernel = use_triton(layer.device) and supports(layer.kernel_parts(), layer.head_dim)
+        self.mirrors: Mirrors = {}
+        self.parts: list | None = None
+        self._pointers: tuple[int, ...] = ()
+
+    def begin(self, steps: int) -> bool:
+        """Prepare `steps` in-place steps; False when a captured graph must be captured again (mirrors or pools
+        moved)."""
+        layer = self.layer
+        layer.full.reserve_tokens(steps)
+        if not self.use_kernel:
+            return True
+        stable = True
+        for name, rows in (("packed", layer.packed), ("full", layer.full)):
+            if rows is None:
+                continue
+            table, lengths = self.mirrors.get(name, (None, None))
+            if table is None or table.shape[1] < rows.table.shape[1]:
+                width = max(self.widths[name], rows.table.shape[1])
+                table = torch.empty(rows.rows, width, dtype=torch.int32, device=layer.device)
+                lengths = torch.empty(rows.rows, dtype=torch.int32, device=layer.device)
+                self.mirrors[name], stable = (table, lengths), False
+            table.fill_(-1)
+            table[:, :rows.table.shape[1]].copy_(rows.table)
+            lengths.copy_(rows.lengths)
+        pointers = tuple(t.data_ptr() for pool in layer.pools() for t in pool.tensors.values())
+        stable &= pointers == self._pointers
+        self._pointers = pointers
+        self.parts = layer.kernel_parts(self.mirrors)
+        return stable
+
+    def step(self, staged, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store one token per row in place and attend over the store: [batch, 1, q_heads, dim]."""
+        layer = self.layer
+        batch, heads, _, dim = staged.keys.shape
+        rows = batch * heads
+        table, lengths = self.mirrors["full"] if self.use_kernel else (layer.full.table, layer.full.lengths)
+        positions = self.q_pos.to(layer.device)
+        layer.full.write_next({"k": staged.keys.reshape(rows, dim), "v": staged.values.reshape(rows, dim),
+                               "pos": positions.expand(rows)}, table, lengths)
+        layer._remember_queries(query, positions)
+        if not self.use_kernel:
+            return layer.attend(query, positions, scale)
+        from .kernels.decode import paged_decode
+
+        q_heads = query.shape[1]
+        out = paged_decode(query.reshape(rows, q_heads // heads, dim), self.parts, positions, scale,
+                           layer.sliding_window)
+        return out.view(batch, q_heads, 1, dim).transpose(1, 2).to(query.dtype)
+
+    def end(self, steps: int, seen: int) -> None:
+        """The host catches up after `steps` steps that brought the sequence to `seen` tokens."""
+        layer = self.layer
+        if self.use_kernel:
+            layer.full.lengths = self.mirrors["full"][1].cpu().long()
+        layer.seen = seen
+        layer.valid_seen += steps
+        layer.peak_row_tokens = max(layer.peak_row_tokens, int(layer.row_lengths().max()))
+        layer.full.release_unused()
+        layer.after_decode(steps)
+        if layer.is_sliding:
+            layer._drop_out_of_window()
+
+
+def tail_bound(layer, max_steps: int) -> int:
+    """The most full-precision tokens a row's tail will hold during `max_steps` more steps."""
+    quantizer = layer.compressor.quantizer
+    now = int(layer.full.lengths.max()) if layer.full.rows else 0
+    if quantizer is None:
+        return now + max_steps
+    return max(now, quantizer.residual, quantizer.group - 1) + min(max_steps, quantizer.group)
+
+
+def prepare(layers: list, q_pos: torch.Tensor, max_steps: int) -> list[FastLayer]:
+    """Grow each layer's pools once for `max_steps` steps and attach a `FastLayer` to it."""
+    fast = []
+    for layer in layers:
+        size, rows = layer.full.page_size, layer.full.rows
+        quantizer = layer.compressor.quantizer
+        widths = {"full": math.ceil(tail_bound(layer, max_steps) / size) + 1}
+        # new tail tokens a row can hold at once: all of them, or a group before it is packed
+        written = max_steps if quantizer is None else min(max_steps, quantizer.group)
+        layer.full.pool.reserve(rows * (math.ceil(written / size) + 2))
+        if layer.packed is not None:
+            group = layer.packed.page_size
+            widths["packed"] = layer.packed.table.shape[1] + math.ceil(max_steps / group) + 1
+            layer.packed.pool.reserve(rows * (math.ceil(max_steps / group) + 1))
+        layer.fast = FastLayer(layer, q_pos, widths)
+        fast.append(layer.fast)
+    return fast
+
+
+def segment_length(layers: list, seen: int, left: int) -> int:
+    """Steps until the next clock tick of any layer (a packing or re-compression), at most `left`."""
+    steps = left
+    for layer in layers:
+        quantizer, every = layer.compressor.quantizer, layer.compressor.scorer.every
+        for period in (quantizer.group if quantizer else 0, every):
+            if period:
+                steps = min(steps, period - seen % period)
+    return max(1, steps)
+
+
+def detach(layers: list) -> None:
+    for layer in layers:
+        layer.fast = None
+
+
+def give_back_reserve(layers: list) -> None:
+    """After the loop: shrink pools whose reserve is still mostly free (more than an eighth of their pages), so a
+    short generation does not leave the cache holding room for tokens it never wrote."""
+    for layer in layers:
+        for pool in layer.pools():
+            if len(pool.free) * 8 > pool.capacity:
+                pool.trim()
