@@ -31,7 +31,7 @@ FIELDS = {
     "sample_hash": str, "question_text": str, "answer": (str, list), "prediction": str, "score": float,
     "context_tokens": int, "prompt_tokens": int, "new_tokens": int, "kv_bytes": int, "kv_bytes_uncompressed": int,
     "peak_memory_bytes": int, "peak_memory_source": str, "prefill_seconds": float, "decode_seconds": float,
-    "decode_tokens_per_second": (float, type(None)), "max_new_tokens": int, "prefill_chunk": (int, type(None)),
+    "decode_tokens_per_second": (float, type(None)), "max_new_tokens": int, "prefill_chunk": (int, type(None)), "fast_decode": bool,
     "device": str, "device_name": str, "dtype": str, "torch": str, "transformers": str, "kvfold": str,
     "git_revision": (str, type(None)), "timestamp": str,
 }
@@ -85,7 +85,7 @@ def test_one_row_per_sample_and_question_with_every_field(full):
     for row in rows:
         assert set(row) == set(FIELDS), set(row) ^ set(FIELDS)
         for name, kind in FIELDS.items():
-            assert isinstance(row[name], kind) and not isinstance(row[name], bool), (name, row[name])
+            assert isinstance(row[name], kind) and (kind is bool or not isinstance(row[name], bool)), (name, row[name])
         assert json.loads(row["key"]) == [row[k] for k in ("model", "method", "ratio", "task", "length", "setting",
                                                            "sample", "question")]
         assert 0 <= row["score"] <= 1 and row["model"] == "tiny" and row["length"] == 400
@@ -97,6 +97,7 @@ def test_one_row_per_sample_and_question_with_every_field(full):
         assert row["device"] == "cpu" and row["dtype"] == "float32" and row["torch"] == torch.__version__
         assert row["git_revision"] is None or len(row["git_revision"]) == 40
         assert row["prefill_chunk"] is None and row["max_new_tokens"] == 4 and row["seed"] == 0
+        assert row["fast_decode"] is False
         assert datetime.fromisoformat(row["timestamp"]).tzinfo is not None
         # 2 (K, V) x 2 layers x 2 KV heads x head_dim 16 x 4 bytes per prompt token
         assert row["kv_bytes_uncompressed"] == 512 * row["prompt_tokens"]
@@ -174,6 +175,9 @@ def test_same_config_gives_the_same_predictions(lm, tok, tmp_path):
     first, second = bench(lm, tok, tmp_path / "a", **small), bench(lm, tok, tmp_path / "b", **small)
     assert len(first) == 4 and fingerprint(first) == fingerprint(second)
     assert [r["prediction"] for r in first] == [r["prediction"] for r in second]
+    fast = bench(lm, tok, tmp_path / "fast", fast=True, **small)  # the fast decode loop: the same answers
+    assert [(r["prediction"], r["score"]) for r in fast] == [(r["prediction"], r["score"]) for r in first]
+    assert all(r["fast_decode"] for r in fast)
 
 
 def test_rows_of_other_settings_in_the_folder_are_an_error(lm, tok, full, tmp_path):
@@ -196,6 +200,7 @@ def test_rows_of_other_settings_in_the_folder_are_an_error(lm, tok, full, tmp_pa
     (dict(samples=0), "samples must be a positive integer"),
     (dict(setting="agnostc"), "did you mean 'agnostic'"),
     (dict(prefill_chunk=0), "prefill_chunk must be a positive number"),
+    (dict(fast="yes"), "fast must be True or False"),
     (dict(out=None), "--out"),
 ])
 def test_bad_configs_are_clear_errors(overrides, message, tmp_path):

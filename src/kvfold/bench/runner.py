@@ -126,6 +126,8 @@ class BenchConfig:
             raise KVFoldError(f"unknown setting {self.setting!r}{closest(str(self.setting), SETTINGS)}; "
                               f"valid: {', '.join(SETTINGS)}")
         check_chunk(self.prefill_chunk)
+        if not isinstance(self.fast, bool):
+            raise KVFoldError(f"fast must be True or False, got {self.fast!r}")
         for spec in self.methods:
             if not isinstance(spec, str):
                 raise KVFoldError(f"a method spec must be a string, got {spec!r}")
