@@ -119,11 +119,12 @@ class Answer:
     decode_seconds: float
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+def stop_token_ids(model, tokenizer=None) -> set[int]:
+    """Token ids that end an answer: the model's generation-config EOS ids and the tokenizer's EOS (if given)."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    return ids | ({tokenizer_eos} if tokenizer_eos is not None else set())
 
 
 def decode_greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, max_new_tokens: int,

@@ -231,7 +231,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, method="none", ma
     for row, prompt in enumerate(prompts):
         ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
         mask[row, longest - len(prompt):] = 1
-    stop_ids = stop_token_ids(model, tokenizer) if tokenizer is not None else _config_stop_ids(model)
+    stop_ids = stop_token_ids(model, tokenizer)
     streams = [TextStream(tokenizer, tuple(stop)) for _ in prompts] if tokenizer is not None else None
 
     hit_stop: set[int] = set()
@@ -262,7 +262,3 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, method="none", ma
         outputs.append(Generation(tokens, text, out.finish_reasons[row]))
     return BatchResult(outputs, prefill_seconds, out.seconds, out.forwards, cache.nbytes(), out.cuda_graph)
 
-
-def _config_stop_ids(model) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
