@@ -37,34 +37,27 @@ class Decoded:
 TokenCallback = Callable[[int, int], bool]
 
 
-@dataclass
 class _Runner:
-    """Runs model steps of the fast loop: eager, or a captured CUDA graph replayed."""
+    """Runs model steps of the fast loop: eager, or a captured CUDA graph replayed. `ids` [batch, 1] is the token
+    fed at each step and `positions` [batch, 1] its RoPE position per row; both are updated in place."""
 
-    model: torch.nn.Module
-    cache: object
-    ids: torch.Tensor  # [batch, 1] the token fed at the step
-    positions: torch.Tensor  # [batch, 1] its RoPE position per row
-    max_steps: int
-    cuda_graphs: bool
-    seen: int = 0
-    layers: list = field(default_factory=list)
-    graph: torch.cuda.CUDAGraph | None = None
-    graph_logits: torch.Tensor | None = None
-    captured: bool = False
-
-    def __post_init__(self) -> None:
-        self.layers = list(self.cache.layers)
-        self.seen = self.cache.get_seq_length()
-        self.q_pos = torch.full((1,), self.seen, dtype=torch.int32, device=self.ids.device)
-        self.fast = fastpath.prepare(self.layers, self.q_pos, self.max_steps)
-        self.left, self.in_segment, self.done = self.max_steps, 0, 0
+    def __init__(self, model, cache, ids: torch.Tensor, positions: torch.Tensor, max_steps: int,
+                 cuda_graphs: bool) -> None:
+        self.model, self.cache, self.ids, self.positions = model, cache, ids, positions
+        self.layers = list(cache.layers)
+        self.seen = cache.get_seq_length()
+        self.q_pos = torch.full((1,), self.seen, dtype=torch.int32, device=ids.device)
+        self.fast = fastpath.prepare(self.layers, self.q_pos, max_steps)
+        self.left, self.in_segment, self.done = max_steps, 0, 0
         # A graph needs every layer on this one GPU, read by the kernel, and no eviction while decoding (its
         # recent-query buffer is host-managed).
-        self.graphs = (self.cuda_graphs and self.ids.device.type == "cuda" and all(f.use_kernel for f in self.fast)
-                       and all(layer.device == self.ids.device for layer in self.layers)
+        self.graphs = (cuda_graphs and ids.device.type == "cuda" and all(f.use_kernel for f in self.fast)
+                       and all(layer.device == ids.device for layer in self.layers)
                        and not any(layer.compressor.scorer.every for layer in self.layers))
-        self.stream = torch.cuda.Stream(self.ids.device) if self.graphs else None
+        self.stream = torch.cuda.Stream(ids.device) if self.graphs else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+        self.captured = False  # a graph was captured (and replayed) at some point
 
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache,

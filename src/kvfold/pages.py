@@ -207,14 +207,8 @@ class PagedRows:
         """Append `counts[r]` tokens to row r: values[name] is [rows, max(counts), *field.shape[1:]]."""
         counts = counts.to(torch.long).cpu()
         new_lengths = self.lengths + counts
-        need = (new_lengths + self.page_size - 1) // self.page_size
-        self._ensure_table_width(int(need.max()) if need.numel() else 0)
         self._unshare_last_pages(counts)
-        have = self.pages_per_row()
-        missing = torch.arange(self.table.shape[1]).unsqueeze(0)
-        missing = (missing >= have.unsqueeze(1)) & (missing < need.unsqueeze(1)) & (self.table < 0)
-        if missing.any():
-            self.table[missing] = self.pool.alloc(int(missing.sum()))
+        self._give_pages_for(new_lengths)
         row_idx, tok_idx = torch.nonzero(torch.arange(counts.max().item() if counts.numel() else 0).unsqueeze(0)
                                          < counts.unsqueeze(1), as_tuple=True)
         slot = self.lengths[row_idx] + tok_idx
@@ -229,10 +223,14 @@ class PagedRows:
         page its own, so a decode segment can write tokens in place (`write_next`) without allocating.
         `release_unused` gives back what the segment did not fill."""
         self._unshare_last_pages(torch.ones(self.rows, dtype=torch.long))
-        need = (self.lengths + extra + self.page_size - 1) // self.page_size
+        self._give_pages_for(self.lengths + extra)
+
+    def _give_pages_for(self, lengths: torch.Tensor) -> None:
+        """Allocate pages so that row r has room for `lengths[r]` tokens. A row's pages fill its table from the
+        left, so every empty entry left of what it needs is a page to allocate (pages already reserved stay)."""
+        need = (lengths + self.page_size - 1) // self.page_size
         self._ensure_table_width(int(need.max()) if need.numel() else 0)
-        column = torch.arange(self.table.shape[1]).unsqueeze(0)
-        missing = (column >= (self.table >= 0).sum(dim=1, keepdim=True)) & (column < need.unsqueeze(1))
+        missing = (torch.arange(self.table.shape[1]).unsqueeze(0) < need.unsqueeze(1)) & (self.table < 0)
         if missing.any():
             self.table[missing] = self.pool.alloc(int(missing.sum()))
 
