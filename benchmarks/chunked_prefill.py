@@ -6,6 +6,9 @@ Three ways to end up with the same budget of kept tokens, measured side by side 
 - `one-pass`: kvfold's prefill in one forward, each layer compressed as the forward passes through it;
 - `chunk-N`: kvfold's chunked prefill (`prefill_chunk=N`): after each chunk the store is evicted back to the
   budget, so the K/V held never exceeds budget + one chunk.
+With `--reference`, every chunked mode also runs as `chunk-N-ref` with `KVFOLD_KERNELS=reference` (each chunk's
+attention over the store through the float32 PyTorch reference instead of SDPA over the gathered store), and
+the table gives the largest |difference| of the last logits between the two.
 Recorded: the KV bytes at their peak (DynamicCache tensors / kvfold pool capacity high-water mark), the bound
 budget + chunk in the model's dtype, the process's peak memory above its level before the prefill (CPU: RSS
 sampled every 2 ms in the child process that runs the config; CUDA: `max_memory_allocated`), and seconds.
@@ -114,12 +117,20 @@ def measure(args, model, tokenizer, mode: str, length: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     chunk = int(mode.split("-")[1]) if mode.startswith("chunk-") else None
+    reference = mode.endswith("-ref")
     spec = f"{args.method}:budget={args.budget}"
     row = {"mode": mode, "length": length, "batch": ids.shape[0], "method": "none" if mode == "dynamic" else spec,
            "chunk": chunk, "kv_full_bytes": per_token * length * ids.shape[0],
            "bound_bytes": per_token * (args.budget + chunk) * ids.shape[0] if chunk else None}
     try:
-        row.update(run_prefill(model, ids, mode, spec, chunk, cuda))
+        previous = os.environ.get("KVFOLD_KERNELS")
+        if reference:
+            os.environ["KVFOLD_KERNELS"] = "reference"
+        try:
+            row.update(run_prefill(model, ids, mode, spec, chunk, cuda))
+        finally:
+            if reference:
+                os.environ.pop("KVFOLD_KERNELS") if previous is None else os.environ.update(KVFOLD_KERNELS=previous)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         return row
@@ -138,17 +149,18 @@ def run_prefill(model, ids: torch.Tensor, mode: str, spec: str, chunk: int | Non
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             kv_peak = kv_final = sum(t.numel() * t.element_size() for layer in cache.layers
                                      for t in (layer.keys, layer.values))
         else:
             with use_kvfold_attention(model):
                 cache = kvfold.make_cache(model, spec)
-                prefill(model, cache, ids, chunk=chunk)
+                logits = prefill(model, cache, ids, chunk=chunk)
             kv_peak, kv_final = cache.peak_nbytes(), cache.nbytes()
         if cuda:
             torch.cuda.synchronize()
-    out = {"seconds": round(time.perf_counter() - start, 3), "kv_peak_bytes": kv_peak, "kv_final_bytes": kv_final}
+    out = {"seconds": round(time.perf_counter() - start, 3), "kv_peak_bytes": kv_peak, "kv_final_bytes": kv_final,
+           "logits": logits[:, -1].float().cpu()}
     if not cuda:
         out["process_peak_bytes"] = rss.peak - rss_before
     del cache
@@ -176,21 +188,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lengths", default="4096,8192")
     parser.add_argument("--chunks", default="512,1024")
+    parser.add_argument("--reference", action="store_true", help="also run each chunked mode over the reference")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    modes = ["dynamic", "one-pass"] + [f"chunk-{c}" for c in args.chunks.split(",")]
+    modes = ["dynamic", "one-pass"] + [f"chunk-{c}{ref}" for c in args.chunks.split(",")
+                                       for ref in ("", "-ref")[:2 if args.reference else 1]]
     lengths = [int(n) for n in args.lengths.split(",")]
     if args.one:  # child process: one configuration, one JSON line
         model, tokenizer = load(args)
-        print(json.dumps(measure(args, model, tokenizer, args.one[0], int(args.one[1]))), flush=True)
+        row = measure(args, model, tokenizer, args.one[0], int(args.one[1]))
+        row.pop("logits", None)
+        print(json.dumps(row), flush=True)
         return
     rows = []
     if args.device == "cuda":  # one process: the allocator's peak is reset per configuration
         model, tokenizer = load(args)
         for length in lengths:
+            logits = {}
             for mode in modes:
                 rows.append(measure(args, model, tokenizer, mode, length))
+                logits[mode] = rows[-1].pop("logits", None)
+                if mode.endswith("-ref") and logits.get(mode[:-4]) is not None and logits[mode] is not None:
+                    diff = float((logits[mode[:-4]] - logits[mode]).abs().max())
+                    rows[-1]["logits_max_diff_vs_sdpa"] = round(diff, 4)
                 print(json.dumps(rows[-1]), flush=True)
     else:  # CPU: a fresh process per configuration so each RSS peak is its own
         for length in lengths:
@@ -214,17 +235,19 @@ def table(result: dict) -> str:
              f"transformers {env['transformers']})", "",
              f"Token budget {result['budget']} per row. KV peak: DynamicCache tensors, or kvfold's pool high-water "
              "mark; bound: budget + chunk tokens in the model dtype. Process peak: above the level before the prefill.",
-             "", "| batch × length | mode | KV peak MiB | KV kept MiB | bound MiB | peak / bound | process peak MiB | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "chunk-N-ref: the same chunks with their attention over the store through the float32 reference; "
+             "|Δ logits|: largest difference of the last logits from chunk-N (SDPA over the gathered store).",
+             "", "| batch × length | mode | KV peak MiB | KV kept MiB | bound MiB | peak / bound | process peak MiB | s "
+             "| \\|Δ logits\\| |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['batch']} × {r['length']} | {r['mode']} | {r['error']} (full KV would be "
-                         f"{r['kv_full_bytes'] / mib:.0f}) | | | | | |")
+                         f"{r['kv_full_bytes'] / mib:.0f}) | | | | | | |")
             continue
         bound = f"{r['bound_bytes'] / mib:.1f}" if r["bound_bytes"] else "—"
         lines.append(f"| {r['batch']} × {r['length']} | {r['mode']} | {r['kv_peak_bytes'] / mib:.1f} | {r['kv_final_bytes'] / mib:.1f} "
                      f"| {bound} | {r.get('kv_peak_over_bound', '—')} | {r['process_peak_bytes'] / mib:.0f} "
-                     f"| {r['seconds']:.1f} |")
+                     f"| {r['seconds']:.1f} | {r.get('logits_max_diff_vs_sdpa', '—')} |")
     return "\n".join(lines)
 
 

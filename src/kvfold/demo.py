@@ -20,7 +20,9 @@ from .errors import KVFoldError
 
 
 def expand_specs(specs: list[str], ratios: list[float]) -> list[Compressor]:
-    """Each spec once per ratio when its eviction method has no ratio of its own; others as given."""
+    """Each spec once per ratio when its eviction method names no ratio of its own (``snapkv``,
+    ``snapkv:chunk=8@adakv+kivi:4``); a spec with a ratio, a token ``budget=`` or a fixed streaming ``window=``, or
+    one that evicts nothing, as given."""
     for ratio in ratios:
         if not 0 <= ratio < 1:
             raise KVFoldError(f"ratio {ratio} is outside [0, 1): it is the fraction of tokens removed")
@@ -28,13 +30,25 @@ def expand_specs(specs: list[str], ratios: list[float]) -> list[Compressor]:
     for spec in specs:
         first = spec.split("+")[0]
         base = Compressor.parse(spec)
-        if base.evicts and ":" not in first.split("@")[0]:
-            name, at, rest = first.partition("@")
-            tail = spec[len(first):]
-            compressors += [Compressor.parse(f"{name}:{r}{at}{rest}{tail}") for r in ratios]
-        else:
+        if not base.evicts or _fixed_size(first.split("@")[0], base):
             compressors.append(base)
+            continue
+        name, at, rest = first.partition("@")
+        method, _, knobs = name.partition(":")
+        tail = spec[len(first):]
+        compressors += [Compressor.parse(f"{method}:{r}{',' + knobs if knobs else ''}{at}{rest}{tail}")
+                        for r in ratios]
     return list(dict.fromkeys(compressors))
+
+
+def _fixed_size(method_text: str, compressor: Compressor) -> bool:
+    """True when the eviction part of a spec fixes how much it keeps: a bare value (the ratio), ``ratio=``,
+    ``budget=``, or a streaming ``window=``."""
+    knobs = method_text.partition(":")[2]
+    items = [k.strip() for k in knobs.split(",") if k.strip()]
+    scorer = compressor.scorer
+    return (any("=" not in k or k.split("=")[0].strip() in ("ratio", "budget") for k in items)
+            or bool(scorer.budget) or (scorer.name == "streaming" and bool(getattr(scorer, "window", 0))))
 
 
 @dataclass

@@ -225,7 +225,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         """Which of `inputs`' valid tokens the method keeps, when `n_tokens` [batch] tokens have been read."""
         scores = self.compressor.scorer.score(inputs)
         count = self.compressor.scorer.keep_count(n_tokens).to(scores.device)
-        keep = self.compressor.budget.select(scores, count, self.layer_idx, self.num_layers)
+        keep = self.compressor.budget.select(scores, count, self.layer_idx, self.num_layers, inputs)
         return inputs.valid & keep & torch.isfinite(scores)
 
     def _merge(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,

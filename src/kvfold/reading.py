@@ -4,14 +4,57 @@ store as decoded chunks, and which positions each row holds."""
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .kernels import use_triton
 from .kernels.reference import KVChunk, paged_attention
 
 PAGE_CHUNK = 32  # pages per row read at once by the reference decode
 QUERY_BLOCK = 256  # query tokens per step when a multi-token turn attends to the store
+SDPA_QUERY_BLOCK = 1024  # query tokens per SDPA call over the gathered store (bounds the [rows, block, keys] mask)
+
+
+def use_gathered_sdpa(device: torch.device) -> bool:
+    """Whether a multi-token turn on `device` attends through SDPA over the gathered store (CUDA, unless
+    `KVFOLD_KERNELS=reference`) rather than the float32 reference."""
+    return device.type == "cuda" and os.environ.get("KVFOLD_KERNELS", "auto") != "reference"
+
+
+def sdpa_over_store(query: torch.Tensor, query_positions: torch.Tensor, chunks: Sequence[KVChunk], scale: float,
+                    sliding_window: int | None = None, block: int = SDPA_QUERY_BLOCK) -> torch.Tensor:
+    """`paged_attention`'s definition computed by `scaled_dot_product_attention` on the gathered store.
+
+    query [rows, group, n, dim] (a GQA group's heads per row), query_positions [n]; the chunks (the decoded store
+    and the turn's own tokens) are concatenated per row in the query's dtype, and each block of queries runs one
+    SDPA call (the group's heads folded into the query axis) with a boolean mask: valid, causal by position,
+    inside the sliding window. A compressed store is small (its budget), so gathering it for one layer costs what
+    the reference's decoded list did; this lets a chunked prefill on a GPU run at SDPA speed. Returns
+    [rows, group, n, dim] in the query's dtype; a query that sees no key gets zeros (as the reference).
+    """
+    rows, group, n, dim = query.shape
+    keys = torch.cat([c.keys for c in chunks], dim=1).to(query.dtype).unsqueeze(1)  # [rows, 1, S, dim]
+    values = torch.cat([c.values.masked_fill(~c.valid.unsqueeze(-1), 0.0) for c in chunks], dim=1)
+    values = values.to(query.dtype).unsqueeze(1)
+    key_pos = torch.cat([c.positions for c in chunks], dim=1).long().view(rows, 1, 1, -1)
+    valid = torch.cat([c.valid for c in chunks], dim=1).view(rows, 1, 1, -1)
+    # The mask becomes an additive bias of rows x (group * block) x S elements: keep it near 2**27.
+    block = max(1, min(block, 2**27 // max(1, rows * group * keys.shape[2])))
+    out = torch.empty_like(query)
+    for start in range(0, n, block):
+        width = min(block, n - start)
+        q_pos = query_positions[start:start + width].long().to(key_pos.device).repeat(group).view(1, 1, -1, 1)
+        visible = valid & (key_pos <= q_pos)
+        if sliding_window is not None:
+            visible &= q_pos - key_pos < sliding_window
+        q = query[:, :, start:start + width].reshape(rows, 1, group * width, dim)
+        part = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale)
+        part = part.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        out[:, :, start:start + width] = part.view(rows, group, width, dim)
+    return out
 
 
 class StoreReader:
@@ -47,7 +90,8 @@ class StoreReader:
         """Attention of queries [batch, q_heads, n, dim] over the store, plus `new` tokens not stored yet.
 
         Returns [batch, n, q_heads, dim] in the query's dtype. One query token with nothing unstored runs the
-        Triton decode kernel where `kernels.use_triton` allows it; everything else the reference.
+        Triton decode kernel where `kernels.use_triton` allows it; a multi-token turn on CUDA runs SDPA over the
+        gathered store (`sdpa_over_store`); everything else the reference.
         """
         batch, q_heads, n, dim = query.shape
         group = q_heads // self.kv_heads
@@ -57,6 +101,10 @@ class StoreReader:
             from .kernels.decode import paged_decode
 
             out = paged_decode(query.reshape(rows, group, dim), parts, positions[-1:], scale, self.sliding_window)
+        elif n > 1 and use_gathered_sdpa(query.device):
+            grouped = query.reshape(rows, group, n, dim)
+            chunks = [*self.chunks(), *([new] if new is not None else [])]
+            out = sdpa_over_store(grouped, positions, chunks, scale, self.sliding_window)
         else:
             stream = itertools.chain(self.chunks(), [new] if new is not None else [])
             # A long turn (a prefill chunk) attends QUERY_BLOCK queries at a time over the store decoded once; a

@@ -22,3 +22,16 @@ def test_protected_tokens_rank_newest_first_and_above_raw_scores():
     # A count below the protected span keeps the newest protected tokens.
     kept = top_mask(scores.unsqueeze(0), torch.tensor([3]))[0]
     assert torch.nonzero(kept).flatten().tolist() == [tokens - 3, tokens - 2, tokens - 1]
+
+
+def test_every_registered_method_has_a_readme_row_and_a_test_file():
+    from pathlib import Path
+
+    from kvfold.methods import REGISTRY
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for name, cls in REGISTRY.items():
+        assert f"| `{name}` |" in readme, f"README's method table has no row for {name}"
+        module = cls.__module__.rsplit(".", 1)[-1]
+        assert (root / "tests" / "methods" / f"test_{module}.py").is_file(), f"no tests/methods/test_{module}.py"

@@ -1,5 +1,6 @@
 """One cell of a `kvfold bench` sweep and the code that answers it: rows from a model, no file access, so the
-same code runs in the driver and in a Ray worker (:mod:`.distributed`)."""
+same code runs in the driver and in a Ray worker (:mod:`.distributed`). A `ppl` sample is teacher-forced
+(:mod:`kvfold.perplexity`) instead of answered."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from ..api import generate
 from ..compressor import Compressor
+from ..perplexity import TeacherForced, teacher_forced
 from .records import PeakMemory, environment, make_key, timestamp, uncompressed_bytes
-from .tasks import Sample, score
+from .tasks import PERPLEXITY, Sample, score
 
 if TYPE_CHECKING:
     from .runner import BenchConfig
@@ -89,6 +91,8 @@ def cell_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork],
 def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int, sample: Sample, answer,
          memory: PeakMemory, prompt_tokens: int, digest: str, env: dict) -> dict:
     """One results line: question `q` of sample `i` of `cell` (fields: see the README's `kvfold bench`)."""
+    if isinstance(answer, TeacherForced):
+        return _perplexity_row(model, config, cell, model_name, i, sample, answer, memory, digest, env)
     gold = sample.answers[q]
     return {
         "key": cell.key(model_name, i, q), "model": model_name, "method": cell.method, "ratio": cell.ratio,
@@ -109,10 +113,35 @@ def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int
     }
 
 
+def _perplexity_row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, sample: Sample,
+                    result: TeacherForced, memory: PeakMemory, digest: str, env: dict) -> dict:
+    """A `ppl` sample's line: the score is top-1 next-token accuracy; ``nll``, ``perplexity``, ``eval_tokens`` too."""
+    fed = result.context_tokens + result.eval_tokens - 1
+    return {
+        "key": cell.key(model_name, i, 0), "model": model_name, "method": cell.method, "ratio": cell.ratio,
+        "task": cell.task, "metric": PERPLEXITY, "length": cell.length, "setting": cell.setting, "sample": i,
+        "question": 0, "questions": 1, "seed": config.seed, "sample_seed": sample.meta.get("seed"),
+        "sample_hash": digest, "question_text": "", "answer": "", "prediction": "",
+        "score": result.accuracy, "nll": result.nll, "perplexity": result.perplexity,
+        "eval_tokens": result.eval_tokens, "context_tokens": result.context_tokens, "prompt_tokens": fed,
+        "new_tokens": 0, "kv_bytes": result.kv_bytes, "kv_bytes_uncompressed": uncompressed_bytes(model, fed),
+        "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
+        "prefill_seconds": result.prefill_seconds, "decode_seconds": result.eval_seconds,
+        "decode_tokens_per_second": None, "max_new_tokens": config.max_new_tokens,
+        "prefill_chunk": config.prefill_chunk, "fast_decode": config.fast, **env, "timestamp": timestamp(),
+    }
+
+
 def _answers(model, tokenizer, config: BenchConfig, cell: Cell, sample: Sample, missing: list[int], device):
     """(question index, Answer, PeakMemory) for each missing question. Query-agnostic asks every question of the
     sample on forks of one compressed context (question 0's prefill time includes it) and yields the missing ones;
     query-aware runs each missing question as its own prompt."""
+    if sample.metric == PERPLEXITY:  # no question: both settings compress the text alone
+        with PeakMemory(device) as memory:
+            result = teacher_forced(model, tokenizer, sample.context, method=cell.compressor,
+                                    eval_tokens=sample.meta["eval_tokens"], prefill_chunk=config.prefill_chunk)
+        yield 0, result, memory
+        return
     kwargs = dict(method=cell.compressor, max_new_tokens=config.max_new_tokens, prefill_chunk=config.prefill_chunk,
                   fast=config.fast)
     if cell.setting == "agnostic":

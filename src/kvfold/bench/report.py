@@ -28,7 +28,9 @@ INTERVALS = (f"Score: the mean over answered questions (each scored in [0, 1]); 
              "(— for a single non-binary score). Questions sharing a context count as independent, so intervals of "
              "multi-question tasks are somewhat too narrow. KV held: mean bytes the compressed cache held when the "
              "answer ended; plain: a full cache of the model's dtype for the same prompt; compression = plain / "
-             "held. ★ = on the Pareto front of (KV held, score) within the table.")
+             "held. ★ = on the Pareto front of (KV held, score) within the table. Task ppl: the score is teacher-forced "
+             "top-1 next-token accuracy over the text's last tokens, and perplexity = exp(mean NLL per token) over "
+             "the same tokens (lower is better).")
 
 
 @dataclass(frozen=True)
@@ -84,17 +86,19 @@ class Report:
         out = []
         for section in self.sections:
             body = []
+            ppl = any(g.perplexity is not None for g in section.groups)
             for group, on_front in zip(section.groups, section.front):
                 s = group.score
                 interval = f"[{s.low:.0%}, {s.high:.0%}] {s.method}" if s.low is not None else "—"
                 body.append((group.method + (" ★" if on_front else ""), _ratio(group.ratio), str(s.n), f"{s.mean:.1%}",
-                             interval, human_bytes(group.kv_bytes, 2), human_bytes(group.kv_plain, 2),
+                             interval, *((_num(group.perplexity, ".3f"),) if ppl else ()),
+                             human_bytes(group.kv_bytes, 2), human_bytes(group.kv_plain, 2),
                              f"{group.compression:.2f}×" if group.compression else "—",
                              _num(group.prefill_seconds, ".3f"), _num(group.decode_tps, ".1f")))
             lengths = ", ".join(map(str, sorted({n for g in section.groups for n in g.lengths})))
             out.append(Grid(f"{section.title(self.many_models)} · lengths {lengths}",
-                            ("method", "ratio", "n", "score", f"{LEVEL:.0%} interval", "KV held", "KV plain",
-                             "compression", "prefill s", "decode tok/s"), tuple(body)))
+                            ("method", "ratio", "n", "score", f"{LEVEL:.0%} interval", *(("perplexity",) if ppl else ()),
+                             "KV held", "KV plain", "compression", "prefill s", "decode tok/s"), tuple(body)))
             all_lengths = sorted({n for g in section.groups for n in g.lengths})
             if len(all_lengths) > 1:
                 out.append(Grid(f"{section.title(self.many_models)} · score by context length",

@@ -145,6 +145,7 @@ class Group:
     decode_tps: float | None
     lengths: tuple[int, ...]
     by_length: dict[int, float]
+    perplexity: float | None = None  # exp of the token-weighted mean NLL (teacher-forced `ppl` rows), else None
 
     @property
     def compression(self) -> float | None:
@@ -165,8 +166,18 @@ def aggregate(rows: Iterable[dict]) -> list[Group]:
             model, task, setting, method, ratio, method_family(method, ratio), mean_interval([r["score"] for r in group]),
             statistics.fmean(r["kv_bytes"] for r in group), statistics.fmean(r["kv_bytes_uncompressed"] for r in group),
             _mean(r.get("prefill_seconds") for r in group), _mean(r.get("decode_tokens_per_second") for r in group),
-            tuple(lengths), {n: statistics.fmean(r["score"] for r in group if r["length"] == n) for n in lengths}))
+            tuple(lengths), {n: statistics.fmean(r["score"] for r in group if r["length"] == n) for n in lengths},
+            _perplexity(group)))
     return groups
+
+
+def _perplexity(rows: list[dict]) -> float | None:
+    """exp(mean NLL per evaluated token) over rows with ``nll`` and ``eval_tokens``; None when none has them."""
+    scored = [(r["nll"], r["eval_tokens"]) for r in rows
+              if isinstance(r.get("nll"), (int, float)) and isinstance(r.get("eval_tokens"), int) and r["eval_tokens"]]
+    if not scored:
+        return None
+    return math.exp(sum(nll * n for nll, n in scored) / sum(n for _, n in scored))
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,12 @@ TASKS: dict[str, str] = {
     "cwe": "common words extraction: name the 10 most frequent words of a long numbered word list",
     "multihop": "two-hop retrieval: the key opens a box, the box holds a number; 3 distractor key/box pairs",
     "multiturn": "shared context, 4 turns: each question asks for a different magic number in the same prose",
+    "ppl": "perplexity: non-repeating prose compressed as context, its last quarter (at most 256 tokens) teacher-forced",
 }
 TASK_METRICS: dict[str, str] = {"niah": "contains", "multikey": "contains", "multivalue": "recall", "vt": "recall",
-                                "cwe": "recall", "multihop": "contains", "multiturn": "contains"}
+                                "cwe": "recall", "multihop": "contains", "multiturn": "contains", "ppl": "perplexity"}
+PERPLEXITY = "perplexity"  # not a reply metric: the score is teacher-forced top-1 accuracy (kvfold.perplexity)
+PPL_EVAL_TOKENS = 256
 
 NEEDLE = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
@@ -251,9 +254,19 @@ def _niah(tokenizer: Any, *, length: int, seed: int, k: int, samples: int) -> Sa
     return needle_sample(tokenizer, length=length, depth=depth, seed=seed)
 
 
+def ppl_sample(tokenizer: Any, *, length: int, seed: int) -> Sample:
+    """Prose for teacher-forced perplexity (:func:`perplexity_text`): no question; ``meta["eval_tokens"]`` (the last
+    quarter of ``length``, at most 256) are scored, the rest is the compressed context."""
+    text = perplexity_text(tokenizer, length, seed)
+    n_tokens = len(_ids(tokenizer, text))
+    return Sample("ppl", text, "", "", {"length": length, "n_tokens": n_tokens, "seed": seed,
+                                        "eval_tokens": min(PPL_EVAL_TOKENS, max(1, length // 4))},
+                  metric=PERPLEXITY)
+
+
 _GENERATORS: dict[str, Callable[..., Sample]] = {
     "multikey": multikey_sample, "multivalue": multivalue_sample, "vt": vt_sample, "cwe": cwe_sample,
-    "multihop": multihop_sample, "multiturn": multiturn_sample,
+    "multihop": multihop_sample, "multiturn": multiturn_sample, "ppl": ppl_sample,
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import Budget, register, top_mask
+from .base import Budget, ScoreInputs, register, top_mask
 
 
 @register("adakv")
@@ -32,7 +32,8 @@ class AdaKVBudget(Budget):
         if not 0 <= self.floor <= 1:
             raise KVFoldError(f"adakv: floor must be in [0, 1] (guaranteed share per head), got {self.floor!r}")
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
         batch, heads, tokens = scores.shape
         guaranteed = torch.floor(self.floor * keep.double()).long()
         mask = top_mask(scores.reshape(batch * heads, tokens), guaranteed.repeat_interleave(heads))

@@ -79,7 +79,9 @@ class Scorer(Method):
 
     `ratio` is the fraction of tokens removed (0 keeps everything); `budget` > 0 replaces it with a fixed number
     of tokens kept per row. `window` newest tokens and `sink` first tokens are always kept. `every` > 0 re-applies
-    the budget every that many decoded tokens (decode-time compression).
+    the budget every that many decoded tokens (decode-time compression). `chunk` > 1 scores spans instead of
+    tokens (ChunkKV, Liu et al. 2025, arXiv:2502.00299): positions `[c * chunk, (c + 1) * chunk)` share the mean raw
+    score of their held tokens, so a budget keeps or drops a phrase (a number's digits, a name) whole.
     """
 
     kind: ClassVar[str] = "scorer"
@@ -94,6 +96,7 @@ class Scorer(Method):
     sink: int = 0
     every: int = 0
     budget: int = 0
+    chunk: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -102,6 +105,7 @@ class Scorer(Method):
         check_int(f"{self.name}: sink", self.sink, 0, "first tokens always kept")
         check_int(f"{self.name}: every", self.every, 0, "decode steps between re-compressions; 0 = prefill only")
         check_int(f"{self.name}: budget", self.budget, 0, "tokens kept per row; 0 = use the ratio")
+        check_int(f"{self.name}: chunk", self.chunk, 0, "positions per scored span; 0 or 1 = single tokens")
         if self.budget:
             default_ratio = type(self).__dataclass_fields__["ratio"].default
             if self.ratio != default_ratio:
@@ -125,6 +129,8 @@ class Scorer(Method):
     def score(self, x: ScoreInputs) -> torch.Tensor:
         """`raw_score` (float64) with protected tokens at PROTECTED + position and invalid slots at -inf."""
         scores = self.raw_score(x).double()
+        if self.chunk > 1:
+            scores = chunk_mean(scores, x.positions, x.valid, self.chunk)
         newest = x.positions.masked_fill(~x.valid, -1).amax(dim=-1, keepdim=True)
         oldest = x.positions.masked_fill(~x.valid, 2**62).amin(dim=-1, keepdim=True)
         protected = (x.positions > newest - self.window) | (x.positions < oldest + self.sink)
@@ -134,6 +140,22 @@ class Scorer(Method):
         return scores.masked_fill(~x.valid, float("-inf"))
 
 
+def chunk_mean(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each valid token's score replaced by the mean over the valid tokens of its row whose positions fall in the
+    same span of `chunk` positions; the sum over a span is unchanged (attention mass stays mass)."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    span = positions.reshape(rows.shape).long() // chunk
+    ok = valid.reshape(rows.shape)
+    first = span.masked_fill(~ok, 2**62).amin(dim=-1, keepdim=True).clamp(max=2**40)
+    bucket = (span - first).masked_fill(~ok, 0)
+    buckets = int(bucket.max()) + 1 if bucket.numel() else 1
+    weights = ok.double()
+    total = rows.new_zeros(rows.shape[0], buckets).scatter_add_(-1, bucket, rows.masked_fill(~ok, 0.0) * weights)
+    count = rows.new_zeros(rows.shape[0], buckets).scatter_add_(-1, bucket, weights)
+    mean = (total / count.clamp(min=1)).gather(-1, bucket)
+    return torch.where(ok, mean, rows).view_as(scores)
+
+
 @dataclass(frozen=True)
 class Budget(Method):
     """How many tokens each row of a layer keeps, from scores and a per-batch-element token count."""
@@ -141,9 +163,11 @@ class Budget(Method):
     kind: ClassVar[str] = "budget"
     needs_attention_mass: ClassVar[bool] = False  # True: only for scorers whose scores are attention probabilities
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
         """Keep mask [batch, kv_heads, tokens] from scores [batch, kv_heads, tokens] and keep [batch] (per head,
-        the layer's uniform share). `layer` of `layers` lets per-layer budgets (pyramids) move tokens across depth.
+        the layer's uniform share). `layer` of `layers` lets per-layer budgets (pyramids) move tokens across depth;
+        `inputs` (what the scorer read) lets a budget look at the heads themselves (Task-KV's head semantics).
         """
         raise NotImplementedError
 
@@ -226,7 +250,8 @@ class UniformBudget(Budget):
 
     paper = "—"
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
         batch, heads, tokens = scores.shape
         counts = keep.repeat_interleave(heads)
         return top_mask(scores.reshape(batch * heads, tokens), counts).view(batch, heads, tokens)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, register
+from .base import PROTECTED, Budget, ScoreInputs, register
 
 
 @register("duo")
@@ -61,7 +61,8 @@ class DuoBudget(Budget):
 
         check_profile_model(self._model, config, self.profile)  # the identity read at parse time; no second read
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
         batch, heads, _ = scores.shape
         if (layers, heads) != tuple(self._streaming_heads.shape):
             raise KVFoldError(f"duo: the profile is for {self._model['layers']} layers x {self._model['kv_heads']} "

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, register, top_mask
+from .base import PROTECTED, Budget, ScoreInputs, register, top_mask
 
 
 def pyramid_share(share: torch.Tensor, layer: int, layers: int, beta: float) -> torch.Tensor:
@@ -66,7 +66,8 @@ class PyramidKVBudget(Budget):
         counts = fixed + torch.minimum(torch.round(share).long(), valid - protected)
         return torch.maximum(counts, valid.clamp(max=1))
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
         batch, heads, tokens = scores.shape
         counts = self.counts(scores, keep, layer, layers)
         return top_mask(scores.reshape(batch * heads, tokens), counts.reshape(-1)).view(batch, heads, tokens)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, register, top_mask
+from .base import PROTECTED, Budget, ScoreInputs, register, top_mask
 
 
 @register("zipvl")
@@ -33,7 +33,8 @@ class ZipVLBudget(Budget):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise KVFoldError(f"zipvl: threshold must be in (0, 1] (the attention mass kept), got {value!r}")
 
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
         protected = scores >= PROTECTED
         candidate = torch.isfinite(scores) & ~protected
         mass = scores.double().clamp_min(0).masked_fill(~candidate, 0.0)
