@@ -1,7 +1,9 @@
 """The scorer contract: protected tokens outrank every raw score, newest first, and invalid slots rank last."""
 
+import pytest
 import torch
 
+from kvfold.errors import KVFoldError
 from kvfold.methods.base import PROTECTED, ScoreInputs, top_mask
 from kvfold.methods.knorm import KNorm
 
@@ -35,3 +37,33 @@ def test_every_registered_method_has_a_readme_row_and_a_test_file():
         assert f"| `{name}` |" in readme, f"README's method table has no row for {name}"
         module = cls.__module__.rsplit(".", 1)[-1]
         assert (root / "tests" / "methods" / f"test_{module}.py").is_file(), f"no tests/methods/test_{module}.py"
+
+
+def _with_a_secondary_sink(tokens: int = 60, sink_at: int = 30) -> ScoreInputs:
+    """Keys of random direction; every window query points at key `sink_at`, which also has the largest norm."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(1, 1, tokens, 8, generator=gen), dim=-1)
+    keys[0, 0, sink_at] = torch.tensor([6.0, 0, 0, 0, 0, 0, 0, 0])
+    queries = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]).expand(1, 2, 8, 8).clone()
+    positions = torch.arange(tokens).view(1, 1, -1)
+    return ScoreInputs(queries, torch.arange(tokens - 8, tokens), keys, keys.clone(), positions,
+                       torch.ones(1, 1, tokens, dtype=torch.bool), 1.0)
+
+
+def test_detect_protects_a_secondary_sink_that_the_scorer_would_drop():
+    from kvfold import Compressor
+    from kvfold.methods.base import UniformBudget, detected_sinks
+
+    x = _with_a_secondary_sink()
+    found = detected_sinks(x, 20.0)[0, 0]
+    assert torch.nonzero(found).flatten().tolist() == [30]  # softmax mass ~0.96 >= 20 / 60
+    keep = torch.tensor([20])
+    plain = UniformBudget().select(KNorm(ratio=0.5, window=4).score(x), keep)[0, 0]
+    detecting = KNorm(ratio=0.5, window=4, detect=20.0)
+    kept = UniformBudget().select(detecting.score(x), keep)[0, 0]
+    assert not plain[30] and kept[30], "knorm drops the largest-norm key; detect keeps it as a sink"
+    assert int(kept.sum()) == 20
+    assert Compressor.parse("knorm:0.5,detect=20").scorer.detect == 20
+    for bad in ("0.5", "1", "-3"):
+        with pytest.raises(KVFoldError, match="detect must be 0"):
+            Compressor.parse(f"snapkv:0.5,detect={bad}")

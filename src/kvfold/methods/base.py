@@ -81,7 +81,9 @@ class Scorer(Method):
     of tokens kept per row. `window` newest tokens and `sink` first tokens are always kept. `every` > 0 re-applies
     the budget every that many decoded tokens (decode-time compression). `chunk` > 1 scores spans instead of
     tokens (ChunkKV, Liu et al. 2025, arXiv:2502.00299): positions `[c * chunk, (c + 1) * chunk)` share the mean raw
-    score of their held tokens, so a budget keeps or drops a phrase (a number's digits, a name) whole.
+    score of their held tokens, so a budget keeps or drops a phrase (a number's digits, a name) whole. `detect` > 1
+    also protects detected attention sinks wherever they are: keys that receive at least `detect` times the mean
+    attention share from the last `SINK_PROBE` window queries (`detected_sinks`; 20 matches `kvfold inspect`).
     """
 
     kind: ClassVar[str] = "scorer"
@@ -97,6 +99,7 @@ class Scorer(Method):
     every: int = 0
     budget: int = 0
     chunk: int = 0
+    detect: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -106,6 +109,10 @@ class Scorer(Method):
         check_int(f"{self.name}: every", self.every, 0, "decode steps between re-compressions; 0 = prefill only")
         check_int(f"{self.name}: budget", self.budget, 0, "tokens kept per row; 0 = use the ratio")
         check_int(f"{self.name}: chunk", self.chunk, 0, "positions per scored span; 0 or 1 = single tokens")
+        if isinstance(self.detect, bool) or not isinstance(self.detect, (int, float)) or not (
+                self.detect == 0 or self.detect > 1):
+            raise KVFoldError(f"{self.name}: detect must be 0 (off) or a factor > 1 over the mean attention share "
+                              f"that marks a key as a sink, got {self.detect!r}")
         if self.budget:
             default_ratio = type(self).__dataclass_fields__["ratio"].default
             if self.ratio != default_ratio:
@@ -134,10 +141,48 @@ class Scorer(Method):
         newest = x.positions.masked_fill(~x.valid, -1).amax(dim=-1, keepdim=True)
         oldest = x.positions.masked_fill(~x.valid, 2**62).amin(dim=-1, keepdim=True)
         protected = (x.positions > newest - self.window) | (x.positions < oldest + self.sink)
+        if self.detect:
+            protected |= detected_sinks(x, self.detect)
         # Protected tokens rank above any raw score, newest first, so a budget below the protected span keeps the
         # newest; PROTECTED + position is exact in float64 (positions < 2**31, PROTECTED = 2**50).
         scores = torch.where(protected, PROTECTED + x.positions.double(), scores)
         return scores.masked_fill(~x.valid, float("-inf"))
+
+
+def window_attention(x: ScoreInputs) -> torch.Tensor:
+    """Causal softmax attention of `x.queries` over the keys, each query head against its GQA group's KV head:
+    [batch, q_heads, window, tokens] in float32. A query sees the valid keys at or before its position.
+    Shared by every attention-scored method (snapkv's window, h2o's query chunks, tova's newest query) and by
+    sink detection (`Scorer.detect`).
+    """
+    batch, q_heads, window, dim = x.queries.shape
+    kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
+    group = q_heads // kv_heads
+    queries = x.queries.float().view(batch, kv_heads, group, window, dim)
+    logits = torch.matmul(queries, x.keys.float().transpose(-1, -2).unsqueeze(2)) * x.scale  # [b, kv, g, w, n]
+    key_positions = x.positions.view(batch, kv_heads, 1, 1, tokens)
+    query_positions = x.query_positions.to(x.positions.device).view(1, 1, 1, window, 1)
+    visible = x.valid.view(batch, kv_heads, 1, 1, tokens) & (key_positions <= query_positions)
+    attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return attn.view(batch, q_heads, window, tokens)
+
+
+SINK_PROBE = 8  # newest observation queries whose attention finds sinks
+
+
+def detected_sinks(x: ScoreInputs, factor: float) -> torch.Tensor:
+    """[batch, kv_heads, tokens] bool: keys whose attention from the last `SINK_PROBE` queries (mean over them and the
+    GQA group) is at least `factor` x the mean share 1 / (valid keys) of their row — first tokens and secondary
+    sinks alike (StreamingLLM's sinks, found by mass rather than position)."""
+    probe = min(SINK_PROBE, x.queries.shape[2])
+    last = ScoreInputs(x.queries[:, :, -probe:], x.query_positions[-probe:], x.keys, x.values, x.positions, x.valid,
+                       x.scale)
+    attn = window_attention(last)
+    batch, q_heads, _, tokens = attn.shape
+    kv_heads = x.keys.shape[1]
+    mass = attn.view(batch, kv_heads, q_heads // kv_heads * probe, tokens).mean(dim=2)
+    share = 1.0 / x.valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    return x.valid & (mass >= factor * share)
 
 
 def chunk_mean(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:

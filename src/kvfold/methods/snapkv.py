@@ -13,24 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ScoreInputs, Scorer, check_int, register
-
-
-def window_attention(x: ScoreInputs) -> torch.Tensor:
-    """Causal softmax attention of `x.queries` over the keys, each query head against its GQA group's KV head:
-    [batch, q_heads, window, tokens] in float32. A query sees the valid keys at or before its position.
-    Shared by every attention-scored method (snapkv's window, h2o's query chunks, tova's newest query).
-    """
-    batch, q_heads, window, dim = x.queries.shape
-    kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
-    group = q_heads // kv_heads
-    queries = x.queries.float().view(batch, kv_heads, group, window, dim)
-    logits = torch.matmul(queries, x.keys.float().transpose(-1, -2).unsqueeze(2)) * x.scale  # [b, kv, g, w, n]
-    key_positions = x.positions.view(batch, kv_heads, 1, 1, tokens)
-    query_positions = x.query_positions.to(x.positions.device).view(1, 1, 1, window, 1)
-    visible = x.valid.view(batch, kv_heads, 1, 1, tokens) & (key_positions <= query_positions)
-    attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    return attn.view(batch, q_heads, window, tokens)
+from .base import ScoreInputs, Scorer, check_int, register, window_attention  # noqa: F401  (re-exported)
 
 
 @register("snapkv")
