@@ -30,7 +30,7 @@ def expand_specs(specs: list[str], ratios: list[float]) -> list[Compressor]:
     for spec in specs:
         first = spec.split("+")[0]
         base = Compressor.parse(spec)
-        if not base.evicts or _fixed_size(first.split("@")[0], base):
+        if not base.evicts or base.scorer.fixed_size or _names_ratio(first.split("@")[0]):
             compressors.append(base)
             continue
         name, at, rest = first.partition("@")
@@ -41,14 +41,10 @@ def expand_specs(specs: list[str], ratios: list[float]) -> list[Compressor]:
     return list(dict.fromkeys(compressors))
 
 
-def _fixed_size(method_text: str, compressor: Compressor) -> bool:
-    """True when the eviction part of a spec fixes how much it keeps: a bare value (the ratio), ``ratio=``,
-    ``budget=``, or a streaming ``window=``."""
-    knobs = method_text.partition(":")[2]
-    items = [k.strip() for k in knobs.split(",") if k.strip()]
-    scorer = compressor.scorer
-    return (any("=" not in k or k.split("=")[0].strip() in ("ratio", "budget") for k in items)
-            or bool(scorer.budget) or (scorer.name == "streaming" and bool(getattr(scorer, "window", 0))))
+def _names_ratio(method_text: str) -> bool:
+    """True when the eviction part of a spec gives its ratio: a bare value or ``ratio=``."""
+    items = [k.strip() for k in method_text.partition(":")[2].split(",") if k.strip()]
+    return any("=" not in k or k.split("=")[0].strip() == "ratio" for k in items)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 from kvfold import Compressor
 from kvfold.methods.base import ScoreInputs
 from kvfold.methods.h2o import H2O, accumulated_attention
-from kvfold.methods.snapkv import window_attention
+from kvfold.methods.base import window_attention
 
 from .helpers import eager_attentions, embedded_run, kept, none_bytes, run_spec, uniform_rows
 

@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 
 def method_ratio(compressor: Compressor) -> float | None:
     """The eviction ratio a compressor runs at, or None when it evicts nothing or keeps a fixed token count."""
-    scorer = compressor.scorer
-    if not compressor.evicts or scorer.budget or (scorer.name == "streaming" and getattr(scorer, "window", 0)):
+    if not compressor.evicts or compressor.scorer.fixed_size:
         return None
-    return float(scorer.ratio)
+    return float(compressor.scorer.ratio)
 
 
 @dataclass(frozen=True)
@@ -91,44 +90,44 @@ def cell_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork],
 def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int, sample: Sample, answer,
          memory: PeakMemory, prompt_tokens: int, digest: str, env: dict) -> dict:
     """One results line: question `q` of sample `i` of `cell` (fields: see the README's `kvfold bench`)."""
-    if isinstance(answer, TeacherForced):
-        return _perplexity_row(model, config, cell, model_name, i, sample, answer, memory, digest, env)
     gold = sample.answers[q]
+    outcome = (_perplexity_fields(model, answer) if isinstance(answer, TeacherForced)
+               else _answer_fields(model, sample, answer, gold, prompt_tokens))
     return {
         "key": cell.key(model_name, i, q), "model": model_name, "method": cell.method, "ratio": cell.ratio,
         "task": cell.task, "metric": sample.metric, "length": cell.length, "setting": cell.setting, "sample": i,
         "question": q, "questions": len(sample.questions), "seed": config.seed, "sample_seed": sample.meta.get("seed"),
         "sample_hash": digest, "question_text": sample.questions[q],
-        "answer": list(gold) if isinstance(gold, tuple) else gold, "prediction": answer.text,
-        "score": score(sample.metric, answer.text, gold), "context_tokens": sample.meta.get("n_tokens"),
-        "prompt_tokens": prompt_tokens, "new_tokens": len(answer.tokens), "kv_bytes": answer.kv_bytes,
-        "kv_bytes_uncompressed": uncompressed_bytes(model, prompt_tokens),
+        "answer": list(gold) if isinstance(gold, tuple) else gold, **outcome,
         "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
-        "prefill_seconds": answer.prefill_seconds, "decode_seconds": answer.decode_seconds,
-        "decode_tokens_per_second": len(answer.tokens) / answer.decode_seconds
-        if answer.tokens and answer.decode_seconds > 0 else None,
         "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, "fast_decode": config.fast,
         **env,
         "timestamp": timestamp(),
     }
 
 
-def _perplexity_row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, sample: Sample,
-                    result: TeacherForced, memory: PeakMemory, digest: str, env: dict) -> dict:
-    """A `ppl` sample's line: the score is top-1 next-token accuracy; ``nll``, ``perplexity``, ``eval_tokens`` too."""
+def _answer_fields(model, sample: Sample, answer, gold, prompt_tokens: int) -> dict:
+    """What a generated answer adds to its line: prediction, score, tokens, bytes and timings."""
+    return {
+        "prediction": answer.text, "score": score(sample.metric, answer.text, gold),
+        "context_tokens": sample.meta.get("n_tokens"), "prompt_tokens": prompt_tokens,
+        "new_tokens": len(answer.tokens), "kv_bytes": answer.kv_bytes,
+        "kv_bytes_uncompressed": uncompressed_bytes(model, prompt_tokens),
+        "prefill_seconds": answer.prefill_seconds, "decode_seconds": answer.decode_seconds,
+        "decode_tokens_per_second": len(answer.tokens) / answer.decode_seconds
+        if answer.tokens and answer.decode_seconds > 0 else None,
+    }
+
+
+def _perplexity_fields(model, result: TeacherForced) -> dict:
+    """What a `ppl` sample adds: the score is top-1 next-token accuracy; ``nll``, ``perplexity``, ``eval_tokens``."""
     fed = result.context_tokens + result.eval_tokens - 1
     return {
-        "key": cell.key(model_name, i, 0), "model": model_name, "method": cell.method, "ratio": cell.ratio,
-        "task": cell.task, "metric": PERPLEXITY, "length": cell.length, "setting": cell.setting, "sample": i,
-        "question": 0, "questions": 1, "seed": config.seed, "sample_seed": sample.meta.get("seed"),
-        "sample_hash": digest, "question_text": "", "answer": "", "prediction": "",
-        "score": result.accuracy, "nll": result.nll, "perplexity": result.perplexity,
+        "prediction": "", "score": result.accuracy, "nll": result.nll, "perplexity": result.perplexity,
         "eval_tokens": result.eval_tokens, "context_tokens": result.context_tokens, "prompt_tokens": fed,
         "new_tokens": 0, "kv_bytes": result.kv_bytes, "kv_bytes_uncompressed": uncompressed_bytes(model, fed),
-        "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
         "prefill_seconds": result.prefill_seconds, "decode_seconds": result.eval_seconds,
-        "decode_tokens_per_second": None, "max_new_tokens": config.max_new_tokens,
-        "prefill_chunk": config.prefill_chunk, "fast_decode": config.fast, **env, "timestamp": timestamp(),
+        "decode_tokens_per_second": None,
     }
 
 

@@ -121,6 +121,11 @@ class Scorer(Method):
                 raise KVFoldError(f"{self.name}: budget={self.budget} is smaller than the protected tokens "
                                   f"(sink={self.sink} + window={self.window}); raise the budget or shrink them")
 
+    @property
+    def fixed_size(self) -> bool:
+        """True when the scorer keeps a fixed number of tokens (`budget=`) rather than a ratio of them."""
+        return bool(self.budget)
+
     def keep_count(self, n_valid: torch.Tensor) -> torch.Tensor:
         """Tokens each row keeps out of `n_valid` (per batch element): the ratio or the token budget, never below
         the protected span."""
@@ -170,17 +175,23 @@ def window_attention(x: ScoreInputs) -> torch.Tensor:
 SINK_PROBE = 8  # newest observation queries whose attention finds sinks
 
 
-def detected_sinks(x: ScoreInputs, factor: float) -> torch.Tensor:
-    """[batch, kv_heads, tokens] bool: keys whose attention from the last `SINK_PROBE` queries (mean over them and the
-    GQA group) is at least `factor` x the mean share 1 / (valid keys) of their row — first tokens and secondary
-    sinks alike (StreamingLLM's sinks, found by mass rather than position)."""
-    probe = min(SINK_PROBE, x.queries.shape[2])
+def probe_attention(x: ScoreInputs, probe: int) -> torch.Tensor:
+    """[batch, kv_heads, group * probe, tokens]: `window_attention` of the newest `probe` queries, each KV head's
+    GQA group of query heads stacked (shared by sink detection and Task-KV's head semantics)."""
+    probe = min(probe, x.queries.shape[2])
     last = ScoreInputs(x.queries[:, :, -probe:], x.query_positions[-probe:], x.keys, x.values, x.positions, x.valid,
                        x.scale)
     attn = window_attention(last)
     batch, q_heads, _, tokens = attn.shape
     kv_heads = x.keys.shape[1]
-    mass = attn.view(batch, kv_heads, q_heads // kv_heads * probe, tokens).mean(dim=2)
+    return attn.view(batch, kv_heads, q_heads // kv_heads * probe, tokens)
+
+
+def detected_sinks(x: ScoreInputs, factor: float) -> torch.Tensor:
+    """[batch, kv_heads, tokens] bool: keys whose attention from the last `SINK_PROBE` queries (mean over them and the
+    GQA group) is at least `factor` x the mean share 1 / (valid keys) of their row — first tokens and secondary
+    sinks alike (StreamingLLM's sinks, found by mass rather than position)."""
+    mass = probe_attention(x, SINK_PROBE).mean(dim=2)
     share = 1.0 / x.valid.sum(dim=-1, keepdim=True).clamp(min=1)
     return x.valid & (mass >= factor * share)
 

@@ -25,8 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import ScoreInputs, Scorer, register
-from .snapkv import window_attention
+from .base import ScoreInputs, Scorer, register, window_attention
 
 QUERY_CHUNK = 256  # queries per step of the accumulation
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ScoreInputs, Scorer, check_int, register, window_attention  # noqa: F401  (re-exported)
+from .base import ScoreInputs, Scorer, check_int, register, window_attention
 
 
 @register("snapkv")

@@ -38,6 +38,10 @@ class StreamingLLM(Scorer):
             return super().spec()
         return f"streaming:sink={self.sink},window={self.window}" + (f",every={self.every}" if self.every else "")
 
+    @property
+    def fixed_size(self) -> bool:
+        return bool(self.budget or self.window)
+
     def keep_count(self, n_valid: torch.Tensor) -> torch.Tensor:
         if self.window:
             return torch.clamp(torch.full_like(n_valid, self.sink + self.window), max=n_valid)

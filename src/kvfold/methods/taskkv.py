@@ -26,19 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, ScoreInputs, check_int, register, top_mask
-from .snapkv import window_attention
+from .base import PROTECTED, Budget, ScoreInputs, check_int, probe_attention, register, top_mask
 
 
 def semantic_distance(inputs: ScoreInputs, probe: int) -> torch.Tensor:
     """[batch, kv_heads]: L2 distance of each KV head's mean attention output (its GQA group's last `probe`
     queries) from the mean over the layer's KV heads."""
-    last = ScoreInputs(inputs.queries[:, :, -probe:], inputs.query_positions[-probe:], inputs.keys, inputs.values,
-                       inputs.positions, inputs.valid, inputs.scale)
-    attn = window_attention(last)  # [batch, q_heads, probe, tokens]
-    batch, q_heads, window, tokens = attn.shape
-    kv_heads = inputs.keys.shape[1]
-    attn = attn.view(batch, kv_heads, q_heads // kv_heads * window, tokens)
+    attn = probe_attention(inputs, probe)  # [batch, kv_heads, group * probe, tokens]
     values = inputs.values.float().masked_fill(~inputs.valid.unsqueeze(-1), 0.0)
     semantic = torch.matmul(attn, values).mean(dim=2)  # [batch, kv_heads, head_dim]
     return (semantic - semantic.mean(dim=1, keepdim=True)).norm(dim=-1)
@@ -84,4 +78,3 @@ class TaskKVBudget(Budget):
         batch, heads, tokens = scores.shape
         counts = self.counts(scores, keep, semantic_distance(inputs, self.probe))
         return top_mask(scores.reshape(batch * heads, tokens), counts.flatten()).view(batch, heads, tokens)
-

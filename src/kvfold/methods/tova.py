@@ -21,8 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import ScoreInputs, Scorer, register
-from .snapkv import window_attention
+from .base import ScoreInputs, Scorer, register, window_attention
 
 
 def last_query_attention(x: ScoreInputs) -> torch.Tensor:
