@@ -71,5 +71,13 @@ def embedded_run(model, tokenizer, method: str):
     return answer(method), _NONE_ANSWERS[id(model)]
 
 
+def rope_free_inputs():
+    """Small random `ScoreInputs` without RoPE frequencies (for the scorers that need them to refuse)."""
+    from kvfold.methods.base import ScoreInputs
+
+    return ScoreInputs(torch.randn(1, 2, 4, 8), torch.arange(4), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8),
+                       torch.arange(6).view(1, 1, -1), torch.ones(1, 1, 6, dtype=torch.bool), 0.3)
+
+
 def ceil_half(n: int) -> int:
     return math.ceil(0.5 * n)

@@ -39,6 +39,21 @@ def test_every_registered_method_has_a_readme_row_and_a_test_file():
         assert (root / "tests" / "methods" / f"test_{module}.py").is_file(), f"no tests/methods/test_{module}.py"
 
 
+def test_importing_the_package_registers_every_method_file():
+    """A fresh interpreter (no test imported a method module first) finds a method in every file of methods/."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import kvfold.methods
+
+    folder = Path(kvfold.methods.__file__).parent
+    files = {f.stem for f in folder.glob("*.py")} - {"__init__", "base"}
+    code = "import kvfold.methods as m; print(' '.join(sorted({c.__module__.rsplit('.', 1)[-1] for c in m.REGISTRY.values()})))"
+    registered = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert files <= registered, f"not imported by kvfold.methods: {sorted(files - registered)}"
+
+
 def _with_a_secondary_sink(tokens: int = 60, sink_at: int = 30) -> ScoreInputs:
     """Keys of random direction; every window query points at key `sink_at`, which also has the largest norm."""
     gen = torch.Generator().manual_seed(0)

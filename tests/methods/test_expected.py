@@ -13,7 +13,7 @@ from kvfold.models import rope_frequencies
 
 from ..conftest import make_tiny_llama
 from ..tiny_models import FAMILIES, tiny_model
-from .helpers import embedded_run, run_spec, uniform_rows
+from .helpers import embedded_run, rope_free_inputs, run_spec, uniform_rows
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -87,8 +87,7 @@ def test_runs_in_a_model_and_keeps_the_ratio(tiny_llama):
 
 
 def test_needs_rope_frequencies_and_valid_knobs():
-    x = ScoreInputs(torch.randn(1, 2, 4, 8), torch.arange(4), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8),
-                    torch.arange(6).view(1, 1, -1), torch.ones(1, 1, 6, dtype=torch.bool), 0.3)
+    x = rope_free_inputs()
     with pytest.raises(KVFoldError, match="RoPE"):
         ExpectedAttention().raw_score(x)
     with pytest.raises(KVFoldError, match="future"):

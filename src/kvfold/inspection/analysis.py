@@ -15,6 +15,8 @@ from .inputs import InspectInput
 from .profile import model_identity
 from .schema import SCHEMA_VERSION
 
+CURVE_POINTS = 101  # importance curve samples per layer: kept fractions 0, 0.01, ..., 1
+
 
 @dataclass
 class Inspection:
@@ -76,6 +78,14 @@ def _kept_map(cache, n: int) -> np.ndarray:
     return out
 
 
+def importance_curve(mass: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
+    """Share of the total of `mass` [n] held by its largest x·n entries, at x = 0, 1/(points-1), ..., 1 (linear
+    between whole entries): a Lorenz-style curve, steep for a layer whose attention sits on a few keys."""
+    ordered = np.sort(np.asarray(mass, dtype=np.float64))[::-1]
+    cumulative = np.concatenate([[0.0], np.cumsum(ordered)]) / max(float(ordered.sum()), 1e-300)
+    return np.interp(np.linspace(0, 1, points), np.arange(len(ordered) + 1) / len(ordered), cumulative)
+
+
 def _analyse(rec: Recorder, source: InspectInput, config: InspectConfig, identity: dict,
              kept: dict[str, np.ndarray], tokenizer, windows: list[int | None]) -> Inspection:
     """Sinks, head roles and summaries from the recorded reductions (numbers rounded for the JSON)."""
@@ -125,7 +135,8 @@ def _analyse(rec: Recorder, source: InspectInput, config: InspectConfig, identit
                                "ratio": _round(float(ratio[index, p]))} for p in top],
             "sink_positions": np.nonzero(is_sink[index])[0].tolist(),
             "hidden_norm_median": _round(float(np.median(norms[index]))),
-            "heads": heads, "keys": r.keys, "values": r.values})
+            "heads": heads, "keys": r.keys, "values": r.values,
+            "importance_curve": _round(importance_curve(mass[index]).tolist())})
     kept_entries = []
     for spec, image in kept.items():
         kept_entries.append({

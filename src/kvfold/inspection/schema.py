@@ -100,7 +100,11 @@ PROFILE_SCHEMA: dict = {
             "hidden_norm_median": {"type": "number", "minimum": 0},
             "heads": {"type": "array", "items": {"$ref": "#/$defs/head"}, "minItems": 1},
             "keys": {"$ref": "#/$defs/channels"}, "values": {"$ref": "#/$defs/channels"},
-        }),
+            "importance_curve": {"type": "array", "items": _SHARE, "minItems": 2,
+                                 "description": "share of the layer's attention mass held by its top x of keys, "
+                                                "x = 0, 1/(len-1), ..., 1 (read by the prefixkv budget)"},
+        }, required=["index", "sliding_window", "top_positions", "sink_positions", "hidden_norm_median", "heads",
+                     "keys", "values"]),
         "kept": _object({
             "method": {"type": "string"}, "query_aware": {"type": "boolean"},
             "kept_fraction": {"type": "array", "items": _SHARE},

@@ -232,6 +232,35 @@ class Budget(Method):
 
 
 @dataclass(frozen=True)
+class PerLayerBudget(Budget):
+    """A budget that moves tokens across depth: every KV head of a layer keeps the same count, the protected tokens
+    plus the layer's part (`layer_share`) of the uniform share beyond them, never more than the row holds."""
+
+    def layer_share(self, share: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, layer: int,
+                    layers: int) -> torch.Tensor:
+        """Unprotected tokens (float, before rounding) rows [batch, kv_heads] of layer `layer` keep, given the
+        uniform unprotected `share`, the uniform count `keep` and the valid tokens `valid` of each row."""
+        raise NotImplementedError
+
+    def counts(self, scores: torch.Tensor, keep: torch.Tensor, layer: int, layers: int) -> torch.Tensor:
+        """Tokens each row [batch, kv_heads] of layer `layer` keeps."""
+        batch, heads, _ = scores.shape
+        protected = (scores >= PROTECTED).sum(dim=-1)
+        valid = torch.isfinite(scores).sum(dim=-1)  # invalid slots score -inf; protected ones are finite
+        keep = keep.to(scores.device).view(batch, 1).expand(batch, heads)
+        fixed = torch.minimum(protected, keep)
+        share = self.layer_share((keep - fixed).clamp(min=0).double(), keep, valid, layer, layers)
+        counts = fixed + torch.minimum(torch.round(share).long(), valid - protected)
+        return torch.maximum(counts, valid.clamp(max=1))
+
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
+               inputs: ScoreInputs | None = None) -> torch.Tensor:
+        batch, heads, tokens = scores.shape
+        counts = self.counts(scores, keep, layer, layers)
+        return top_mask(scores.reshape(batch * heads, tokens), counts.reshape(-1)).view(batch, heads, tokens)
+
+
+@dataclass(frozen=True)
 class Quantizer(Method):
     """Packs K/V pages. A page is `group` tokens; the newest `residual` tokens stay in full precision."""
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, ScoreInputs, register, top_mask
+from .base import PerLayerBudget, register
 
 
 def pyramid_share(share: torch.Tensor, layer: int, layers: int, beta: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ def pyramid_share(share: torch.Tensor, layer: int, layers: int, beta: float) -> 
 
 @register("pyramidkv")
 @dataclass(frozen=True)
-class PyramidKVBudget(Budget):
+class PyramidKVBudget(PerLayerBudget):
     """Per-layer token counts decreasing linearly with depth (bottom ≈ 2x, top 1/beta of the share), same total."""
 
     paper = "PyramidKV (Cai et al., 2024)"
@@ -55,19 +55,6 @@ class PyramidKVBudget(Budget):
             raise KVFoldError(f"pyramidkv: beta must be a number >= 1 (the top layer keeps 1/beta of the average "
                               f"share, the bottom layer 2 - 1/beta of it; 1 = uniform), got {beta!r}")
 
-    def counts(self, scores: torch.Tensor, keep: torch.Tensor, layer: int, layers: int) -> torch.Tensor:
-        """Tokens each row [batch, kv_heads] of layer `layer` keeps."""
-        batch, heads, _ = scores.shape
-        protected = (scores >= PROTECTED).sum(dim=-1)
-        valid = torch.isfinite(scores).sum(dim=-1)  # invalid slots score -inf; protected ones are finite
-        keep = keep.to(scores.device).view(batch, 1).expand(batch, heads)
-        fixed = torch.minimum(protected, keep)
-        share = pyramid_share((keep - fixed).clamp(min=0), layer, layers, float(self.beta))
-        counts = fixed + torch.minimum(torch.round(share).long(), valid - protected)
-        return torch.maximum(counts, valid.clamp(max=1))
-
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
-               inputs: ScoreInputs | None = None) -> torch.Tensor:
-        batch, heads, tokens = scores.shape
-        counts = self.counts(scores, keep, layer, layers)
-        return top_mask(scores.reshape(batch * heads, tokens), counts.reshape(-1)).view(batch, heads, tokens)
+    def layer_share(self, share: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, layer: int,
+                    layers: int) -> torch.Tensor:
+        return pyramid_share(share, layer, layers, float(self.beta))
