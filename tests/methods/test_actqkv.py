@@ -9,7 +9,7 @@ import kvfold
 from kvfold.errors import KVFoldError
 from kvfold.methods.actqkv import ActQKV, activation_weights
 from kvfold.methods.base import ScoreInputs
-from kvfold.methods.expected import rotate
+from kvfold.methods.expected import rope
 
 from .helpers import embedded_run, run_spec, uniform_rows
 
@@ -52,8 +52,7 @@ def test_scores_are_cosines_and_prerope_ignores_position():
     torch.manual_seed(1)
     queries, pre_key = torch.randn(1, 2, 6, DIM), torch.randn(DIM)
     positions = torch.tensor([3, 40, 500])
-    angles = positions.double().unsqueeze(-1) * INV_FREQ.double()
-    keys = rotate(pre_key.expand(3, DIM), angles.cos().float(), angles.sin().float())
+    keys = rope(pre_key.expand(3, DIM), positions, INV_FREQ)
     keys = (keys * torch.tensor([[1.0], [5.0], [0.2]])).view(1, 1, 3, DIM)  # norms differ too
     scores = ActQKV().raw_score(_inputs(queries, keys, positions, INV_FREQ))[0, 0]
     torch.testing.assert_close(scores, scores[0].expand(3), atol=1e-5, rtol=1e-5)

@@ -8,17 +8,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import kvfold
 from kvfold.errors import KVFoldError
 from kvfold.methods.base import ScoreInputs
-from kvfold.methods.expected import ExpectedAttention, rotate
+from kvfold.methods.expected import ExpectedAttention, rope
 from kvfold.models import rope_frequencies
 
-from ..conftest import make_tiny_llama
 from ..tiny_models import FAMILIES, tiny_model
 from .helpers import embedded_run, rope_free_inputs, run_spec, uniform_rows
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    angles = positions.double().unsqueeze(-1) * inv_freq.double()
-    return rotate(x, angles.cos().float(), angles.sin().float())
 
 
 def test_rotation_is_transformers_rope_and_inverts(tiny_llama):

@@ -9,7 +9,7 @@ import torch
 import kvfold
 from kvfold.errors import KVFoldError
 from kvfold.methods.base import ScoreInputs
-from kvfold.methods.expected import rotate
+from kvfold.methods import expected
 from kvfold.methods.triattention import TriAttention, future_offsets
 
 from .helpers import embedded_run, rope_free_inputs, run_spec, uniform_rows
@@ -19,8 +19,7 @@ INV_FREQ = 1.0 / 10000 ** (torch.arange(0, DIM, 2).float() / DIM)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    angles = positions.double().unsqueeze(-1) * INV_FREQ.double()
-    return rotate(x, angles.cos().float(), angles.sin().float())
+    return expected.rope(x, positions, INV_FREQ)
 
 
 def _inputs(pre_queries: torch.Tensor, pre_keys: torch.Tensor, key_positions: torch.Tensor, last: int) -> ScoreInputs:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import KVFoldError
 from .base import ScoreInputs, Scorer, register
-from .triattention import unrope
+from .expected import rope
 
 
 def activation_weights(queries: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class ActQKV(Scorer):
 
     def _space(self, vectors: torch.Tensor, positions: torch.Tensor, x: ScoreInputs) -> torch.Tensor:
         if self.prerope and x.inv_freq is not None:
-            return unrope(vectors, positions, x.inv_freq)
+            return rope(vectors, -positions, x.inv_freq)  # undo RoPE
         return vectors.float()
 
     def raw_score(self, x: ScoreInputs) -> torch.Tensor:

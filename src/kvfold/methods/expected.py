@@ -34,6 +34,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([rotated, tail], dim=-1)
 
 
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [..., n, dim] rotated by RoPE at `positions` (broadcasting to [..., n]), as float32; `-positions` undoes
+    the rotation, turning cached (RoPE'd) keys and queries back into pre-RoPE vectors."""
+    angles = positions.to(x.device).double().unsqueeze(-1) * inv_freq.double().to(x.device)
+    return rotate(x.float(), angles.cos().float(), angles.sin().float())
+
+
 @register("expected")
 @dataclass(frozen=True)
 class ExpectedAttention(Scorer):
@@ -70,8 +77,7 @@ class ExpectedAttention(Scorer):
         batch, q_heads, window, dim = x.queries.shape
         kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
         group = q_heads // kv_heads
-        angles = x.query_positions.to(x.queries.device).double().unsqueeze(1) * x.inv_freq.double().to(x.queries.device)
-        pre = rotate(x.queries.float(), angles.cos().float(), -angles.sin().float())  # undo RoPE: rotate by -angle
+        pre = rope(x.queries, -x.query_positions, x.inv_freq)  # undo RoPE
         mean = pre.mean(dim=2)  # [batch, q_heads, dim]
         future = self.future_map(x)
         mean = mean @ future

@@ -80,6 +80,7 @@ class PrefixKVBudget(PerLayerBudget):
         tensor = torch.cummax(tensor.clamp(0, 1), dim=-1).values  # rounding in the JSON must not break monotony
         object.__setattr__(self, "_model", profile["model"])
         object.__setattr__(self, "_curves", tensor)
+        object.__setattr__(self, "_last_search", {})  # kept fractions -> layer_fractions (one entry)
 
     def curves(self) -> torch.Tensor:
         """[layers, points] the profile's importance curves."""
@@ -96,5 +97,14 @@ class PrefixKVBudget(PerLayerBudget):
             raise KVFoldError(f"prefixkv: the profile is for {self._model['layers']} layers ({self._model['name']}), "
                               f"this model has {layers}: run `kvfold inspect` for this model")
         kept = (keep.double() / valid.clamp(min=1).double()).clamp(1e-9, 1.0)
-        fractions = layer_fractions(self._curves, kept.flatten().cpu())[:, layer].view_as(kept).to(share.device)
+        distinct, row = torch.unique(kept.flatten().cpu(), return_inverse=True)
+        fractions = self._search(tuple(distinct.tolist()))[row, layer].view_as(kept).to(share.device)
         return share * fractions / kept
+
+    def _search(self, kept: tuple[float, ...]) -> torch.Tensor:
+        """`layer_fractions` of these kept fractions; every layer of a pass asks the same, so the bisection runs
+        once per pass rather than once per layer (the last answer is kept, nothing more)."""
+        if kept not in self._last_search:
+            self._last_search.clear()
+            self._last_search[kept] = layer_fractions(self._curves, torch.tensor(kept, dtype=torch.float64))
+        return self._last_search[kept]

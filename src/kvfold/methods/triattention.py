@@ -25,7 +25,7 @@ import torch
 
 from ..errors import KVFoldError
 from .base import ScoreInputs, Scorer, check_int, register
-from .expected import rotate
+from .expected import rope
 
 POOLS = ("mean", "max")
 
@@ -36,12 +36,6 @@ def future_offsets(future: int) -> torch.Tensor:
     while offsets[-1] * 2 <= future:
         offsets.append(offsets[-1] * 2)
     return torch.tensor(offsets, dtype=torch.float64)
-
-
-def unrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x [..., n, dim] rotated by RoPE at `positions` (broadcasting to [..., n]) -> the pre-RoPE vectors."""
-    angles = positions.to(x.device).double().unsqueeze(-1) * inv_freq.double().to(x.device)
-    return rotate(x.float(), angles.cos().float(), -angles.sin().float())
 
 
 def as_complex(x: torch.Tensor, half: int) -> torch.Tensor:
@@ -75,8 +69,8 @@ class TriAttention(Scorer):
         batch, q_heads, _, dim = x.queries.shape
         kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
         group, half = q_heads // kv_heads, x.inv_freq.shape[-1]
-        queries = unrope(x.queries, x.query_positions, x.inv_freq)  # [b, qh, w, dim]
-        keys = unrope(x.keys, x.positions, x.inv_freq).repeat_interleave(group, dim=1)  # [b, qh, n, dim]
+        queries = rope(x.queries, -x.query_positions, x.inv_freq)  # pre-RoPE [b, qh, w, dim]
+        keys = rope(x.keys, -x.positions, x.inv_freq).repeat_interleave(group, dim=1)  # [b, qh, n, dim]
         q_complex, k_complex = as_complex(queries, half), as_complex(keys, half)
         centre = q_complex.mean(dim=2)  # [b, qh, half]
         relative = centre.unsqueeze(2) * k_complex.conj()  # [b, qh, n, half]: amplitude A_f, phase φ_f
