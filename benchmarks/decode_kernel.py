@@ -53,7 +53,7 @@ def accuracy(dims=(64, 128), groups=(1, 4, 8), tokens=4096, batch=4) -> list[dic
     rows = []
     for dim in dims:
         for group in groups:
-            for spec in ("none", "kivi:8", "kivi:4", "kivi:2", "fp8", "rotate+kivi:4", "ragged"):
+            for spec in ("none", "kivi:8", "kivi:4", "kivi:2", "fp8", "rotate+kivi:4", "kv4:4", "kv4:2", "ragged"):
                 kv_heads = 4
                 k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn_like(k)
@@ -89,7 +89,8 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     cases = [("none (bf16 pages)", "none", None), ("uniform 50% (bf16)", "none", uniform),
              ("ragged 10-90% per head (bf16)", "none", ragged), ("kivi:4", "kivi:4", None),
              ("kivi:2", "kivi:2", None), ("ragged + kivi:4", "kivi:4", ragged), ("fp8 (e4m3, scale/token)", "fp8", None),
-             ("fp8 (e4m3, scale/page)", "fp8:scale=page", None), ("rotate+kivi:4", "rotate+kivi:4", None)]
+             ("fp8 (e4m3, scale/page)", "fp8:scale=page", None), ("rotate+kivi:4", "rotate+kivi:4", None),
+             ("kv4:4 (per-token, smoothed keys)", "kv4:4", None), ("kv4:2", "kv4:2", None)]
     none_ms = None
     for run, (label, spec, keep) in enumerate(cases * 2):  # two passes: the spread between them is the noise
         label = f"{label} [pass {run // len(cases) + 1}]"
@@ -107,17 +108,37 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     return results
 
 
+def sweep(batch: int, tokens: int) -> list[dict]:
+    """Time per call of each store under Triton launch options (num_warps, num_stages), to pick the defaults."""
+    kv_heads, group, dim = 8, 4, 128
+    k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch * kv_heads, group, dim, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for spec in ("none", "kivi:4", "kivi:2", "kv4:4", "fp8"):
+        parts = store(spec, k, v).kernel_parts()
+        for warps, stages in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (2, 2)):
+            launch = dict(num_warps=warps, num_stages=stages)
+            ms = do_bench(lambda: paged_decode(q, parts, tokens - 1, dim ** -0.5, launch=launch), warmup=50,
+                          rep=300, return_mode="median")
+            rows.append({"store": spec, "num_warps": warps, "num_stages": stages, "ms": ms})
+            print(f"sweep {spec:8s} warps {warps} stages {stages}: {ms:.3f} ms", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--sweep", action="store_true", help="also time Triton launch options per store")
     args = parser.parse_args()
     peak = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "kvfold": kvfold.__version__, "copy_bandwidth_tb_s": peak / 1e12,
               "shape": f"batch {args.batch}, {args.tokens} tokens, 32 q heads / 8 KV heads, head_dim 128, one layer",
-              "accuracy": accuracy(), "speed": speed(args.batch, args.tokens, peak)}
+              "accuracy": accuracy(), "speed": speed(args.batch, args.tokens, peak),
+              "sweep": sweep(args.batch, args.tokens) if args.sweep else []}
     args.out.write_text(json.dumps(result, indent=1))
     worst = {}
     for row in result["accuracy"]:

@@ -140,11 +140,11 @@ def test_fast_loop_on_a_fork_leaves_the_parent_untouched(model):
 def test_fast_loop_through_the_kernel_over_device_tables(model, spec, monkeypatch):
     monkeypatch.setenv("KVFOLD_KERNELS", "triton")  # interpreted on the CPU: small and short
     prompts = [PROMPTS[0][:70], PROMPTS[1][:40]]
+    # The fast loop against the normal one is tested above with the reference; here the kernel against the reference.
     fast = generate_batch(model, prompts, method=spec, max_new_tokens=18, fast=True)  # packs at 80: crosses a tick
-    slow = generate_batch(model, prompts, method=spec, max_new_tokens=18, fast=False)
     monkeypatch.setenv("KVFOLD_KERNELS", "reference")
     reference = generate_batch(model, prompts, method=spec, max_new_tokens=18, fast=True)
-    assert [o.tokens for o in fast.outputs] == [o.tokens for o in slow.outputs] == [o.tokens for o in reference.outputs]
+    assert [o.tokens for o in fast.outputs] == [o.tokens for o in reference.outputs]
     assert fast.cuda_graph == (DEVICE == "cuda")
 
 

@@ -54,13 +54,11 @@ def long_ids(embedded):
     return torch.tensor([head + tail])
 
 
-def test_bytes_of_snapkv_and_kivi(embedded, long_ids):
+def test_bytes_and_logits_of_kivi(embedded, long_ids):
     model, _ = embedded
     tokens = long_ids.shape[1]
     assert tokens >= 3900
-    full, full_logits = prefill_cache(model, long_ids, "none")
-    half, _ = prefill_cache(model, long_ids, "snapkv:0.5")
-    assert half.nbytes() <= 0.55 * full.nbytes()
+    full, full_logits = prefill_cache(model, long_ids, "none")  # eviction's bytes: test_cache, on a tiny model
     kivi2, _ = prefill_cache(model, long_ids, "kivi:2,group=64,residual=128")
     assert kivi2.nbytes() <= 0.20 * kv_elements(model, tokens) * 2  # the same KV in bf16
     kivi4, kivi4_logits = prefill_cache(model, long_ids, "kivi:4")
@@ -85,14 +83,14 @@ def answer(embedded, sample, spec, agnostic=False):
 def test_needles_none_and_kivi(embedded, needles):
     shallow_middle_deep = needles[::2]  # depths 10%, 50%, 90% (the suite's time budget)
     found = {spec: [score_contains(answer(embedded, s, spec).text, s.answer) for s in shallow_middle_deep]
-             for spec in ("none", "kivi:8", "kivi:4")}
+             for spec in ("none", "kivi:4")}
     assert found["none"] == [1.0] * len(shallow_middle_deep)
-    assert found["kivi:8"] == found["none"] and found["kivi:4"] == found["none"]
+    assert found["kivi:4"] == found["none"]
 
 
 def test_streaming_finds_the_needle_exactly_when_it_is_kept(embedded, needles):
     _, tokenizer = embedded
-    for sample in needles:
+    for sample in needles[1:4]:  # depths 30% (evicted), 50%, 70% (kept): both outcomes, in the time budget
         head, tail = kvfold.split_prompt(tokenizer, sample.context, sample.question)
         total = len(head) + len(tail)
         kept_from = total - (-(-total // 2) - 4)  # streaming:0.5 keeps 4 sinks + the newest ceil(total/2) - 4

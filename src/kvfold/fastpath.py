@@ -33,7 +33,8 @@ class FastLayer:
         from .kernels.decode import supports
 
         self.layer, self.q_pos, self.widths = layer, q_pos, widths
-        self.use_kernel = use_triton(layer.device) and supports(layer.kernel_parts(), layer.head_dim)
+        self.use_kernel = (use_triton(layer.device) and layer.kernel_readable
+                           and supports(layer.kernel_parts(), layer.head_dim))
         self.mirrors: Mirrors = {}
         self.parts: list | None = None
         self._pointers: tuple[int, ...] = ()

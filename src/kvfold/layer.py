@@ -16,7 +16,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .compressor import Compressor
 from .errors import KVFoldError
-from .methods.base import ScoreInputs
+from .methods.base import ScoreInputs, top_mask
 from .pages import Field, PagedRows, PagePool
 from .reading import StoreReader
 
@@ -79,7 +79,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.seen = 0
         self.full: PagedRows | None = None
         self.packed: PagedRows | None = None
-        self.recent_queries: torch.Tensor | None = None  # kept only for decode-time compression
+        self.recent_queries: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_remember_queries`
         self.valid_seen: torch.Tensor | None = None  # [batch] real (non-padding) tokens seen
         self.scale = 1.0
         self.compress_appends = False  # compress later multi-token turns too (chat keeps its history compressed)
@@ -183,8 +183,14 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
                                  keep, scale, self.inv_freq)
             keep = self._keep_mask(inputs, valid.sum(dim=1).cpu())
             keys, values = self._merge(keys, values, keep, inputs.valid)
+        saliency = None
+        quantizer = self.compressor.quantizer
+        if quantizer is not None and quantizer.ranks_tokens and first and not (self.chunking and evicts):
+            saliency = quantizer.saliency(ScoreInputs(
+                query, query_positions, keys, values, positions.view(1, 1, -1).expand(batch, heads, tokens), keep,
+                scale))
         self._remember_queries(query[:, :, :tokens], positions)
-        self._append_rows(keys, values, positions, keep)
+        self._append_rows(keys, values, positions, keep, saliency=saliency)
         if evicts and self.chunking:
             self._recompress(*self._observation(query, query_positions))
 
@@ -205,7 +211,9 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         if self.packed is not None and self._ticked(self.compressor.quantizer.group, tokens):
             self._pack_full_groups()
         if self._ticked(self.compressor.scorer.every, tokens):
-            self._recompress(*self.recent_queries)
+            queries, positions = self.recent_queries
+            window = max(1, self.compressor.scorer.window)
+            self._recompress(queries[:, :, -window:], positions[-window:])
 
     def _ticked(self, period: int, tokens: int) -> bool:
         return bool(period) and self.seen // period > (self.seen - tokens) // period
@@ -241,20 +249,24 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         return query[:, :, -window:], positions[-window:]
 
     def _remember_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
-        scorer = self.compressor.scorer
-        if not scorer.every:
+        """Keep the newest queries that decode-time compression (the scorer's window) or a token-ranking quantizer
+        (`remembered_queries`) reads later."""
+        scorer, quantizer = self.compressor.scorer, self.compressor.quantizer
+        window = max(max(1, scorer.window) if scorer.every else 0, quantizer.remembered_queries if quantizer else 0)
+        if not window:
             return
         recent = query if self.recent_queries is None else torch.cat([self.recent_queries[0], query], dim=2)
         pos = positions if self.recent_queries is None else torch.cat([self.recent_queries[1], positions])
-        window = max(1, scorer.window)
         self.recent_queries = (recent[:, :, -window:].clone(), pos[-window:].clone())
 
-    def _append_rows(self, keys, values, positions, keep, pack: bool = True) -> None:
+    def _append_rows(self, keys, values, positions, keep, pack: bool = True, saliency=None) -> None:
         """Append kept tokens [batch, heads, tokens] to each row, then pack full groups (unless `pack` is False:
-        decoding packs on a clock, see `after_decode`) and slide windows."""
+        decoding packs on a clock, see `after_decode`) and slide windows. `saliency` [batch, heads, tokens] ranks
+        the tokens a first store packs, for quantizers that mix precisions (`ranks_tokens`)."""
         batch, heads, tokens, dim = keys.shape
         pos = positions.view(1, 1, -1).expand(batch, heads, tokens).to(torch.int32)
-        kept, counts = compact({"k": keys, "v": values, "pos": pos}, keep)
+        rows = {"k": keys, "v": values, "pos": pos} | ({"sal": saliency} if saliency is not None else {})
+        kept, counts = compact(rows, keep)
         self.peak_row_tokens = max(self.peak_row_tokens, int((self.row_lengths().flatten().cpu() + counts).max()))
         defer = self.chunking and self.compressor.evicts  # chunked eviction reads full-precision tokens only
         if self.packed is not None and self.stored_tokens == 0 and not defer:
@@ -275,6 +287,9 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         group = quantizer.group
         n_pages = torch.minimum(torch.clamp(-((quantizer.residual - counts) // group), min=0), counts // group)
         width = int(n_pages.max())
+        saliency = kept.pop("sal", None)
+        if width and saliency is not None:
+            kept = self._arrange_by_saliency(kept, saliency, n_pages)
         if width:
             used = (torch.arange(width).unsqueeze(0) < n_pages.unsqueeze(1)).to(self.device)
             pages = {n: t[:, : width * group].unflatten(1, (width, group))[used] for n, t in kept.items()}
@@ -287,6 +302,27 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         index = index.clamp(max=max(0, kept["k"].shape[1] - 1))
         rest = {n: gather_tokens(t, index) for n, t in kept.items()}
         self.full.append(rest, tail)
+
+    def _arrange_by_saliency(self, kept: dict[str, torch.Tensor], saliency: torch.Tensor,
+                             n_pages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Permute each row's packed span (its first `n_pages * group` tokens) so that every page's first
+        `high_slots` slots hold the span's most salient tokens and the rest its others, each kind in position order;
+        tokens past the span stay where they are."""
+        quantizer = self.compressor.quantizer
+        group, high = quantizer.group, quantizer.high_slots
+        rows, width = saliency.shape
+        slot = torch.arange(width, device=saliency.device).unsqueeze(0).expand(rows, width)
+        span = (n_pages * group).to(saliency.device).unsqueeze(1)
+        in_span = slot < span
+        salient = top_mask(saliency.masked_fill(~in_span, float("-inf")), (n_pages * high).to(saliency.device))
+        salient &= in_span
+        other = in_span & ~salient
+        salient_rank, other_rank = salient.cumsum(1) - 1, other.cumsum(1) - 1
+        dest = torch.where(salient, salient_rank // high * group + salient_rank % high,
+                           torch.where(other, other_rank // (group - high) * group + high + other_rank % (group - high),
+                                       slot))
+        source = torch.empty_like(dest).scatter_(1, dest, slot)
+        return {n: gather_tokens(t, source) for n, t in kept.items()}
 
     def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The quantizer's fields of pages of K and V, rotated first when the method rotates."""
@@ -307,12 +343,22 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
             ids = torch.stack([self.full.pop_first_pages(rows) for _ in range(per_group)], dim=1)  # [rows, per_group]
             dev = ids.to(pool.device)
             group = {n: pool.tensors[n][dev].flatten(1, 2) for n in ("k", "v", "pos")}
+            if quantizer.ranks_tokens:
+                group = self._order_decoded_page(group, rows)
             fields = self._encode(group["k"], group["v"])
             fields["pos"] = group["pos"]
             pool.release(ids.flatten())
             new_ids = self.packed.pool.alloc(len(rows))
             self.packed.pool.write(new_ids, fields)
             self.packed.push_pages(rows, new_ids)
+
+    def _order_decoded_page(self, group: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Arrange pages packed from the tail [rows, group, ...] salient-first, ranked by the remembered queries."""
+        queries = self.recent_queries[0]
+        batch, q_heads, n, dim = queries.shape
+        per_row = queries.reshape(batch * self.kv_heads, q_heads // self.kv_heads * n, dim)[rows.to(queries.device)]
+        order = self.compressor.quantizer.order_page(per_row, group["k"], self.scale)
+        return {name: gather_tokens(t, order) for name, t in group.items()}
 
     def _drop_out_of_window(self) -> None:
         """Free whole pages, oldest first, whose every token is outside the sliding window of the next query."""
@@ -325,7 +371,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
                 if candidates.numel() == 0:
                     break
                 first = rows.table[candidates, 0].to(self.device)
-                last_pos = rows.pool.tensors["pos"][first, -1].cpu()
+                last_pos = rows.pool.tensors["pos"][first].amax(dim=-1).cpu()  # token-ranking pages mix positions
                 candidates = candidates[last_pos < oldest_needed]
                 if candidates.numel() == 0:
                     break

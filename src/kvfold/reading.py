@@ -131,12 +131,18 @@ class StoreReader:
 
     def _kernel_parts_for(self, query: torch.Tensor) -> list | None:
         """The store's kernel parts when the Triton decode kernel should and can read it, else None."""
-        if not use_triton(query.device):
+        if not use_triton(query.device) or not self.kernel_readable:
             return None
         from .kernels.decode import supports
 
         parts = self.kernel_parts()
         return parts if supports(parts, query.shape[-1]) else None
+
+    @property
+    def kernel_readable(self) -> bool:
+        """Whether the Triton decode kernel can read this store's pages (every quantizer but mixed-precision ones)."""
+        quantizer = self.compressor.quantizer
+        return quantizer is None or quantizer.has_kernel
 
     def kernel_parts(self, mirrors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list:
         """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages.

@@ -38,7 +38,9 @@ def filled_layer(spec, batch, kv_heads, dim, tokens, page_size=64, window=None, 
 @pytest.mark.parametrize("spec, page_size", [("none", 16), ("none", 64), ("kivi:8,group=16,residual=16", 64),
                                              ("kivi:4,group=16,residual=32", 64), ("kivi:2,group=32,residual=16", 64),
                                              ("fp8", 64), ("fp8:e5m2,scale=page,group=32,residual=16", 64),
-                                             ("rotate+kivi:4,group=16,residual=16", 64), ("rotate:random+fp8", 64)])
+                                             ("rotate+kivi:4,group=16,residual=16", 64), ("rotate:random+fp8", 64),
+                                             ("kv4:4,group=16,residual=16", 64), ("kv4:2,group=32,residual=16", 64),
+                                             ("rotate+kv4:8,group=16,residual=16", 64)])
 @pytest.mark.parametrize("dim, group", [(16, 1), (32, 4), (64, 8)])
 @pytest.mark.parametrize("window", [None, 23])
 def test_kernel_matches_reference(spec, page_size, dim, group, window):

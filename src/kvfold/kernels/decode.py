@@ -20,7 +20,9 @@ import triton.language as tl
 @dataclass(frozen=True)
 class PagedPart:
     """One part of a layer's store as the kernel reads it. `bits` 0 means float pages (16/32-bit, or float8 with
-    `scaled` 1: a scale per token, 2: a scale per page). `rotation` R: the pages hold x @ R."""
+    `scaled` 1: a scale per token, 2: a scale per page). Packed keys have a scale and zero per channel (KIVI), or per
+    token with `key_smooth` λ per channel (QServe's KV4: k = (code * scale + zero) * λ). `rotation` R: the pages
+    hold x @ R."""
 
     table: torch.Tensor  # [rows, width] int32 page ids
     lengths: torch.Tensor  # [rows] int32 tokens per row
@@ -28,8 +30,9 @@ class PagedPart:
     values: torch.Tensor
     positions: torch.Tensor  # [pages, page] int32
     bits: int = 0
-    key_scale: torch.Tensor | None = None  # [pages, dim] float16
+    key_scale: torch.Tensor | None = None  # [pages, dim] float16 ([pages, page] with `key_smooth`)
     key_zero: torch.Tensor | None = None
+    key_smooth: torch.Tensor | None = None  # [pages, dim] float16: keys per token, times a per-page channel factor
     value_scale: torch.Tensor | None = None  # [pages, page, dim / value_group] float16
     value_zero: torch.Tensor | None = None
     value_group: int = 1
@@ -59,12 +62,12 @@ def _per_channel(per_group, P: tl.constexpr, NVG: tl.constexpr, VG: tl.constexpr
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+    q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
     m_ptr, l_ptr, acc_ptr,
     width, splits, qpos_ptr, window, scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BITS: tl.constexpr, VG: tl.constexpr, PRECISE: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, KEY_TOKEN: tl.constexpr, WINDOWED: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -78,12 +81,15 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     if not PRECISE:
         q = q.to(tl.bfloat16)
-    for i in range(PAGES_PER_SPLIT):
-        page_index = split * PAGES_PER_SPLIT + i
-        if page_index * P < length:
-            page = tl.load(table_ptr + row * width + page_index).to(tl.int64)
+    # No branch inside the loop (pages past the row's end are masked, not skipped), so the compiler can pipeline
+    # the page-table and page loads across iterations; splits past the row's end skip the loop as a whole.
+    if split * PAGES_PER_SPLIT * P < length:
+        for i in range(PAGES_PER_SPLIT):
+            page_index = split * PAGES_PER_SPLIT + i
+            in_row = page_index * P < length
+            page = tl.load(table_ptr + row * width + page_index, mask=in_row, other=0).to(tl.int64)
             valid = page_index * P + offs_p < length
-            if window > 0:
+            if WINDOWED:
                 pos = tl.load(pos_ptr + page * P + offs_p)
                 valid = valid & (pos > tl.load(qpos_ptr) - window)
             if BITS == 0:
@@ -101,9 +107,15 @@ def _paged_decode_kernel(
                 code_off = page * P * BYTES + offs_p[:, None] * BYTES + tl.arange(0, BYTES)[None, :]
                 kc = _unpack(tl.load(k_ptr + code_off), BITS, P, D)
                 vc = _unpack(tl.load(v_ptr + code_off), BITS, P, D)
-                ks = tl.load(ks_ptr + page * D + offs_d).to(tl.float32)
-                kz = tl.load(kz_ptr + page * D + offs_d).to(tl.float32)
-                k = kc.to(tl.float32) * ks[None, :] + kz[None, :]
+                if KEY_TOKEN:  # a scale and zero per token, then the page's per-channel smoothing factor
+                    ks = tl.load(ks_ptr + page * P + offs_p).to(tl.float32)
+                    kz = tl.load(kz_ptr + page * P + offs_p).to(tl.float32)
+                    smooth = tl.load(ksm_ptr + page * D + offs_d).to(tl.float32)
+                    k = (kc.to(tl.float32) * ks[:, None] + kz[:, None]) * smooth[None, :]
+                else:
+                    ks = tl.load(ks_ptr + page * D + offs_d).to(tl.float32)
+                    kz = tl.load(kz_ptr + page * D + offs_d).to(tl.float32)
+                    k = kc.to(tl.float32) * ks[None, :] + kz[None, :]
                 group_off = page * P * NVG + offs_p[:, None] * NVG + tl.arange(0, NVG)[None, :]
                 vs = _per_channel(tl.load(vs_ptr + group_off).to(tl.float32), P, NVG, VG)
                 vz = _per_channel(tl.load(vz_ptr + group_off).to(tl.float32), P, NVG, VG)
@@ -131,7 +143,7 @@ def _paged_decode_kernel(
 
 
 def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window: int, scale: float,
-              pages_per_split: int | None, precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pages_per_split: int | None, precise: bool, launch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, group, dim = query.shape
     page = part.positions.shape[1]
     width = max(1, part.table.shape[1])
@@ -148,10 +160,11 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     _paged_decode_kernel[(rows, splits)](
         query, table, part.lengths, part.keys, part.values, part.positions,
         part.key_scale if part.key_scale is not None else dummy, part.key_zero if part.bits else dummy,
-        part.value_scale if part.value_scale is not None else dummy, part.value_zero if part.bits else dummy,
+        part.key_smooth if part.key_smooth is not None else dummy, part.value_scale if part.value_scale is not None else dummy, part.value_zero if part.bits else dummy,
         m, l, acc, width, splits, q_pos, window, scale,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page,
         BITS=part.bits, VG=part.value_group, PRECISE=precise, PAGES_PER_SPLIT=pages_per_split, SCALED=part.scaled,
+        KEY_TOKEN=part.key_smooth is not None, WINDOWED=window > 0, **launch,
     )
     if part.rotation is not None:
         acc = acc @ part.rotation.T  # linear in the values, so the split merge (`combine`) is unchanged
@@ -180,7 +193,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch.Tensor, scale: float,
-                 sliding_window: int | None = None, pages_per_split: int | None = None) -> torch.Tensor:
+                 sliding_window: int | None = None, pages_per_split: int | None = None,
+                 launch: dict | None = None) -> torch.Tensor:
     """Attention of one query token per row ([rows, group, dim]) over the stored parts; float32 [rows, group, dim].
 
     Keys must all precede the query (true when decoding); `sliding_window` masks keys older than the window.
@@ -188,11 +202,13 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     captured CUDA graph replays with the value of each step.
     A float32 query gets float32 dot products (matching the reference to ~1e-6); 16-bit queries get bfloat16
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
+    `launch` overrides Triton's launch options (num_warps, num_stages), for `benchmarks/decode_kernel.py --sweep`.
     """
     precise = query.dtype == torch.float32
     query = query.float().contiguous()
     if not isinstance(q_pos, torch.Tensor):
         q_pos = torch.tensor([q_pos], dtype=torch.int32, device=query.device)
-    pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise) for part in parts]
+    pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {})
+              for part in parts]
     m, l, acc = (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
     return combine(m, l, acc)

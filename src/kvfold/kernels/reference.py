@@ -69,6 +69,14 @@ def dequantize(q: Quantized, bits: int, expand: Callable[[torch.Tensor], torch.T
     return codes * expand(q.scale.float()) + expand(q.zero.float())
 
 
+def channel_scales(x: torch.Tensor, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel smoothing of pages [pages, tokens, dim]: λ = (max over the page's tokens of |x|)^alpha, stored in
+    float16, and x / λ (divided by the stored value, so `x ≈ dequantized * λ` holds exactly up to the codes).
+    ZipCache's channel-separable values (alpha 0.5) and QServe's SmoothAttention keys share it."""
+    scale = x.float().abs().amax(dim=-2).pow(alpha).to(SCALE_DTYPE)
+    return scale, x.float() / scale.float().clamp_min(torch.finfo(SCALE_DTYPE).tiny).unsqueeze(-2)
+
+
 @dataclass(frozen=True)
 class KVChunk:
     """A chunk of pages of every row, already decoded: K and V in float32 plus key positions and validity."""

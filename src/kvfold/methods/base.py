@@ -267,6 +267,8 @@ class Quantizer(Method):
     kind: ClassVar[str] = "quantizer"
     query_aware: ClassVar[bool] = False
     positional: ClassVar[str | None] = "bits"
+    has_kernel: ClassVar[bool] = True  # False: the Triton decode kernel cannot read the pages (the reference does)
+    ranks_tokens: ClassVar[bool] = False  # True: pages are arranged by token saliency (`saliency`, `order_page`)
 
     bits: int = 4
     group: int = 64
@@ -277,6 +279,11 @@ class Quantizer(Method):
             raise KVFoldError(f"{self.name}: bits must be 2, 4 or 8, got {self.bits!r}")
         check_int(f"{self.name}: group", self.group, 1, "tokens per quantization group and page")
         check_int(f"{self.name}: residual", self.residual, 0, "newest tokens kept in full precision")
+
+    @property
+    def remembered_queries(self) -> int:
+        """Newest queries the layer must remember for this quantizer (to rank tokens it packs while decoding)."""
+        return 0
 
     def fields(self, head_dim: int) -> dict[str, Field]:
         raise NotImplementedError
