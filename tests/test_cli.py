@@ -26,6 +26,7 @@ def test_methods_lists_every_registered_method():
     (["generate", "-q", "y"], "no context"),
     (["generate", "--model", "/nonexistent/model", "--context", "x", "-q", "y"], "/nonexistent/model"),
     (["demo", "--ratios", "1.2"], "outside [0, 1)"),
+    (["calibrate", "--method", "rotate:osca", "--out", "x.safetensors"], "did you mean 'rotate:oscar'"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(args, message):
     result = kvfold(*args)

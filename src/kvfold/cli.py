@@ -329,6 +329,48 @@ def inspect_command(
     console.print(f"wrote {len(paths)} files to {out}; open {out / 'index.html'}")
 
 
+@app.command()
+def calibrate(
+    method: Annotated[str, typer.Option("--method", help="What to fit: rotate:oscar")] = "rotate:oscar",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .safetensors file to write (required)")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Passages of offline prose the model reads")] = 8,
+    length: Annotated[int, typer.Option(min=16, help="Tokens per passage")] = 2048,
+    bits: Annotated[int, typer.Option(help="Bits of the per-token quantizer the clip ratios are fitted for")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the passages and of the rows kept for fitting")] = 0,
+    model: ModelOption = None,
+) -> None:
+    """Fit a method's per-model data on offline text (today OSCAR's rotations and clip ratios) and save it with the
+    model's identity; use it as `rotate:oscar,calib=FILE+kivi:2`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .calibration import fit_oscar, prose_passages, save_calibration
+    from .errors import closest
+    from .models import context_limit
+
+    if method != "rotate:oscar":
+        raise KVFoldError(f"calibrate: unknown method '{method}'{closest(method, ['rotate:oscar'])}; valid: "
+                          "rotate:oscar")
+    if out is None:
+        raise KVFoldError("no output file: pass --out FILE.safetensors")
+    if bits not in (2, 4, 8):
+        raise KVFoldError(f"--bits must be 2, 4 or 8, got {bits}")
+    lm, tokenizer = _load(model)
+    if length > context_limit(lm.config):
+        raise KVFoldError(f"--length {length} is past the model's context of {context_limit(lm.config)} tokens: "
+                          "lower it")
+    columns = (TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(method, total=samples)
+        result = fit_oscar(lm, prose_passages(tokenizer, samples, length, seed), bits=bits, seed=seed,
+                           on_sample=lambda done: progress.update(task, completed=done))
+    path = save_calibration(result, out, model or "embedded:SmolLM2-135M-Instruct")
+    clips = result["tensors"]
+    console.print(f"wrote {path}: {result['identity']['layers']} layers fitted on {result['tokens']} tokens; clip "
+                  f"ratios keys {float(clips['key_clip'].min()):.2f}–{float(clips['key_clip'].max()):.2f}, values "
+                  f"{float(clips['value_clip'].min()):.2f}–{float(clips['value_clip'].max()):.2f}; use "
+                  f"rotate:oscar,calib={path}+kivi:2")
+
+
 def run() -> None:
     """Entry point: Typer handles usage errors and --help; a KVFoldError becomes one line and exit code 2."""
     try:

@@ -17,6 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .compressor import Compressor
 from .errors import KVFoldError
 from .methods.base import ScoreInputs, top_mask
+from .methods.rotate import clip_rows
 from .pages import Field, PagedRows, PagePool
 from .reading import StoreReader
 
@@ -86,7 +87,9 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.chunking = False  # inside a chunked prefill: every chunk is stored, then the whole store is evicted
         self.probe_tokens = 0  # chunked prefill: the forward's last tokens only score (a repeated question)
         self.peak_row_tokens = 0  # the most tokens any row has held (the cache's own high-water mark)
-        self.rotation: torch.Tensor | None = None  # [head_dim, head_dim]: packed pages hold x @ rotation
+        self.rotation: torch.Tensor | None = None  # [head_dim, head_dim]: packed pages hold keys @ rotation
+        self.value_rotation: torch.Tensor | None = None  # ... and values @ value_rotation (often the same matrix)
+        self.clip = (1.0, 1.0)  # per-row clip quantiles of the rotated keys and values
         self.inv_freq: torch.Tensor | None = None  # RoPE frequencies, set by the cache from the model config
         self.fast = None  # a `fastpath.FastLayer` while the fast decode loop runs
 
@@ -105,7 +108,10 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         if quantizer:
             self.packed = PagedRows(PagePool(quantizer.fields(dim), group, self.device), batch * self.kv_heads)
         if self.compressor.rotation is not None:
-            self.rotation = self.compressor.rotation.matrix(dim, self.layer_idx).to(self.device)
+            key_rotation, value_rotation = self.compressor.rotation.matrices(dim, self.layer_idx)
+            self.rotation = key_rotation.to(self.device)
+            self.value_rotation = self.rotation if value_rotation is key_rotation else value_rotation.to(self.device)
+            self.clip = self.compressor.rotation.clip_ratios(self.layer_idx)
         self.valid_seen = torch.zeros(batch, dtype=torch.long)
         self.is_initialized = True
 
@@ -325,10 +331,11 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         return {n: gather_tokens(t, source) for n, t in kept.items()}
 
     def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The quantizer's fields of pages of K and V, rotated first when the method rotates."""
+        """The quantizer's fields of pages of K and V, rotated (and clipped, OSCAR) first when the method rotates."""
         keys, values = keys.float(), values.float()
         if self.rotation is not None:
-            keys, values = keys @ self.rotation, values @ self.rotation
+            keys, values = clip_rows(keys @ self.rotation, self.clip[0]), clip_rows(values @ self.value_rotation,
+                                                                                    self.clip[1])
         return self.compressor.quantizer.encode(keys, values)
 
     def _pack_full_groups(self) -> None:
@@ -406,10 +413,10 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         return sum(rows.nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
 
     def buffer_nbytes(self) -> int:
-        """The recent-query buffer (decode-time compression) and the rotation matrix."""
+        """The recent-query buffer (decode-time compression) and the rotation matrices."""
         queries = sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
-        rotation = self.rotation.numel() * self.rotation.element_size() if self.rotation is not None else 0
-        return queries + rotation
+        matrices = {id(m): m for m in (self.rotation, self.value_rotation) if m is not None}.values()
+        return queries + sum(m.numel() * m.element_size() for m in matrices)
 
     def fork(self) -> "KVFoldLayer":
         child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)

@@ -79,7 +79,7 @@ class StoreReader:
             for fields, valid in self.packed.read(tuple(self.packed.pool.fields), PAGE_CHUNK):
                 k, v = quantizer.decode(fields)
                 if self.rotation is not None:  # packed pages hold x @ R; R is orthogonal
-                    k, v = k @ self.rotation.T, v @ self.rotation.T
+                    k, v = k @ self.rotation.T, v @ self.value_rotation.T
                 yield KVChunk(k, v, fields["pos"].flatten(1), valid)
         for fields, valid in self.full.read(("k", "v", "pos"), PAGE_CHUNK):
             yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
@@ -160,7 +160,7 @@ class StoreReader:
             meta = dict(table=table, lengths=lengths, positions=t["pos"])
             if rows is self.packed:
                 parts.append(PagedPart(**self.compressor.quantizer.kernel_part(t, self.head_dim),
-                                       rotation=self.rotation, **meta))
+                                       rotation=self.rotation, value_rotation=self.value_rotation, **meta))
             else:
                 parts.append(PagedPart(keys=t["k"], values=t["v"], **meta))
         return parts

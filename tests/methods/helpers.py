@@ -23,6 +23,23 @@ def run_spec(model, spec: str, ids: torch.Tensor, steps: int = 0):
     return cache
 
 
+def next_token_cosines(specs, tokens: int = 200, seed: int = 1) -> dict[str, float]:
+    """Cosine similarity to `none` of the next-token logits after a `tokens`-token prefill, per spec, on a smooth tiny
+    llama (init 0.02, closer to a trained model's sensitivity than the wide default)."""
+    from ..conftest import make_tiny_llama
+
+    model = make_tiny_llama(init=0.02)
+    torch.manual_seed(seed)
+    ids, nxt = torch.randint(1, 256, (1, tokens)), torch.randint(1, 256, (1, 1))
+    logits = {}
+    with torch.no_grad(), use_kvfold_attention(model):
+        for spec in ("none", *specs):
+            cache = kvfold.make_cache(model, spec)
+            model(ids, past_key_values=cache)
+            logits[spec] = model(nxt, past_key_values=cache, position_ids=torch.tensor([[tokens]])).logits.flatten()
+    return {spec: float(torch.nn.functional.cosine_similarity(logits["none"], logits[spec], dim=0)) for spec in specs}
+
+
 def kept(cache) -> list[list[torch.Tensor]]:
     """Positions held per layer and KV head of batch element 0, as int64."""
     return [[p.long() for p in layer.kept_positions()[0]] for layer in cache.layers]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import kvfold
-from kvfold.api import use_kvfold_attention
 from kvfold.errors import KVFoldError
 from kvfold.kernels.reference import dequantize, quantize
 from kvfold.methods.base import ScoreInputs
@@ -15,7 +14,7 @@ from kvfold.methods.kivi import KIVI
 from kvfold.methods.zipcache import ZipCache
 
 from ..conftest import make_tiny_llama
-from .helpers import eager_attentions, run_spec
+from .helpers import eager_attentions, next_token_cosines, run_spec
 
 
 @pytest.mark.parametrize("bits, low", [(4, 2), (8, 2), (8, 4)])
@@ -133,17 +132,7 @@ def test_nbytes_matches_the_formula(tiny_llama, tokens):
 
 
 def test_logits_sit_between_kivi_2_and_kivi_4():
-    model = make_tiny_llama(init=0.02)
-    torch.manual_seed(1)
-    ids, nxt = torch.randint(1, 256, (1, 200)), torch.randint(1, 256, (1, 1))
-    cosine = {}
-    with torch.no_grad(), use_kvfold_attention(model):
-        for spec in ("none", "zipcache:4,group=16,residual=16", "kivi:2,group=16,residual=16"):
-            cache = kvfold.make_cache(model, spec)
-            model(ids, past_key_values=cache)
-            logits = model(nxt, past_key_values=cache, position_ids=torch.tensor([[200]])).logits.flatten()
-            cosine[spec] = logits if spec == "none" else torch.nn.functional.cosine_similarity(
-                cosine["none"], logits, dim=0)
+    cosine = next_token_cosines(["zipcache:4,group=16,residual=16", "kivi:2,group=16,residual=16"])
     assert cosine["zipcache:4,group=16,residual=16"] >= 0.999
     assert cosine["zipcache:4,group=16,residual=16"] > cosine["kivi:2,group=16,residual=16"]
 

@@ -205,29 +205,39 @@ def _attention_modules(model) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def recording(model, recorder: Recorder) -> Iterator[None]:
-    """Route the model's attention through `_inspect_attention` with `recorder` attached; hook decoder layers."""
+def routed_attention(model, name: str, function, attr: str, observer) -> Iterator[None]:
+    """Register `function` as attention implementation `name` (SDPA masks), attach `observer` as `attr` on every
+    attention module and switch the model to it; undone on exit. Shared by inspect and calibrate."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from ..models import check_supported
 
     check_supported(model.config)
-    AttentionInterface.register(NAME, _inspect_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
     previous = model.config._attn_implementation
     modules = _attention_modules(model)
-    decoders = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    handles = [layer.register_forward_hook(recorder.hook(i)) for i, layer in enumerate(decoders)]
     for module in modules:
-        setattr(module, RECORDER_ATTR, recorder)
-    model.set_attn_implementation(NAME)
+        setattr(module, attr, observer)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
         for module in modules:
-            if hasattr(module, RECORDER_ATTR):
-                delattr(module, RECORDER_ATTR)
+            if hasattr(module, attr):
+                delattr(module, attr)
+
+
+@contextlib.contextmanager
+def recording(model, recorder: Recorder) -> Iterator[None]:
+    """Route the model's attention through `_inspect_attention` with `recorder` attached; hook decoder layers."""
+    decoders = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    handles = [layer.register_forward_hook(recorder.hook(i)) for i, layer in enumerate(decoders)]
+    try:
+        with routed_attention(model, NAME, _inspect_attention, RECORDER_ATTR, recorder):
+            yield
+    finally:
         for handle in handles:
             handle.remove()

@@ -37,7 +37,8 @@ class PagedPart:
     value_zero: torch.Tensor | None = None
     value_group: int = 1
     scaled: int = 0
-    rotation: torch.Tensor | None = None  # [dim, dim] float32, orthogonal
+    rotation: torch.Tensor | None = None  # [dim, dim] float32, orthogonal: keys are stored as k @ rotation
+    value_rotation: torch.Tensor | None = None  # values' own R (None: the keys')
 
 
 @triton.jit
@@ -166,8 +167,8 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         BITS=part.bits, VG=part.value_group, PRECISE=precise, PAGES_PER_SPLIT=pages_per_split, SCALED=part.scaled,
         KEY_TOKEN=part.key_smooth is not None, WINDOWED=window > 0, **launch,
     )
-    if part.rotation is not None:
-        acc = acc @ part.rotation.T  # linear in the values, so the split merge (`combine`) is unchanged
+    if part.rotation is not None:  # linear in the values, so the split merge (`combine`) is unchanged
+        acc = acc @ (part.value_rotation if part.value_rotation is not None else part.rotation).T
     return m, l, acc
 
 

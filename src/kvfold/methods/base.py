@@ -313,6 +313,18 @@ class Rotation(Method):
         """The float32 orthogonal [head_dim, head_dim] matrix R of one layer: stored rows are `x @ R`."""
         raise NotImplementedError
 
+    def matrices(self, head_dim: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys' R, values' R) of one layer: the same matrix unless the method fits them apart (OSCAR)."""
+        matrix = self.matrix(head_dim, layer_idx)
+        return matrix, matrix
+
+    def clip_ratios(self, layer_idx: int) -> tuple[float, float]:
+        """Per-row clip quantiles of rotated (keys, values) before quantizing; 1 leaves rows unclipped."""
+        return 1.0, 1.0
+
+    def check_model(self, config) -> None:
+        """Raise KVFoldError if this rotation cannot serve the model of `config` (e.g. fitted on another model)."""
+
 
 @dataclass(frozen=True)
 class Merger(Method):

@@ -4,7 +4,12 @@ over all channels and per-token scales fit every channel well.
 QuaRot (Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024,
 arXiv:2404.00456) rotates with a randomized Hadamard matrix: `basis=hadamard` (head_dim a power of two) is
 H·diag(±1)/√d with seeded random signs. `basis=random` is a seeded Haar-random orthogonal matrix (any head_dim),
-as in QuaRot's ablation. A covariance-aware rotation fitted on calibration data (OSCAR) is not here yet.
+as in QuaRot's ablation. `basis=oscar,calib=FILE` is OSCAR's covariance-aware rotation ("OSCAR", arXiv:2605.17757),
+fitted per layer by `kvfold calibrate` (`kvfold.calibration`): keys turn by the eigenvectors of the queries'
+second moment (the metric in which key errors reach the logits), values by those of the attention-weighted values'
+second moment, each followed by a bit-reversal order and a Hadamard; each rotated row is then clipped at its
+fitted quantile of |x| (`clip=false` turns that off), as OSCAR's kernels do before 2-bit packing. Clipping is
+the one lossy step a rotation adds: it makes the quantizer's grid finer for the price of the clipped tails.
 
 Compose with any quantizer: `rotate+kivi:4`, `snapkv:0.5+rotate+fp8`. Exact up to float32 rounding: R is
 orthogonal, attention reads packed keys with the query rotated by the same R (q·k = qR·kR) and turns the
@@ -21,7 +26,7 @@ import torch
 from ..errors import KVFoldError
 from .base import Rotation, check_int, register
 
-BASES = ("hadamard", "random")
+BASES = ("hadamard", "random", "oscar")
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -30,6 +35,17 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
+
+
+def clip_rows(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Clamp each row of x [..., d] to ± its `ratio` quantile of |x| (OSCAR's per-row clip: the value at sorted
+    index int(ratio * d)); ratio 1 leaves rows as they are."""
+    if ratio >= 1:
+        return x
+    d = x.shape[-1]
+    index = min(d - 1, int(ratio * d))
+    threshold = x.abs().sort(dim=-1).values[..., index:index + 1]
+    return torch.maximum(torch.minimum(x, threshold), -threshold)
 
 
 @register("rotate")
@@ -42,13 +58,57 @@ class Rotate(Rotation):
 
     basis: str = "hadamard"
     seed: int = 0
+    calib: str = ""
+    clip: bool = True
 
     def __post_init__(self) -> None:
         if self.basis not in BASES:
             raise KVFoldError(f"rotate: basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         check_int("rotate: seed", self.seed, 0, "seeds the random signs / matrix")
+        if not isinstance(self.clip, bool):
+            raise KVFoldError(f"rotate: clip must be true or false, got {self.clip!r}")
+        if (self.basis == "oscar") != bool(self.calib):
+            raise KVFoldError("rotate:oscar needs calib=FILE, written by `kvfold calibrate --method rotate:oscar "
+                              "--out FILE`" if self.basis == "oscar" else
+                              f"rotate: calib= is read by basis=oscar only, not {self.basis}")
+        if self.calib:
+            from ..calibration import load_calibration
+
+            tensors, metadata = load_calibration(self.calib)
+            object.__setattr__(self, "_fitted", (tensors, metadata["model"]))
+
+    def check_model(self, config) -> None:
+        if self.basis != "oscar":
+            return
+        from ..inspection.profile import model_identity
+
+        fitted = self._fitted[1]
+        ours = model_identity(config, "")
+        if ours["config_hash"] != fitted["config_hash"]:
+            raise KVFoldError(f"rotate:oscar: calibration '{self.calib}' was fitted on model '{fitted['name']}' "
+                              f"({fitted['model_type']}, {fitted['layers']} layers, head_dim {fitted['head_dim']}, "
+                              f"config hash {fitted['config_hash']}), not this one (config hash "
+                              f"{ours['config_hash']}): run `kvfold calibrate --model M` for this model")
+
+    def matrices(self, head_dim: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.basis != "oscar":
+            return super().matrices(head_dim, layer_idx)
+        tensors = self._fitted[0]
+        key, value = tensors[f"layers.{layer_idx}.key_rotation"], tensors[f"layers.{layer_idx}.value_rotation"]
+        if key.shape != (head_dim, head_dim):
+            raise KVFoldError(f"rotate:oscar: calibration '{self.calib}' has {tuple(key.shape)} rotations, this "
+                              f"model's head_dim is {head_dim}")
+        return key, value
+
+    def clip_ratios(self, layer_idx: int) -> tuple[float, float]:
+        if self.basis != "oscar" or not self.clip:
+            return 1.0, 1.0
+        tensors = self._fitted[0]
+        return float(tensors["key_clip"][layer_idx]), float(tensors["value_clip"][layer_idx])
 
     def matrix(self, head_dim: int, layer_idx: int) -> torch.Tensor:
+        if self.basis == "oscar":
+            return self.matrices(head_dim, layer_idx)[0]
         generator = torch.Generator().manual_seed(self.seed * 100_003 + layer_idx)
         if self.basis == "hadamard":
             if head_dim & (head_dim - 1):
