@@ -17,7 +17,7 @@ from .cache import KVFoldCache
 from .compressor import Compressor
 from .decoding import decode
 from .errors import KVFoldError
-from .models import check_supported, context_limit
+from .models import cache_keyword, check_supported, context_limit
 
 
 def make_cache(model, method: str | Compressor = "none", compress_appends: bool = False) -> KVFoldCache:
@@ -54,7 +54,7 @@ def use_kvfold_attention(model) -> Iterator[None]:
 @contextlib.contextmanager
 def compress(model, method: str | Compressor, prefill_chunk: int | None = None) -> Iterator[CompressionSession]:
     """`with kvfold.compress(model, "snapkv:0.75"): model.generate(...)` — every generate call inside gets a fresh
-    compressed cache (unless it passes its own `past_key_values`). Yields a session whose `.cache` is the last one
+    compressed cache (unless it passes its own `cache` / `past_key_values`). Yields a session whose `.cache` is the last one
     it made. Contexts nest: the innermost method applies. `prefill_chunk=N` prefills the prompt N tokens at a
     time, compressing after each chunk, before `generate` takes over (see `prefill`).
     """
@@ -64,8 +64,8 @@ def compress(model, method: str | Compressor, prefill_chunk: int | None = None) 
     original = model.generate
 
     def generate_with_cache(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            cache = kwargs["past_key_values"] = make_cache(model, compressor)
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+            cache = kwargs[cache_keyword(model)] = make_cache(model, compressor)
             session.caches.append(cache)
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if prefill_chunk and input_ids is not None and input_ids.shape[1] > prefill_chunk + 1:
@@ -181,7 +181,7 @@ def prefill(model, cache: KVFoldCache, input_ids: torch.Tensor, *, chunk: int | 
                 mask = torch.cat([mask, torch.ones_like(probe)], dim=1)
                 pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n_probe, device=device)], dim=1)
             cache.set_probe(n_probe)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_keyword(model): cache},
                            use_cache=True, logits_to_keep=1).logits
     finally:
         if len(bounds) > 1:

@@ -18,6 +18,7 @@ import torch
 
 from . import fastpath
 from .errors import KVFoldError
+from .models import cache_keyword
 from .sampling import GREEDY, Sampling, TextStream, choose_tokens
 
 
@@ -60,7 +61,7 @@ class _Runner:
         self.captured = False  # a graph was captured (and replayed) at some point
 
     def _forward(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache,
+        return self.model(input_ids=self.ids, position_ids=self.positions, **{cache_keyword(self.model): self.cache},
                           use_cache=True).logits[:, -1]
 
     def step(self) -> torch.Tensor:
@@ -162,7 +163,8 @@ def decode(model, cache, first_logits: torch.Tensor, positions: torch.Tensor, ma
             if runner is not None:
                 logits = runner.step()
             else:
-                logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=ids, position_ids=pos, **{cache_keyword(model): cache},
+                               use_cache=True).logits[:, -1]
                 pos += 1
             forwards += 1
     finally:

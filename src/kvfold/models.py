@@ -9,8 +9,10 @@ the dtype and transformers version. Entries are renamed into place whole and tru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -83,6 +85,17 @@ def rope_frequencies(config: PreTrainedConfig, layer_type: str = "full_attention
     if rope_type in ROPE_INIT_FUNCTIONS:
         return ROPE_INIT_FUNCTIONS[rope_type](text, torch.device("cpu"), layer_type=layer_type)[0].float()
     return None
+
+
+def cache_keyword(model) -> str:
+    """The keyword a model takes its KV cache by: `cache` where transformers renamed it (after 5.17), else
+    `past_key_values`; passing the right one keeps deprecation warnings out of kvfold's output."""
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def context_limit(config: PreTrainedConfig) -> int:

@@ -17,7 +17,7 @@ import torch
 from .api import make_cache, prefill, use_kvfold_attention
 from .compressor import Compressor
 from .errors import KVFoldError
-from .models import context_limit
+from .models import cache_keyword, context_limit
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def teacher_forced(model, tokenizer, text: str, *, method: str | Compressor = "n
         if eval_tokens > 1:
             n = len(head) + eval_tokens - 1
             rest = model(input_ids=tail[:, :-1], attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
-                         position_ids=torch.arange(len(head), n, device=device).view(1, -1), past_key_values=cache,
+                         position_ids=torch.arange(len(head), n, device=device).view(1, -1), **{cache_keyword(model): cache},
                          use_cache=True).logits
             logits = torch.cat([first, rest], dim=1)
         logp = torch.log_softmax(logits.float(), dim=-1)

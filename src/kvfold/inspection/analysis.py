@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import KVFoldError
+from ..models import cache_keyword
 from .capture import KEYS_NOTE, ROLES, InspectConfig, Recorder, _round, recording
 from .inputs import InspectInput
 from .profile import model_identity
@@ -51,7 +52,7 @@ def inspect_model(model, tokenizer, source: InspectInput, config: InspectConfig 
     recorder = Recorder(config, n, needle, source.question_span)
     cache = make_cache(model, compressors[0]) if compressors else None
     with recording(model, recorder):
-        model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+        model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=cache is not None, logits_to_keep=1)
     missing = sorted(set(range(identity["layers"])) - set(recorder.layers))
     if missing or len(recorder.norms) != identity["layers"]:
         raise KVFoldError(f"inspect saw no attention call for layers {missing}: this model's attention does not go "

@@ -20,7 +20,7 @@ from ..api import prefill, stop_token_ids, use_kvfold_attention
 from ..cache import KVFoldCache
 from ..compressor import Compressor
 from ..errors import KVFoldError
-from ..models import check_supported, context_limit
+from ..models import cache_keyword, check_supported, context_limit
 from .config import ServeConfig
 from .jobs import Event, GenerationRequest, Job, JobQueue, ServeError, Usage
 from .metrics import Metrics
@@ -196,7 +196,7 @@ class Engine:
                 return "stop"
             if step == req.max_tokens - 1:
                 break
-            logits = self.model(input_ids=self._tensor([token]), past_key_values=cache, use_cache=True,
+            logits = self.model(input_ids=self._tensor([token]), **{cache_keyword(self.model): cache}, use_cache=True,
                                 position_ids=torch.tensor([[seen]], device=self.device)).logits
             seen += 1
             if step % GUARD_EVERY == GUARD_EVERY - 1:
