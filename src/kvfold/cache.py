@@ -45,14 +45,35 @@ class KVFoldCache(Cache):
             layers.append(KVFoldLayer(compressor, window, page_size, index, len(windows)))
             layers[-1].compress_appends = compress_appends
             layers[-1].inv_freq = frequencies["sliding_attention" if window else "full_attention"]
+        if compressor.lowrank is not None:
+            self._group_layers(compressor.lowrank, layers, windows)
         super().__init__(layers=layers)
         self.compressor = compressor
         self.config = config
 
+    @staticmethod
+    def _group_layers(method, layers: list[KVFoldLayer], windows: list[int | None]) -> None:
+        """xkv: give runs of `method.layers` adjacent layers one `LayerGroup` (the last run may be shorter)."""
+        from .methods.xkv import LayerGroup
+
+        if any(window is not None for window in windows):
+            raise KVFoldError(f"{method.name} needs every layer to attend to the whole context; this model has "
+                              "sliding-window layers")
+        for start in range(0, len(layers), method.layers):
+            members = list(range(start, min(start + method.layers, len(layers))))
+            group = LayerGroup(method, members)
+            for index in members:
+                layers[index].lowrank_group = group
+
     def nbytes(self) -> int:
         """Bytes this cache really holds: every page of its pools (shared with forks), its tables and buffers."""
         pools = {id(pool): pool for layer in self.layers if layer.is_initialized for pool in layer.pools()}
-        return sum(pool.nbytes() for pool in pools.values()) + self.table_nbytes()
+        return sum(pool.nbytes() for pool in pools.values()) + self.table_nbytes() + self.lowrank_nbytes()
+
+    def lowrank_nbytes(self) -> int:
+        """xkv: each group's shared latents and its layers' bases, counted once (forks share them)."""
+        groups = {id(layer.lowrank): layer.lowrank for layer in self.layers if layer.lowrank is not None}
+        return sum(group.nbytes() for group in groups.values())
 
     def table_nbytes(self) -> int:
         return sum(layer.table_nbytes() for layer in self.layers if layer.is_initialized)
@@ -60,7 +81,7 @@ class KVFoldCache(Cache):
     def referenced_nbytes(self) -> int:
         """Bytes of the pages this cache reads (shared pages counted in full), its tables and buffers: what it
         would hold alone, without the pages its forks or parent added."""
-        return sum(layer.referenced_nbytes() for layer in self.layers if layer.is_initialized)
+        return sum(layer.referenced_nbytes() for layer in self.layers if layer.is_initialized) + self.lowrank_nbytes()
 
     def peak_nbytes(self) -> int:
         """The most bytes this cache's pools have held at once (capacity high-water mark), plus tables now."""
@@ -95,4 +116,6 @@ class KVFoldCache(Cache):
         Cache.__init__(child, layers=[layer.fork() if layer.is_initialized else KVFoldLayer(
             layer.compressor, layer.sliding_window, layer.page_size, layer.layer_idx, layer.num_layers) for layer in self.layers])
         child.compressor, child.config = self.compressor, self.config
+        if self.compressor.lowrank is not None and any(layer.lowrank is None for layer in child.layers):
+            self._group_layers(self.compressor.lowrank, child.layers, [layer.sliding_window for layer in child.layers])
         return child

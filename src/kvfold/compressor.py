@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from . import methods  # noqa: F401  (registers every method)
 from .errors import KVFoldError, closest
-from .methods.base import REGISTRY, Budget, Merger, Method, Quantizer, Rotation, Scorer, UniformBudget
+from .methods.base import REGISTRY, Budget, LowRank, Merger, Method, Quantizer, Rotation, Scorer, UniformBudget
 
 
 def _parse_value(text: str) -> object:
@@ -84,6 +84,7 @@ class Compressor:
     quantizer: Quantizer | None = None
     rotation: Rotation | None = None
     merger: Merger | None = None  # `merge`: evicted tokens folded into kept ones
+    lowrank: LowRank | None = None  # `xkv`: the prompt's K/V of layer groups as shared low-rank factors
 
     def __post_init__(self) -> None:
         if self.budget.needs_attention_mass and not self.scorer.attention_mass:
@@ -95,6 +96,9 @@ class Compressor:
         if self.rotation is not None and self.quantizer is None:
             raise KVFoldError(f"{self.rotation.name} rotates K/V before a quantizer packs them; add one, "
                               f"e.g. '{self.rotation.spec()}+kivi:4'")
+        if self.lowrank is not None and (self.evicts or self.quantizer is not None or self.merger is not None):
+            raise KVFoldError(f"{self.lowrank.name} factors the whole prompt of groups of layers; it does not compose "
+                              f"with eviction, merging or quantizers yet: use '{self.lowrank.spec()}' alone")
         if self.scorer.every and self.quantizer is not None:
             raise KVFoldError("decode-time eviction (every=) over quantized pages is not supported yet: "
                               "drop every= or the quantizer")
@@ -110,6 +114,8 @@ class Compressor:
     @property
     def spec(self) -> str:
         parts = []
+        if self.lowrank is not None:
+            return self.lowrank.spec()
         if self.evicts or self.quantizer is None:
             parts.append(self.scorer.spec() + ("" if isinstance(self.budget, UniformBudget) else "@" + self.budget.spec()))
         if self.merger is not None:
@@ -127,7 +133,7 @@ class Compressor:
     def parse(cls, spec: str) -> "Compressor":
         if not isinstance(spec, str) or not spec.strip():
             raise KVFoldError("empty method spec: give e.g. 'none', 'snapkv:0.5' or 'snapkv:0.5+kivi:4'")
-        scorer = budget = quantizer = rotation = merger = None
+        scorer = budget = quantizer = rotation = merger = lowrank = None
         for component in spec.replace(" ", "").split("+"):
             head, _, budget_part = component.partition("@")
             name, _, args = head.partition(":")
@@ -167,7 +173,11 @@ class Compressor:
                 if new_budget is not None or merger is not None:
                     raise KVFoldError(f"in '{spec}': use at most one merge, without '@'")
                 merger = method
-        return cls(scorer or REGISTRY["none"](), budget or UniformBudget(), quantizer, rotation, merger)
+            elif isinstance(method, LowRank):
+                if new_budget is not None or lowrank is not None:
+                    raise KVFoldError(f"in '{spec}': use at most one low-rank method, without '@'")
+                lowrank = method
+        return cls(scorer or REGISTRY["none"](), budget or UniformBudget(), quantizer, rotation, merger, lowrank)
 
 
 def _names(kind: type[Method]) -> str:

@@ -92,6 +92,8 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.clip = (1.0, 1.0)  # per-row clip quantiles of the rotated keys and values
         self.inv_freq: torch.Tensor | None = None  # RoPE frequencies, set by the cache from the model config
         self.fast = None  # a `fastpath.FastLayer` while the fast decode loop runs
+        self.lowrank_group = None  # xkv: the `methods.xkv.LayerGroup` this layer reports its prompt to
+        self.lowrank = None  # xkv: the group's `GroupLatents` once the prompt is factored
 
     # ---- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -135,7 +137,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         for rows in (self.full, self.packed):
             if rows is not None:
                 rows.clear()
-        self.seen, self.recent_queries = 0, None
+        self.seen, self.recent_queries, self.lowrank = 0, None, None
         if self.valid_seen is not None:
             self.valid_seen.zero_()
 
@@ -154,14 +156,24 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
     # ---- storing ----------------------------------------------------------------------------------------------
     @property
     def stored_tokens(self) -> int:
-        return sum(int(rows.lengths.sum()) for rows in (self.full, self.packed) if rows is not None)
+        return int(self.row_lengths().sum())
 
     def row_lengths(self) -> torch.Tensor:
-        """Tokens held per row [batch, kv_heads] (packed + full precision)."""
+        """Tokens held per row [batch, kv_heads] (low-rank + packed + full precision)."""
         total = self.full.lengths.clone()
         if self.packed is not None:
             total += self.packed.lengths
-        return total.view(self.batch_size, self.kv_heads)
+        total = total.view(self.batch_size, self.kv_heads)
+        if self.lowrank is not None:
+            total += torch.tensor([p.numel() for p in self.lowrank.positions]).view(-1, 1)
+        return total
+
+    def full_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The full-precision pool as K, V, positions [batch * kv_heads, n_max, ...] and each row's count."""
+        width = int(self.full.lengths.max())
+        fields, _ = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
+        k, v, pos = (fields[n].flatten(1, 2)[:, :width] for n in ("k", "v", "pos"))
+        return k.float(), v.float(), pos, self.full.lengths.clone()
 
     def ingest(self, staged: StagedKV, query: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Store the tokens of a multi-token forward, compressed by the method when it is the prefill.
@@ -197,6 +209,11 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
                 scale))
         self._remember_queries(query[:, :, :tokens], positions)
         self._append_rows(keys, values, positions, keep, saliency=saliency)
+        if self.lowrank_group is not None and first:
+            if self.chunking:
+                raise KVFoldError("xkv factors a whole prompt at once; drop the prefill chunking (prefill_chunk / "
+                                  "--prefill-chunk)")
+            self.lowrank_group.report(self)
         if evicts and self.chunking:
             self._recompress(*self._observation(query, query_positions))
 

@@ -63,6 +63,9 @@ class StoreReader:
     def kept_positions(self) -> list[list[torch.Tensor]]:
         """Sequence indices held by each row, sorted: [batch][kv_head] -> 1-D tensor (for tests and inspection)."""
         held = []
+        if self.lowrank is not None:
+            positions = self.lowrank.layer_kv(self.layer_idx, self.kv_heads)[2]
+            held.append(positions.to(torch.int32).cpu())
         for rows in (self.packed, self.full):
             if rows is None:
                 continue
@@ -73,7 +76,9 @@ class StoreReader:
         return [per_row[b * self.kv_heads:(b + 1) * self.kv_heads] for b in range(self.batch_size)]
 
     def chunks(self):
-        """The stored K/V as decoded chunks, oldest (packed) first."""
+        """The stored K/V as decoded chunks, oldest (low-rank or packed) first."""
+        if self.lowrank is not None:
+            yield KVChunk(*self.lowrank.layer_kv(self.layer_idx, self.kv_heads))
         if self.packed is not None:
             quantizer = self.compressor.quantizer
             for fields, valid in self.packed.read(tuple(self.packed.pool.fields), PAGE_CHUNK):
@@ -142,7 +147,7 @@ class StoreReader:
     def kernel_readable(self) -> bool:
         """Whether the Triton decode kernel can read this store's pages (every quantizer but mixed-precision ones)."""
         quantizer = self.compressor.quantizer
-        return quantizer is None or quantizer.has_kernel
+        return self.compressor.lowrank is None and (quantizer is None or quantizer.has_kernel)
 
     def kernel_parts(self, mirrors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list:
         """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages.

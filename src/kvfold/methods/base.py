@@ -327,6 +327,14 @@ class Rotation(Method):
 
 
 @dataclass(frozen=True)
+class LowRank(Method):
+    """Replaces the prompt's K/V of groups of layers with shared low-rank factors after the prefill (xKV)."""
+
+    kind: ClassVar[str] = "lowrank"
+    query_aware: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
 class Merger(Method):
     """Folds the tokens an eviction drops into the ones it keeps (changes kept contents, never which are kept)."""
 

@@ -1,0 +1,138 @@
+"""`xkv`: xKV — cross-layer SVD. The prompt's keys of a group of adjacent layers, side by side, share one low-rank
+token basis; so do its values. Each batch element stores the group's token latents once and each layer its own
+small reconstruction matrix; a layer's keys come back as latent @ basis when attention reads them.
+
+Chang et al., "xKV: Cross-Layer SVD for KV-Cache Compression", 2025 (arXiv:2503.18893).
+
+For a group of `layers` layers and one sequence of n prompt tokens, X = [K_1 | K_2 | …] is n × (layers · kv_heads ·
+head_dim); its truncated SVD X ≈ (U_r Σ_r) V_rᵀ keeps r = `key` × that width directions (the paper's defaults for
+Llama-3.1-8B, rank 256 keys and 768 values for groups of 4 layers of width 4096, are `key=0.0625,value=0.1875`).
+The latents U_r Σ_r (n × r) are stored once per group; each layer keeps its slice of V_rᵀ (r × kv_heads · head_dim).
+Keys are decomposed as cached (after RoPE). Approximate: the reconstruction error is the discarded singular values
+(Eckart–Young, tested); at rank = width it is exact. Compression runs once, after the prompt's prefill (the group's
+last layer triggers it); tokens decoded later stay in full precision. It stands alone: not after eviction (rows
+must hold the same tokens in every layer and head), not before a quantizer, not in chunked prefill and not on
+sliding-window layers; attention over the latents runs the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KVFoldError
+from .base import LowRank, check_int, register
+
+
+def cross_layer_svd(blocks: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """blocks: [n, width_l] per layer. Returns the shared latents [n, r] and each layer's basis [r, width_l], r =
+    min(rank, n, total width), such that latents @ basis_l is the best rank-r fit of block l jointly."""
+    stacked = torch.cat([b.float() for b in blocks], dim=1)
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    r = max(1, min(rank, s.numel()))
+    latents = u[:, :r] * s[:r]
+    return latents, list(vh[:r].split([b.shape[1] for b in blocks], dim=1))
+
+
+@register("xkv")
+@dataclass(frozen=True)
+class XKV(LowRank):
+    """Shared token latents per group of `layers` layers; ranks as fractions of the group's width."""
+
+    paper = "xKV (Chang et al., 2025)"
+    positional = "key"
+
+    key: float = 0.0625
+    value: float = 0.1875
+    layers: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("key", "value"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise KVFoldError(f"xkv: {name} must be in (0, 1] (its rank as a fraction of the group's width "
+                                  f"layers x kv_heads x head_dim), got {value!r}")
+        check_int("xkv: layers", self.layers, 1, "adjacent layers that share one basis")
+
+    def ranks(self, width: int) -> tuple[int, int]:
+        """(key rank, value rank) for a group of `width` = layers x kv_heads x head_dim columns."""
+        return max(1, round(self.key * width)), max(1, round(self.value * width))
+
+
+@dataclass
+class GroupLatents:
+    """One group's compressed prompt: per batch element the key and value latents, their positions, and each member
+    layer's bases. Read-only once built, so forks share it."""
+
+    key_latents: list[torch.Tensor]  # per batch element [n_b, r_k]
+    value_latents: list[torch.Tensor]
+    positions: list[torch.Tensor]  # per batch element [n_b] int32
+    key_bases: dict[int, list[torch.Tensor]]  # layer index -> per batch element [r_k, kv_heads * head_dim]
+    value_bases: dict[int, list[torch.Tensor]]
+
+    def nbytes(self) -> int:
+        tensors = [*self.key_latents, *self.value_latents, *self.positions,
+                   *(t for bases in (*self.key_bases.values(), *self.value_bases.values()) for t in bases)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def layer_kv(self, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's reconstructed prompt K and V [batch * kv_heads, n_max, head_dim], positions and validity."""
+        batch, width = len(self.positions), max(int(p.numel()) for p in self.positions)
+        dim = self.key_bases[layer][0].shape[1] // kv_heads
+        device = self.key_latents[0].device
+        keys = torch.zeros(batch, kv_heads, width, dim, device=device)
+        values, positions = torch.zeros_like(keys), torch.full((batch, kv_heads, width), -1, device=device)
+        valid = torch.zeros(batch, kv_heads, width, dtype=torch.bool, device=device)
+        for b, pos in enumerate(self.positions):
+            n = pos.numel()
+            keys[b, :, :n] = (self.key_latents[b] @ self.key_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
+            values[b, :, :n] = (self.value_latents[b] @ self.value_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
+            positions[b, :, :n], valid[b, :, :n] = pos.to(device).long(), True
+        rows = batch * kv_heads
+        return (keys.view(rows, width, dim), values.view(rows, width, dim), positions.view(rows, width),
+                valid.view(rows, width))
+
+
+class LayerGroup:
+    """Coordinates the layers that share one xKV basis: each reports its prompt after storing it; the last one to
+    report compresses the group and moves every member's prompt tokens into the shared latents."""
+
+    def __init__(self, method: XKV, members: list[int]) -> None:
+        self.method, self.members = method, members
+        self.arrived: dict[int, object] = {}
+
+    def report(self, layer) -> None:
+        self.arrived[layer.layer_idx] = layer
+        if set(self.arrived) == set(self.members):
+            layers, self.arrived = [self.arrived[i] for i in self.members], {}
+            latents = self._compress(layers)
+            for member in layers:  # the prompt now lives in the latents: its pages go back to the allocator
+                member.full.clear()
+                member.full.pool.trim()
+                member.lowrank = latents
+
+    def _compress(self, layers) -> GroupLatents:
+        first = layers[0]
+        kv_heads, dim, batch = first.kv_heads, first.head_dim, first.batch_size
+        stores = [layer.full_tokens() for layer in layers]  # per layer (k, v, pos, counts) [batch * kv_heads, n, ...]
+        counts = stores[0][3].view(batch, kv_heads)
+        if any(not torch.equal(s[3], stores[0][3]) for s in stores) or (counts != counts[:, :1]).any():
+            raise KVFoldError("xkv: the layers of a group hold different tokens; xkv needs every layer and KV head "
+                              "to hold the same prompt (no eviction before it)")
+        key_rank, value_rank = self.method.ranks(len(layers) * kv_heads * dim)
+        result = GroupLatents([], [], [], {i.layer_idx: [] for i in layers}, {i.layer_idx: [] for i in layers})
+        for b in range(batch):
+            n = int(counts[b, 0])
+
+            def block(tensor: torch.Tensor) -> torch.Tensor:  # [rows, n, dim] -> [n, kv_heads * dim] of element b
+                return tensor.view(batch, kv_heads, -1, dim)[b, :, :n].transpose(0, 1).reshape(n, kv_heads * dim)
+
+            for latents, bases, index, rank in ((result.key_latents, result.key_bases, 0, key_rank),
+                                                (result.value_latents, result.value_bases, 1, value_rank)):
+                shared, per_layer = cross_layer_svd([block(s[index]) for s in stores], rank)
+                latents.append(shared)
+                for layer, basis in zip(layers, per_layer):
+                    bases[layer.layer_idx].append(basis.contiguous())
+            result.positions.append(stores[0][2].view(batch, kv_heads, -1)[b, 0, :n].to(torch.int32).clone())
+        return result
