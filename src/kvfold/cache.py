@@ -36,8 +36,9 @@ class KVFoldCache(Cache):
                  compress_appends: bool = False) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
         compressor.budget.check_model(config)
-        if compressor.rotation is not None:
-            compressor.rotation.check_model(config)
+        for method in (compressor.rotation, compressor.lowrank):
+            if method is not None:
+                method.check_model(config)
         layers, windows = [], layer_windows(config)
         frequencies = {kind: rope_frequencies(config, kind) if compressor.scorer.needs_rope else None
                        for kind in ("full_attention", "sliding_attention")}

@@ -167,6 +167,60 @@ def fit_oscar(model, passages: list[torch.Tensor], *, bits: int = 2, seed: int =
             "tokens": sum(ids.shape[-1] for ids in passages)}
 
 
+class GroupGram:
+    """xkv: per group of layers, the Gram matrices Xᵀ X of the prompt's keys and values laid side by side."""
+
+    def __init__(self, layers: int, group: int) -> None:
+        self.layers, self.group = layers, group
+        self.sample: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.key_gram: dict[int, torch.Tensor] = {}
+        self.value_gram: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        def side_by_side(x: torch.Tensor) -> torch.Tensor:  # [1, kv_heads, n, d] -> [n, kv_heads * d]
+            return x.detach()[0].transpose(0, 1).reshape(x.shape[2], -1).double().cpu()
+
+        self.sample[layer] = (side_by_side(keys), side_by_side(values))
+
+    def flush(self) -> None:
+        """Fold the sample just read into each group's Gram matrices."""
+        for start in range(0, self.layers, self.group):
+            members = range(start, min(start + self.group, self.layers))
+            for index, grams in ((0, self.key_gram), (1, self.value_gram)):
+                x = torch.cat([self.sample[layer][index] for layer in members], dim=1)
+                grams[start // self.group] = grams.get(start // self.group, 0) + x.T @ x
+        self.sample = {}
+
+
+def fit_xkv(model, passages: list[torch.Tensor], method, *, seed: int = 0,
+            on_sample: Callable[[int], None] | None = None) -> dict:
+    """xkv with an offline basis: each group's top right singular vectors of the calibration keys (and values) laid
+    side by side, at the ranks `method` (an `XKV`) gives; at run time tokens are projected on them, no SVD."""
+    from .inspection.capture import routed_attention
+    from .inspection.profile import model_identity
+
+    identity = model_identity(model.config, "")
+    layers, width = identity["layers"], method.layers * identity["kv_heads"] * identity["head_dim"]
+    gram = GroupGram(layers, method.layers)
+    device = next(model.parameters()).device
+    with torch.no_grad(), routed_attention(model, NAME, _capture_attention, ATTR, gram):
+        for index, ids in enumerate(passages):
+            model(input_ids=ids[:1].to(device), use_cache=False)
+            gram.flush()
+            if on_sample is not None:
+                on_sample(index + 1)
+    key_rank, value_rank = method.ranks(width)
+    tensors = {}
+    for group in sorted(gram.key_gram):
+        for kind, grams, rank in (("key", gram.key_gram, key_rank), ("value", gram.value_gram, value_rank)):
+            eigenvalues, vectors = torch.linalg.eigh(grams[group])
+            top = vectors[:, eigenvalues.argsort(descending=True)[:rank]]
+            tensors[f"groups.{group}.{kind}_basis"] = top.T.float().contiguous()  # [rank, group width], orthonormal
+    return {"tensors": tensors, "identity": identity, "samples": len(passages), "method": method.spec(),
+            "length": max(ids.shape[-1] for ids in passages), "bits": 0, "seed": seed,
+            "tokens": sum(ids.shape[-1] for ids in passages)}
+
+
 def save_calibration(result: dict, path: str | Path, model_name: str) -> Path:
     """Write a fitted calibration as safetensors with its metadata (method, model identity, kvfold version)."""
     from safetensors.torch import save_file
@@ -178,13 +232,13 @@ def save_calibration(result: dict, path: str | Path, model_name: str) -> Path:
         raise KVFoldError(f"--out '{path}' is a folder: pass a file name such as {path / 'oscar.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     identity = dict(result["identity"], name=model_name)
-    metadata = {"method": "rotate:oscar", "kvfold": __version__, "model": json.dumps(identity),
+    metadata = {"method": result.get("method", "rotate:oscar"), "kvfold": __version__, "model": json.dumps(identity),
                 **{k: str(result[k]) for k in ("samples", "length", "bits", "seed", "tokens")}}
     save_file(result["tensors"], str(path), metadata=metadata)
     return path
 
 
-def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_calibration(path: str | Path, method: str = "rotate:oscar") -> tuple[dict[str, torch.Tensor], dict]:
     """Read a calibration file: (tensors, metadata with `model` decoded). Clear errors for missing or foreign files."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
@@ -192,7 +246,7 @@ def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise KVFoldError(f"calibration file '{path}' does not exist: write one with `kvfold calibrate --method "
-                          f"rotate:oscar --out {path}`")
+                          f"{method} --out {path}`")
     try:
         with safe_open(str(path), "pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -200,9 +254,13 @@ def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as error:
         raise KVFoldError(f"calibration file '{path}' is not a readable safetensors file ({error}): run "
                           "`kvfold calibrate` again") from None
-    if metadata.get("method") != "rotate:oscar" or "model" not in metadata:
-        raise KVFoldError(f"calibration file '{path}' was not written by `kvfold calibrate --method rotate:oscar`")
+    written = metadata.get("method", "")
+    if written.split(":")[0] != method.split(":")[0] or "model" not in metadata:
+        raise KVFoldError(f"calibration file '{path}' was written for '{written or 'something else'}', not "
+                          f"{method}: run `kvfold calibrate --method {method}`")
     metadata["model"] = json.loads(metadata["model"])
+    if method != "rotate:oscar":
+        return tensors, metadata
     layers = metadata["model"]["layers"]
     missing = [f"layers.{i}.{kind}_rotation" for i in range(layers) for kind in ("key", "value")
                if f"layers.{i}.{kind}_rotation" not in tensors]

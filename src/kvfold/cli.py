@@ -331,7 +331,8 @@ def inspect_command(
 
 @app.command()
 def calibrate(
-    method: Annotated[str, typer.Option("--method", help="What to fit: rotate:oscar")] = "rotate:oscar",
+    method: Annotated[str, typer.Option("--method", help="What to fit: rotate:oscar, or xkv[:key,value=,layers=] "
+                                        "(its offline bases, at those ranks)")] = "rotate:oscar",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .safetensors file to write (required)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Passages of offline prose the model reads")] = 8,
     length: Annotated[int, typer.Option(min=16, help="Tokens per passage")] = 2048,
@@ -339,17 +340,19 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the passages and of the rows kept for fitting")] = 0,
     model: ModelOption = None,
 ) -> None:
-    """Fit a method's per-model data on offline text (today OSCAR's rotations and clip ratios) and save it with the
-    model's identity; use it as `rotate:oscar,calib=FILE+kivi:2`."""
+    """Fit a method's per-model data on offline text (OSCAR's rotations and clip ratios, or xKV's bases) and save it
+    with the model's identity; use it as `rotate:oscar,calib=FILE+kivi:2` or `xkv:calib=FILE`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .calibration import fit_oscar, prose_passages, save_calibration
+    from .calibration import fit_oscar, fit_xkv, prose_passages, save_calibration
+    from .compressor import Compressor
     from .errors import closest
     from .models import context_limit
 
-    if method != "rotate:oscar":
-        raise KVFoldError(f"calibrate: unknown method '{method}'{closest(method, ['rotate:oscar'])}; valid: "
-                          "rotate:oscar")
+    lowrank = Compressor.parse(method).lowrank if method.split(":")[0] == "xkv" else None
+    if method != "rotate:oscar" and lowrank is None:
+        raise KVFoldError(f"calibrate: unknown method '{method}'{closest(method, ['rotate:oscar', 'xkv'])}; valid: "
+                          "rotate:oscar, xkv")
     if out is None:
         raise KVFoldError("no output file: pass --out FILE.safetensors")
     if bits not in (2, 4, 8):
@@ -361,9 +364,15 @@ def calibrate(
     columns = (TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(method, total=samples)
-        result = fit_oscar(lm, prose_passages(tokenizer, samples, length, seed), bits=bits, seed=seed,
-                           on_sample=lambda done: progress.update(task, completed=done))
+        passages = prose_passages(tokenizer, samples, length, seed)
+        advance = lambda done: progress.update(task, completed=done)  # noqa: E731
+        result = (fit_xkv(lm, passages, lowrank, seed=seed, on_sample=advance) if lowrank is not None
+                  else fit_oscar(lm, passages, bits=bits, seed=seed, on_sample=advance))
     path = save_calibration(result, out, model or "embedded:SmolLM2-135M-Instruct")
+    if lowrank is not None:
+        console.print(f"wrote {path}: {len(result['tensors']) // 2} layer groups fitted on {result['tokens']} tokens; "
+                      f"use xkv:calib={path}")
+        return
     clips = result["tensors"]
     console.print(f"wrote {path}: {result['identity']['layers']} layers fitted on {result['tokens']} tokens; clip "
                   f"ratios keys {float(clips['key_clip'].min()):.2f}–{float(clips['key_clip'].max()):.2f}, values "

@@ -92,3 +92,41 @@ def test_sliding_windows_and_chunked_prefill_are_clear_errors(model):
 def test_ranks_follow_the_group_width():
     assert XKV().ranks(4096) == (256, 768)  # the paper's Llama-3.1-8B setting: 4 layers x 8 heads x 128
     assert XKV(key=0.001).ranks(100) == (1, 19)
+
+
+@pytest.fixture(scope="module")
+def xkv_calibration(model, tmp_path_factory):
+    """Offline xkv bases of the tiny model (4 layers, one group of width 128) at full rank, from random passages."""
+    from kvfold.calibration import fit_xkv, save_calibration
+
+    torch.manual_seed(3)
+    passages = [torch.randint(1, 256, (1, 200)) for _ in range(3)]
+    result = fit_xkv(model, passages, XKV(key=1.0, value=1.0))
+    return save_calibration(result, tmp_path_factory.mktemp("xkv") / "tiny.safetensors", "tiny-llama-4")
+
+
+def test_calibrated_bases_project_without_an_svd(model, xkv_calibration):
+    from kvfold.calibration import load_calibration
+
+    tensors, metadata = load_calibration(xkv_calibration, "xkv")
+    basis = tensors["groups.0.key_basis"]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(128), atol=1e-4, rtol=0)  # orthonormal rows
+    assert metadata["method"] == "xkv:1.0,value=1.0"
+    torch.manual_seed(0)
+    prompts = [list(range(5, 95)), list(range(7, 47))]
+    exact = generate_batch(model, prompts, method="none", max_new_tokens=6, fast=False)
+    full = generate_batch(model, prompts, method=f"xkv:1.0,value=1.0,calib={xkv_calibration}", max_new_tokens=6)
+    assert [o.tokens for o in full.outputs] == [o.tokens for o in exact.outputs]  # a complete basis is exact
+    cache = run_spec(model, f"xkv:0.25,value=0.5,calib={xkv_calibration}", torch.randint(1, 256, (1, 300)))
+    latents = cache.layers[0].lowrank
+    assert latents.key_latents[0].shape == (300, 32) and latents.value_latents[0].shape == (300, 64)
+    assert cache.lowrank_nbytes() == 300 * (32 + 64) * 4 + 300 * 4 + (32 + 64) * 128 * 4
+
+
+def test_calibration_mismatches_are_clear_errors(model, xkv_calibration):
+    with pytest.raises(KVFoldError, match="groups of 4 layers"):
+        kvfold.make_cache(model, f"xkv:layers=2,calib={xkv_calibration}")
+    with pytest.raises(KVFoldError, match="fitted on model 'tiny-llama-4'"):
+        kvfold.make_cache(make_tiny_llama(layers=3), f"xkv:calib={xkv_calibration}")
+    with pytest.raises(KVFoldError, match="written for 'xkv:1.0,value=1.0', not rotate:oscar"):
+        kvfold.make_cache(model, f"rotate:oscar,calib={xkv_calibration}+kivi:4")

@@ -333,6 +333,9 @@ class LowRank(Method):
     kind: ClassVar[str] = "lowrank"
     query_aware: ClassVar[bool] = False
 
+    def check_model(self, config) -> None:
+        """Raise KVFoldError if this method cannot serve the model of `config` (e.g. fitted on another model)."""
+
 
 @dataclass(frozen=True)
 class Merger(Method):

@@ -8,7 +8,9 @@ For a group of `layers` layers and one sequence of n prompt tokens, X = [K_1 | K
 head_dim); its truncated SVD X ≈ (U_r Σ_r) V_rᵀ keeps r = `key` × that width directions (the paper's defaults for
 Llama-3.1-8B, rank 256 keys and 768 values for groups of 4 layers of width 4096, are `key=0.0625,value=0.1875`).
 The latents U_r Σ_r (n × r) are stored once per group; each layer keeps its slice of V_rᵀ (r × kv_heads · head_dim).
-Keys are decomposed as cached (after RoPE). Approximate: the reconstruction error is the discarded singular values
+Keys are decomposed as cached (after RoPE). With `calib=FILE` (written by `kvfold calibrate --method xkv`) the
+bases are fitted offline on calibration text and tokens are only projected on them (no SVD per prompt; the bases
+are stored once for all sequences) — cheaper, and less exact than the per-prompt SVD of the paper. Approximate: the reconstruction error is the discarded singular values
 (Eckart–Young, tested); at rank = width it is exact. Compression runs once, after the prompt's prefill (the group's
 last layer triggers it); tokens decoded later stay in full precision. It stands alone: not after eviction (rows
 must hold the same tokens in every layer and head), not before a quantizer, not in chunked prefill and not on
@@ -46,6 +48,7 @@ class XKV(LowRank):
     key: float = 0.0625
     value: float = 0.1875
     layers: int = 4
+    calib: str = ""
 
     def __post_init__(self) -> None:
         for name in ("key", "value"):
@@ -54,6 +57,38 @@ class XKV(LowRank):
                 raise KVFoldError(f"xkv: {name} must be in (0, 1] (its rank as a fraction of the group's width "
                                   f"layers x kv_heads x head_dim), got {value!r}")
         check_int("xkv: layers", self.layers, 1, "adjacent layers that share one basis")
+        if self.calib:
+            from ..calibration import load_calibration
+            from ..compressor import Compressor
+
+            tensors, metadata = load_calibration(self.calib, "xkv")
+            fitted = Compressor.parse(metadata["method"]).lowrank
+            if fitted.layers != self.layers:
+                raise KVFoldError(f"xkv: calibration '{self.calib}' was fitted for groups of {fitted.layers} layers, "
+                                  f"not {self.layers}: pass layers={fitted.layers} or calibrate again")
+            object.__setattr__(self, "_fitted", (tensors, metadata["model"]))
+
+    def check_model(self, config) -> None:
+        if not self.calib:
+            return
+        from ..inspection.profile import model_identity
+
+        tensors, fitted = self._fitted
+        ours = model_identity(config, "")
+        if ours["config_hash"] != fitted["config_hash"]:
+            raise KVFoldError(f"xkv: calibration '{self.calib}' was fitted on model '{fitted['name']}' (config hash "
+                              f"{fitted['config_hash']}), not this one ({ours['config_hash']}): run `kvfold "
+                              "calibrate --method xkv --model M` for this model")
+        key_rank, value_rank = self.ranks(self.layers * ours["kv_heads"] * ours["head_dim"])
+        have = tensors["groups.0.key_basis"].shape[0], tensors["groups.0.value_basis"].shape[0]
+        if key_rank > have[0] or value_rank > have[1]:
+            raise KVFoldError(f"xkv: ranks {key_rank}/{value_rank} asked, calibration '{self.calib}' holds "
+                              f"{have[0]}/{have[1]}: lower key=/value= or calibrate with higher ones")
+
+    def fitted_bases(self, group: int, key_rank: int, value_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibrated key and value bases [rank, group width] of one group (top directions first)."""
+        tensors = self._fitted[0]
+        return tensors[f"groups.{group}.key_basis"][:key_rank], tensors[f"groups.{group}.value_basis"][:value_rank]
 
     def ranks(self, width: int) -> tuple[int, int]:
         """(key rank, value rank) for a group of `width` = layers x kv_heads x head_dim columns."""
@@ -74,7 +109,8 @@ class GroupLatents:
     def nbytes(self) -> int:
         tensors = [*self.key_latents, *self.value_latents, *self.positions,
                    *(t for bases in (*self.key_bases.values(), *self.value_bases.values()) for t in bases)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        unique = {id(t): t for t in tensors}  # calibrated bases are one tensor for every sequence
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def layer_kv(self, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's reconstructed prompt K and V [batch * kv_heads, n_max, head_dim], positions and validity."""
@@ -120,7 +156,13 @@ class LayerGroup:
         if any(not torch.equal(s[3], stores[0][3]) for s in stores) or (counts != counts[:, :1]).any():
             raise KVFoldError("xkv: the layers of a group hold different tokens; xkv needs every layer and KV head "
                               "to hold the same prompt (no eviction before it)")
-        key_rank, value_rank = self.method.ranks(len(layers) * kv_heads * dim)
+        key_rank, value_rank = self.method.ranks(self.method.layers * kv_heads * dim)
+        key_rank, value_rank = (min(r, len(layers) * kv_heads * dim) for r in (key_rank, value_rank))
+        fitted = fitted_layers = None
+        if self.method.calib:
+            fitted = self.method.fitted_bases(self.members[0] // self.method.layers, key_rank, value_rank)
+            fitted_layers = [[b.to(first.device).contiguous() for b in basis.split(kv_heads * dim, dim=1)]
+                             for basis in fitted]
         result = GroupLatents([], [], [], {i.layer_idx: [] for i in layers}, {i.layer_idx: [] for i in layers})
         for b in range(batch):
             n = int(counts[b, 0])
@@ -130,7 +172,13 @@ class LayerGroup:
 
             for latents, bases, index, rank in ((result.key_latents, result.key_bases, 0, key_rank),
                                                 (result.value_latents, result.value_bases, 1, value_rank)):
-                shared, per_layer = cross_layer_svd([block(s[index]) for s in stores], rank)
+                blocks = [block(s[index]) for s in stores]
+                if fitted is None:
+                    shared, per_layer = cross_layer_svd(blocks, rank)
+                else:  # project on the calibrated basis (orthonormal rows)
+                    basis = fitted[index].to(blocks[0].device)
+                    shared = torch.cat(blocks, dim=1) @ basis.T
+                    per_layer = fitted_layers[index]
                 latents.append(shared)
                 for layer, basis in zip(layers, per_layer):
                     bases[layer.layer_idx].append(basis.contiguous())
