@@ -200,7 +200,7 @@ def fit_xkv(model, passages: list[torch.Tensor], method, *, seed: int = 0,
     from .inspection.profile import model_identity
 
     identity = model_identity(model.config, "")
-    layers, width = identity["layers"], method.layers * identity["kv_heads"] * identity["head_dim"]
+    layers = identity["layers"]
     gram = GroupGram(layers, method.layers)
     device = next(model.parameters()).device
     with torch.no_grad(), routed_attention(model, NAME, _capture_attention, ATTR, gram):
@@ -209,9 +209,9 @@ def fit_xkv(model, passages: list[torch.Tensor], method, *, seed: int = 0,
             gram.flush()
             if on_sample is not None:
                 on_sample(index + 1)
-    key_rank, value_rank = method.ranks(width)
     tensors = {}
     for group in sorted(gram.key_gram):
+        key_rank, value_rank = method.ranks(gram.key_gram[group].shape[0])  # of the group's own width
         for kind, grams, rank in (("key", gram.key_gram, key_rank), ("value", gram.value_gram, value_rank)):
             eigenvalues, vectors = torch.linalg.eigh(grams[group])
             top = vectors[:, eigenvalues.argsort(descending=True)[:rank]]

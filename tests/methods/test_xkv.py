@@ -61,6 +61,7 @@ def test_groups_forks_and_ragged_batches(model):
     cache = run_spec(model, "xkv:0.5,layers=3", torch.randint(1, 256, (1, 120)))
     first, last = cache.layers[0].lowrank, cache.layers[3].lowrank
     assert first is cache.layers[2].lowrank and first is not last  # groups of 3 layers, then the rest
+    assert first.key_latents[0].shape[1] == 48 and last.key_latents[0].shape[1] == 16  # half of each group's width
     before = cache.nbytes()
     child = cache.fork()
     assert child.layers[0].lowrank is first and cache.nbytes() == before

@@ -79,7 +79,7 @@ class XKV(LowRank):
             raise KVFoldError(f"xkv: calibration '{self.calib}' was fitted on model '{fitted['name']}' (config hash "
                               f"{fitted['config_hash']}), not this one ({ours['config_hash']}): run `kvfold "
                               "calibrate --method xkv --model M` for this model")
-        key_rank, value_rank = self.ranks(self.layers * ours["kv_heads"] * ours["head_dim"])
+        key_rank, value_rank = self.ranks(tensors["groups.0.key_basis"].shape[1])  # the first group's width
         have = tensors["groups.0.key_basis"].shape[0], tensors["groups.0.value_basis"].shape[0]
         if key_rank > have[0] or value_rank > have[1]:
             raise KVFoldError(f"xkv: ranks {key_rank}/{value_rank} asked, calibration '{self.calib}' holds "
@@ -156,8 +156,7 @@ class LayerGroup:
         if any(not torch.equal(s[3], stores[0][3]) for s in stores) or (counts != counts[:, :1]).any():
             raise KVFoldError("xkv: the layers of a group hold different tokens; xkv needs every layer and KV head "
                               "to hold the same prompt (no eviction before it)")
-        key_rank, value_rank = self.method.ranks(self.method.layers * kv_heads * dim)
-        key_rank, value_rank = (min(r, len(layers) * kv_heads * dim) for r in (key_rank, value_rank))
+        key_rank, value_rank = self.method.ranks(len(layers) * kv_heads * dim)  # of this group's own width
         fitted = fitted_layers = None
         if self.method.calib:
             fitted = self.method.fitted_bases(self.members[0] // self.method.layers, key_rank, value_rank)
