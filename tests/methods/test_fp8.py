@@ -79,3 +79,20 @@ def test_logits_stay_close_to_full_precision(spec, min_cosine):
 def test_bad_knobs_name_the_fix(knobs, message):
     with pytest.raises(KVFoldError, match=message):
         kvfold.Compressor.parse(f"fp8:{knobs}")
+
+
+@pytest.mark.parametrize("spec, dim", [("fp8", 128), ("fp8:scale=page", 64), ("fp8:scale=page", 128)])
+def test_fp8_holds_at_most_52_percent_of_bf16(spec, dim):
+    """Issue 5's storage target at 8k tokens, from the layer's own accounting (one byte a value, float16 scales,
+    int32 positions, tables). With a scale per token at head_dim 64 the scales and positions take 53%: use
+    scale=page there."""
+    from kvfold.compressor import Compressor
+    from kvfold.layer import KVFoldLayer
+
+    layer = KVFoldLayer(Compressor.parse(spec))
+    keys = torch.randn(1, 2, 8192, dim, dtype=torch.bfloat16)
+    layer.lazy_initialization(keys, keys)
+    layer.seen = 8192
+    layer._append_rows(keys, keys, torch.arange(8192), torch.ones(1, 2, 8192, dtype=torch.bool))
+    held = sum(pool.nbytes() for pool in layer.pools()) + layer.table_nbytes()
+    assert held <= 0.52 * (2 * keys.numel() * 2)

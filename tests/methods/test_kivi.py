@@ -48,3 +48,21 @@ def test_logits_stay_close_to_full_precision(bits, min_cosine):
             logits[spec] = tiny_llama(nxt, past_key_values=cache, position_ids=torch.tensor([[200]])).logits
     a, b = logits.values()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= min_cosine
+
+
+def test_kivi_2_at_8k_tokens_holds_at_most_18_percent_of_bf16():
+    """Issue 5's storage target (codes + scales + the float16 residual), from the layer's own accounting: one layer of
+    the embedded model's shape (3 KV heads, head_dim 64), 8192 tokens, group 64, residual 128. kvfold also stores an
+    int32 position per token (eviction and mixed pages need it): 1.6% more, 18.6% in all."""
+    from kvfold.compressor import Compressor
+    from kvfold.layer import KVFoldLayer
+
+    layer = KVFoldLayer(Compressor.parse("kivi:2,group=64,residual=128"))
+    keys, values = torch.randn(1, 3, 8192, 64, dtype=torch.bfloat16), torch.randn(1, 3, 8192, 64, dtype=torch.bfloat16)
+    layer.lazy_initialization(keys, values)
+    layer.seen = 8192
+    layer._append_rows(keys, values, torch.arange(8192), torch.ones(1, 3, 8192, dtype=torch.bool))
+    held = sum(pool.nbytes() for pool in layer.pools()) + layer.table_nbytes()
+    positions = sum(pool.tensors["pos"].numel() * 4 for pool in layer.pools())
+    bf16 = 2 * keys.numel() * 2
+    assert held - positions <= 0.18 * bf16 and held <= 0.19 * bf16
