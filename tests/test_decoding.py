@@ -21,7 +21,7 @@ from .conftest import make_tiny_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
 PROMPTS = [list(range(5, 205)), list(range(30, 130)), [7] + list(range(9, 250))]
-SPECS = ["none", "snapkv:0.5", "snapkv:0.5@adakv", "kivi:4,group=16,residual=16",
+SPECS = ["none", "snapkv:0.5", "snapkv:0.5@adakv", "kivi:4,group=16,residual=16,sink=3",
          "snapkv:0.5@adakv+kivi:2,group=16,residual=32", "snapkv:0.5,every=8", "streaming:0.5", "rotate+fp8",
          "h2o:0.5,every=4"]
 
@@ -136,7 +136,7 @@ def test_fast_loop_on_a_fork_leaves_the_parent_untouched(model):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("spec", ["none", "snapkv:0.5@adakv+rotate+kivi:2,group=16"])
+@pytest.mark.parametrize("spec", ["none", "snapkv:0.5@adakv+rotate+kivi:2,group=16,sink=4"])
 def test_fast_loop_through_the_kernel_over_device_tables(model, spec, monkeypatch):
     monkeypatch.setenv("KVFOLD_KERNELS", "triton")  # interpreted on the CPU: small and short
     prompts = [PROMPTS[0][:70], PROMPTS[1][:40]]

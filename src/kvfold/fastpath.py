@@ -47,12 +47,10 @@ class FastLayer:
         if not self.use_kernel:
             return True
         stable = True
-        for name, rows in (("packed", layer.packed), ("full", layer.full)):
-            if rows is None:
-                continue
+        for name, rows in layer.stores():
             table, lengths = self.mirrors.get(name, (None, None))
             if table is None or table.shape[1] < rows.table.shape[1]:
-                width = max(self.widths[name], rows.table.shape[1])
+                width = max(self.widths.get(name, 0), rows.table.shape[1])
                 table = torch.empty(rows.rows, width, dtype=torch.int32, device=layer.device)
                 lengths = torch.empty(rows.rows, dtype=torch.int32, device=layer.device)
                 self.mirrors[name], stable = (table, lengths), False

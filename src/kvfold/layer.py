@@ -80,6 +80,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.seen = 0
         self.full: PagedRows | None = None
         self.packed: PagedRows | None = None
+        self.sinks: PagedRows | None = None  # a quantizer's `sink` first tokens per row, in full precision
         self.recent_queries: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_remember_queries`
         self.valid_seen: torch.Tensor | None = None  # [batch] real (non-padding) tokens seen
         self.scale = 1.0
@@ -109,6 +110,8 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         self.full = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
         if quantizer:
             self.packed = PagedRows(PagePool(quantizer.fields(dim), group, self.device), batch * self.kv_heads)
+            if quantizer.sink:
+                self.sinks = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
         if self.compressor.rotation is not None:
             key_rotation, value_rotation = self.compressor.rotation.matrices(dim, self.layer_idx)
             self.rotation = key_rotation.to(self.device)
@@ -133,10 +136,14 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def stores(self) -> list[tuple[str, PagedRows]]:
+        """The row stores present, in reading order: sinks, packed pages, the full-precision tail."""
+        return [(name, rows) for name, rows in (("sinks", self.sinks), ("packed", self.packed), ("full", self.full))
+                if rows is not None]
+
     def reset(self) -> None:
-        for rows in (self.full, self.packed):
-            if rows is not None:
-                rows.clear()
+        for _, rows in self.stores():
+            rows.clear()
         self.seen, self.recent_queries, self.lowrank = 0, None, None
         if self.valid_seen is not None:
             self.valid_seen.zero_()
@@ -160,10 +167,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
 
     def row_lengths(self) -> torch.Tensor:
         """Tokens held per row [batch, kv_heads] (low-rank + packed + full precision)."""
-        total = self.full.lengths.clone()
-        if self.packed is not None:
-            total += self.packed.lengths
-        total = total.view(self.batch_size, self.kv_heads)
+        total = sum(rows.lengths for _, rows in self.stores()).view(self.batch_size, self.kv_heads)
         if self.lowrank is not None:
             total += torch.tensor([p.numel() for p in self.lowrank.positions]).view(-1, 1)
         return total
@@ -246,11 +250,12 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         give the pool pages the chunks needed back to the allocator."""
         self.chunking, self.probe_tokens = False, 0
         if self.packed is not None and self.is_initialized:
+            if self.sinks is not None and int(self.sinks.lengths.sum()) == 0:
+                self._sinks_from_full()
             self._pack_full_groups()
-        for rows in (self.full, self.packed) if self.is_initialized else ():
-            if rows is not None:
-                rows.defragment()
-                rows.pool.trim()
+        for _, rows in self.stores() if self.is_initialized else ():
+            rows.defragment()
+            rows.pool.trim()
 
     def _keep_mask(self, inputs: ScoreInputs, n_tokens: torch.Tensor) -> torch.Tensor:
         """Which of `inputs`' valid tokens the method keeps, when `n_tokens` [batch] tokens have been read."""
@@ -308,6 +313,8 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         """
         quantizer = self.compressor.quantizer
         group = quantizer.group
+        if self.sinks is not None:
+            kept, counts = self._split_sinks(kept, counts)
         n_pages = torch.minimum(torch.clamp(-((quantizer.residual - counts) // group), min=0), counts // group)
         width = int(n_pages.max())
         saliency = kept.pop("sal", None)
@@ -325,6 +332,27 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
         index = index.clamp(max=max(0, kept["k"].shape[1] - 1))
         rest = {n: gather_tokens(t, index) for n, t in kept.items()}
         self.full.append(rest, tail)
+
+    def _split_sinks(self, kept: dict[str, torch.Tensor], counts: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Store each row's first `sink` tokens of `kept` [rows, n, ...] in the sinks; return the rest, moved front."""
+        taken = counts.clamp(max=self.compressor.quantizer.sink)
+        width = int(taken.max()) if taken.numel() else 0
+        self.sinks.append({n: t[:, :width] for n, t in kept.items() if n in ("k", "v", "pos")}, taken)
+        rest = int((counts - taken).max()) if counts.numel() else 0
+        index = taken.to(self.device).unsqueeze(1) + torch.arange(rest, device=self.device).unsqueeze(0)
+        index = index.clamp(max=max(0, next(iter(kept.values())).shape[1] - 1))
+        return {n: gather_tokens(t, index) for n, t in kept.items()}, counts - taken
+
+    def _sinks_from_full(self) -> None:
+        """After a chunked prefill that kept every token in full precision: move each row's first tokens to the
+        sinks before the rest is packed."""
+        width = int(self.full.lengths.max())
+        if width == 0:
+            return
+        fields, _ = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
+        kept = {n: t.flatten(1, 2)[:, :width] for n, t in fields.items()}
+        rest, counts = self._split_sinks(kept, self.full.lengths.clone())
+        self.full.fill(rest, counts)
 
     def _arrange_by_saliency(self, kept: dict[str, torch.Tensor], saliency: torch.Tensor,
                              n_pages: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -387,9 +415,7 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
     def _drop_out_of_window(self) -> None:
         """Free whole pages, oldest first, whose every token is outside the sliding window of the next query."""
         oldest_needed = self.seen - self.sliding_window
-        for rows in (self.packed, self.full):
-            if rows is None:
-                continue
+        for _, rows in self.stores():
             while True:
                 candidates = torch.nonzero(rows.lengths >= rows.page_size).squeeze(1)
                 if candidates.numel() == 0:
@@ -420,14 +446,14 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
 
     # ---- accounting and sharing --------------------------------------------------------------------------------
     def pools(self) -> list[PagePool]:
-        return [rows.pool for rows in (self.full, self.packed) if rows is not None]
+        return [rows.pool for _, rows in self.stores()]
 
     def table_nbytes(self) -> int:
         """Page tables, row lengths, the recent-query buffer (decode-time compression) and the rotation."""
-        return sum(rows.table_nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
+        return sum(rows.table_nbytes() for _, rows in self.stores()) + self.buffer_nbytes()
 
     def referenced_nbytes(self) -> int:
-        return sum(rows.nbytes() for rows in (self.full, self.packed) if rows is not None) + self.buffer_nbytes()
+        return sum(rows.nbytes() for _, rows in self.stores()) + self.buffer_nbytes()
 
     def buffer_nbytes(self) -> int:
         """The recent-query buffer (decode-time compression) and the rotation matrices."""
@@ -437,9 +463,10 @@ class KVFoldLayer(StoreReader, CacheLayerMixin):
 
     def fork(self) -> "KVFoldLayer":
         child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)
-        child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed", "fast")})
-        child.full = self.full.fork() if self.full is not None else None
-        child.packed = self.packed.fork() if self.packed is not None else None
+        child.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("full", "packed", "sinks", "fast")})
+        for name in ("full", "packed", "sinks"):
+            rows = getattr(self, name)
+            setattr(child, name, rows.fork() if rows is not None else None)
         if self.valid_seen is not None:
             child.valid_seen = self.valid_seen.clone()
         return child

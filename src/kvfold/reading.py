@@ -66,9 +66,7 @@ class StoreReader:
         if self.lowrank is not None:
             positions = self.lowrank.layer_kv(self.layer_idx, self.kv_heads)[2]
             held.append(positions.to(torch.int32).cpu())
-        for rows in (self.packed, self.full):
-            if rows is None:
-                continue
+        for _, rows in self.stores():
             for fields, valid in rows.read(("pos",), PAGE_CHUNK):
                 held.append(fields["pos"].flatten(1).masked_fill(~valid, -1).cpu())
         flat = torch.cat(held, dim=1) if held else torch.empty(self.batch_size * self.kv_heads, 0, dtype=torch.int32)
@@ -76,19 +74,20 @@ class StoreReader:
         return [per_row[b * self.kv_heads:(b + 1) * self.kv_heads] for b in range(self.batch_size)]
 
     def chunks(self):
-        """The stored K/V as decoded chunks, oldest (low-rank or packed) first."""
+        """The stored K/V as decoded chunks, oldest first: low-rank latents, sinks, packed pages, the tail."""
         if self.lowrank is not None:
             yield KVChunk(*self.lowrank.layer_kv(self.layer_idx, self.kv_heads))
-        if self.packed is not None:
-            quantizer = self.compressor.quantizer
-            for fields, valid in self.packed.read(tuple(self.packed.pool.fields), PAGE_CHUNK):
-                k, v = quantizer.decode(fields)
-                if self.rotation is not None:  # packed pages hold x @ R; R is orthogonal
-                    k, v = k @ self.rotation.T, v @ self.value_rotation.T
-                yield KVChunk(k, v, fields["pos"].flatten(1), valid)
-        for fields, valid in self.full.read(("k", "v", "pos"), PAGE_CHUNK):
-            yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
-                          fields["pos"].flatten(1), valid)
+        for name, rows in self.stores():
+            if name == "packed":
+                for fields, valid in rows.read(tuple(rows.pool.fields), PAGE_CHUNK):
+                    k, v = self.compressor.quantizer.decode(fields)
+                    if self.rotation is not None:  # packed pages hold x @ R; R is orthogonal
+                        k, v = k @ self.rotation.T, v @ self.value_rotation.T
+                    yield KVChunk(k, v, fields["pos"].flatten(1), valid)
+                continue
+            for fields, valid in rows.read(("k", "v", "pos"), PAGE_CHUNK):
+                yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
+                              fields["pos"].flatten(1), valid)
 
     def attend(self, query: torch.Tensor, positions: torch.Tensor, scale: float,
                new: KVChunk | None = None) -> torch.Tensor:
@@ -151,14 +150,12 @@ class StoreReader:
 
     def kernel_parts(self, mirrors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list:
         """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages.
-        `mirrors` ({"packed"|"full": (table, lengths)}, int32 on the device) replaces the tables copied from the
+        `mirrors` ({"sinks"|"packed"|"full": (table, lengths)}, int32 on the device) replaces the tables copied from the
         CPU: the fast decode loop's, which its steps update in place."""
         from .kernels.decode import PagedPart
 
         parts = []
-        for name, rows in (("packed", self.packed), ("full", self.full)):
-            if rows is None:
-                continue
+        for name, rows in self.stores():
             t = rows.pool.tensors
             table, lengths = mirrors[name] if mirrors else (rows.table.to(torch.int32).to(self.device),
                                                             rows.lengths.to(torch.int32).to(self.device))

@@ -40,6 +40,7 @@ def filled_layer(spec, batch, kv_heads, dim, tokens, page_size=64, window=None, 
                                              ("fp8", 64), ("fp8:e5m2,scale=page,group=32,residual=16", 64),
                                              ("rotate+kivi:4,group=16,residual=16", 64), ("rotate:random+fp8", 64),
                                              ("kv4:4,group=16,residual=16", 64), ("kv4:2,group=32,residual=16", 64),
+                                             ("kivi:4,group=16,residual=16,sink=5", 64),
                                              ("rotate+kv4:8,group=16,residual=16", 64)])
 @pytest.mark.parametrize("dim, group", [(16, 1), (32, 4), (64, 8)])
 @pytest.mark.parametrize("window", [None, 23])

@@ -8,6 +8,7 @@ from kvfold.api import use_kvfold_attention
 from kvfold.methods.kivi import KIVI
 
 from ..conftest import make_tiny_llama
+from .helpers import run_spec
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -66,3 +67,37 @@ def test_kivi_2_at_8k_tokens_holds_at_most_18_percent_of_bf16():
     positions = sum(pool.tensors["pos"].numel() * 4 for pool in layer.pools())
     bf16 = 2 * keys.numel() * 2
     assert held - positions <= 0.18 * bf16 and held <= 0.19 * bf16
+
+
+def test_sinks_stay_in_full_precision_and_are_counted(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 256, (1, 200))
+    cache = run_spec(tiny_llama, "kivi:2,group=16,residual=32,sink=5", ids, steps=3)
+    plain = run_spec(tiny_llama, "kivi:2,group=16,residual=32", ids, steps=3)
+    dim = tiny_llama.config.head_dim
+    for layer in cache.layers:
+        assert layer.sinks.lengths.tolist() == [5, 5]
+        sink = next(iter(layer.chunks()))  # the sinks are read first
+        assert sink.positions[:, :5].tolist() == [list(range(5))] * 2
+        assert all(torch.equal(p.long(), torch.arange(203)) for p in layer.kept_positions()[0])
+        # one float16 page of 16 slots per row holds the sinks, and the cache counts its pool
+        assert layer.sinks.pool.page_nbytes() == 16 * (2 * dim * 2 + 4)
+        assert layer.sinks.nbytes() == 2 * layer.sinks.pool.page_nbytes() + layer.sinks.table_nbytes()
+        assert layer.sinks.pool in layer.pools()
+    assert cache.nbytes() > plain.nbytes()
+
+
+def test_sinks_after_eviction_and_chunked_prefill(tiny_llama):
+    from kvfold.api import prefill
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 256, (1, 300))
+    with torch.no_grad(), use_kvfold_attention(tiny_llama):
+        cache = kvfold.make_cache(tiny_llama, "snapkv:budget=128,window=8+kivi:4,group=16,residual=16,sink=4")
+        prefill(tiny_llama, cache, ids, chunk=100)
+    for layer in cache.layers:
+        held = layer.kept_positions()[0]
+        sinks = layer.sinks.read(("pos",), 8)
+        first = next(sinks)[0]["pos"].flatten(1)[:, :4]
+        assert [f.tolist() for f in first] == [h[:4].tolist() for h in held]  # the oldest kept tokens
+        assert (layer.packed.lengths % 16 == 0).all() and (layer.row_lengths() <= 128).all()

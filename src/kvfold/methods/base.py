@@ -262,7 +262,8 @@ class PerLayerBudget(Budget):
 
 @dataclass(frozen=True)
 class Quantizer(Method):
-    """Packs K/V pages. A page is `group` tokens; the newest `residual` tokens stay in full precision."""
+    """Packs K/V pages. A page is `group` tokens; the newest `residual` tokens stay in full precision, and so do the
+    first `sink` tokens of each row (attention sinks, as OSCAR and IntactKV keep them: every query reads them)."""
 
     kind: ClassVar[str] = "quantizer"
     query_aware: ClassVar[bool] = False
@@ -273,12 +274,14 @@ class Quantizer(Method):
     bits: int = 4
     group: int = 64
     residual: int = 128
+    sink: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8):
             raise KVFoldError(f"{self.name}: bits must be 2, 4 or 8, got {self.bits!r}")
         check_int(f"{self.name}: group", self.group, 1, "tokens per quantization group and page")
         check_int(f"{self.name}: residual", self.residual, 0, "newest tokens kept in full precision")
+        check_int(f"{self.name}: sink", self.sink, 0, "first tokens of each row kept in full precision")
 
     @property
     def remembered_queries(self) -> int:

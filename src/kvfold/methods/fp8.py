@@ -36,6 +36,7 @@ class FP8(Quantizer):
     bits: int = 8
     group: int = 16
     residual: int = 0
+    sink: int = 0
     format: str = "e4m3"
     scale: str = "token"
 
@@ -49,6 +50,7 @@ class FP8(Quantizer):
                               f"tokens), got {self.scale!r}")
         check_int("fp8: group", self.group, 1, "tokens per page")
         check_int("fp8: residual", self.residual, 0, "newest tokens kept in full precision")
+        check_int("fp8: sink", self.sink, 0, "first tokens of each row kept in full precision")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -48,9 +48,8 @@ def release(cache: KVFoldCache) -> None:
     with torch.inference_mode():
         for layer in cache.layers:
             if layer.is_initialized:
-                for rows in (layer.full, layer.packed):
-                    if rows is not None:
-                        rows.clear()
+                for _, rows in layer.stores():
+                    rows.clear()
 
 
 def trim(caches: Iterable[KVFoldCache]) -> None:
