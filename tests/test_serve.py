@@ -217,6 +217,8 @@ def test_parse_bytes_and_config_validation(tmp_path):
                 dict(api_keys=("short",)), dict(max_prompt_tokens=True), dict(model_id=" ")):
         with pytest.raises(KVFoldError):
             ServeConfig(**bad)
+    with pytest.raises(KVFoldError, match="prefills in blocks"):
+        ServeConfig(method="xkv")
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nkey-one-123456\n\n  key-two-123456  \n")
     assert load_api_keys(keys) == ("key-one-123456", "key-two-123456")

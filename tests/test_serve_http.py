@@ -157,6 +157,7 @@ def test_faults_get_their_status_and_the_server_keeps_serving(server):
         (post(server, "/v1/chat/completions", chat_body("hi", model="gpt-4o")), 404),
         (post(server, "/v1/chat/completions", chat_body("hi", kvfold={"method": "snapk:0.5"})), 400),
         (post(server, "/v1/chat/completions", chat_body("hi", kvfold={"method": "snapkv:1.5"})), 400),
+        (post(server, "/v1/chat/completions", chat_body("hi", kvfold={"method": "xkv"})), 400),
         (post(server, "/v1/chat/completions", chat_body("hi", kvfold={"metod": "none"})), 400),
         (post(server, "/v1/completions", {"model": MODEL, "prompt": "x" * 3100}), 400),  # > --max-prompt-tokens
         (post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}), 400),  # > context

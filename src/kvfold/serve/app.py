@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..compressor import Compressor
 from ..errors import KVFoldError
-from .config import ServeConfig
+from .config import ServeConfig, servable
 from .engine import Engine
 from .jobs import Event, GenerationRequest, Job, QueueFull
 from .metrics import Metrics
@@ -196,7 +196,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         compressor = config.compressor
         if body.kvfold is not None and body.kvfold.method is not None:
             try:
-                compressor = Compressor.parse(body.kvfold.method)
+                compressor = servable(Compressor.parse(body.kvfold.method))
             except KVFoldError as err:
                 raise APIError(400, f"kvfold.method: {err}", code="invalid_method") from None
         stops = body.stops()

@@ -21,6 +21,15 @@ def load_api_keys(path: Path) -> tuple[str, ...]:
     return keys
 
 
+def servable(compressor: Compressor) -> Compressor:
+    """`compressor`, or a KVFoldError when the server cannot run it: it prefills prompts in blocks (to share
+    prefixes), which a method that factors whole prompts (xkv) does not allow."""
+    if compressor.lowrank is not None:
+        raise KVFoldError(f"{compressor.lowrank.name} factors a whole prompt at once, and the server prefills in "
+                          "blocks to share prefixes: serve another method")
+    return compressor
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """What `kvfold serve` runs with. Defaults: greedy sampling unless a request sets temperature > 0.
@@ -43,7 +52,7 @@ class ServeConfig:
     compressor: Compressor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "compressor", Compressor.parse(self.method))
+        object.__setattr__(self, "compressor", servable(Compressor.parse(self.method)))
         object.__setattr__(self, "method", self.compressor.spec)  # canonical: one prefix-cache namespace per method
         if not isinstance(self.model_id, str) or not self.model_id.strip():
             raise KVFoldError("model_id must be a non-empty name (it is what clients pass as `model`)")
