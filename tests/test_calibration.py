@@ -129,3 +129,29 @@ def test_oscar_logits_close_on_the_tiny_model(calibration, tiny_llama):
     path, _ = calibration
     spec = f"rotate:oscar,calib={path}+kivi:4,group=16,residual=16"
     assert next_token_cosines([spec])[spec] >= 0.999
+
+
+def test_cli_calibrates_a_local_model_end_to_end(tmp_path, embedded_tokenizer):
+    """`kvfold calibrate` on a local folder (a tiny random Llama with the embedded tokenizer's vocabulary): both
+    methods write files that load and carry the model's identity; xkv's ranks follow each group's width."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=len(embedded_tokenizer),
+                         max_position_embeddings=1024)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    embedded_tokenizer.save_pretrained(model_dir)
+    for method, name in (("rotate:oscar", "oscar.safetensors"), ("xkv:0.5,layers=2", "xkv.safetensors")):
+        result = subprocess.run([sys.executable, "-m", "kvfold", "calibrate", "--model", str(model_dir), "--method",
+                                 method, "--samples", "2", "--length", "128", "--out", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"calib={tmp_path / name}" in result.stdout.replace("\n", "")
+        tensors, metadata = load_calibration(tmp_path / name, "xkv" if method.startswith("xkv") else method)
+        assert metadata["model"]["layers"] == 3 and metadata["samples"] == "2"
+    assert tensors["groups.0.key_basis"].shape == (32, 64) and tensors["groups.1.key_basis"].shape == (16, 32)
