@@ -167,12 +167,12 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             total += torch.tensor([p.numel() for p in self.lowrank.positions]).view(-1, 1)
         return total
 
-    def full_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The full-precision pool as K, V, positions [batch * kv_heads, n_max, ...] and each row's count."""
+    def full_rows(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The full-precision tail in one block: {"k", "v", "pos"} [batch * kv_heads, width, ...] as stored (width:
+        the longest row) and valid [batch * kv_heads, width]. For eviction, sinks and xkv, which read it whole."""
         width = int(self.full.lengths.max())
-        fields, _ = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
-        k, v, pos = (fields[n].flatten(1, 2)[:, :width] for n in ("k", "v", "pos"))
-        return k.float(), v.float(), pos, self.full.lengths.clone()
+        fields, valid = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
+        return {n: t.flatten(1, 2)[:, :width] for n, t in fields.items()}, valid[:, :width]
 
     def ingest(self, staged: StagedKV, query: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Store the tokens of a multi-token forward, compressed by the method when it is the prefill.
@@ -319,13 +319,12 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
     def _recompress(self, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Score every stored (full-precision) token with `queries` and evict down to the budget of all tokens
         seen so far (decode-time compression, and each chunk of a chunked prefill)."""
-        width = int(self.full.lengths.max())
-        if width == 0:
+        if int(self.full.lengths.max()) == 0:
             return
-        fields, valid = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
-        shape = (self.batch_size, self.kv_heads, width)
-        flat = {n: t.flatten(1, 2)[:, :width].reshape(*shape, *t.shape[3:]) for n, t in fields.items()}
-        valid = valid[:, :width].reshape(shape)
+        rows, valid = self.full_rows()
+        shape = (self.batch_size, self.kv_heads, valid.shape[1])
+        flat = {n: t.reshape(*shape, *t.shape[2:]) for n, t in rows.items()}
+        valid = valid.reshape(shape)
         inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale,
                              self.inv_freq)
         keep = self._keep_mask(inputs, self.valid_seen)

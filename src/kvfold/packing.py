@@ -59,11 +59,9 @@ class Packer:
     def _sinks_from_full(self) -> None:
         """After a chunked prefill that kept every token in full precision: move each row's first tokens to the
         sinks before the rest is packed."""
-        width = int(self.full.lengths.max())
-        if width == 0:
+        if int(self.full.lengths.max()) == 0:
             return
-        fields, _ = next(self.full.read(("k", "v", "pos"), page_chunk=max(1, self.full.table.shape[1])))
-        kept = {n: t.flatten(1, 2)[:, :width] for n, t in fields.items()}
+        kept, _ = self.full_rows()
         rest, counts = self._split_sinks(kept, self.full.lengths.clone())
         self.full.fill(rest, counts)
 

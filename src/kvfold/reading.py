@@ -64,8 +64,7 @@ class StoreReader:
         """Sequence indices held by each row, sorted: [batch][kv_head] -> 1-D tensor (for tests and inspection)."""
         held = []
         if self.lowrank is not None:
-            positions = self.lowrank.layer_kv(self.layer_idx, self.kv_heads)[2]
-            held.append(positions.to(torch.int32).cpu())
+            held.append(self.lowrank.row_positions(self.kv_heads).to(torch.int32).cpu())
         for _, rows in self.stores():
             for fields, valid in rows.read(("pos",), PAGE_CHUNK):
                 held.append(fields["pos"].flatten(1).masked_fill(~valid, -1).cpu())

@@ -112,22 +112,28 @@ class GroupLatents:
         unique = {id(t): t for t in tensors}  # calibrated bases are one tensor for every sequence
         return sum(t.numel() * t.element_size() for t in unique.values())
 
+    def row_positions(self, kv_heads: int) -> torch.Tensor:
+        """Positions of the factored prompt per row [batch * kv_heads, n_max], -1 past a sequence's end (the same
+        for every layer of the group: no K/V is rebuilt to say which tokens are held)."""
+        width = max(int(p.numel()) for p in self.positions)
+        positions = torch.full((len(self.positions), kv_heads, width), -1, device=self.key_latents[0].device)
+        for b, pos in enumerate(self.positions):
+            positions[b, :, :pos.numel()] = pos.to(positions.device).long()
+        return positions.flatten(0, 1)
+
     def layer_kv(self, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's reconstructed prompt K and V [batch * kv_heads, n_max, head_dim], positions and validity."""
-        batch, width = len(self.positions), max(int(p.numel()) for p in self.positions)
+        positions = self.row_positions(kv_heads)
+        batch, width = len(self.positions), positions.shape[1]
         dim = self.key_bases[layer][0].shape[1] // kv_heads
-        device = self.key_latents[0].device
-        keys = torch.zeros(batch, kv_heads, width, dim, device=device)
-        values, positions = torch.zeros_like(keys), torch.full((batch, kv_heads, width), -1, device=device)
-        valid = torch.zeros(batch, kv_heads, width, dtype=torch.bool, device=device)
+        keys = torch.zeros(batch, kv_heads, width, dim, device=positions.device)
+        values = torch.zeros_like(keys)
         for b, pos in enumerate(self.positions):
             n = pos.numel()
             keys[b, :, :n] = (self.key_latents[b] @ self.key_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
             values[b, :, :n] = (self.value_latents[b] @ self.value_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
-            positions[b, :, :n], valid[b, :, :n] = pos.to(device).long(), True
         rows = batch * kv_heads
-        return (keys.view(rows, width, dim), values.view(rows, width, dim), positions.view(rows, width),
-                valid.view(rows, width))
+        return keys.view(rows, width, dim), values.view(rows, width, dim), positions, positions >= 0
 
 
 class LayerGroup:
@@ -151,9 +157,10 @@ class LayerGroup:
     def _compress(self, layers) -> GroupLatents:
         first = layers[0]
         kv_heads, dim, batch = first.kv_heads, first.head_dim, first.batch_size
-        stores = [layer.full_tokens() for layer in layers]  # per layer (k, v, pos, counts) [batch * kv_heads, n, ...]
-        counts = stores[0][3].view(batch, kv_heads)
-        if any(not torch.equal(s[3], stores[0][3]) for s in stores) or (counts != counts[:, :1]).any():
+        stores = [layer.full_rows()[0] for layer in layers]  # per layer {"k", "v", "pos"} [batch * kv_heads, n, ...]
+        counts = first.full.lengths.view(batch, kv_heads)
+        if any(not torch.equal(layer.full.lengths, first.full.lengths) for layer in layers) or \
+                (counts != counts[:, :1]).any():
             raise KVFoldError("xkv: the layers of a group hold different tokens; xkv needs every layer and KV head "
                               "to hold the same prompt (no eviction before it)")
         key_rank, value_rank = self.method.ranks(len(layers) * kv_heads * dim)  # of this group's own width
@@ -171,7 +178,7 @@ class LayerGroup:
 
             for latents, bases, index, rank in ((result.key_latents, result.key_bases, 0, key_rank),
                                                 (result.value_latents, result.value_bases, 1, value_rank)):
-                blocks = [block(s[index]) for s in stores]
+                blocks = [block(s["kv"[index]].float()) for s in stores]
                 if fitted is None:
                     shared, per_layer = cross_layer_svd(blocks, rank)
                 else:  # project on the calibrated basis (orthonormal rows)
@@ -181,5 +188,5 @@ class LayerGroup:
                 latents.append(shared)
                 for layer, basis in zip(layers, per_layer):
                     bases[layer.layer_idx].append(basis.contiguous())
-            result.positions.append(stores[0][2].view(batch, kv_heads, -1)[b, 0, :n].to(torch.int32).clone())
+            result.positions.append(stores[0]["pos"].view(batch, kv_heads, -1)[b, 0, :n].to(torch.int32).clone())
         return result
