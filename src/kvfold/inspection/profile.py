@@ -68,13 +68,19 @@ def load_profile(path: str | Path, model_config=None) -> dict:
     return profile
 
 
-def check_profile_model(model: dict, model_config, path: str | Path) -> None:
-    """Raise KVFoldError unless a profile's recorded `model` identity is that of `model_config`."""
+def check_model_identity(model: dict, model_config, source: str, command: str) -> None:
+    """Raise KVFoldError unless a recorded `model` identity (`model_identity`, in a profile or a calibration file)
+    is that of `model_config`; `source` says what recorded it ("profile 'P' is for"), `command` what remakes it."""
     ours, theirs = model_identity(model_config, "")["config_hash"], model["config_hash"]
     if ours != theirs:
-        raise KVFoldError(f"profile '{path}' is for model '{model['name']}' ({model['model_type']}, {model['layers']} "
-                          f"layers x {model['heads']} heads, config hash {theirs}), not this one (config hash {ours}): "
-                          "run `kvfold inspect --model M` for this model")
+        raise KVFoldError(f"{source} model '{model['name']}' ({model['model_type']}, {model['layers']} layers x "
+                          f"{model['heads']} heads, config hash {theirs}), not this one (config hash {ours}): run "
+                          f"`{command}` for this model")
+
+
+def check_profile_model(model: dict, model_config, path: str | Path) -> None:
+    """Raise KVFoldError unless a profile's recorded `model` identity is that of `model_config`."""
+    check_model_identity(model, model_config, f"profile '{path}' is for", "kvfold inspect --model M")
 
 
 def head_matrix(profile: dict, key: str) -> list[list]:

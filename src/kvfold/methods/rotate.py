@@ -80,15 +80,10 @@ class Rotate(Rotation):
     def check_model(self, config) -> None:
         if self.basis != "oscar":
             return
-        from ..inspection.profile import model_identity
+        from ..inspection.profile import check_model_identity
 
-        fitted = self._fitted[1]
-        ours = model_identity(config, "")
-        if ours["config_hash"] != fitted["config_hash"]:
-            raise KVFoldError(f"rotate:oscar: calibration '{self.calib}' was fitted on model '{fitted['name']}' "
-                              f"({fitted['model_type']}, {fitted['layers']} layers, head_dim {fitted['head_dim']}, "
-                              f"config hash {fitted['config_hash']}), not this one (config hash "
-                              f"{ours['config_hash']}): run `kvfold calibrate --model M` for this model")
+        check_model_identity(self._fitted[1], config, f"rotate:oscar: calibration '{self.calib}' was fitted on",
+                             "kvfold calibrate --method rotate:oscar --model M")
 
     def matrices(self, head_dim: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.basis != "oscar":

@@ -71,14 +71,11 @@ class XKV(LowRank):
     def check_model(self, config) -> None:
         if not self.calib:
             return
-        from ..inspection.profile import model_identity
+        from ..inspection.profile import check_model_identity
 
         tensors, fitted = self._fitted
-        ours = model_identity(config, "")
-        if ours["config_hash"] != fitted["config_hash"]:
-            raise KVFoldError(f"xkv: calibration '{self.calib}' was fitted on model '{fitted['name']}' (config hash "
-                              f"{fitted['config_hash']}), not this one ({ours['config_hash']}): run `kvfold "
-                              "calibrate --method xkv --model M` for this model")
+        check_model_identity(fitted, config, f"xkv: calibration '{self.calib}' was fitted on",
+                             "kvfold calibrate --method xkv --model M")
         key_rank, value_rank = self.ranks(tensors["groups.0.key_basis"].shape[1])  # the first group's width
         have = tensors["groups.0.key_basis"].shape[0], tensors["groups.0.value_basis"].shape[0]
         if key_rank > have[0] or value_rank > have[1]:
