@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVFoldError
-from .base import Budget, ScoreInputs, register, top_mask
+from .base import Budget, ScoreInputs, check_fraction, register, top_mask
 
 
 @register("adakv")
@@ -29,8 +28,7 @@ class AdaKVBudget(Budget):
     floor: float = 0.2
 
     def __post_init__(self) -> None:
-        if not 0 <= self.floor <= 1:
-            raise KVFoldError(f"adakv: floor must be in [0, 1] (guaranteed share per head), got {self.floor!r}")
+        check_fraction("adakv: floor", self.floor, "guaranteed share per head")
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
                inputs: ScoreInputs | None = None) -> torch.Tensor:

@@ -59,6 +59,14 @@ def check_int(name: str, value: int, low: int, what: str) -> None:
         raise KVFoldError(f"{name} must be an integer >= {low} ({what}), got {value!r}")
 
 
+def check_fraction(name: str, value: float, what: str, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise KVFoldError unless `value` is a number in [0, 1], either end open as asked (ratios, shares, ranks)."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not (number and (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)):
+        bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise KVFoldError(f"{name} must be in {bounds} ({what}), got {value!r}")
+
+
 @dataclass(frozen=True)
 class ScoreInputs:
     """What a scorer sees for one layer: the observation-window queries and the candidate keys/values."""
@@ -102,8 +110,7 @@ class Scorer(Method):
     detect: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
-            raise KVFoldError(f"{self.name}: ratio must be in [0, 1) (the fraction of tokens removed), got {self.ratio!r}")
+        check_fraction(f"{self.name}: ratio", self.ratio, "the fraction of tokens removed", high_open=True)
         check_int(f"{self.name}: window", self.window, 0, "newest tokens always kept")
         check_int(f"{self.name}: sink", self.sink, 0, "first tokens always kept")
         check_int(f"{self.name}: every", self.every, 0, "decode steps between re-compressions; 0 = prefill only")

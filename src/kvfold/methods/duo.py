@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, ScoreInputs, register
+from .base import PROTECTED, Budget, ScoreInputs, check_fraction, register
 
 
 @register("duo")
@@ -31,10 +31,7 @@ class DuoBudget(Budget):
     streaming: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.streaming, bool) or not isinstance(self.streaming, (int, float)) \
-                or not 0 <= self.streaming <= 1:
-            raise KVFoldError(f"duo: streaming must be in [0, 1] (the share of KV heads made streaming), "
-                              f"got {self.streaming!r}")
+        check_fraction("duo: streaming", self.streaming, "the share of KV heads made streaming")
         if not isinstance(self.profile, str) or not self.profile:
             raise KVFoldError("duo needs profile=PATH: a profile.json (or its folder) written by "
                               "`kvfold inspect --task niah --out DIR` for this model")

@@ -23,7 +23,7 @@ import torch
 from ..errors import KVFoldError
 from ..kernels.reference import SCALE_DTYPE, Quantized, channel_scales, dequantize, quantize
 from ..pages import Field
-from .base import Quantizer, register
+from .base import Quantizer, check_fraction, register
 
 
 @register("kv4")
@@ -40,10 +40,7 @@ class KV4(Quantizer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ok = not isinstance(self.alpha, bool) and isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1
-        if not ok:
-            raise KVFoldError(f"kv4: alpha must be in [0, 1] (the smoothing strength; 0 = off, QServe uses 0.5), "
-                              f"got {self.alpha!r}")
+        check_fraction("kv4: alpha", self.alpha, "the smoothing strength; 0 = off, QServe uses 0.5")
 
     def fields(self, head_dim: int) -> dict[str, Field]:
         if head_dim * self.bits % 8:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import PROTECTED, Budget, ScoreInputs, check_int, probe_attention, register, top_mask
+from .base import PROTECTED, Budget, ScoreInputs, check_fraction, check_int, probe_attention, register, top_mask
 
 
 def semantic_distance(inputs: ScoreInputs, probe: int) -> torch.Tensor:
@@ -48,10 +48,7 @@ class TaskKVBudget(Budget):
     probe: int = 8
 
     def __post_init__(self) -> None:
-        value = self.light
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise KVFoldError(f"taskkv: light must be in [0, 1] (share of the uniform count every head keeps), "
-                              f"got {value!r}")
+        check_fraction("taskkv: light", self.light, "share of the uniform count every head keeps")
         check_int("taskkv: probe", self.probe, 1, "newest scorer queries whose attention output ranks the heads")
 
     def counts(self, scores: torch.Tensor, keep: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:

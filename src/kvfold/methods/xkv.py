@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVFoldError
-from .base import LowRank, check_int, register
+from .base import LowRank, check_fraction, check_int, register
 
 
 def cross_layer_svd(blocks: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -52,10 +52,8 @@ class XKV(LowRank):
 
     def __post_init__(self) -> None:
         for name in ("key", "value"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise KVFoldError(f"xkv: {name} must be in (0, 1] (its rank as a fraction of the group's width "
-                                  f"layers x kv_heads x head_dim), got {value!r}")
+            check_fraction(f"xkv: {name}", getattr(self, name), "its rank as a fraction of the group's width layers "
+                           "x kv_heads x head_dim", low_open=True)
         check_int("xkv: layers", self.layers, 1, "adjacent layers that share one basis")
         if self.calib:
             from ..calibration import load_calibration

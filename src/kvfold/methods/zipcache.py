@@ -36,7 +36,7 @@ import torch
 from ..errors import KVFoldError
 from ..kernels.reference import SCALE_DTYPE, Quantized, channel_scales, dequantize, quantize
 from ..pages import Field
-from .base import Quantizer, ScoreInputs, check_int, register, top_mask, window_attention
+from .base import Quantizer, ScoreInputs, check_fraction, check_int, register, top_mask, window_attention
 
 PROBE_SEED = 0
 PROBE_BLOCK = 256  # probe queries read at once: memory stays [batch, q_heads, PROBE_BLOCK, tokens]
@@ -66,11 +66,9 @@ class ZipCache(Quantizer):
         if self.low not in (2, 4) or self.low >= self.bits:
             raise KVFoldError(f"zipcache: low (the other tokens' precision) must be 2 or 4 and below bits={self.bits}, "
                               f"got {self.low!r}")
-        for name, value, closed, what in (("salient", self.salient, False, "fraction of tokens at high precision"),
-                                          ("probe", self.probe, True, "fraction of prompt queries that probe")):
-            number = not isinstance(value, bool) and isinstance(value, (int, float))
-            if not number or not (0 < value < 1 or (closed and value == 1)):
-                raise KVFoldError(f"zipcache: {name} must be in (0, 1{']' if closed else ')'} ({what}), got {value!r}")
+        check_fraction("zipcache: salient", self.salient, "fraction of tokens at high precision", low_open=True,
+                       high_open=True)
+        check_fraction("zipcache: probe", self.probe, "fraction of prompt queries that probe", low_open=True)
         if not 1 <= self.high_slots < self.group:
             raise KVFoldError(f"zipcache: group={self.group} x salient={self.salient} leaves {self.high_slots} "
                               f"high-precision slots a page; a page needs at least one of each kind: raise group "

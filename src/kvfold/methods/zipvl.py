@@ -15,8 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import KVFoldError
-from .base import PROTECTED, Budget, ScoreInputs, register, top_mask
+from .base import PROTECTED, Budget, ScoreInputs, check_fraction, register, top_mask
 
 
 @register("zipvl")
@@ -29,9 +28,7 @@ class ZipVLBudget(Budget):
     threshold: float = 0.95
 
     def __post_init__(self) -> None:
-        value = self.threshold
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise KVFoldError(f"zipvl: threshold must be in (0, 1] (the attention mass kept), got {value!r}")
+        check_fraction("zipvl: threshold", self.threshold, "the attention mass kept", low_open=True)
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, layer: int = 0, layers: int = 1,
                inputs: ScoreInputs | None = None) -> torch.Tensor:
