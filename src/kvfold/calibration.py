@@ -73,6 +73,10 @@ class Collector:
         self.generator = torch.Generator().manual_seed(seed)
         self.layers: dict[int, LayerStats] = {}
 
+    @property
+    def seen(self) -> set[int]:
+        return set(self.layers)
+
     def record(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         d = self.head_dim
         q = query.detach().double().reshape(-1, d).cpu()
@@ -120,29 +124,46 @@ def prose_passages(tokenizer, samples: int, length: int, seed: int = 0) -> list[
     return [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def read_passages(model, passages: list[torch.Tensor], observer, on_sample: Callable[[int], None] | None = None,
+                  after_each: Callable[[], None] | None = None) -> None:
+    """Run the model over `passages` (token ids [1, n] each) with `observer.record(layer, q, k, v)` seeing every
+    attention layer; `after_each` runs after each passage. Errors if no passage, or if a layer was never seen."""
+    from .inspection.capture import routed_attention
+
+    if not passages:
+        raise KVFoldError("calibrate: no passages to read")
+    layers = model.config.get_text_config().num_hidden_layers
+    device = next(model.parameters()).device
+    with torch.no_grad(), routed_attention(model, NAME, _capture_attention, ATTR, observer):
+        for index, ids in enumerate(passages):
+            model(input_ids=ids[:1].to(device), use_cache=False)
+            if index == 0 and sorted(observer.seen) != list(range(layers)):
+                raise KVFoldError(f"calibrate: captured layers {sorted(observer.seen)}, expected 0..{layers - 1}; "
+                                  "this model's attention modules are not all reachable")
+            if after_each is not None:
+                after_each()
+            if on_sample is not None:
+                on_sample(index + 1)
+
+
+def passage_summary(passages: list[torch.Tensor]) -> dict:
+    """What a calibration file records about the text it read."""
+    return {"samples": len(passages), "length": max(ids.shape[-1] for ids in passages),
+            "tokens": sum(ids.shape[-1] for ids in passages)}
+
+
 def fit_oscar(model, passages: list[torch.Tensor], *, bits: int = 2, seed: int = 0,
               on_sample: Callable[[int], None] | None = None) -> dict:
     """Run the model over `passages` (token ids [1, n] each) and fit per-layer OSCAR rotations and clip ratios (for
     `bits`-bit per-token quantization, the scheme OSCAR pairs them with). Returns the tensors and metadata to save."""
-    from .inspection.capture import routed_attention
     from .inspection.profile import model_identity
 
     identity = model_identity(model.config, "")
     d, layers = identity["head_dim"], identity["layers"]
     if d & (d - 1):
         raise KVFoldError(f"rotate:oscar needs head_dim a power of two (its Hadamard), this model has {d}")
-    if not passages:
-        raise KVFoldError("calibrate: no passages to read")
-    collector = Collector(d, seed, max(1, ROWS_KEPT // len(passages)))
-    device = next(model.parameters()).device
-    with torch.no_grad(), routed_attention(model, NAME, _capture_attention, ATTR, collector):
-        for index, ids in enumerate(passages):
-            model(input_ids=ids.to(device), use_cache=False)
-            if on_sample is not None:
-                on_sample(index + 1)
-    if sorted(collector.layers) != list(range(layers)):
-        raise KVFoldError(f"calibrate: captured layers {sorted(collector.layers)}, expected 0..{layers - 1}; this "
-                          "model's attention modules are not all reachable")
+    collector = Collector(d, seed, max(1, ROWS_KEPT // max(1, len(passages))))
+    read_passages(model, passages, collector, on_sample)
     tensors, key_clips, value_clips = {}, [], []
     for layer in range(layers):
         stats = collector.layers[layer]
@@ -162,9 +183,7 @@ def fit_oscar(model, passages: list[torch.Tensor], *, bits: int = 2, seed: int =
         value_clips.append(value_clip)
     tensors["key_clip"] = torch.tensor(key_clips, dtype=torch.float32)
     tensors["value_clip"] = torch.tensor(value_clips, dtype=torch.float32)
-    return {"tensors": tensors, "identity": identity, "samples": len(passages),
-            "length": max(ids.shape[-1] for ids in passages), "bits": bits, "seed": seed,
-            "tokens": sum(ids.shape[-1] for ids in passages)}
+    return {"tensors": tensors, "identity": identity, "bits": bits, "seed": seed, **passage_summary(passages)}
 
 
 class GroupGram:
@@ -173,6 +192,7 @@ class GroupGram:
     def __init__(self, layers: int, group: int) -> None:
         self.layers, self.group = layers, group
         self.sample: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seen: set[int] = set()
         self.key_gram: dict[int, torch.Tensor] = {}
         self.value_gram: dict[int, torch.Tensor] = {}
 
@@ -181,6 +201,7 @@ class GroupGram:
             return x.detach()[0].transpose(0, 1).reshape(x.shape[2], -1).double().cpu()
 
         self.sample[layer] = (side_by_side(keys), side_by_side(values))
+        self.seen.add(layer)
 
     def flush(self) -> None:
         """Fold the sample just read into each group's Gram matrices."""
@@ -196,19 +217,11 @@ def fit_xkv(model, passages: list[torch.Tensor], method, *, seed: int = 0,
             on_sample: Callable[[int], None] | None = None) -> dict:
     """xkv with an offline basis: each group's top right singular vectors of the calibration keys (and values) laid
     side by side, at the ranks `method` (an `XKV`) gives; at run time tokens are projected on them, no SVD."""
-    from .inspection.capture import routed_attention
     from .inspection.profile import model_identity
 
     identity = model_identity(model.config, "")
-    layers = identity["layers"]
-    gram = GroupGram(layers, method.layers)
-    device = next(model.parameters()).device
-    with torch.no_grad(), routed_attention(model, NAME, _capture_attention, ATTR, gram):
-        for index, ids in enumerate(passages):
-            model(input_ids=ids[:1].to(device), use_cache=False)
-            gram.flush()
-            if on_sample is not None:
-                on_sample(index + 1)
+    gram = GroupGram(identity["layers"], method.layers)
+    read_passages(model, passages, gram, on_sample, after_each=gram.flush)
     tensors = {}
     for group in sorted(gram.key_gram):
         key_rank, value_rank = method.ranks(gram.key_gram[group].shape[0])  # of the group's own width
@@ -216,9 +229,8 @@ def fit_xkv(model, passages: list[torch.Tensor], method, *, seed: int = 0,
             eigenvalues, vectors = torch.linalg.eigh(grams[group])
             top = vectors[:, eigenvalues.argsort(descending=True)[:rank]]
             tensors[f"groups.{group}.{kind}_basis"] = top.T.float().contiguous()  # [rank, group width], orthonormal
-    return {"tensors": tensors, "identity": identity, "samples": len(passages), "method": method.spec(),
-            "length": max(ids.shape[-1] for ids in passages), "bits": 0, "seed": seed,
-            "tokens": sum(ids.shape[-1] for ids in passages)}
+    return {"tensors": tensors, "identity": identity, "method": method.spec(), "bits": 0, "seed": seed,
+            **passage_summary(passages)}
 
 
 def save_calibration(result: dict, path: str | Path, model_name: str) -> Path:
