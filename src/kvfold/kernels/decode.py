@@ -4,7 +4,8 @@ One program handles one row (a batch element's KV head, with all its GQA query h
 it loads each page, de-quantizes packed KIVI pages (or scaled float8 pages) in registers (codes never expand in
 HBM), and keeps an online softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by
 `combine`. The meaning is `reference.paged_attention`; tests compare the two under TRITON_INTERPRET=1 on the CPU
-and at full size on a GPU.
+and at full size on a GPU. 16-bit queries over 16-bit or KIVI pages go to the faster kernels of `fast_decode`;
+this general kernel reads the rest (float32 queries, float8, KV4).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .common import empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask
+from .fast_decode import full_pages_kernel, kivi_pages_kernel
 
 
 @dataclass(frozen=True)
@@ -76,23 +80,16 @@ def _paged_decode_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, P)
-    q = tl.load(q_ptr + row * G * D + offs_g[:, None] * D + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    q = query_tile(q_ptr, row, G, BLOCK_G, D)
+    m_i, l_i, acc = empty_state(BLOCK_G, D)
     if not PRECISE:
         q = q.to(tl.bfloat16)
     # No branch inside the loop (pages past the row's end are masked, not skipped), so the compiler can pipeline
     # the page-table and page loads across iterations; splits past the row's end skip the loop as a whole.
     if split * PAGES_PER_SPLIT * P < length:
         for i in range(PAGES_PER_SPLIT):
-            page_index = split * PAGES_PER_SPLIT + i
-            in_row = page_index * P < length
-            page = tl.load(table_ptr + row * width + page_index, mask=in_row, other=0).to(tl.int64)
-            valid = page_index * P + offs_p < length
-            if WINDOWED:
-                pos = tl.load(pos_ptr + page * P + offs_p)
-                valid = valid & (pos > tl.load(qpos_ptr) - window)
+            page, valid = page_rows(table_ptr, row, width, split * PAGES_PER_SPLIT + i, length, P)
+            valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
             if BITS == 0:
                 k = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :]).to(tl.float32)
                 v = tl.load(v_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :]).to(tl.float32)
@@ -123,23 +120,15 @@ def _paged_decode_kernel(
                 v = vc.to(tl.float32) * vs + vz
             v = tl.where(valid[:, None], v, 0.0)
             if PRECISE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(k.to(tl.bfloat16))) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+                s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
+            p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
             if PRECISE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
-            m_i = m_new
-    out = (row * splits + split) * G + offs_g
-    tl.store(m_ptr + out, m_i, mask=offs_g < G)
-    tl.store(l_ptr + out, l_i, mask=offs_g < G)
+    out = store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
     tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc, mask=offs_g[:, None] < G)
 
 
@@ -155,21 +144,56 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     m = torch.empty(rows, splits, group, device=query.device, dtype=torch.float32)
     l, acc = torch.empty_like(m), torch.empty(rows, splits, group, dim, device=query.device, dtype=torch.float32)
     table = part.table if part.table.shape[1] else torch.zeros(rows, 1, dtype=torch.int32, device=query.device)
-    dummy = part.positions  # unused pointers for full-precision pages
     if part.rotation is not None:  # the pages hold x @ R: read them with q @ R, turn the output back below
         query = (query @ part.rotation).contiguous()
-    _paged_decode_kernel[(rows, splits)](
+    grid = (rows, splits)
+    shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page, PAGES_PER_SPLIT=pages_per_split,
+                 WINDOWED=window > 0)
+    fast = None if precise else fast_kind(part, dim, query.device)
+    if fast == "full":
+        full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, m, l, acc, width,
+                                splits, q_pos, window, scale, **shape, **{**FAST_LAUNCH, **launch})
+    elif fast == "kivi":
+        kivi_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, part.key_scale,
+                                part.key_zero, part.value_scale, part.value_zero, m, l, acc, width, splits, q_pos,
+                                window, scale, BITS=part.bits, VG=part.value_group, **shape,
+                                **{**FAST_LAUNCH, **(TWO_BIT_LAUNCH if part.bits == 2 else {}), **launch})
+    else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
+        # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
+        narrow = part.bits and dim * part.bits // 8 < 16
+        _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale, precise or narrow, shape, launch)
+    if part.rotation is not None:  # linear in the values, so the split merge (`combine`) is unchanged
+        acc = acc @ (part.value_rotation if part.value_rotation is not None else part.rotation).T
+    return m, l, acc
+
+
+def _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale, precise, shape, launch) -> None:
+    dummy = part.positions  # unused pointers for full-precision pages
+    _paged_decode_kernel[(query.shape[0], splits)](
         query, table, part.lengths, part.keys, part.values, part.positions,
         part.key_scale if part.key_scale is not None else dummy, part.key_zero if part.bits else dummy,
         part.key_smooth if part.key_smooth is not None else dummy, part.value_scale if part.value_scale is not None else dummy, part.value_zero if part.bits else dummy,
         m, l, acc, width, splits, q_pos, window, scale,
-        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page,
-        BITS=part.bits, VG=part.value_group, PRECISE=precise, PAGES_PER_SPLIT=pages_per_split, SCALED=part.scaled,
-        KEY_TOKEN=part.key_smooth is not None, WINDOWED=window > 0, **launch,
+        BITS=part.bits, VG=part.value_group, PRECISE=precise, SCALED=part.scaled,
+        KEY_TOKEN=part.key_smooth is not None, **shape, **launch,
     )
-    if part.rotation is not None:  # linear in the values, so the split merge (`combine`) is unchanged
-        acc = acc @ (part.value_rotation if part.value_rotation is not None else part.rotation).T
-    return m, l, acc
+
+
+# The fastest of a sweep on an H200 (benchmarks/results/decode_kernel_h200.md): 2-bit pages unpack four fields per
+# byte, and capping registers at 128 lets a fourth block onto each multiprocessor (0.45 ms instead of 0.51).
+FAST_LAUNCH = dict(num_warps=4, num_stages=2)
+TWO_BIT_LAUNCH = dict(maxnreg=128)
+
+
+def fast_kind(part: PagedPart, dim: int, device) -> str | None:
+    """Which kernel of `fast_decode` reads this part for a 16-bit query: "full" (16-bit pages), "kivi" (packed
+    pages with per-channel keys: not KV4's smoothed keys, not float8), or None (the general kernel). On a GPU each
+    bit field's dot product needs >= 16 channels."""
+    if part.bits == 0:
+        return "full" if part.keys.dtype in (torch.float16, torch.bfloat16) else None
+    if part.scaled or part.key_smooth is not None or part.bits not in (2, 4, 8):
+        return None
+    return "kivi" if device.type != "cuda" or dim * part.bits // 8 >= 16 else None
 
 
 def supports(parts: list[PagedPart], dim: int) -> bool:
@@ -208,7 +232,7 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     precise = query.dtype == torch.float32
     query = query.float().contiguous()
     if not isinstance(q_pos, torch.Tensor):
-        q_pos = torch.tensor([q_pos], dtype=torch.int32, device=query.device)
+        q_pos = torch.full((1,), q_pos, dtype=torch.int32, device=query.device)  # a fill kernel: no host sync
     pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {})
               for part in parts]
     m, l, acc = (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
