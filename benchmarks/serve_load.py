@@ -47,7 +47,8 @@ def free_port() -> int:
 
 def start_server(args, key: str, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "kvfold", "serve", "--port", str(port), "--method", args.method,
-               "--queue", str(max(args.clients, 1)), "--max-tokens", str(args.max_tokens)]
+               "--queue", str(max(args.clients, 1)), "--max-tokens", str(args.max_tokens),
+               "--max-batch", str(args.max_batch)]
     if args.model:
         command += ["--model", args.model]
     env = {**os.environ, "KVFOLD_API_KEY": key, "OMP_NUM_THREADS": str(args.threads),
@@ -215,7 +216,7 @@ async def run(args) -> dict:
                 process.kill()
     return {"settings": {"clients": args.clients, "seconds": args.seconds, "baseline_seconds": args.baseline_seconds,
                          "max_tokens": args.max_tokens, "method": args.method, "model": args.model_id,
-                         "server_threads": args.threads,
+                         "server_threads": args.threads, "max_batch": args.max_batch,
                          "prompt": "shared system preamble + one of 4 short questions, greedy"},
             "phases": phases, "problem_count": sum(p["problem_count"] for p in phases),
             "environment": environment()}
@@ -258,6 +259,10 @@ def summarize(clients: int, seconds: float, results: list[dict], wall: float, be
                          "reused_tokens": delta.get("kvfold_reused_tokens_total", 0),
                          "prefilled_tokens": delta.get("kvfold_prefilled_tokens_total", 0)},
         "load_average_1min": [round(x, 2) for x in load],
+        # one joint forward per step for every running request; each request's first token comes from its prefill
+        "decode_steps": delta.get("kvfold_decode_steps", 0),
+        "mean_batch": round((tokens - len(ok)) / delta["kvfold_decode_steps"], 2)
+        if delta.get("kvfold_decode_steps") else None,
     }
 
 
@@ -267,17 +272,18 @@ def markdown(report: dict) -> str:
              f"Streaming chat clients on loopback against `kvfold serve --method {s['method']}` ({s['model']}, server "
              f"torch threads {s['server_threads']}); {s['prompt']}; max_tokens {s['max_tokens']}. Each client sends "
              "its next request when the previous one ends; after the phase's seconds no new request starts and "
-             "those in flight finish (wall = the phase plus that drain). One engine thread, no continuous batching "
-             "(v1): requests run one at a time, so with many clients latency is mostly queueing.", "",
+             "those in flight finish (wall = the phase plus that drain). Continuous batching: up to "
+             f"{s.get('max_batch', 1)} requests decoded together, one forward per step (mean batch: rows per decode "
+             "step); prompts are prefilled one request at a time.", "",
              "| clients | seconds | requests | completed | failed | problems | wall s | req/s | tokens/s | "
-             "latency p50 | latency p95 | TTFT p50 | TTFT p95 | prefix hit rate | load avg (start, end) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "latency p50 | latency p95 | TTFT p50 | TTFT p95 | prefix hit rate | mean batch | load avg (start, end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["phases"]:
         lat, ttft, prefix = p["latency_s"] or {}, p["ttft_s"] or {}, p["prefix_cache"]
         lines.append(f"| {p['clients']} | {p['seconds']:g} | {p['requests']} | {p['completed']} | {p['failed']} | "
                      f"{p['problem_count']} | {p['wall_seconds']} | {p['requests_per_second']} | "
                      f"{p['tokens_per_second']} | {lat.get('p50')} s | {lat.get('p95')} s | {ttft.get('p50')} s | "
-                     f"{ttft.get('p95')} s | {prefix['hit_rate']} | {p['load_average_1min']} |")
+                     f"{ttft.get('p95')} s | {prefix['hit_rate']} | {p.get('mean_batch')} | {p['load_average_1min']} |")
     main = report["phases"][-1]
     reused, prefilled = main["prefix_cache"]["reused_tokens"], main["prefix_cache"]["prefilled_tokens"]
     lines += ["", f"Prompt tokens per request: {main['prompt_tokens_mean']} on average; in the "
@@ -300,6 +306,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--baseline-seconds", type=float, default=20, help="a 1-client phase first (0: none)")
     parser.add_argument("--method", default="none")
+    parser.add_argument("--max-batch", type=int, default=8, help="--max-batch of kvfold serve")
     parser.add_argument("--model", default=None, help="--model of kvfold serve (default: the embedded model)")
     parser.add_argument("--url", default=None, help="an already running server (KVFOLD_API_KEY: its key)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server process")

@@ -288,3 +288,58 @@ def test_embedded_model_end_to_end(embedded):
     assert text == expected and "Paris" in text and streamed == text
     assert whole.usage.prompt_tokens == ids["input_ids"].shape[1] and whole.usage.completion_tokens <= 8
     assert "Paris" in packed.choices[0].message.content and packed.usage.model_extra["kvfold"]["method"] == "kivi:8"
+
+
+def _concurrently(server, bodies: list[dict]) -> list[httpx.Response]:
+    """Queue every body while the engine is paused, then let it run them: they are admitted together."""
+    server.engine.pause()
+    answers: list[httpx.Response | None] = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        answers[i] = post(server, "/v1/completions", bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while server.engine.queue_length < len(bodies):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        server.engine.resume()
+        for thread in threads:
+            thread.join(60)
+    return answers
+
+
+def test_concurrent_requests_decode_together_and_answer_as_alone(tokenizer):
+    """Four requests with prompts of different lengths and three methods run as one batch (continuous batching:
+    one forward per step for all of them) and each answers exactly what it answers alone."""
+    methods = [None, "snapkv:0.5", "kivi:4,group=16,residual=16", None]
+    bodies = [{"model": MODEL, "prompt": "story " * n, "max_tokens": 24, **({"kvfold": {"method": m}} if m else {})}
+              for n, m in zip((3, 40, 17, 70), methods)]
+    with serving(tokenizer, max_batch=4) as batched:
+        alone = [post(batched, "/v1/completions", body).json() for body in bodies]
+        assert batched.engine.peak_batch == 1
+        together = [answer.json() for answer in _concurrently(batched, bodies)]
+        assert batched.engine.peak_batch == 4
+        assert [a["choices"][0]["text"] for a in together] == [a["choices"][0]["text"] for a in alone]
+        assert [a["usage"]["kvfold"]["method"] for a in together] == [a["usage"]["kvfold"]["method"] for a in alone]
+        metrics = httpx.get(batched.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert "\nkvfold_running_requests 0\n" in metrics and "kvfold_decode_steps" in metrics
+    with serving(tokenizer, max_batch=2) as narrow:  # a third request waits for a place in the batch
+        answers = _concurrently(narrow, bodies[:3])
+        assert [a.status_code for a in answers] == [200] * 3 and narrow.engine.peak_batch == 2
+        assert [a.json()["choices"][0]["text"] for a in answers] == [a["choices"][0]["text"] for a in alone[:3]]
+
+
+def test_a_request_that_fits_alone_waits_for_room_instead_of_failing(tokenizer):
+    """Under a KV budget for one request but not two, the second waits until the first ends: both answer."""
+    body = {"model": MODEL, "prompt": "tell me", "max_tokens": 60}
+    need = create_app(tiny_serving_model(tokenizer), tokenizer, ServeConfig(model_id=MODEL)).state.engine.kv_needed(
+        80, ServeConfig().compressor)
+    with serving(tokenizer, kv_budget=int(need * 1.5)) as tight:
+        answers = _concurrently(tight, [body, body])
+        assert [a.status_code for a in answers] == [200, 200] and tight.engine.peak_batch == 1
+        assert answers[0].json()["choices"][0]["text"] == answers[1].json()["choices"][0]["text"]

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .joint import JointStaged
 from .layer import StagedKV
 
 NAME = "kvfold"
@@ -42,6 +43,9 @@ def kvfold_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    if isinstance(key, JointStaged):  # one decode step of several caches (continuous batching): row by row
+        return key.attend(lambda q, staged, v: kvfold_attention(module, q, staged, v, None, scaling, dropout,
+                                                                **kwargs)[0], query, value), None
     if not isinstance(key, StagedKV):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     staged, layer = key, key.layer

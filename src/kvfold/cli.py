@@ -250,27 +250,29 @@ def serve(
     max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest prompt accepted (default: "
                                                              "the model's context)")] = None,
     max_body_bytes: Annotated[int, typer.Option(min=64, help="Largest request body accepted (413 beyond)")] = 4 << 20,
-    queue: Annotated[int, typer.Option(min=1, help="Requests waiting behind the running one; more get 429")] = 16,
+    queue: Annotated[int, typer.Option(min=1, help="Requests waiting behind the running ones; more get 429")] = 16,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests decoded together, one forward "
+                                           "per step (continuous batching)")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="max_tokens of requests that give "
                                             "none")] = 256,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (default: sizes only)")] = False,
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) with a
-    compressed prefix cache; one request runs at a time (no continuous batching yet). Greedy unless a request
-    sets temperature > 0."""
+    compressed prefix cache and continuous batching (up to --max-batch requests decoded in one forward per step).
+    Greedy unless a request sets temperature > 0."""
     from .serve import ServeConfig, load_api_keys, parse_bytes, run_server
 
     keys = ((api_key,) if api_key else ()) + (load_api_keys(api_keys_file) if api_keys_file is not None else ())
     config = ServeConfig(model_id=model or "embedded:SmolLM2-135M-Instruct", method=method,
                          kv_budget=parse_bytes(kv_budget), block=block, api_keys=keys, rate_limit=rate_limit,
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, queue=queue,
-                         default_max_tokens=max_tokens, log_prompts=log_prompts)
+                         max_batch=max_batch, default_max_tokens=max_tokens, log_prompts=log_prompts)
     if host not in ("127.0.0.1", "localhost", "::1") and not keys:
         err_console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
                           "it can use it (pass --api-keys-file F)")
     lm, tokenizer = _load(model)
     console.print(f"serving {config.model_id} with {config.method} on http://{host}:{port}/v1 · KV budget "
-                  f"{human_bytes(config.kv_budget)} · block {block} · queue {queue}"
+                  f"{human_bytes(config.kv_budget)} · block {block} · batch ≤ {max_batch} · queue {queue}"
                   f"{' · API keys on' if keys else ''}")
     run_server(lm, tokenizer, config, host=host, port=port)
 

@@ -105,12 +105,13 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             "prefix_cache_snapshots": ("Compressed snapshots held by the prefix cache.", prefix.snapshots),
             "kv_bytes_prefix_cache": ("KV bytes held by the prefix cache: its page pools (whole capacity, shared "
                                       "with a request forked from it) and snapshot tables.", prefix.held),
-            "kv_bytes_live": ("KV bytes the running request's cache references (0 between requests).",
+            "kv_bytes_live": ("KV bytes the running requests' caches reference (0 when none runs).",
                               engine.live_bytes),
             "kv_budget_bytes": ("The --kv-budget.", config.kv_budget),
             "queue_length": ("Requests waiting for the engine.", engine.queue_length),
             "queue_capacity": ("The --queue bound.", config.queue),
-            "running_requests": ("Requests being generated (at most 1 in v1).", int(engine.running is not None)),
+            "running_requests": ("Requests being decoded together (at most --max-batch).", engine.running_requests),
+            "decode_steps": ("Joint decode steps run (one forward for every running request).", engine.steps),
         }
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 

@@ -34,8 +34,9 @@ def servable(compressor: Compressor) -> Compressor:
 class ServeConfig:
     """What `kvfold serve` runs with. Defaults: greedy sampling unless a request sets temperature > 0.
 
-    kv_budget bounds every KV byte the server holds: prefix-cache snapshots plus the running request's cache
-    (see `prefix_cache` for what is counted). block is the prefix cache's segment length in tokens.
+    kv_budget bounds every KV byte the server holds: prefix-cache snapshots plus the running requests' caches
+    (see `prefix_cache` for what is counted). block is the prefix cache's segment length in tokens. max_batch
+    requests are decoded together, one joint forward per step.
     """
 
     model_id: str = "embedded:SmolLM2-135M-Instruct"
@@ -46,7 +47,8 @@ class ServeConfig:
     rate_limit: int | None = None  # requests per minute per key (per client address without keys)
     max_prompt_tokens: int | None = None  # None: the model's context
     max_body_bytes: int = 4 * 2**20
-    queue: int = 16  # requests waiting (the running one not counted)
+    queue: int = 16  # requests waiting (the running ones not counted)
+    max_batch: int = 8  # requests decoded together (continuous batching)
     default_max_tokens: int = 256  # when a request gives no max_tokens
     log_prompts: bool = False
     compressor: Compressor = field(init=False, repr=False, compare=False)
@@ -57,7 +59,7 @@ class ServeConfig:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
             raise KVFoldError("model_id must be a non-empty name (it is what clients pass as `model`)")
         for name, minimum in (("kv_budget", 1), ("block", 1), ("max_body_bytes", 64), ("queue", 1),
-                              ("default_max_tokens", 1)):
+                              ("max_batch", 1), ("default_max_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise KVFoldError(f"{name} must be an integer >= {minimum}, got {value!r}")

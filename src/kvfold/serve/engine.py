@@ -1,11 +1,18 @@
-"""The serving engine: one worker thread runs requests one at a time, first in first out, from a bounded queue.
+"""The serving engine: one worker thread owns the model and decodes the running requests as one batch.
 
-Scheduling in v1 is deliberately simple: torch is not re-entrant on one model, so a single worker owns the model
-and runs each request to the end (prefill from the deepest prefix-cache snapshot, then decoding) before taking
-the next. There is NO continuous batching across requests yet: throughput is one sequence's decode speed, and a
-queued request waits for every request ahead of it. Tokens flow back to the asyncio side through the job's
-`asyncio.Queue`, fed with `loop.call_soon_threadsafe`. A client that goes away sets `Job.cancelled`; the worker
-checks it between prefill blocks and decode steps, stops, and releases the request's cache.
+Continuous batching: each iteration the worker admits at most one queued request (prefilling it alone, from the
+deepest prefix-cache snapshot), then runs one decode step for every running request together — one forward of
+batch B through a `joint.JointCache`, where row i attends over request i's own compressed cache (its own method,
+clocks and positions). A request leaves the batch when it stops; the next queued one joins at the following
+iteration. The weights are read once per step for all of them, which is what makes serving B requests cheaper
+than B times one. A prefill holds the batch's decoding while it runs (prompts are not split across steps yet).
+
+Admission is by KV bytes: a request joins only if the prefix cache can make room for the bytes it may still add
+(prompt left to prefill + max_tokens, an upper bound) on top of what the running requests may still add. One that
+cannot fit now waits at the head of the queue until a running request finishes; one that cannot fit even alone gets
+503. Tokens flow back to the asyncio side through each job's `asyncio.Queue`, fed with `loop.call_soon_threadsafe`.
+A client that goes away sets `Job.cancelled`; the worker checks it between prefill blocks and decode steps, drops
+the request from the batch and releases its cache.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +28,7 @@ from ..api import prefill, stop_token_ids, use_kvfold_attention
 from ..cache import KVFoldCache
 from ..compressor import Compressor
 from ..errors import KVFoldError
+from ..joint import JointCache
 from ..models import cache_keyword, check_supported, context_limit
 from .config import ServeConfig
 from .jobs import Event, GenerationRequest, Job, JobQueue, ServeError, Usage
@@ -31,8 +40,26 @@ logger = logging.getLogger("kvfold.serve")
 GUARD_EVERY = 64  # decode steps between checks that the KV held is still under the budget
 
 
+@dataclass(eq=False)
+class Running:
+    """A request in the decode batch: its cache, the logits of its next token and what it has produced."""
+
+    job: Job
+    cache: KVFoldCache
+    usage: Usage
+    text: TextStream
+    generator: torch.Generator | None
+    logits: torch.Tensor  # float32 [vocab] on the CPU
+    started: float
+    token: int = -1  # the token chosen this step, fed to the next forward
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.job.request
+
+
 class Engine:
-    """Owns the model while it runs: a worker thread, the bounded queue and the prefix cache."""
+    """Owns the model while it runs: a worker thread, the bounded queue, the decode batch and the prefix cache."""
 
     def __init__(self, model, tokenizer, config: ServeConfig, metrics: Metrics | None = None) -> None:
         check_supported(model.config)
@@ -46,8 +73,11 @@ class Engine:
         self._queue = JobQueue(config.queue)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.running: Job | None = None
-        self.live_bytes = 0  # bytes referenced by the running request's cache; 0 between requests
+        self.batch: list[Running] = []  # the worker's; other threads only read its length
+        self.live_bytes = 0  # bytes referenced by the running requests' caches; 0 when none runs
+        self.steps = 0  # joint decode steps run
+        self.peak_batch = 0  # the most requests one step has decoded together
+        self._waiting = False  # the queue's head waits for a running request to end (see `_admit`)
 
     # ---- lifecycle and admission ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -57,10 +87,8 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel the running request, fail the queued ones (503) and end the worker."""
+        """End the worker; running and queued requests fail with 503."""
         self._stopping.set()
-        if self.running is not None:
-            self.running.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
         for job in self._queue.drain():
@@ -74,12 +102,16 @@ class Engine:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    @property
+    def running_requests(self) -> int:
+        return len(self.batch)
+
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull."""
         self._queue.put(job)
 
     def pause(self) -> None:
-        """Hold the worker before its next request (maintenance; tests fill the queue this way)."""
+        """Hold the worker before it admits another request (maintenance; tests fill the queue this way)."""
         self._queue.set_paused(True)
 
     def resume(self) -> None:
@@ -97,28 +129,41 @@ class Engine:
     def _work(self) -> None:
         with use_kvfold_attention(self.model), torch.inference_mode():
             while not self._stopping.is_set():
-                job = self._queue.take(timeout=0.2)
-                if job is None:
-                    continue
-                self.running = job
-                try:
-                    self._run(job)
-                except ServeError as err:
-                    job.fail(err.status, err.message)
-                except KVFoldError as err:
-                    job.fail(400, str(err))
-                except Exception:
-                    logger.exception("request %s failed", job.request.request_id)
-                    job.fail(500, "internal error while generating: see the server log")
-                finally:
-                    self.running = None
-                    self._queue.finished()
+                if len(self.batch) < self.config.max_batch and not (self._waiting and self.batch):
+                    self._waiting = False
+                    job = self._queue.take(timeout=0.0 if self.batch else 0.2)
+                    if job is not None:
+                        self._admit(job)
+                if self.batch:
+                    self._step()
+            for running in self.batch:
+                self._end(running, error=(503, "the server is shutting down"))
+            self.batch = []
 
-    def _run(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
+        """Prefill a job's prompt and add it to the batch; or put it back to wait for room; or fail it."""
+        try:
+            running = self._prefill(job)
+        except _Wait:
+            self._queue.put_front(job)
+            self._waiting = True
+            return
+        except Exception as err:  # noqa: BLE001  every failure becomes the request's HTTP error, never the worker's
+            self._queue.finished()
+            self.live_bytes = self._live_bytes()
+            self.prefix.make_room(0, live=self._caches())
+            return job.fail(*_status(err, job))
+        if running is None:  # cancelled during its prefill
+            self._queue.finished()
+            return
+        self.batch.append(running)
+        self.live_bytes = self._live_bytes()
+
+    def _prefill(self, job: Job) -> Running | None:
         req, block, started = job.request, self.config.block, time.perf_counter()
         if job.cancelled.is_set():
             self.metrics.add("cancelled")
-            return
+            return None
         ids = list(req.prompt_ids)
         namespace = (self.config.model_id, req.compressor.spec)
         blocks = self.prefix.cacheable_blocks(len(ids))
@@ -128,12 +173,16 @@ class Engine:
         usage = Usage(len(ids), reused, req.compressor.spec)
         try:
             if not self._room(ids, reused, req, cache):
+                if self.batch:  # it may fit once a running request ends
+                    raise _Wait
                 raise ServeError(503, f"the KV cache budget ({self.config.kv_budget} bytes) cannot hold this "
                                       "request now: retry later, lower max_tokens, or raise --kv-budget")
             pos = reused
             while pos < blocks * block:
                 if job.cancelled.is_set():
-                    return self._cancelled(req, usage)
+                    self._cancelled(req, usage)
+                    release(cache)
+                    return None
                 prefill(self.model, cache, self._tensor(ids[pos:pos + block]), start=pos)
                 pos += block
                 self.prefix.insert(namespace, ids[:pos], cache.fork())
@@ -141,27 +190,119 @@ class Engine:
                     raise ServeError(503, "the KV cache budget filled up during the prefill: retry later or raise "
                                           "--kv-budget")
             logits = prefill(self.model, cache, self._tensor(ids[pos:]), start=pos)
-            self.metrics.add("prompt_tokens", len(ids))
-            self.metrics.add("prefilled_tokens", len(ids) - reused)
-            self.metrics.add("reused_tokens", reused)
-            self.live_bytes = usage.kv_bytes = cache.referenced_nbytes()
-            job.post(Event("started", usage=usage))
-            finish = self._decode(job, cache, logits, usage)
-            if finish is None:
-                return self._cancelled(req, usage)
-            usage.kv_bytes = cache.referenced_nbytes()
-            job.post(Event("done", finish_reason=finish, usage=usage))
-            logger.info("request %s: %d prompt tokens (%d reused), %d generated, finish=%s, %s, %.2f s",
-                        req.request_id, usage.prompt_tokens, reused, usage.completion_tokens, finish,
-                        req.compressor.spec, time.perf_counter() - started)
-        finally:
+        except BaseException:
             release(cache)
+            raise
+        self.metrics.add("prompt_tokens", len(ids))
+        self.metrics.add("prefilled_tokens", len(ids) - reused)
+        self.metrics.add("reused_tokens", reused)
+        usage.kv_bytes = cache.referenced_nbytes()
+        job.post(Event("started", usage=usage))
+        generator = None
+        if req.temperature > 0:
+            generator = torch.Generator()
+            if req.seed is not None:
+                generator.manual_seed(req.seed)
+            else:
+                generator.seed()
+        return Running(job, cache, usage, TextStream(self.tokenizer, req.stop), generator,
+                       logits[0, -1].float().cpu(), started)
+
+    def _step(self) -> None:
+        """Choose each running request's next token; end those that stop; one joint forward for the rest."""
+        going = []
+        for running in self.batch:
+            try:
+                finish = self._choose(running)
+            except Exception as err:  # noqa: BLE001  (e.g. a tokenizer error on one request)
+                self._end(running, error=_status(err, running.job))
+                continue
+            if finish is None:
+                going.append(running)
+            else:
+                self._end(running, finish=finish)
+        self.batch = going
+        if not going:
             self.live_bytes = 0
-            self.prefix.make_room(0)  # re-measure (and trim) now that the request's pages are free
+            return
+        self.peak_batch = max(self.peak_batch, len(going))
+        try:
+            joint = JointCache([running.cache for running in going])
+            ids = torch.tensor([[running.token] for running in going], device=self.device)
+            logits = self.model(input_ids=ids, position_ids=joint.positions(self.device), use_cache=True,
+                                **{cache_keyword(self.model): joint}).logits[:, -1].float().cpu()
+        except Exception as err:  # noqa: BLE001  a failed step fails every request in it
+            for running in going:
+                self._end(running, error=_status(err, running.job))
+            self.batch = []
+            return
+        for running, row in zip(going, logits):
+            running.logits = row
+        self.steps += 1
+        if self.steps % GUARD_EVERY == 0:
+            self._guard()
+
+    def _choose(self, running: Running) -> str | None:
+        """Pick the next token from the request's logits and post its text; the finish reason if it ends now
+        ('stop', 'length', or 'cancelled'), else None (the token goes into the next forward)."""
+        req = running.request
+        if running.job.cancelled.is_set():
+            return "cancelled"
+        token = int(choose_tokens(running.logits[None], Sampling(req.temperature, req.top_p), running.generator)[0])
+        if token in self.stop_ids:
+            return "stop"
+        running.usage.completion_tokens += 1
+        self.metrics.add("generated_tokens")
+        delta, stopped = running.text.add(token)
+        self._post_text(running.job, delta)
+        if stopped:
+            return "stop"
+        if running.usage.completion_tokens == req.max_tokens:
+            return "length"
+        running.token = token
+        return None
+
+    def _guard(self) -> None:
+        """Every GUARD_EVERY steps: while the budget cannot hold the running caches, the newest request fails."""
+        while self.batch and not self.prefix.make_room(0, live=self._caches()):
+            self._end(self.batch.pop(), error=(503, "the requests running outgrew the KV budget while decoding: "
+                                                    "lower max_tokens or raise --kv-budget"))
+        self.live_bytes = self._live_bytes()
+
+    def _end(self, running: Running, finish: str | None = None, error: tuple[int, str] | None = None) -> None:
+        """A request leaves the batch: its last text and 'done', or its error; its cache's pages are released."""
+        req, usage = running.request, running.usage
+        try:
+            if finish == "cancelled":
+                self._cancelled(req, usage)
+            elif error is not None:
+                running.job.fail(*error)
+            else:
+                self._post_text(running.job, running.text.flush())
+                usage.kv_bytes = running.cache.referenced_nbytes()
+                running.job.post(Event("done", finish_reason=finish, usage=usage))
+                logger.info("request %s: %d prompt tokens (%d reused), %d generated, finish=%s, %s, %.2f s",
+                            req.request_id, usage.prompt_tokens, usage.reused_tokens, usage.completion_tokens,
+                            finish, req.compressor.spec, time.perf_counter() - running.started)
+        finally:
+            release(running.cache)
+            self._queue.finished()
+            self._waiting = False  # room may have opened for the request waiting at the head of the queue
+            rest = [other for other in self.batch if other is not running]
+            self.prefix.make_room(0, live=[other.cache for other in rest])  # re-measure now that pages are free
+            self.live_bytes = sum(other.cache.referenced_nbytes() for other in rest)
 
     def _room(self, ids: list[int], done: int, req: GenerationRequest, cache: KVFoldCache) -> bool:
-        """Evict snapshots until what the request may still add fits under the budget."""
-        return self.prefix.make_room(self.kv_needed(len(ids) - done + req.max_tokens, req.compressor), live=[cache])
+        """Evict snapshots until what this request and the running ones may still add fits under the budget."""
+        reserve = self.kv_needed(len(ids) - done + req.max_tokens, req.compressor) + sum(
+            self.kv_needed(r.request.max_tokens - r.usage.completion_tokens, r.request.compressor) for r in self.batch)
+        return self.prefix.make_room(reserve, live=[cache, *self._caches()])
+
+    def _caches(self) -> list[KVFoldCache]:
+        return [running.cache for running in self.batch]
+
+    def _live_bytes(self) -> int:
+        return sum(cache.referenced_nbytes() for cache in self._caches())
 
     def _cancelled(self, req: GenerationRequest, usage: Usage) -> None:
         self.metrics.add("cancelled")
@@ -170,44 +311,21 @@ class Engine:
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], device=self.device)
 
-    def _decode(self, job: Job, cache: KVFoldCache, logits: torch.Tensor, usage: Usage) -> str | None:
-        """Generate, posting text deltas; returns the finish reason ('stop', 'length') or None if cancelled."""
-        req = job.request
-        generator = None
-        if req.temperature > 0:
-            generator = torch.Generator()
-            if req.seed is not None:
-                generator.manual_seed(req.seed)
-            else:
-                generator.seed()
-        text, seen = TextStream(self.tokenizer, req.stop), len(req.prompt_ids)
-        for step in range(req.max_tokens):
-            if job.cancelled.is_set():
-                return None
-            token = int(choose_tokens(logits[:, -1].float().cpu(), Sampling(req.temperature, req.top_p), generator)[0])
-            if token in self.stop_ids:
-                self._post_text(job, text.flush())
-                return "stop"
-            usage.completion_tokens += 1
-            self.metrics.add("generated_tokens")
-            delta, stopped = text.add(token)
-            self._post_text(job, delta)
-            if stopped:
-                return "stop"
-            if step == req.max_tokens - 1:
-                break
-            logits = self.model(input_ids=self._tensor([token]), **{cache_keyword(self.model): cache}, use_cache=True,
-                                position_ids=torch.tensor([[seen]], device=self.device)).logits
-            seen += 1
-            if step % GUARD_EVERY == GUARD_EVERY - 1:
-                self.live_bytes = cache.referenced_nbytes()
-                if not self.prefix.make_room(0, live=[cache]):
-                    raise ServeError(503, "the request outgrew the KV budget while decoding: lower max_tokens "
-                                          "or raise --kv-budget")
-        self._post_text(job, text.flush())
-        return "length"
-
     @staticmethod
     def _post_text(job: Job, delta: str) -> None:
         if delta:
             job.post(Event("delta", text=delta))
+
+
+class _Wait(Exception):
+    """The request does not fit next to the running ones: it waits at the head of the queue."""
+
+
+def _status(err: BaseException, job: Job) -> tuple[int, str]:
+    """The HTTP status and message a failure becomes (unexpected ones are logged with their traceback)."""
+    if isinstance(err, ServeError):
+        return err.status, err.message
+    if isinstance(err, KVFoldError):
+        return 400, str(err)
+    logger.error("request %s failed", job.request.request_id, exc_info=err)
+    return 500, "internal error while generating: see the server log"

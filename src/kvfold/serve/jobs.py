@@ -99,6 +99,12 @@ class JobQueue:
             self.unfinished += 1
             self._cond.notify()
 
+    def put_front(self, job: Job) -> None:
+        """Give back a job `take` returned, to be taken first (it waits for room; still counted unfinished)."""
+        with self._cond:
+            self._items.appendleft(job)
+            self._cond.notify()
+
     def take(self, timeout: float) -> Job | None:
         """The oldest job, or None if none is ready (or the queue is paused) within `timeout` seconds."""
         with self._cond:
