@@ -1,11 +1,12 @@
 """The serving engine: one worker thread owns the model and decodes the running requests as one batch.
 
-Continuous batching: each iteration the worker admits at most one queued request (prefilling it alone, from the
-deepest prefix-cache snapshot), then runs one decode step for every running request together — one forward of
-batch B through a `joint.JointCache`, where row i attends over request i's own compressed cache (its own method,
-clocks and positions). A request leaves the batch when it stops; the next queued one joins at the following
-iteration. The weights are read once per step for all of them, which is what makes serving B requests cheaper
-than B times one. A prefill holds the batch's decoding while it runs (prompts are not split across steps yet).
+Continuous batching: each iteration the worker prefills one block (`--block` tokens) of the request being
+admitted (alone, from the deepest prefix-cache snapshot), then runs one decode step for every running request
+together — one forward of batch B through a `joint.JointCache`, where row i attends over request i's own
+compressed cache (its own method, clocks and positions). When its prompt is in, the request joins the batch; when
+it stops, it leaves, and the next queued one starts prefilling. The weights are read once per step for all of
+them, which is what makes serving B requests cheaper than B times one; and a long prompt delays the running
+streams by one block per step, not by its whole prefill.
 
 Admission is by KV bytes: a request joins only if the prefix cache can make room for the bytes it may still add
 (prompt left to prefill + max_tokens, an upper bound) on top of what the running requests may still add. One that
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +79,8 @@ class Engine:
         self.live_bytes = 0  # bytes referenced by the running requests' caches; 0 when none runs
         self.steps = 0  # joint decode steps run
         self.peak_batch = 0  # the most requests one step has decoded together
-        self._waiting = False  # the queue's head waits for a running request to end (see `_admit`)
+        self._waiting = False  # the queue's head waits for a running request to end (see `_admit_one_block`)
+        self._admitting: tuple[Job, Generator] | None = None  # the request being prefilled, block by block
 
     # ---- lifecycle and admission ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,37 +132,54 @@ class Engine:
     def _work(self) -> None:
         with use_kvfold_attention(self.model), torch.inference_mode():
             while not self._stopping.is_set():
-                if len(self.batch) < self.config.max_batch and not (self._waiting and self.batch):
+                if self._admitting is None and len(self.batch) < self.config.max_batch \
+                        and not (self._waiting and self.batch):
                     self._waiting = False
                     job = self._queue.take(timeout=0.0 if self.batch else 0.2)
                     if job is not None:
-                        self._admit(job)
+                        self._admitting = (job, self._prefill(job))
+                if self._admitting is not None:
+                    self._admit_one_block()
                 if self.batch:
                     self._step()
+            if self._admitting is not None:
+                job, blocks = self._admitting
+                blocks.close()  # releases its cache
+                self._queue.finished()
+                job.fail(503, "the server is shutting down")
             for running in self.batch:
                 self._end(running, error=(503, "the server is shutting down"))
             self.batch = []
 
-    def _admit(self, job: Job) -> None:
-        """Prefill a job's prompt and add it to the batch; or put it back to wait for room; or fail it."""
+    def _admit_one_block(self) -> None:
+        """Prefill one more block of the request being admitted; when its prompt is in, it joins the batch. Or it
+        goes back to wait for room, or fails."""
+        job, blocks = self._admitting
         try:
-            running = self._prefill(job)
+            next(blocks)
+            return
+        except StopIteration as done:
+            running = done.value
         except _Wait:
             self._queue.put_front(job)
             self._waiting = True
+            self._admitting = None
             return
         except Exception as err:  # noqa: BLE001  every failure becomes the request's HTTP error, never the worker's
+            self._admitting = None
             self._queue.finished()
             self.live_bytes = self._live_bytes()
             self.prefix.make_room(0, live=self._caches())
             return job.fail(*_status(err, job))
+        self._admitting = None
         if running is None:  # cancelled during its prefill
             self._queue.finished()
             return
         self.batch.append(running)
         self.live_bytes = self._live_bytes()
 
-    def _prefill(self, job: Job) -> Running | None:
+    def _prefill(self, job: Job) -> Generator[None, None, Running | None]:
+        """Prefill the job's prompt, yielding after each block; returns its `Running`, or None if cancelled."""
         req, block, started = job.request, self.config.block, time.perf_counter()
         if job.cancelled.is_set():
             self.metrics.add("cancelled")
@@ -189,6 +209,7 @@ class Engine:
                 if not self._room(ids, pos, req, cache):
                     raise ServeError(503, "the KV cache budget filled up during the prefill: retry later or raise "
                                           "--kv-budget")
+                yield
             logits = prefill(self.model, cache, self._tensor(ids[pos:]), start=pos)
         except BaseException:
             release(cache)
