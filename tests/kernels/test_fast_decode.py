@@ -1,4 +1,5 @@
-"""The 16-bit-query kernels (`kernels.fast_decode`) equal the reference paged attention within 16-bit rounding.
+"""The 16-bit-query kernels (`kernels.fast_decode`: 16-bit, float8, KIVI and KV4 pages) equal the reference paged
+attention within 16-bit rounding.
 
 On the CPU (TRITON_INTERPRET=1) float16 only: the interpreter's bfloat16 arithmetic is not faithful, so bfloat16
 runs where the GPU is (TRITON_INTERPRET=0 on a CUDA machine).
@@ -22,7 +23,9 @@ BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 @pytest.mark.parametrize("spec", ["none", "kivi:8,group=16,residual=16", "kivi:4,group=16,residual=32",
                                   "kivi:2,group=32,residual=16", "kivi:4,group=64,residual=64",
-                                  "rotate+kivi:4,group=16,residual=16", "kivi:2,group=16,residual=16,sink=5"])
+                                  "rotate+kivi:4,group=16,residual=16", "kivi:2,group=16,residual=16,sink=5",
+                                  "fp8", "fp8:e5m2,scale=page,group=32,residual=16", "kv4:4,group=16,residual=16",
+                                  "kv4:2,group=32,residual=16", "rotate+kv4:8,group=16,residual=16"])
 @pytest.mark.parametrize("dim, group", [(32, 1), (64, 4), (128, 3)])
 @pytest.mark.parametrize("window", [None, 23])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -33,7 +36,7 @@ def test_fast_kernels_match_reference(spec, dim, group, window, dtype):
     layer = filled_layer(spec, batch, kv_heads, dim, tokens, 64 if spec == "none" else 16, window, dtype=dtype)
     parts = layer.kernel_parts()
     kinds = {fast_kind(part, dim, torch.device(DEVICE)) for part in parts}
-    assert kinds & {"full", "kivi"}, "no part went to a fast kernel: the test would not test them"
+    assert kinds & {"full", "packed"}, "no part went to a fast kernel: the test would not test them"
     query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).to(dtype)
     expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(), dim ** -0.5,
                                window)
@@ -41,7 +44,7 @@ def test_fast_kernels_match_reference(spec, dim, group, window, dtype):
     assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
     err = ((got - expected).norm() / expected.norm()).item()
     # a part too narrow for the fast kernel's dot products on a GPU goes to the general kernel: bfloat16 dots
-    bound = BOUND[dtype] if kinds <= {"full", "kivi"} else BOUND[torch.bfloat16]
+    bound = BOUND[dtype] if kinds <= {"full", "packed"} else BOUND[torch.bfloat16]
     assert err < bound, f"relative error {err:.2e}"
 
 

@@ -4,8 +4,8 @@ One program handles one row (a batch element's KV head, with all its GQA query h
 it loads each page, de-quantizes packed KIVI pages (or scaled float8 pages) in registers (codes never expand in
 HBM), and keeps an online softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by
 `combine`. The meaning is `reference.paged_attention`; tests compare the two under TRITON_INTERPRET=1 on the CPU
-and at full size on a GPU. 16-bit queries over 16-bit or KIVI pages go to the faster kernels of `fast_decode`;
-this general kernel reads the rest (float32 queries, float8, KV4).
+and at full size on a GPU. 16-bit queries over 16-bit, float8, KIVI or KV4 pages go to the faster kernels of `fast_decode`;
+this general kernel reads the rest (float32 queries; packed rows narrower than 16 bytes on a GPU).
 """
 
 from __future__ import annotations
@@ -150,13 +150,18 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page, PAGES_PER_SPLIT=pages_per_split,
                  WINDOWED=window > 0)
     fast = None if precise else fast_kind(part, dim, query.device)
+    dummy = part.positions  # unused pointers
     if fast == "full":
-        full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, m, l, acc, width,
-                                splits, q_pos, window, scale, **shape, **{**FAST_LAUNCH, **launch})
-    elif fast == "kivi":
+        full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
+                                part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
+                                m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, **shape,
+                                **{**FAST_LAUNCH, **launch})
+    elif fast == "packed":
+        smooth = part.key_smooth
         kivi_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, part.key_scale,
-                                part.key_zero, part.value_scale, part.value_zero, m, l, acc, width, splits, q_pos,
-                                window, scale, BITS=part.bits, VG=part.value_group, **shape,
+                                part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
+                                part.value_zero, m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
+                                VG=part.value_group, KEY_TOKEN=smooth is not None, **shape,
                                 **{**FAST_LAUNCH, **(TWO_BIT_LAUNCH if part.bits == 2 else {}), **launch})
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
         # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
@@ -186,14 +191,14 @@ TWO_BIT_LAUNCH = dict(maxnreg=128)
 
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:
-    """Which kernel of `fast_decode` reads this part for a 16-bit query: "full" (16-bit pages), "kivi" (packed
-    pages with per-channel keys: not KV4's smoothed keys, not float8), or None (the general kernel). On a GPU each
-    bit field's dot product needs >= 16 channels."""
+    """Which kernel of `fast_decode` reads this part for a 16-bit query: "full" (16-bit or scaled float8 pages),
+    "packed" (KIVI's or KV4's packed pages), or None (the general kernel: float32 pages, other formats). On a GPU
+    each bit field's dot product needs >= 16 channels."""
     if part.bits == 0:
-        return "full" if part.keys.dtype in (torch.float16, torch.bfloat16) else None
-    if part.scaled or part.key_smooth is not None or part.bits not in (2, 4, 8):
+        return "full" if part.keys.dtype in (torch.float16, torch.bfloat16) or part.scaled else None
+    if part.scaled or part.bits not in (2, 4, 8):
         return None
-    return "kivi" if device.type != "cuda" or dim * part.bits // 8 >= 16 else None
+    return "packed" if device.type != "cuda" or dim * part.bits // 8 >= 16 else None
 
 
 def supports(parts: list[PagedPart], dim: int) -> bool:

@@ -1,7 +1,8 @@
-"""Decode kernels for the two common stores with 16-bit queries: float16/bfloat16 pages, and KIVI's packed pages.
+"""Decode kernels for 16-bit queries: float16/bfloat16 and scaled float8 pages, and packed pages (KIVI, KV4).
 
 `decode.paged_decode` sends a part here when the query is 16-bit and the pages are of these kinds; the general
-kernel in `decode` reads everything else (float32 models, float8, KV4, ...). Both compute `reference.paged_attention`.
+kernel in `decode` reads the rest (float32 models; packed rows too narrow for a dot product on a GPU). Both compute
+`reference.paged_attention`.
 
 What makes them faster than the general kernel (measured with Nsight Compute on an H200, `benchmarks/decode_kernel.py`):
 - Pages are loaded in their own dtype straight into the dot products (no float32 round trip), keys in the transposed
@@ -14,9 +15,10 @@ What makes them faster than the general kernel (measured with Nsight Compute on 
   1024 is subtracted and the scale and zero applied in float16 (paired half-precision instructions).
 - Value scales, one per token and group of channels, are read as [page] vectors and selected per channel in
   registers, instead of a gather of [page, channels] addresses.
+Float8 and KV4 pages came here later: tested equal to the reference on an H200, not yet timed there.
 
-Packed pages use float16 dot products whatever the query's 16-bit type (KIVI's scales are float16): queries beyond
-float16's range (|q| > 65504) are not supported there.
+Packed and float8 pages use float16 dot products whatever the query's 16-bit type (their scales are float16):
+queries beyond float16's range (|q| > 65504) are not supported there.
 """
 
 from __future__ import annotations
@@ -28,18 +30,32 @@ from .common import empty_state, page_rows, query_tile, softmax_step, store_stat
 
 
 @triton.jit
-def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+def _token_scale(ptr, page, valid, P: tl.constexpr, SCALED: tl.constexpr):
+    """float8 pages' scales as a [P] row: one per token (SCALED 1) or the page's one (SCALED 2); 0 where invalid
+    (a free page's scale may be anything, and 0 * inf is NaN)."""
+    if SCALED == 1:
+        scale = tl.load(ptr + page * P + tl.arange(0, P), mask=valid, other=0.0).to(tl.float32)
+    else:
+        scale = tl.where(valid, tl.load(ptr + page).to(tl.float32), 0.0)
+    return scale
+
+
+@triton.jit
+def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, vs_ptr, m_ptr, l_ptr, acc_ptr,
                       width, splits, qpos_ptr, window, scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                      PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr):
-    """Pages of 16-bit K and V, read in their dtype; the query is cast to it."""
+                      PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr):
+    """Pages of 16-bit K and V, read in their dtype (the query is cast to it); or float8 pages (SCALED 1: a scale
+    per token, 2: per page), widened to float16 exactly, with the key scales applied to the scores' columns and the
+    value scales to the probabilities: k·q = scale_t (k8·q), Σ p_t v_t = Σ (p_t scale_t) v8_t."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(len_ptr + row)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, P)
-    q = query_tile(q_ptr, row, G, BLOCK_G, D).to(k_ptr.dtype.element_ty)
+    DOT: tl.constexpr = tl.float16 if SCALED else k_ptr.dtype.element_ty
+    q = query_tile(q_ptr, row, G, BLOCK_G, D).to(DOT)
     m_i, l_i, acc = empty_state(BLOCK_G, D)
     first = split * PAGES_PER_SPLIT
     if first * P < length:  # the loop itself has no branch, so the compiler pipelines its loads
@@ -48,8 +64,13 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l
             valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
             k_t = tl.load(k_ptr + page * P * D + offs_p[None, :] * D + offs_d[:, None], mask=valid[None, :], other=0.0)
             v = tl.load(v_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-            p, alpha, m_i, l_i = softmax_step(tl.dot(q, k_t), valid, m_i, l_i, scale)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            s = tl.dot(q, k_t.to(DOT))
+            if SCALED:
+                s = s * _token_scale(ks_ptr, page, valid, P, SCALED)[None, :]
+            p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
+            if SCALED:
+                p = p * _token_scale(vs_ptr, page, valid, P, SCALED)[None, :]
+            acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None])
     out = store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
     tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc, mask=offs_g[:, None] < G)
 
@@ -70,6 +91,12 @@ def _key_field(codes, ks_ptr, kz_ptr, channel, r: tl.constexpr, BITS: tl.constex
 
 
 @triton.jit
+def _smoothed_query(q, ksm_ptr, channel, r: tl.constexpr):
+    """KV4: the query field times the page's channel factors λ (k = (c * scale_t + zero_t) * λ)."""
+    return (q.to(tl.float32) * tl.load(ksm_ptr + channel + r).to(tl.float32)[None, :]).to(tl.float16)
+
+
+@triton.jit
 def _value_field(codes, vs_ptr, vz_ptr, token_stat, channels, valid, r: tl.constexpr, BITS: tl.constexpr,
                  NVG: tl.constexpr, VG: tl.constexpr):
     """Values of bit field r, [P, J]: a scale and zero per token and group of VG channels, chosen per channel by
@@ -84,18 +111,41 @@ def _value_field(codes, vs_ptr, vz_ptr, token_stat, channels, valid, r: tl.const
 
 
 @triton.jit
+def _token_key_scores(kc, q0, q1, q2, q3, ksm_ptr, channel, BITS: tl.constexpr, PER_BYTE: tl.constexpr):
+    """KV4 keys: Σ over bit fields of (qλ)·codes [BLOCK_G, P], and Σ qλ [BLOCK_G] (what the zero multiplies)."""
+    sq = _smoothed_query(q0, ksm_ptr, channel, 0)
+    s = tl.dot(sq, tl.trans(_field(kc, 0, BITS)))
+    q_sum = tl.sum(sq.to(tl.float32), axis=1)
+    if PER_BYTE >= 2:
+        sq = _smoothed_query(q1, ksm_ptr, channel, 1)
+        s = tl.dot(sq, tl.trans(_field(kc, 1, BITS)), s)
+        q_sum += tl.sum(sq.to(tl.float32), axis=1)
+    if PER_BYTE == 4:
+        sq = _smoothed_query(q2, ksm_ptr, channel, 2)
+        s = tl.dot(sq, tl.trans(_field(kc, 2, BITS)), s)
+        q_sum += tl.sum(sq.to(tl.float32), axis=1)
+        sq = _smoothed_query(q3, ksm_ptr, channel, 3)
+        s = tl.dot(sq, tl.trans(_field(kc, 3, BITS)), s)
+        q_sum += tl.sum(sq.to(tl.float32), axis=1)
+    return s, q_sum
+
+
+@triton.jit
 def _query_field(q_ptr, row, offs_g, channels, r: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     q = tl.load(q_ptr + row * G * D + offs_g[:, None] * D + channels[None, :] + r, mask=offs_g[:, None] < G, other=0.0)
     return q.to(tl.float16)
 
 
 @triton.jit
-def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
                       m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                      BITS: tl.constexpr, VG: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr):
-    """KIVI pages: codes [P, D * BITS / 8] bytes, keys with a scale and zero per channel per page, values with a
-    scale and zero per token per VG channels. Up to four bit fields per byte, each its own dot product."""
+                      BITS: tl.constexpr, VG: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr,
+                      KEY_TOKEN: tl.constexpr):
+    """Packed pages: codes [P, D * BITS / 8] bytes; values with a scale and zero per token per VG channels. Keys
+    with a scale and zero per channel per page (KIVI), or (KEY_TOKEN, QServe's KV4) per token, times the page's
+    channel factors λ: then q·k = scale_t Σ (qλ)·c + zero_t Σ qλ, so the codes still go straight into the dots.
+    Up to four bit fields per byte, each its own dot product."""
     PER_BYTE: tl.constexpr = 8 // BITS
     J: tl.constexpr = D // PER_BYTE
     NVG: tl.constexpr = D // VG
@@ -124,12 +174,18 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
             kc = tl.load(k_ptr + code_off, mask=valid[:, None], other=0)
             vc = tl.load(v_ptr + code_off, mask=valid[:, None], other=0)
             key_channel = page * D + channels
-            s = tl.dot(q0, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 0, BITS)))
-            if PER_BYTE >= 2:
-                s = tl.dot(q1, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 1, BITS)), s)
-            if PER_BYTE == 4:
-                s = tl.dot(q2, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 2, BITS)), s)
-                s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
+            if KEY_TOKEN:
+                s, q_sum = _token_key_scores(kc, q0, q1, q2, q3, ksm_ptr, key_channel, BITS, PER_BYTE)
+                token = page * P + offs_p
+                s = s * tl.load(ks_ptr + token).to(tl.float32)[None, :] \
+                    + q_sum[:, None] * tl.load(kz_ptr + token).to(tl.float32)[None, :]
+            else:
+                s = tl.dot(q0, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 0, BITS)))
+                if PER_BYTE >= 2:
+                    s = tl.dot(q1, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 1, BITS)), s)
+                if PER_BYTE == 4:
+                    s = tl.dot(q2, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 2, BITS)), s)
+                    s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
             p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
             p = p.to(tl.float16)
             token_stat = page * P * NVG + offs_p * NVG
