@@ -22,42 +22,22 @@ import logging
 import threading
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
 
 import torch
 
 from ..api import prefill, stop_token_ids, use_kvfold_attention
 from ..cache import KVFoldCache
 from ..compressor import Compressor
-from ..errors import KVFoldError
 from ..joint import JointCache
 from ..models import cache_keyword, check_supported, context_limit
 from .config import ServeConfig
-from .jobs import Event, GenerationRequest, Job, JobQueue, ServeError, Usage
+from .jobs import Event, GenerationRequest, Job, JobQueue, Running, ServeError, Usage, error_status
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, kv_upper_bound, release
 from ..sampling import Sampling, TextStream, choose_tokens
 
 logger = logging.getLogger("kvfold.serve")
 GUARD_EVERY = 64  # decode steps between checks that the KV held is still under the budget
-
-
-@dataclass(eq=False)
-class Running:
-    """A request in the decode batch: its cache, the logits of its next token and what it has produced."""
-
-    job: Job
-    cache: KVFoldCache
-    usage: Usage
-    text: TextStream
-    generator: torch.Generator | None
-    logits: torch.Tensor  # float32 [vocab] on the CPU
-    started: float
-    token: int = -1  # the token chosen this step, fed to the next forward
-
-    @property
-    def request(self) -> GenerationRequest:
-        return self.job.request
 
 
 class Engine:
@@ -170,7 +150,7 @@ class Engine:
             self._queue.finished()
             self.live_bytes = self._live_bytes()
             self.prefix.make_room(0, live=self._caches())
-            return job.fail(*_status(err, job))
+            return job.fail(*error_status(err, job))
         self._admitting = None
         if running is None:  # cancelled during its prefill
             self._queue.finished()
@@ -236,7 +216,7 @@ class Engine:
             try:
                 finish = self._choose(running)
             except Exception as err:  # noqa: BLE001  (e.g. a tokenizer error on one request)
-                self._end(running, error=_status(err, running.job))
+                self._end(running, error=error_status(err, running.job))
                 continue
             if finish is None:
                 going.append(running)
@@ -254,7 +234,7 @@ class Engine:
                                 **{cache_keyword(self.model): joint}).logits[:, -1].float().cpu()
         except Exception as err:  # noqa: BLE001  a failed step fails every request in it
             for running in going:
-                self._end(running, error=_status(err, running.job))
+                self._end(running, error=error_status(err, running.job))
             self.batch = []
             return
         for running, row in zip(going, logits):
@@ -340,13 +320,3 @@ class Engine:
 
 class _Wait(Exception):
     """The request does not fit next to the running ones: it waits at the head of the queue."""
-
-
-def _status(err: BaseException, job: Job) -> tuple[int, str]:
-    """The HTTP status and message a failure becomes (unexpected ones are logged with their traceback)."""
-    if isinstance(err, ServeError):
-        return err.status, err.message
-    if isinstance(err, KVFoldError):
-        return 400, str(err)
-    logger.error("request %s failed", job.request.request_id, exc_info=err)
-    return 500, "internal error while generating: see the server log"

@@ -1,14 +1,23 @@
 """What travels between the HTTP side and the engine: a validated request, the job carrying its events back to
-the asyncio loop, the bounded queue of jobs, and the errors that become HTTP statuses."""
+the asyncio loop, the bounded queue of jobs, a request in the decode batch, and the errors that become HTTP
+statuses."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
+from ..cache import KVFoldCache
 from ..compressor import Compressor
+from ..errors import KVFoldError
+from ..sampling import TextStream
+
+logger = logging.getLogger("kvfold.serve")
 
 
 @dataclass(frozen=True)
@@ -134,3 +143,31 @@ class ServeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+@dataclass(eq=False)
+class Running:
+    """A request in the decode batch: its cache, the logits of its next token and what it has produced."""
+
+    job: Job
+    cache: KVFoldCache
+    usage: Usage
+    text: TextStream
+    generator: torch.Generator | None
+    logits: torch.Tensor  # float32 [vocab] on the CPU
+    started: float
+    token: int = -1  # the token chosen this step, fed to the next forward
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.job.request
+
+
+def error_status(err: BaseException, job: Job) -> tuple[int, str]:
+    """The HTTP status and message a failure becomes (unexpected ones are logged with their traceback)."""
+    if isinstance(err, ServeError):
+        return err.status, err.message
+    if isinstance(err, KVFoldError):
+        return 400, str(err)
+    logger.error("request %s failed", job.request.request_id, exc_info=err)
+    return 500, "internal error while generating: see the server log"
