@@ -4,6 +4,8 @@ ground truth that every Triton kernel is tested against.
 - `quantize` / `dequantize`: asymmetric min-max integer quantization with packed storage (KIVI's format).
 - `paged_attention`: attention of a few queries over per-(batch, KV-head) rows of paged K/V, read page chunk by
   page chunk with an online softmax (flash-decoding), so the whole context is never rebuilt in full precision.
+- `int8_prefill_attention`: causal attention with Q and K in int8 per block after smoothing K (SageAttention's
+  recipe), what `kernels.prefill` computes.
 """
 
 from __future__ import annotations
@@ -123,3 +125,43 @@ def paged_attention(
         acc = acc * correction.unsqueeze(2) + torch.bmm(probs, values)
         running_max = new_max
     return acc / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(2)
+
+
+def smooth_keys(keys: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over the tokens, per channel (SageAttention). Exact for attention: every score of a query
+    moves by the same q·mean, which the softmax cancels; and it removes the channel offsets that would otherwise
+    take most of K's int8 range."""
+    return keys - keys.mean(dim=-2, keepdim=True)
+
+
+def int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of x [..., tokens, dim] with one float32 scale per `block` tokens: codes [..., tokens,
+    dim] int8 and scales [..., ceil(tokens / block)], x ≈ codes * scale of its block."""
+    tokens = x.shape[-2]
+    blocks = -(-tokens // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block - tokens))
+    grouped = padded.unflatten(-2, (blocks, block))
+    scales = grouped.abs().amax(dim=(-2, -1)).clamp_min(1e-8) / 127
+    codes = torch.round(grouped / scales[..., None, None]).clamp(-127, 127).to(torch.int8)
+    return codes.flatten(-3, -2)[..., :tokens, :], scales
+
+
+def int8_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                           block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Causal attention [batch, q_heads, q_len, dim] (float32) of queries over keys and values [batch, kv_heads,
+    kv_len, dim] (GQA: q_heads a multiple of kv_heads; the queries are the last q_len positions), with the scores
+    computed from int8 codes: Q per `block_m` queries, smoothed K per `block_n` keys, each block with its own
+    scale. Approximate by the int8 rounding of Q and K (half a step each); softmax and P·V are exact here."""
+    group = query.shape[1] // key.shape[1]
+    q_codes, q_scales = int8_blocks(query, block_m)
+    k_codes, k_scales = int8_blocks(smooth_keys(key.float()), block_n)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_scale = q_scales.repeat_interleave(block_m, dim=-1)[..., :q_len]
+    k_scale = k_scales.repeat_interleave(block_n, dim=-1)[..., :kv_len].repeat_interleave(group, dim=1)
+    k_codes = k_codes.repeat_interleave(group, dim=1)
+    scores = q_codes.float() @ k_codes.float().transpose(-1, -2)
+    scores = scores * q_scale[..., :, None] * k_scale[..., None, :] * scale
+    causal = torch.arange(kv_len, device=query.device)[None, :] <= (
+        torch.arange(q_len, device=query.device)[:, None] + kv_len - q_len)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ value.float().repeat_interleave(group, dim=1)

@@ -1,0 +1,79 @@
+"""Low-bit prefill attention: the int8 reference is close to exact attention (and smoothing K is what makes it
+so), and the Triton kernel equals the reference (TRITON_INTERPRET=1 on the CPU; compiled on a GPU)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvfold.kernels.reference import int8_prefill_attention
+
+from .test_decode import DEVICE
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def exact(query, key, value, scale):
+    group = query.shape[1] // key.shape[1]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = torch.arange(kv_len)[None, :] <= torch.arange(q_len)[:, None] + kv_len - q_len
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1),
+        attn_mask=mask.to(query.device), scale=scale)
+
+
+def qkv(batch, q_heads, kv_heads, q_len, kv_len, dim, dtype=torch.float16, offset=4.0, seed=0):
+    """Keys with a large per-channel offset (as real keys have), so that smoothing matters."""
+    torch.manual_seed(seed)
+    query = torch.randn(batch, q_heads, q_len, dim)
+    key = torch.randn(batch, kv_heads, kv_len, dim) + offset * torch.randn(1, kv_heads, 1, dim)
+    value = torch.randn(batch, kv_heads, kv_len, dim)
+    return query.to(DEVICE, dtype), key.to(DEVICE, dtype), value.to(DEVICE, dtype)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
+
+
+def test_int8_reference_is_close_to_exact_attention_because_keys_are_smoothed():
+    query, key, value = qkv(1, 4, 2, 256, 256, 64, dtype=torch.float32)
+    want = exact(query, key, value, 0.125)
+    assert cosine(int8_prefill_attention(query, key, value, 0.125), want) > 0.999
+    # without smoothing (the offsets take the int8 range) the same rounding costs far more
+    from kvfold.kernels import reference
+    smoothed = reference.smooth_keys
+    try:
+        reference.smooth_keys = lambda keys: keys
+        rough = int8_prefill_attention(query, key, value, 0.125)
+    finally:
+        reference.smooth_keys = smoothed
+    rough_error = (rough - want).norm() / want.norm()
+    error = (int8_prefill_attention(query, key, value, 0.125) - want).norm() / want.norm()
+    assert rough_error > 2 * error
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads, q_len, kv_len, dim", [
+    (1, 2, 2, 100, 100, 32),  # lengths not multiples of the blocks
+    (2, 4, 1, 64, 64, 64),  # GQA 4
+    (1, 6, 2, 40, 150, 16),  # the last 40 positions of 150 (a chunk over a filled past)
+    (1, 2, 1, 1, 33, 32),  # one query
+])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_int8_prefill_kernel_matches_reference(batch, q_heads, kv_heads, q_len, kv_len, dim, dtype):
+    from kvfold.kernels.prefill import int8_prefill
+
+    query, key, value = qkv(batch, q_heads, kv_heads, q_len, kv_len, dim, dtype)
+    block = 16 if DEVICE == "cpu" else 64
+    got = int8_prefill(query, key, value, dim ** -0.5, block, block)
+    want = int8_prefill_attention(query, key, value, dim ** -0.5, block, block)
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < (2e-3 if dtype == torch.float16 else 1e-2), error  # P rounded to 16 bits before P·V
+    assert cosine(got, exact(query, key, value, dim ** -0.5)) > 0.998
+
+
+def test_int8_prefill_refuses_bad_shapes():
+    from kvfold.kernels.prefill import int8_prefill
+
+    query, key, value = qkv(1, 3, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        int8_prefill(query, key, value, 0.25)
