@@ -77,3 +77,30 @@ def test_int8_prefill_refuses_bad_shapes():
     query, key, value = qkv(1, 3, 2, 8, 8, 16)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         int8_prefill(query, key, value, 0.25)
+
+
+def test_kvfold_prefill_int8_runs_the_model_prefill_through_the_kernel(monkeypatch):
+    """`KVFOLD_PREFILL=int8`: every layer's first prefill goes through `int8_prefill`, and the model's logits stay
+    close to the SDPA prefill's."""
+    import kvfold.kernels.prefill as prefill_module
+    from kvfold.api import prefill, use_kvfold_attention
+    from kvfold.cache import KVFoldCache
+
+    from ..conftest import make_tiny_llama
+
+    model = make_tiny_llama(init=0.02).to(DEVICE, torch.float16)
+    ids = torch.randint(1, 256, (1, 96)).to(DEVICE)
+    calls = []
+    kernel = prefill_module.int8_prefill
+    monkeypatch.setattr(prefill_module, "int8_prefill", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    with torch.inference_mode(), use_kvfold_attention(model):
+        exact_logits = prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids)
+        monkeypatch.setenv("KVFOLD_PREFILL", "int8")
+        int8_logits = prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids)
+    assert len(calls) == model.config.num_hidden_layers
+    assert cosine(int8_logits, exact_logits) > 0.999
+    padded = torch.ones(2, 96, dtype=torch.long, device=DEVICE)
+    padded[1, :10] = 0  # left padding: int8_prefill has no padding mask, so SDPA runs
+    with torch.inference_mode(), use_kvfold_attention(model):
+        prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids.repeat(2, 1), attention_mask=padded)
+    assert len(calls) == model.config.num_hidden_layers
