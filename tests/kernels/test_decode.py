@@ -18,12 +18,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
 
 
-def filled_layer(spec, batch, kv_heads, dim, tokens, page_size=64, window=None, seed=0, dtype=torch.float32):
+def filled_layer(spec, batch, kv_heads, dim, tokens, page_size=64, window=None, seed=0, dtype=torch.float32,
+                 value_std=1.0):
     """A layer store with ragged rows: random K/V, each row keeping a random subset (some rows empty or 1 token)."""
     torch.manual_seed(seed)
     layer = KVFoldLayer(Compressor.parse(spec), sliding_window=window, page_size=page_size)
     keys = torch.randn(batch, kv_heads, tokens, dim, dtype=dtype, device=DEVICE)
-    values = torch.randn(batch, kv_heads, tokens, dim, dtype=dtype, device=DEVICE)
+    values = (torch.randn(batch, kv_heads, tokens, dim, device=DEVICE) * value_std).to(dtype)
     layer.lazy_initialization(keys, values)
     layer.seen = tokens
     keep = (torch.rand(batch, kv_heads, tokens) < torch.rand(batch, kv_heads, 1)).to(DEVICE)

@@ -72,3 +72,55 @@ def test_kivi_bit_fields_cover_every_channel():
             query[..., channel] = 4.0
             out = paged_decode(query, layer.kernel_parts(), tokens - 1, 1.0)
             assert out.min() > 99.0, (bits, channel, out.min().item())
+
+
+@pytest.mark.parametrize("spec", ["fp8", "fp8:e5m2,scale=page", "fp8:e5m2"])
+def test_float8_pages_with_small_values_keep_their_precision(spec):
+    """Value scales of small values (~1e-5 for e5m2) times probabilities must not become float16 subnormals."""
+    from kvfold.kernels.decode import paged_decode
+
+    layer = filled_layer(spec, 2, 2, 64, 1000, dtype=torch.float16, value_std=0.01)  # batch 0: empty, 1 token
+    query = torch.randn(4, 4, 64, device=DEVICE).to(torch.float16)
+    expected = paged_attention(query.float(), torch.full((4,), 999, device=DEVICE), layer.chunks(), 0.125)
+    got = paged_decode(query, layer.kernel_parts(), 999, 0.125)
+    err = ((got - expected).norm() / expected.norm()).item()
+    # float8 values are exact in float16, so what is left is float16 rounding of q and p: ~2e-5 here, where
+    # multiplying p by the raw scales (float16 subnormals) gave ~1.3e-4
+    assert err < 5e-5, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16", "kv4:2,group=32,residual=16", "fp8",
+                                  "fp8:e5m2,scale=page,group=32,residual=16"])
+def test_free_slots_holding_nan_never_reach_the_output(spec, monkeypatch):
+    """Pools are grown with NaN in every float field (free pages and the unused slots of last pages): the kernels'
+    masks must keep them out (0 × NaN is NaN), as the reference's do."""
+    from kvfold.kernels.decode import paged_decode
+    from kvfold.pages import PagePool
+
+    grow = PagePool._grow
+
+    def grow_with_nan(self, extra):
+        grow(self, extra)
+        for name, tensor in self.tensors.items():
+            if tensor.dtype.is_floating_point:
+                tensor[self.capacity - extra:] = float("nan")
+
+    monkeypatch.setattr(PagePool, "_grow", grow_with_nan)
+    layer = filled_layer(spec, 2, 2, 64, 150, 64 if spec == "none" else 16, dtype=torch.float16)
+    assert any(torch.isnan(t).any() for _, rows in layer.stores() for t in rows.pool.tensors.values()
+               if t.dtype.is_floating_point)  # the kernels do read pages that hold NaN in their free slots
+    query = torch.randn(4, 4, 64, device=DEVICE).to(torch.float16)
+    expected = paged_attention(query.float(), torch.full((4,), 149, device=DEVICE), layer.chunks(), 0.125)
+    got = paged_decode(query, layer.kernel_parts(), 149, 0.125, pages_per_split=2)
+    assert not torch.isnan(expected).any() and not torch.isnan(got).any()
+    assert ((got - expected).norm() / expected.norm()).item() < BOUND[torch.float16]
+
+
+def test_pages_of_a_size_triton_cannot_tile_are_left_to_the_reference():
+    """Triton's tiles need a power-of-two number of tokens per page: page_size=48 (or kivi group=96) is read by the
+    reference instead of crashing in the kernel."""
+    from kvfold.kernels.decode import supports
+
+    assert not supports(filled_layer("none", 2, 2, 64, 150, 48).kernel_parts(), 64)
+    assert not supports(filled_layer("kivi:4,group=96,residual=96", 2, 2, 64, 300).kernel_parts(), 64)
+    assert supports(filled_layer("kivi:4,group=64,residual=64", 2, 2, 64, 300).kernel_parts(), 64)

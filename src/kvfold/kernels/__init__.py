@@ -23,10 +23,12 @@ def use_triton(device: torch.device) -> bool:
 def int8_prefill_wanted(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
     """Whether a first prefill should run `prefill.int8_prefill` (SageAttention-style int8 scores): only when asked
     (`KVFOLD_PREFILL=int8`), with Triton present (compiled on CUDA, interpreted elsewhere), 16-bit activations, and
-    a plain causal pattern (no padding, sliding window or soft-capping)."""
+    a plain causal pattern (no padding, sliding window or soft-capping) and a power-of-two head_dim."""
     if os.environ.get("KVFOLD_PREFILL", "sdpa") != "int8" or importlib.util.find_spec("triton") is None:
         return False
     plain = kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
     unpadded = attention_mask is None or bool((attention_mask[:, 0, -1] == (0 if attention_mask.dtype != torch.bool
                                                                             else True)).all())
-    return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded
+    dim = query.shape[-1]
+    tiles = dim >= 16 and not dim & (dim - 1)  # Triton's tiles: a power-of-two head_dim
+    return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded and tiles

@@ -202,9 +202,10 @@ def fast_kind(part: PagedPart, dim: int, device) -> str | None:
 
 
 def supports(parts: list[PagedPart], dim: int) -> bool:
-    """Whether the kernel compiles for these parts on a GPU: Triton's dot needs pages of >= 16 tokens and a
-    power-of-two head_dim >= 16."""
-    return dim >= 16 and not dim & (dim - 1) and all(p.positions.shape[1] >= 16 for p in parts)
+    """Whether the kernel compiles for these parts on a GPU: Triton's tiles need pages of a power-of-two number of
+    tokens, >= 16, and a power-of-two head_dim >= 16."""
+    return dim >= 16 and not dim & (dim - 1) and all(
+        (size := p.positions.shape[1]) >= 16 and not size & (size - 1) for p in parts)
 
 
 def combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:

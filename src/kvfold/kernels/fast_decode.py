@@ -17,8 +17,8 @@ What makes them faster than the general kernel (measured with Nsight Compute on 
   registers, instead of a gather of [page, channels] addresses.
 Float8 and KV4 pages came here later: tested equal to the reference on an H200, not yet timed there.
 
-Packed and float8 pages use float16 dot products whatever the query's 16-bit type (their scales are float16):
-queries beyond float16's range (|q| > 65504) are not supported there.
+Packed and float8 pages use float16 dot products for the scores whatever the query's 16-bit type (their scales
+are float16): queries beyond float16's range (|q| > 65504) are not supported there.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                       PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr):
     """Pages of 16-bit K and V, read in their dtype (the query is cast to it); or float8 pages (SCALED 1: a scale
     per token, 2: per page), widened to float16 exactly, with the key scales applied to the scores' columns and the
-    value scales to the probabilities: k·q = scale_t (k8·q), Σ p_t v_t = Σ (p_t scale_t) v8_t."""
+    value scales to the probabilities: k·q = scale_t (k8·q), Σ p_t v_t = top Σ (p_t scale_t / top) v8_t, top the
+    page's largest value scale."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(len_ptr + row)
@@ -68,9 +69,13 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
             if SCALED:
                 s = s * _token_scale(ks_ptr, page, valid, P, SCALED)[None, :]
             p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
-            if SCALED:
-                p = p * _token_scale(vs_ptr, page, valid, P, SCALED)[None, :]
-            acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None])
+            if SCALED:  # p × scale_t over the page's largest scale: float16 normals, not subnormals (scales ~1e-4)
+                v_scale = _token_scale(vs_ptr, page, valid, P, SCALED)
+                top = tl.max(v_scale, axis=0)
+                top = tl.where(top > 0, top, 1.0)
+                acc = acc * alpha[:, None] + top * tl.dot((p * (v_scale / top)[None, :]).to(DOT), v.to(DOT))
+            else:
+                acc = tl.dot(p.to(DOT), v, acc * alpha[:, None])
     out = store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
     tl.store(acc_ptr + out[:, None] * D + offs_d[None, :], acc, mask=offs_g[:, None] < G)
 

@@ -27,7 +27,7 @@ def _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, k
     offs_d = tl.arange(0, D)
     k = tl.load(k_ptr + (kv_head * kv_len + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < kv_len, other=0)
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    s = s * (q_scale * tl.load(ks_ptr + kv_head * kv_blocks + start // BLOCK_N))
+    s = s * (q_scale * tl.load(ks_ptr + kv_head * kv_blocks + start // BLOCK_N, mask=start < kv_len, other=0.0))
     visible = (keys[None, :] <= offs_m[:, None] + kv_len - q_len) & (keys[None, :] < kv_len)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -44,7 +44,7 @@ def _int8_prefill_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, out_ptr, q_len, kv
                          Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr):
     block = tl.program_id(0)
-    head = tl.program_id(1)  # batch * q_heads + q_head
+    head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head (64-bit: offsets pass 2**31 at long contexts)
     kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -57,8 +57,8 @@ def _int8_prefill_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, out_ptr, q_len, kv
         for start in range(0, INTERPRETED_BLOCKS * BLOCK_N, BLOCK_N):
             m_i, l_i, acc = _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, q_len,
                                        kv_len, kv_blocks, D, BLOCK_N)
-    else:  # causal: no key past the block's last query (the last block may run one masked step past kv_len)
-        for start in range(0, (block + 1) * BLOCK_M + kv_len - q_len, BLOCK_N):
+    else:  # causal: no key past the block's last query
+        for start in range(0, tl.minimum((block + 1) * BLOCK_M + kv_len - q_len, kv_len), BLOCK_N):
             m_i, l_i, acc = _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, q_len,
                                        kv_len, kv_blocks, D, BLOCK_N)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
