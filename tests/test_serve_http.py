@@ -337,10 +337,31 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(tokenizer):
 
 def test_a_request_that_fits_alone_waits_for_room_instead_of_failing(tokenizer):
     """Under a KV budget for one request but not two, the second waits until the first ends: both answer."""
-    body = {"model": MODEL, "prompt": "tell me", "max_tokens": 60}
+    body = {"model": MODEL, "prompt": "tell me a story of cats", "max_tokens": 60}  # one 16-token block
     need = create_app(tiny_serving_model(tokenizer), tokenizer, ServeConfig(model_id=MODEL)).state.engine.kv_needed(
         80, ServeConfig().compressor)
-    with serving(tokenizer, kv_budget=int(need * 1.5)) as tight:
+    with serving(tokenizer, kv_budget=int(need * 1.5), block=16) as tight:
         answers = _concurrently(tight, [body, body])
         assert [a.status_code for a in answers] == [200, 200] and tight.engine.peak_batch == 1
         assert answers[0].json()["choices"][0]["text"] == answers[1].json()["choices"][0]["text"]
+        # the second request was refused room while it waited without touching the prefix cache: one lookup each
+        assert tight.engine.prefix.hits + tight.engine.prefix.misses == 2
+
+
+def test_an_engine_failure_fails_the_requests_in_flight_and_the_engine_keeps_serving(tokenizer):
+    with serving(tokenizer) as fragile:
+        step, failures = fragile.engine._step, []
+
+        def failing_step():
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("a planted bug")
+            step()
+
+        fragile.engine._step = failing_step
+        broken = post(fragile, "/v1/completions", {"model": MODEL, "prompt": "one", "max_tokens": 5})
+        assert broken.status_code == 500 and failures == [1]
+        wait_idle(fragile)
+        assert fragile.engine.alive and fragile.engine.live_bytes == 0
+        ok = post(fragile, "/v1/completions", {"model": MODEL, "prompt": "two", "max_tokens": 5})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5

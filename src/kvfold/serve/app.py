@@ -105,7 +105,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             "prefix_cache_snapshots": ("Compressed snapshots held by the prefix cache.", prefix.snapshots),
             "kv_bytes_prefix_cache": ("KV bytes held by the prefix cache: its page pools (whole capacity, shared "
                                       "with a request forked from it) and snapshot tables.", prefix.held),
-            "kv_bytes_live": ("KV bytes the running requests' caches reference (0 when none runs).",
+            "kv_bytes_live": ("KV bytes the caches of the running requests and of the one being prefilled reference "
+                              "(0 when none runs).",
                               engine.live_bytes),
             "kv_budget_bytes": ("The --kv-budget.", config.kv_budget),
             "queue_length": ("Requests waiting for the engine.", engine.queue_length),

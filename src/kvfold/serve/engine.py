@@ -33,7 +33,7 @@ from ..models import cache_keyword, check_supported, context_limit
 from .config import ServeConfig
 from .jobs import Event, GenerationRequest, Job, JobQueue, Running, ServeError, Usage, error_status
 from .metrics import Metrics
-from .prefix_cache import PrefixCache, kv_upper_bound, release
+from .prefix_cache import PrefixCache, held_nbytes, kv_upper_bound, release
 from ..sampling import Sampling, TextStream, choose_tokens
 
 logger = logging.getLogger("kvfold.serve")
@@ -61,6 +61,7 @@ class Engine:
         self.peak_batch = 0  # the most requests one step has decoded together
         self._waiting = False  # the queue's head waits for a running request to end (see `_admit_one_block`)
         self._admitting: tuple[Job, Generator] | None = None  # the request being prefilled, block by block
+        self._admitting_cache: KVFoldCache | None = None  # ... and its cache
 
     # ---- lifecycle and admission ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,24 +113,40 @@ class Engine:
     def _work(self) -> None:
         with use_kvfold_attention(self.model), torch.inference_mode():
             while not self._stopping.is_set():
-                if self._admitting is None and len(self.batch) < self.config.max_batch \
-                        and not (self._waiting and self.batch):
-                    self._waiting = False
-                    job = self._queue.take(timeout=0.0 if self.batch else 0.2)
-                    if job is not None:
-                        self._admitting = (job, self._prefill(job))
-                if self._admitting is not None:
-                    self._admit_one_block()
-                if self.batch:
-                    self._step()
-            if self._admitting is not None:
-                job, blocks = self._admitting
-                blocks.close()  # releases its cache
-                self._queue.finished()
-                job.fail(503, "the server is shutting down")
-            for running in self.batch:
-                self._end(running, error=(503, "the server is shutting down"))
-            self.batch = []
+                try:
+                    self._iterate()
+                except Exception:  # noqa: BLE001  a bug must not kill the worker and leave clients hanging
+                    logger.exception("the engine's iteration failed; failing the requests in flight")
+                    self._fail_all(500, "internal error while generating: see the server log")
+            self._fail_all(503, "the server is shutting down")
+
+    def _iterate(self) -> None:
+        """Admit (one prefill block), then one decode step for the batch."""
+        if self._admitting is None and len(self.batch) < self.config.max_batch and not (self._waiting and self.batch):
+            self._waiting = False
+            job = self._queue.take(timeout=0.0 if self.batch else 0.2)
+            if job is not None:
+                self._admitting = (job, self._prefill(job))
+        if self._admitting is not None:
+            self._admit_one_block()
+        if self.batch:
+            self._step()
+
+    def _fail_all(self, status: int, message: str) -> None:
+        """End the request being prefilled and every running one with an error; their pages are released."""
+        if self._admitting is not None:
+            job, blocks = self._admitting
+            self._admitting = None
+            blocks.close()  # releases its cache
+            self._queue.finished()
+            job.fail(status, message)
+        batch, self.batch = self.batch, []
+        for running in batch:
+            try:
+                self._end(running, error=(status, message))
+            except Exception:  # noqa: BLE001
+                logger.exception("request %s: ending it failed", running.request.request_id)
+        self.live_bytes = 0
 
     def _admit_one_block(self) -> None:
         """Prefill one more block of the request being admitted; when its prompt is in, it joins the batch. Or it
@@ -141,16 +158,19 @@ class Engine:
         except StopIteration as done:
             running = done.value
         except _Wait:
-            self._queue.put_front(job)
-            self._waiting = True
             self._admitting = None
+            if not self._queue.put_front(job):  # the queue was closed for shutdown meanwhile
+                self._queue.finished()
+                job.fail(503, "the server is shutting down")
+            self._waiting = True
             return
         except Exception as err:  # noqa: BLE001  every failure becomes the request's HTTP error, never the worker's
             self._admitting = None
             self._queue.finished()
+            job.fail(*error_status(err, job))
             self.live_bytes = self._live_bytes()
             self.prefix.make_room(0, live=self._caches())
-            return job.fail(*error_status(err, job))
+            return
         self._admitting = None
         if running is None:  # cancelled during its prefill
             self._queue.finished()
@@ -165,16 +185,24 @@ class Engine:
             self.metrics.add("cancelled")
             return None
         ids = list(req.prompt_ids)
+        if not self._fits_beside_running(ids, req):  # decided before the prefix cache is touched (no eviction, and
+            raise _Wait  # no hit or miss counted for each retry)
+        generator = None
+        if req.temperature > 0:
+            generator = torch.Generator()
+            if req.seed is not None:
+                generator.manual_seed(req.seed)
+            else:
+                generator.seed()
         namespace = (self.config.model_id, req.compressor.spec)
         blocks = self.prefix.cacheable_blocks(len(ids))
         reused, snapshot = self.prefix.match(namespace, ids[:blocks * block])
         cache = snapshot.fork() if snapshot is not None else KVFoldCache(self.model.config, req.compressor,
                                                                          compress_appends=True)
         usage = Usage(len(ids), reused, req.compressor.spec)
+        self._admitting_cache = cache
         try:
-            if not self._room(ids, reused, req, cache):
-                if self.batch:  # it may fit once a running request ends
-                    raise _Wait
+            if not self._room(ids, reused, req):
                 raise ServeError(503, f"the KV cache budget ({self.config.kv_budget} bytes) cannot hold this "
                                       "request now: retry later, lower max_tokens, or raise --kv-budget")
             pos = reused
@@ -186,28 +214,24 @@ class Engine:
                 prefill(self.model, cache, self._tensor(ids[pos:pos + block]), start=pos)
                 pos += block
                 self.prefix.insert(namespace, ids[:pos], cache.fork())
-                if not self._room(ids, pos, req, cache):
+                if not self._room(ids, pos, req):
                     raise ServeError(503, "the KV cache budget filled up during the prefill: retry later or raise "
                                           "--kv-budget")
                 yield
             logits = prefill(self.model, cache, self._tensor(ids[pos:]), start=pos)
+            usage.kv_bytes = cache.referenced_nbytes()
+            running = Running(job, cache, usage, TextStream(self.tokenizer, req.stop), generator,
+                              logits[0, -1].float().cpu(), started)
         except BaseException:
             release(cache)
             raise
+        finally:
+            self._admitting_cache = None
         self.metrics.add("prompt_tokens", len(ids))
         self.metrics.add("prefilled_tokens", len(ids) - reused)
         self.metrics.add("reused_tokens", reused)
-        usage.kv_bytes = cache.referenced_nbytes()
         job.post(Event("started", usage=usage))
-        generator = None
-        if req.temperature > 0:
-            generator = torch.Generator()
-            if req.seed is not None:
-                generator.manual_seed(req.seed)
-            else:
-                generator.seed()
-        return Running(job, cache, usage, TextStream(self.tokenizer, req.stop), generator,
-                       logits[0, -1].float().cpu(), started)
+        return running
 
     def _step(self) -> None:
         """Choose each running request's next token; end those that stop; one joint forward for the rest."""
@@ -232,10 +256,10 @@ class Engine:
             ids = torch.tensor([[running.token] for running in going], device=self.device)
             logits = self.model(input_ids=ids, position_ids=joint.positions(self.device), use_cache=True,
                                 **{cache_keyword(self.model): joint}).logits[:, -1].float().cpu()
-        except Exception as err:  # noqa: BLE001  a failed step fails every request in it
-            for running in going:
-                self._end(running, error=error_status(err, running.job))
-            self.batch = []
+        except Exception:  # noqa: BLE001  a failed step fails every request in it (it cannot be retried: earlier
+            # layers already stored the token); which request's method raised is unknown, so all get a 500
+            logger.exception("a joint decode step of %d requests failed", len(going))
+            self._fail_all(500, "internal error while decoding a batch: see the server log")
             return
         for running, row in zip(going, logits):
             running.logits = row
@@ -293,14 +317,25 @@ class Engine:
             self.prefix.make_room(0, live=[other.cache for other in rest])  # re-measure now that pages are free
             self.live_bytes = sum(other.cache.referenced_nbytes() for other in rest)
 
-    def _room(self, ids: list[int], done: int, req: GenerationRequest, cache: KVFoldCache) -> bool:
-        """Evict snapshots until what this request and the running ones may still add fits under the budget."""
-        reserve = self.kv_needed(len(ids) - done + req.max_tokens, req.compressor) + sum(
+    def _reserve(self, ids: list[int], done: int, req: GenerationRequest) -> int:
+        """Bytes this request (`done` prompt tokens in) and the running ones may still add, at most."""
+        return self.kv_needed(len(ids) - done + req.max_tokens, req.compressor) + sum(
             self.kv_needed(r.request.max_tokens - r.usage.completion_tokens, r.request.compressor) for r in self.batch)
-        return self.prefix.make_room(reserve, live=[cache, *self._caches()])
+
+    def _fits_beside_running(self, ids: list[int], req: GenerationRequest) -> bool:
+        """Whether the request could fit now if every prefix-cache snapshot were evicted (always, with nothing
+        running: then it either fits or gets 503)."""
+        return not self.batch or held_nbytes(self._caches()) + self._reserve(ids, 0, req) <= self.config.kv_budget
+
+    def _room(self, ids: list[int], done: int, req: GenerationRequest) -> bool:
+        """Evict snapshots until what the request being prefilled and the running ones may still add fits under
+        the budget, beside the caches they hold."""
+        return self.prefix.make_room(self._reserve(ids, done, req), live=self._caches())
 
     def _caches(self) -> list[KVFoldCache]:
-        return [running.cache for running in self.batch]
+        """The caches the running requests (and the one being prefilled) hold."""
+        admitting = [self._admitting_cache] if self._admitting_cache is not None else []
+        return [running.cache for running in self.batch] + admitting
 
     def _live_bytes(self) -> int:
         return sum(cache.referenced_nbytes() for cache in self._caches())

@@ -93,7 +93,7 @@ class JobQueue:
     """A bounded FIFO the worker can be paused on; `unfinished` counts jobs queued or running."""
 
     def __init__(self, maxsize: int) -> None:
-        self.maxsize, self.paused, self.unfinished = maxsize, False, 0
+        self.maxsize, self.paused, self.unfinished, self.closed = maxsize, False, 0, False
         self._items: deque[Job] = deque()
         self._cond = threading.Condition()
 
@@ -108,11 +108,15 @@ class JobQueue:
             self.unfinished += 1
             self._cond.notify()
 
-    def put_front(self, job: Job) -> None:
-        """Give back a job `take` returned, to be taken first (it waits for room; still counted unfinished)."""
+    def put_front(self, job: Job) -> bool:
+        """Give back a job `take` returned, to be taken first (it waits for room; still counted unfinished).
+        False once the queue is closed (drained for shutdown): the caller must end the job."""
         with self._cond:
+            if self.closed:
+                return False
             self._items.appendleft(job)
             self._cond.notify()
+            return True
 
     def take(self, timeout: float) -> Job | None:
         """The oldest job, or None if none is ready (or the queue is paused) within `timeout` seconds."""
@@ -131,7 +135,9 @@ class JobQueue:
             self._cond.notify_all()
 
     def drain(self) -> list[Job]:
+        """Take every queued job out and close the queue to `put_front` (shutdown)."""
         with self._cond:
+            self.closed = True
             jobs, self._items = list(self._items), deque()
             self.unfinished -= len(jobs)
             return jobs

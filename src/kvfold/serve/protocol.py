@@ -46,7 +46,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # None = 0: greedy (reproducible by default)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch.Generator's range
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
