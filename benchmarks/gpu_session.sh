@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|decode|prefill|e2e]...
-# (no argument: all four, in that order; each step has its own time limit so one slow step cannot eat the rest).
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|decode|prefill|sparse|e2e]...
+# (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvfold_gpu}
 mkdir -p "$OUT"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests decode prefill e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(tests decode prefill sparse e2e)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 for step in "${steps[@]}"; do
   echo "== $step ($(date +%T))"
@@ -16,8 +16,9 @@ for step in "${steps[@]}"; do
     tests) timeout 150 python -m pytest -q -x tests/kernels -p no:cacheprovider 2>&1 | tail -4 ;;
     decode) timeout 240 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
     prefill) timeout 200 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -8 ;;
+    sparse) timeout 240 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
-    *) echo "unknown step $step (tests, decode, prefill, e2e)" ;;
+    *) echo "unknown step $step (tests, decode, prefill, sparse, e2e)" ;;
   esac
 done

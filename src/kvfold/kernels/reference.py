@@ -6,6 +6,8 @@ ground truth that every Triton kernel is tested against.
   page chunk with an online softmax (flash-decoding), so the whole context is never rebuilt in full precision.
 - `int8_prefill_attention`: causal attention with Q and K in int8 per block after smoothing K (SageAttention's
   recipe), what `kernels.prefill` computes.
+- `block_sparse_attention`: causal attention where each block of queries reads only the key blocks a mask selects,
+  what `kernels.sparse` computes.
 """
 
 from __future__ import annotations
@@ -165,3 +167,19 @@ def int8_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         torch.arange(q_len, device=query.device)[:, None] + kv_len - q_len)
     scores = scores.masked_fill(~causal, float("-inf"))
     return torch.softmax(scores, dim=-1) @ value.float().repeat_interleave(group, dim=1)
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
+                           scale: float, block: int) -> torch.Tensor:
+    """Causal attention [batch, q_heads, tokens, dim] (float32) where query block i reads key block j only if
+    block_mask[batch, q_head, i, j] (blocks of `block` tokens; GQA as in `int8_prefill_attention`). A query whose
+    selected blocks hold no visible key gets zeros."""
+    group = query.shape[1] // key.shape[1]
+    tokens = query.shape[2]
+    blocks = torch.arange(tokens, device=query.device) // block
+    visible = block_mask[..., blocks[:, None], blocks[None, :]]
+    visible = visible & (torch.arange(tokens, device=query.device)[None, :] <= torch.arange(tokens, device=query.device)[:, None])
+    scores = (query.float() @ key.float().repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ value.float().repeat_interleave(group, 1)

@@ -1,0 +1,91 @@
+"""Sparse prefill: the block-sparse kernel equals its reference for any mask, and FlexPrefill's pattern choice keeps
+the attention mass it promises (the mask of gamma = 1 is every causal block: exact attention)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvfold.kernels.reference import block_sparse_attention
+
+from .test_decode import DEVICE
+from .test_prefill import exact
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def structured_qkv(tokens=256, dim=32, q_heads=4, kv_heads=2, seed=0, dtype=torch.float16):
+    """Attention with the shapes FlexPrefill looks for: a few key columns everyone reads (sinks, one 'needle'
+    column) and a local diagonal, on top of noise."""
+    torch.manual_seed(seed)
+    q = torch.randn(1, q_heads, tokens, dim)
+    k = torch.randn(1, kv_heads, tokens, dim) * 0.3
+    v = torch.randn(1, kv_heads, tokens, dim)
+    direction = torch.randn(dim)
+    q += 2.0 * direction  # every query likes keys along `direction`
+    k[:, :, [0, 1, 150]] += 2.0 * direction  # columns 0, 1 and 150 are vertical lines
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("tokens, block, group", [(100, 16, 1), (256, 32, 2), (64, 16, 4)])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
+    from kvfold.kernels.sparse import sparse_prefill
+
+    torch.manual_seed(1)
+    kv_heads = 2
+    q = torch.randn(1, kv_heads * group, tokens, 32, device=DEVICE).to(dtype)
+    k = torch.randn(1, kv_heads, tokens, 32, device=DEVICE).to(dtype)
+    v = torch.randn(1, kv_heads, tokens, 32, device=DEVICE).to(dtype)
+    blocks = -(-tokens // block)
+    mask = torch.rand(1, kv_heads * group, blocks, blocks, device=DEVICE) < 0.5
+    mask |= torch.eye(blocks, dtype=torch.bool, device=DEVICE)
+    got = sparse_prefill(q, k, v, mask, 32 ** -0.5, block)
+    want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, block)
+    assert ((got - want).norm() / want.norm()).item() < (2e-3 if dtype == torch.float16 else 1e-2)
+    full = torch.ones_like(mask)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, full, 32 ** -0.5, block),
+                               exact(q, k, v, 32 ** -0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_flexprefill_mask_keeps_the_attention_mass_it_promises():
+    from kvfold.kernels.sparse import flexprefill_mask
+
+    q, k, v = structured_qkv()
+    scale = 32 ** -0.5
+    full_mask, _ = flexprefill_mask(q, k, scale, gamma=1.0, block=32)
+    blocks = full_mask.shape[-1]
+    assert torch.equal(full_mask, torch.ones_like(full_mask).tril())  # gamma = 1: every causal block
+    mask, aware = flexprefill_mask(q, k, scale, gamma=0.9, block=32)
+    assert mask.sum() < full_mask.sum()  # sparser
+    # recall: the attention mass of every query inside its selected blocks, against exact attention
+    group = q.shape[1] // k.shape[1]
+    weights = torch.softmax(((q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2)) * scale)
+                            .masked_fill(~torch.ones(256, 256, dtype=torch.bool, device=DEVICE).tril(), float("-inf")), -1)
+    token_block = torch.arange(256, device=DEVICE) // 32
+    kept = mask[..., token_block[:, None], token_block[None, :]]
+    recall = (weights * kept).sum(-1)
+    assert recall.mean() > 0.85 and blocks == 8
+    out = block_sparse_attention(q, k, v, mask, scale, 32)
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), exact(q, k, v, scale).flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_sparse_prefill_refuses_a_mask_of_the_wrong_shape():
+    from kvfold.kernels.sparse import sparse_prefill
+
+    q, k, v = structured_qkv(tokens=160)
+    with pytest.raises(ValueError, match="mask"):
+        sparse_prefill(q, k, v, torch.ones(1, 4, 3, 3, dtype=torch.bool, device=DEVICE), 0.2, 32)
+
+
+def test_heads_whose_pooled_estimate_is_faithful_go_query_aware():
+    """Near-uniform attention: the pooled queries and keys predict the last block's distribution, so every head
+    uses the query-aware pattern (and the vertical-slash one for the structured heads above)."""
+    from kvfold.kernels.sparse import flexprefill_mask
+
+    q, k, _ = structured_qkv()
+    _, aware = flexprefill_mask(q * 0.01, k * 0.01, 32 ** -0.5, gamma=0.9, block=32)
+    assert aware.all()
+    _, aware = flexprefill_mask(q, k, 32 ** -0.5, gamma=0.9, block=32)
+    assert not aware.any()
