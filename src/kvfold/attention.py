@@ -2,8 +2,8 @@
 
 The attention module calls `cache.update(k, v, layer_idx)`, which for a `KVFoldCache` returns a `StagedKV`
 handle instead of concatenated tensors; this function then sees queries, keys and values together:
-- first forward of a layer (prefill): exact SDPA over the new tokens (or, with `KVFOLD_PREFILL=int8`, the int8
-  attention of `kernels.prefill`), then the method compresses and stores them;
+- first forward of a layer (prefill): exact SDPA over the new tokens (or, with `KVFOLD_PREFILL=int8|sparse`, the
+  int8 or sparse attention of `kernels.prefill` / `kernels.sparse`), then the method compresses and stores them;
 - decoding: the token is stored, then attention reads the compressed store page by page (the Triton kernel on
   CUDA, `kernels.reference.paged_attention` elsewhere), never rebuilding the whole context in full precision;
 - a multi-token turn on a filled cache: attention over the store plus the new tokens, then the new tokens are
@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .joint import JointStaged
-from .kernels import int8_prefill_wanted
+from .kernels import PrefillAttention
 from .layer import StagedKV
 
 NAME = "kvfold"
@@ -59,10 +59,9 @@ def kvfold_attention(
 
         raise KVFoldError("attention logit soft-capping (e.g. Gemma2) is not supported by kvfold yet")
     if layer.stored_tokens == 0 and staged.start == 0:
-        if int8_prefill_wanted(query, attention_mask, kwargs):
-            from .kernels.prefill import int8_prefill
-
-            out = int8_prefill(query, staged.keys, staged.values, scale).transpose(1, 2).contiguous().to(query.dtype)
+        how = PrefillAttention.from_env()
+        if how.applies(query, attention_mask, kwargs):
+            out = how.attend(query, staged.keys, staged.values, scale)
         else:
             out, _ = sdpa_attention_forward(module, query, staged.keys, staged.values, attention_mask,
                                             dropout=dropout, scaling=scale, **kwargs)

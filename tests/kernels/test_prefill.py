@@ -79,10 +79,13 @@ def test_int8_prefill_refuses_bad_shapes():
         int8_prefill(query, key, value, 0.25)
 
 
-def test_kvfold_prefill_int8_runs_the_model_prefill_through_the_kernel(monkeypatch):
-    """`KVFOLD_PREFILL=int8`: every layer's first prefill goes through `int8_prefill`, and the model's logits stay
-    close to the SDPA prefill's."""
-    import kvfold.kernels.prefill as prefill_module
+@pytest.mark.parametrize("choice, module, kernel", [("int8", "prefill", "int8_prefill"),
+                                                    ("sparse:gamma=0.9,block=32", "sparse", "sparse_prefill")])
+def test_kvfold_prefill_runs_the_model_prefill_through_the_kernel(monkeypatch, choice, module, kernel):
+    """`KVFOLD_PREFILL=int8|sparse`: every layer's first prefill goes through the kernel, and the model's logits
+    stay close to the SDPA prefill's."""
+    import importlib
+
     from kvfold.api import prefill, use_kvfold_attention
     from kvfold.cache import KVFoldCache
 
@@ -91,16 +94,29 @@ def test_kvfold_prefill_int8_runs_the_model_prefill_through_the_kernel(monkeypat
     model = make_tiny_llama(init=0.02).to(DEVICE, torch.float16)
     ids = torch.randint(1, 256, (1, 96)).to(DEVICE)
     calls = []
-    kernel = prefill_module.int8_prefill
-    monkeypatch.setattr(prefill_module, "int8_prefill", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel_module = importlib.import_module(f"kvfold.kernels.{module}")
+    original = getattr(kernel_module, kernel)
+    monkeypatch.setattr(kernel_module, kernel, lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.inference_mode(), use_kvfold_attention(model):
         exact_logits = prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids)
-        monkeypatch.setenv("KVFOLD_PREFILL", "int8")
-        int8_logits = prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids)
+        monkeypatch.setenv("KVFOLD_PREFILL", choice)
+        kernel_logits = prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids)
     assert len(calls) == model.config.num_hidden_layers
-    assert cosine(int8_logits, exact_logits) > 0.999
+    assert cosine(kernel_logits, exact_logits) > 0.999
     padded = torch.ones(2, 96, dtype=torch.long, device=DEVICE)
-    padded[1, :10] = 0  # left padding: int8_prefill has no padding mask, so SDPA runs
+    padded[1, :10] = 0  # left padding: the kernels take no padding mask, so SDPA runs
     with torch.inference_mode(), use_kvfold_attention(model):
         prefill(model, KVFoldCache(model.config, "snapkv:0.5"), ids.repeat(2, 1), attention_mask=padded)
     assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("value, message", [("int4", "use sdpa, int8 or sparse"), ("sparse:gamma=2", "gamma"),
+                                            ("sparse:block=48", "power of two"), ("sparse:gama=0.9", "unknown knob"),
+                                            ("int8:block=64", "unknown knob"), ("sparse:tau=x", "not a number")])
+def test_bad_kvfold_prefill_values_name_the_fix(monkeypatch, value, message):
+    from kvfold.errors import KVFoldError
+    from kvfold.kernels import PrefillAttention
+
+    monkeypatch.setenv("KVFOLD_PREFILL", value)
+    with pytest.raises(KVFoldError, match=message):
+        PrefillAttention.from_env()

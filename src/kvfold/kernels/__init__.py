@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
+
+from ..errors import KVFoldError
 
 
 def use_triton(device: torch.device) -> bool:
@@ -20,15 +23,61 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def int8_prefill_wanted(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
-    """Whether a first prefill should run `prefill.int8_prefill` (SageAttention-style int8 scores): only when asked
-    (`KVFOLD_PREFILL=int8`), with Triton present (compiled on CUDA, interpreted elsewhere), 16-bit activations, and
-    a plain causal pattern (no padding, sliding window or soft-capping) and a power-of-two head_dim."""
-    if os.environ.get("KVFOLD_PREFILL", "sdpa") != "int8" or importlib.util.find_spec("triton") is None:
-        return False
-    plain = kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
-    unpadded = attention_mask is None or bool((attention_mask[:, 0, -1] == (0 if attention_mask.dtype != torch.bool
-                                                                            else True)).all())
-    dim = query.shape[-1]
-    tiles = dim >= 16 and not dim & (dim - 1)  # Triton's tiles: a power-of-two head_dim
-    return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded and tiles
+@dataclass(frozen=True)
+class PrefillAttention:
+    """How a model's first prefill attends, from `KVFOLD_PREFILL`: `sdpa` (default, exact), `int8` (SageAttention-
+    style int8 scores, `kernels.prefill`) or `sparse[:gamma=0.95,tau=0.1,block=64]` (FlexPrefill, `kernels.sparse`)."""
+
+    kind: str = "sdpa"
+    gamma: float = 0.95
+    tau: float = 0.1
+    block: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sdpa", "int8", "sparse"):
+            raise KVFoldError(f"KVFOLD_PREFILL={self.kind!r}: use sdpa, int8 or sparse[:gamma=G,tau=T,block=B]")
+        if not 0 < self.gamma <= 1 or not 0 <= self.tau <= 1:
+            raise KVFoldError(f"KVFOLD_PREFILL: gamma must be in (0, 1] and tau in [0, 1], got {self.gamma}, {self.tau}")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise KVFoldError(f"KVFOLD_PREFILL: block must be a power of two >= 16, got {self.block}")
+
+    @classmethod
+    def from_env(cls) -> "PrefillAttention":
+        kind, _, knobs = os.environ.get("KVFOLD_PREFILL", "sdpa").strip().partition(":")
+        values: dict = {}
+        for knob in filter(None, knobs.split(",")):
+            name, _, value = knob.partition("=")
+            if name not in ("gamma", "tau", "block") or kind != "sparse":
+                raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes gamma, tau, block)")
+            try:
+                values[name] = int(value) if name == "block" else float(value)
+            except ValueError:
+                raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
+        return cls(kind, **values)
+
+    def applies(self, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+        """Whether this prefill can take the kernel: Triton present (compiled on CUDA, interpreted elsewhere),
+        16-bit activations, a plain causal pattern (no padding, sliding window or soft-capping), and a power-of-two
+        head_dim for Triton's tiles. Else the prefill runs SDPA."""
+        if self.kind == "sdpa" or importlib.util.find_spec("triton") is None:
+            return False
+        plain = kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+        unpadded = attention_mask is None or bool((attention_mask[:, 0, -1] == (
+            0 if attention_mask.dtype != torch.bool else True)).all())
+        dim = query.shape[-1]
+        tiles = dim >= 16 and not dim & (dim - 1)
+        return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded and tiles
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """Causal attention [batch, tokens, q_heads, dim] in the query's dtype (the layout attention functions
+        return), by the chosen kernel."""
+        if self.kind == "int8":
+            from .prefill import int8_prefill
+
+            out = int8_prefill(query, key, value, scale)
+        else:
+            from .sparse import flexprefill_mask, sparse_prefill
+
+            mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
+            out = sparse_prefill(query, key, value, mask, scale, self.block)
+        return out.transpose(1, 2).contiguous().to(query.dtype)
