@@ -1,32 +1,60 @@
-"""The table of benchmarks/results/chunked_scorers_2k/summary.md, computed from the two `kvfold bench` runs in that
-folder (one pass and --prefill-chunk 512).
+"""A table of chunked prefill vs one pass, computed from `kvfold bench` result files (one pass, then one file per
+chunk size), for the rows (method, task) the chunked runs hold.
 
     python benchmarks/chunked_scorers_table.py > benchmarks/results/chunked_scorers_2k/summary.md
+    python benchmarks/chunked_scorers_table.py --onepass benchmarks/results/standard/results.jsonl \\
+        --chunked 512=benchmarks/results/chunked_standard/512/results.jsonl \\
+        --chunked 1024=benchmarks/results/chunked_standard/1024/results.jsonl \\
+        --command "kvfold bench --methods ... [--prefill-chunk N]" > benchmarks/results/chunked_standard/summary.md
 """
 
+import argparse
 import json
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
-base = "benchmarks/results/chunked_scorers_2k"
-rows = {mode: [json.loads(l) for l in open(f"{base}/{mode}/results.jsonl")] for mode in ("onepass", "512")}
-first = rows["onepass"][0]
-out = [f"# Chunked prefill vs one pass, per scorer ({first['model']}, {first['device_name']})", "",
-       f"- torch {first['torch']} · transformers {first['transformers']} · kvfold {first['kvfold']} · git {first['git_revision'][:7]}",
-       "- `kvfold bench --methods snapkv,knorm,expected --ratios 0.25 --tasks niah,multiturn --lengths 2048 --samples 2 "
-       "--setting aware --max-new-tokens 24 [--prefill-chunk 512]`; rows in `onepass/` and `512/` (this table is computed from them)",
-       "- score: mean over answered questions (niah: 2 samples; multiturn: 2 contexts × 4 questions); KV: mean bytes held when the answer ended; "
-       "peak RSS: the process's sampled resident memory over the answer (model weights included; noisy on a shared machine; exact KV peaks are in `chunked_prefill_cpu.md`)", "",
-       "| method | task | one pass | chunks of 512 | KV one pass (MiB) | KV chunked (MiB) | prefill s one pass | prefill s chunked | peak RSS one pass (MiB) | peak RSS chunked (MiB) |",
-       "|---|---|---|---|---|---|---|---|---|---|"]
-cells = defaultdict(lambda: defaultdict(list))
-for mode, rs in rows.items():
-    for r in rs:
-        cells[(r["method"], r["task"])][mode].append(r)
-for (method, task), modes in sorted(cells.items()):
-    a, b = modes["onepass"], modes["512"]
-    mean = lambda rs, k: statistics.mean(r[k] for r in rs)
-    out.append(f"| {method} | {task} | {mean(a,'score'):.2f} (n={len(a)}) | {mean(b,'score'):.2f} (n={len(b)}) | "
-               f"{mean(a,'kv_bytes')/2**20:.1f} | {mean(b,'kv_bytes')/2**20:.1f} | {mean(a,'prefill_seconds'):.1f} | {mean(b,'prefill_seconds'):.1f} | "
-               f"{max(r['peak_memory_bytes'] for r in a)/2**20:.0f} | {max(r['peak_memory_bytes'] for r in b)/2**20:.0f} |")
-print("\n".join(out))
+BASE = "benchmarks/results/chunked_scorers_2k"
+OLD_COMMAND = ("kvfold bench --methods snapkv,knorm,expected --ratios 0.25 --tasks niah,multiturn --lengths 2048 "
+               "--samples 2 --setting aware --max-new-tokens 24 [--prefill-chunk 512]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onepass", default=f"{BASE}/onepass/results.jsonl")
+    parser.add_argument("--chunked", action="append", help="SIZE=results.jsonl (repeatable)")
+    parser.add_argument("--command", default=OLD_COMMAND, help="the bench command, for the header")
+    args = parser.parse_args()
+    chunked = dict(item.split("=", 1) for item in (args.chunked or [f"512={BASE}/512/results.jsonl"]))
+    runs = {"one pass": [json.loads(line) for line in open(args.onepass)]}
+    runs |= {f"chunks of {size}": [json.loads(line) for line in open(path)]
+             for size, path in chunked.items() if Path(path).exists()}
+    first = runs["one pass"][0]
+    modes = list(runs)
+    out = [f"# Chunked prefill vs one pass, per scorer ({first['model']}, {first['device_name']})", "",
+           f"- torch {first['torch']} · transformers {first['transformers']} · kvfold {first['kvfold']}",
+           f"- `{args.command}`; this table is computed from the runs' `results.jsonl`",
+           "- score: mean over answered questions (multiturn: contexts × 4 questions); KV: mean bytes held when the "
+           "answer ended; prefill: mean seconds; peak RSS: the process's sampled resident memory (model weights "
+           "included; noisy on a shared machine; exact KV peaks are in `chunked_prefill_cpu.md`)", "",
+           "| method | task | " + " | ".join(f"score, {m}" for m in modes) + " | KV MiB | "
+           + " | ".join(f"prefill s, {m}" for m in modes) + " | " + " | ".join(f"peak RSS MiB, {m}" for m in modes) + " |",
+           "|---|---|" + "---|" * (3 * len(modes) + 1)]
+    cells = defaultdict(lambda: defaultdict(list))
+    for mode, rows in runs.items():
+        for row in rows:
+            cells[(row["method"], row["task"])][mode].append(row)
+    mean = lambda rows, key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    for (method, task), by_mode in sorted(cells.items()):
+        if any(not by_mode[m] for m in modes):
+            continue  # a row the chunked runs do not hold
+        scores = " | ".join(f"{mean(by_mode[m], 'score'):.2f} (n={len(by_mode[m])})" for m in modes)
+        kv = " / ".join(f"{mean(by_mode[m], 'kv_bytes') / 2**20:.1f}" for m in modes)
+        prefill = " | ".join(f"{mean(by_mode[m], 'prefill_seconds'):.1f}" for m in modes)
+        peaks = " | ".join(f"{max(r['peak_memory_bytes'] for r in by_mode[m]) / 2**20:.0f}" for m in modes)
+        out.append(f"| {method} | {task} | {scores} | {kv} | {prefill} | {peaks} |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
