@@ -1,11 +1,12 @@
 """A table of chunked prefill vs one pass, computed from `kvfold bench` result files (one pass, then one file per
-chunk size), for the rows (method, task) the chunked runs hold.
+chunk size), for the rows (method, task) the chunked runs hold ("—" where a run has not reached a row yet). It
+prints the header and table of a results folder's summary.md (whose reading is written by hand under it):
 
-    python benchmarks/chunked_scorers_table.py > benchmarks/results/chunked_scorers_2k/summary.md
+    python benchmarks/chunked_scorers_table.py      # chunked_scorers_2k: onepass/ and 512/
     python benchmarks/chunked_scorers_table.py --onepass benchmarks/results/standard/results.jsonl \\
         --chunked 512=benchmarks/results/chunked_standard/512/results.jsonl \\
         --chunked 1024=benchmarks/results/chunked_standard/1024/results.jsonl \\
-        --command "kvfold bench --methods ... [--prefill-chunk N]" > benchmarks/results/chunked_standard/summary.md
+        --command "kvfold bench --methods ... [--prefill-chunk N]"
 """
 
 import argparse
@@ -45,13 +46,15 @@ def main() -> None:
         for row in rows:
             cells[(row["method"], row["task"])][mode].append(row)
     mean = lambda rows, key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    chunk_modes = modes[1:]
     for (method, task), by_mode in sorted(cells.items()):
-        if any(not by_mode[m] for m in modes):
-            continue  # a row the chunked runs do not hold
-        scores = " | ".join(f"{mean(by_mode[m], 'score'):.2f} (n={len(by_mode[m])})" for m in modes)
-        kv = " / ".join(f"{mean(by_mode[m], 'kv_bytes') / 2**20:.1f}" for m in modes)
-        prefill = " | ".join(f"{mean(by_mode[m], 'prefill_seconds'):.1f}" for m in modes)
-        peaks = " | ".join(f"{max(r['peak_memory_bytes'] for r in by_mode[m]) / 2**20:.0f}" for m in modes)
+        if not by_mode["one pass"] or not any(by_mode[m] for m in chunk_modes):
+            continue  # a row no chunked run holds
+        cell = lambda m, text: text(by_mode[m]) if by_mode[m] else "—"  # noqa: E731  (a run still in progress)
+        scores = " | ".join(cell(m, lambda rs: f"{mean(rs, 'score'):.2f} (n={len(rs)})") for m in modes)
+        kv = " / ".join(cell(m, lambda rs: f"{mean(rs, 'kv_bytes') / 2**20:.1f}") for m in modes)
+        prefill = " | ".join(cell(m, lambda rs: f"{mean(rs, 'prefill_seconds'):.1f}") for m in modes)
+        peaks = " | ".join(cell(m, lambda rs: f"{max(r['peak_memory_bytes'] for r in rs) / 2**20:.0f}") for m in modes)
         out.append(f"| {method} | {task} | {scores} | {kv} | {prefill} | {peaks} |")
     print("\n".join(out))
 
