@@ -30,9 +30,10 @@ def page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(s, valid, m_i, l_i, scale):
-    """One page's scores into the running softmax: returns p, the rescale factor alpha, and the new m, l."""
-    s = tl.where(valid[None, :], s * scale, float("-inf"))
+def softmax_step(s, visible, m_i, l_i, scale):
+    """One tile of scores [queries, keys] into the running softmax (`visible`: a mask broadcastable to it): returns
+    p, the rescale factor alpha, and the new m, l."""
+    s = tl.where(visible, s * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])

@@ -123,7 +123,7 @@ def _paged_decode_kernel(
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
-            p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
+            p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
             if PRECISE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:

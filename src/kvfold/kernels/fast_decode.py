@@ -68,7 +68,7 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
             s = tl.dot(q, k_t.to(DOT))
             if SCALED:
                 s = s * _token_scale(ks_ptr, page, valid, P, SCALED)[None, :]
-            p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
+            p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
             if SCALED:  # p × scale_t over the page's largest scale: float16 normals, not subnormals (scales ~1e-4)
                 v_scale = _token_scale(vs_ptr, page, valid, P, SCALED)
                 top = tl.max(v_scale, axis=0)
@@ -191,7 +191,7 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                 if PER_BYTE == 4:
                     s = tl.dot(q2, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 2, BITS)), s)
                     s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
-            p, alpha, m_i, l_i = softmax_step(s, valid, m_i, l_i, scale)
+            p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
             p = p.to(tl.float16)
             token_stat = page * P * NVG + offs_p * NVG
             acc0 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, token_stat, channels, valid, 0, BITS, NVG, VG),

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import softmax_step
 from .reference import int8_blocks, smooth_keys
 
 
@@ -29,14 +30,10 @@ def _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, k
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     s = s * (q_scale * tl.load(ks_ptr + kv_head * kv_blocks + start // BLOCK_N, mask=start < kv_len, other=0.0))
     visible = (keys[None, :] <= offs_m[:, None] + kv_len - q_len) & (keys[None, :] < kv_len)
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i, 1.0)  # s already carries the scales
     v = tl.load(v_ptr + (kv_head * kv_len + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < kv_len,
                 other=0.0)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_i, l_i, tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
 
 
 @triton.jit

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import softmax_step
+
 
 def _cumulative_pick(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     """[..., n] non-negative scores -> bool [..., n]: the fewest largest entries whose share reaches `gamma`."""
@@ -120,17 +122,11 @@ def _sparse_block(q, j, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, mask_ptr, he
         offs_d = tl.arange(0, D)
         k = tl.load(k_ptr + (kv_head * tokens + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < tokens,
                     other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where((keys[None, :] <= offs_m[:, None]) & (keys[None, :] < tokens), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        visible = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < tokens)
+        p, alpha, m_i, l_i = softmax_step(tl.dot(q, tl.trans(k)), visible, m_i, l_i, scale)
         v = tl.load(v_ptr + (kv_head * tokens + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < tokens,
                     other=0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
     return m_i, l_i, acc
 
 
