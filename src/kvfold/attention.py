@@ -59,13 +59,13 @@ def kvfold_attention(
 
         raise KVFoldError("attention logit soft-capping (e.g. Gemma2) is not supported by kvfold yet")
     if layer.stored_tokens == 0 and staged.start == 0:
+        valid = _valid_new_keys(attention_mask, query.shape[0], staged.keys.shape[2], query.device)
         how = PrefillAttention.from_env()
-        if how.applies(query, attention_mask, kwargs):
+        if how.applies(query, bool(valid.all()), kwargs):
             out = how.attend(query, staged.keys, staged.values, scale)
         else:
             out, _ = sdpa_attention_forward(module, query, staged.keys, staged.values, attention_mask,
                                             dropout=dropout, scaling=scale, **kwargs)
-        valid = _valid_new_keys(attention_mask, query.shape[0], staged.keys.shape[2], query.device)
         layer.ingest(staged, query, valid, scale)
         return out, None
     new = staged.keys.shape[2]

@@ -55,15 +55,13 @@ class PrefillAttention:
                 raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
         return cls(kind, **values)
 
-    def applies(self, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+    def applies(self, query: torch.Tensor, unpadded: bool, kwargs: dict) -> bool:
         """Whether this prefill can take the kernel: Triton present (compiled on CUDA, interpreted elsewhere),
-        16-bit activations, a plain causal pattern (no padding, sliding window or soft-capping), and a power-of-two
-        head_dim for Triton's tiles. Else the prefill runs SDPA."""
+        16-bit activations, a plain causal pattern (`unpadded`, no sliding window or soft-capping), and a
+        power-of-two head_dim for Triton's tiles. Else the prefill runs SDPA."""
         if self.kind == "sdpa" or importlib.util.find_spec("triton") is None:
             return False
         plain = kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
-        unpadded = attention_mask is None or bool((attention_mask[:, 0, -1] == (
-            0 if attention_mask.dtype != torch.bool else True)).all())
         dim = query.shape[-1]
         tiles = dim >= 16 and not dim & (dim - 1)
         return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded and tiles
