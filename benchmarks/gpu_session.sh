@@ -14,9 +14,14 @@ for step in "${steps[@]}"; do
   echo "== $step ($(date +%T))"
   case $step in
     tests) timeout 150 python -m pytest -q -x tests/kernels -p no:cacheprovider 2>&1 | tail -4 ;;
+    prefill-tests) timeout 150 python -m pytest -q --tb=line tests/kernels/test_prefill.py tests/kernels/test_sparse.py \
+                     -p no:cacheprovider 2>&1 | tail -12 ;;
     decode) timeout 240 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
-    prefill) timeout 200 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -8 ;;
-    sparse) timeout 240 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8 ;;
+    prefill) timeout 240 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -24 ;;
+    sparse) timeout 200 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8
+            capture=benchmarks/captured/smollm2_layer15_8k.safetensors  # benchmarks/capture_qkv.py; carried, not committed
+            [ -f $capture ] && timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture \
+              --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
     *) echo "unknown step $step (tests, decode, prefill, sparse, e2e)" ;;

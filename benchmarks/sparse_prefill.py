@@ -2,7 +2,9 @@
 
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), batch 1, causal, bf16, at each
 --lengths. The attention has the structure sparse prefill relies on (a few key columns every query reads, a local
-diagonal, noise elsewhere), built synthetically: a captured pattern of a real model is still to come. Timed: the
+diagonal, noise elsewhere), built synthetically; or (--captured FILE, from `benchmarks/capture_qkv.py`) the embedded
+model's own post-RoPE Q/K/V of one layer at 8k tokens, tiled to each length (its shapes: 9 query heads, 3 KV
+heads, head_dim 64). Timed: the
 pattern choice (`flexprefill_mask`), the kernel, and their sum, against `scaled_dot_product_attention`; accuracy:
 the cosine similarity to SDPA's output and the recall (attention mass inside the selected blocks) of 64 sampled
 query rows per head. Issue 7's aim: >= 3x at 128k with recall >= 0.95. Writes OUT.json and OUT.md.
@@ -39,6 +41,16 @@ def structured(length: int, device: str, dtype: torch.dtype, q_heads=32, kv_head
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def captured(path: Path, length: int, device: str, dtype: torch.dtype):
+    """The captured layer's q, k, v repeated along the tokens to `length`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    reps = -(-length // tensors["query"].shape[2])
+    return tuple(tensors[name].to(device, dtype).repeat(1, 1, reps, 1)[:, :, :length].contiguous()
+                 for name in ("query", "key", "value"))
+
+
 def recall(q, k, mask, scale, block, rows=64) -> float:
     """Mean attention mass inside the selected blocks, over `rows` query positions sampled per head."""
     length, group = q.shape[2], q.shape[1] // k.shape[1]
@@ -51,8 +63,9 @@ def recall(q, k, mask, scale, block, rows=64) -> float:
     return (weights * kept).sum(-1).mean().item()
 
 
-def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float, block: int, time_ms) -> dict:
-    q, k, v = structured(length, device, dtype)
+def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float, block: int, time_ms,
+         source: Path | None) -> dict:
+    q, k, v = structured(length, device, dtype) if source is None else captured(source, length, device, dtype)
     scale = q.shape[-1] ** -0.5
     mask, aware = flexprefill_mask(q, k, scale, gamma, tau, block)
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # noqa: E731
@@ -74,13 +87,14 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--captured", type=Path, help="a capture_qkv.py file: its real Q/K/V, tiled")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
-        rows.append(case(length, args.device, dtype, args.gamma, args.tau, args.block, timer(args.device)))
+        rows.append(case(length, args.device, dtype, args.gamma, args.tau, args.block, timer(args.device), args.captured))
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "
@@ -88,7 +102,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter: not a speed)"
     report = {"device": device, "torch": torch.__version__, "kvfold": kvfold.__version__, "dtype": str(dtype),
               "gamma": args.gamma, "tau": args.tau, "block": args.block,
-              "shape": "batch 1, 32 q heads / 8 KV heads, head_dim 128, causal, synthetic column + diagonal pattern",
+              "shape": ("batch 1, 32 q heads / 8 KV heads, head_dim 128, causal, synthetic column + diagonal pattern"
+                        if args.captured is None else f"batch 1, 9 q heads / 3 KV heads, head_dim 64, causal, "
+                        f"SmolLM2 layer Q/K/V captured at 8k ({args.captured.name}), tiled"),
               "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"# Sparse prefill (FlexPrefill pattern + block-sparse kernel) vs SDPA ({device})", "",

@@ -12,12 +12,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def make_tiny_llama(seed: int = 0, layers: int = 3, init: float = 0.2) -> LlamaForCausalLM:
-    """4 query heads, 2 KV heads (GQA), head_dim 16. The default wide init makes greedy tokens far from ties;
+def make_tiny_llama(seed: int = 0, layers: int = 3, init: float = 0.2, head_dim: int = 16) -> LlamaForCausalLM:
+    """4 query heads, 2 KV heads (GQA), head_dim 16 (unless given). The default wide init makes greedy tokens far from ties;
     init=0.02 (transformers' default) gives smooth attention, closer to a trained model's sensitivity."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=1024,
+                         num_key_value_heads=2, head_dim=head_dim, vocab_size=256, max_position_embeddings=1024,
                          initializer_range=init, attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
 

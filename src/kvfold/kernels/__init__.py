@@ -25,13 +25,15 @@ def use_triton(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class PrefillAttention:
-    """How a model's first prefill attends, from `KVFOLD_PREFILL`: `sdpa` (default, exact), `int8` (SageAttention-
-    style int8 scores, `kernels.prefill`) or `sparse[:gamma=0.95,tau=0.1,block=64]` (FlexPrefill, `kernels.sparse`)."""
+    """How a model's first prefill attends, from `KVFOLD_PREFILL`: `sdpa` (default, exact), `int8[:pv=fp8]`
+    (SageAttention-style int8 scores, P·V in 16 bits or float8, `kernels.prefill`) or
+    `sparse[:gamma=0.95,tau=0.1,block=64]` (FlexPrefill, `kernels.sparse`)."""
 
     kind: str = "sdpa"
     gamma: float = 0.95
     tau: float = 0.1
     block: int = 64
+    pv: str = "16"
 
     def __post_init__(self) -> None:
         if self.kind not in ("sdpa", "int8", "sparse"):
@@ -40,6 +42,8 @@ class PrefillAttention:
             raise KVFoldError(f"KVFOLD_PREFILL: gamma must be in (0, 1] and tau in [0, 1], got {self.gamma}, {self.tau}")
         if self.block < 16 or self.block & (self.block - 1):
             raise KVFoldError(f"KVFOLD_PREFILL: block must be a power of two >= 16, got {self.block}")
+        if self.pv not in ("16", "fp8"):
+            raise KVFoldError(f"KVFOLD_PREFILL: pv must be 16 or fp8, got {self.pv!r}")
 
     @classmethod
     def from_env(cls) -> "PrefillAttention":
@@ -47,10 +51,11 @@ class PrefillAttention:
         values: dict = {}
         for knob in filter(None, knobs.split(",")):
             name, _, value = knob.partition("=")
-            if name not in ("gamma", "tau", "block") or kind != "sparse":
-                raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes gamma, tau, block)")
+            if (kind, name) not in (("sparse", "gamma"), ("sparse", "tau"), ("sparse", "block"), ("int8", "pv")):
+                raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes gamma, tau, "
+                                  "block; int8 takes pv)")
             try:
-                values[name] = int(value) if name == "block" else float(value)
+                values[name] = value if name == "pv" else int(value) if name == "block" else float(value)
             except ValueError:
                 raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
         return cls(kind, **values)
@@ -63,7 +68,7 @@ class PrefillAttention:
             return False
         plain = kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
         dim = query.shape[-1]
-        tiles = dim >= 16 and not dim & (dim - 1)
+        tiles = dim >= (32 if self.kind == "int8" else 16) and not dim & (dim - 1)  # int8 dots reduce over >= 32
         return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded and tiles
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -72,7 +77,7 @@ class PrefillAttention:
         if self.kind == "int8":
             from .prefill import int8_prefill
 
-            out = int8_prefill(query, key, value, scale)
+            out = int8_prefill(query, key, value, scale, pv_fp8=self.pv == "fp8")
         else:
             from .sparse import flexprefill_mask, sparse_prefill
 

@@ -30,15 +30,25 @@ def page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(s, visible, m_i, l_i, scale):
-    """One tile of scores [queries, keys] into the running softmax (`visible`: a mask broadcastable to it): returns
-    p, the rescale factor alpha, and the new m, l."""
-    s = tl.where(visible, s * scale, float("-inf"))
+def softmax_update(s, m_i, l_i, BASE2: tl.constexpr = False):
+    """One tile of scaled scores [queries, keys] (-inf where hidden) into the running softmax: returns p, the
+    rescale factor alpha, and the new m, l. BASE2: the scores are already times log2(e) and exponentiate in base
+    2 (one multiply less per score; m is then in base 2 too)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    if BASE2:
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    else:
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def softmax_step(s, visible, m_i, l_i, scale):
+    """`softmax_update` of raw scores, scaled, hidden where `visible` (a mask broadcastable to them) is false."""
+    return softmax_update(tl.where(visible, s * scale, float("-inf")), m_i, l_i)
 
 
 @triton.jit

@@ -155,14 +155,15 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
                                 part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
                                 m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, **shape,
-                                **{**FAST_LAUNCH, **launch})
+                                **{**FAST_LAUNCH, **(SCALED_LAUNCH if part.scaled else {}), **launch})
     elif fast == "packed":
         smooth = part.key_smooth
         kivi_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, part.key_scale,
                                 part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
                                 part.value_zero, m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
                                 VG=part.value_group, KEY_TOKEN=smooth is not None, **shape,
-                                **{**FAST_LAUNCH, **(TWO_BIT_LAUNCH if part.bits == 2 else {}), **launch})
+                                **{**FAST_LAUNCH, **(TWO_BIT_LAUNCH if part.bits == 2 else {}),
+                                   **(SCALED_LAUNCH if smooth is not None else {}), **launch})
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
         # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
         narrow = part.bits and dim * part.bits // 8 < 16
@@ -188,6 +189,9 @@ def _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale,
 # byte, and capping registers at 128 lets a fourth block onto each multiprocessor (0.45 ms instead of 0.51).
 FAST_LAUNCH = dict(num_warps=4, num_stages=2)
 TWO_BIT_LAUNCH = dict(maxnreg=128)
+# float8 and KV4 pages: fastest of `benchmarks/ncu_decode.py --sweep` on an H200 (0.52 -> 0.49 ms fp8, 0.50 -> 0.40
+# ms kv4:4 at batch 8 x 32k); their loads are not pipelined through shared memory (benchmarks/results/ncu_decode_h200)
+SCALED_LAUNCH = dict(num_warps=2, num_stages=3)
 
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:

@@ -15,7 +15,10 @@ What makes them faster than the general kernel (measured with Nsight Compute on 
   1024 is subtracted and the scale and zero applied in float16 (paired half-precision instructions).
 - Value scales, one per token and group of channels, are read as [page] vectors and selected per channel in
   registers, instead of a gather of [page, channels] addresses.
-Float8 and KV4 pages came here later: tested equal to the reference on an H200, not yet timed there.
+Float8 and KV4 pages came here later. On an H200 they stay about twice as slow per byte as 16-bit pages: Nsight
+Compute shows their loads are not pipelined through shared memory (8.7 KB per block against 38.9 KB for bf16
+pages; 44% of the stalls wait on loads; `benchmarks/results/ncu_decode_h200/fast_*.txt`). Widening float8 by moving
+bits instead of Triton's conversion was measured slower (0.56 against 0.49 ms) and not kept.
 
 Packed and float8 pages use float16 dot products for the scores whatever the query's 16-bit type (their scales
 are float16): queries beyond float16's range (|q| > 65504) are not supported there.

@@ -3,9 +3,12 @@ per block, int8 tensor-core dot products for the scores, P·V in 16-bit, causal,
 
 `int8_prefill(query, key, value, scale)` computes `reference.int8_prefill_attention` (tested equal under
 TRITON_INTERPRET=1 on the CPU; on a GPU by `benchmarks/prefill_kernel.py`, which also times it against SDPA).
-The quantization pre-pass (`reference.int8_blocks` over `reference.smooth_keys`) runs in PyTorch: the kernel
-reads int8 Q and K (half the bytes of 16-bit) and 16-bit V. Approximate: Q and K are rounded to 127 levels per
-block; P is rounded to the value dtype before P·V (accumulated in float32).
+A Triton pre-pass (`_quantize_kernel`) writes the int8 codes and one scale per `QUANT_BLOCK` tokens in one read
+of Q and of K (K minus its per-channel mean); the attention kernel then reads int8 Q and K (half the bytes of
+16-bit) and 16-bit V. Key tiles every query of a tile sees run without the causal mask; only the tiles across the
+diagonal pay for it, and the longest query tiles start first. Approximate: Q and K are rounded to 127 levels per
+block (half away from zero, the reference to even: they differ on exact ties only); P is rounded to the value
+dtype before P·V (accumulated in float32); the output is in the value dtype.
 """
 
 from __future__ import annotations
@@ -16,68 +19,144 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import softmax_step
-from .reference import int8_blocks, smooth_keys
+from .common import softmax_update
+
+LOG2E = 1.4426950408889634  # scores are kept in base 2 (`softmax_update(..., BASE2=True)`)
+QUANT_BLOCK = 64  # tokens per int8 scale, for Q and for K (the reference's default blocks)
+PREFILL_LAUNCH = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}  # fastest of the H200 sweep
 
 
 @triton.jit
-def _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, q_len, kv_len, kv_blocks,
-               D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [start, start + BLOCK_N) into the running softmax of the query block."""
+def _quantize_kernel(x_ptr, mean_ptr, codes_ptr, scales_ptr, tokens, groups, D: tl.constexpr, BLOCK: tl.constexpr,
+                     SMOOTH: tl.constexpr):
+    """One block of `BLOCK` tokens of one head: codes = round(x' / s), s = max |x'| / 127, x' = x (- mean)."""
+    block = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    at = (head * tokens + rows[:, None]) * D + offs_d[None, :]
+    x = tl.load(x_ptr + at, mask=rows[:, None] < tokens, other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = tl.where(rows[:, None] < tokens, x - tl.load(mean_ptr + head * D + offs_d)[None, :], 0.0)
+    step = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-8) / 127
+    scaled = x / step
+    codes = tl.minimum(tl.maximum(tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5), -127.0), 127.0)
+    tl.store(codes_ptr + at, codes.to(tl.int8), mask=rows[:, None] < tokens)
+    tl.store(scales_ptr + head * groups + block, step)
+
+
+def int8_codes(x: torch.Tensor, block: int, smooth: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.int8_blocks(x)` (of `reference.smooth_keys(x)` if `smooth`) in one Triton pass."""
+    *lead, tokens, dim = x.shape
+    x = x.contiguous()
+    heads = x.numel() // max(tokens * dim, 1)
+    groups = triton.cdiv(tokens, block)
+    codes = torch.empty(x.shape, device=x.device, dtype=torch.int8)
+    scales = torch.empty(*lead, groups, device=x.device, dtype=torch.float32)
+    mean = x.float().mean(dim=-2).contiguous() if smooth else scales
+    _quantize_kernel[(groups, heads)](x, mean, codes, scales, tokens, groups, D=dim, BLOCK=block, SMOOTH=smooth)
+    return codes, scales
+
+
+@triton.jit
+def _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, kv_len, k_groups, offset,
+              v_stride, D: tl.constexpr, BLOCK_N: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
+              PV_FP8: tl.constexpr):
+    """Keys [start, start + BLOCK_N) into the running softmax of the query tile; MASKED: the causal mask and the
+    end of the keys apply (else every query of the tile sees every key of this one). PV_FP8: values are float8
+    codes stored transposed ([D, tokens], row stride `v_stride`) and P is scaled by 448 into float8 for the dot."""
     keys = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    k = tl.load(k_ptr + (kv_head * kv_len + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < kv_len, other=0)
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    s = s * (q_scale * tl.load(ks_ptr + kv_head * kv_blocks + start // BLOCK_N, mask=start < kv_len, other=0.0))
-    visible = (keys[None, :] <= offs_m[:, None] + kv_len - q_len) & (keys[None, :] < kv_len)
-    p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i, 1.0)  # s already carries the scales
-    v = tl.load(v_ptr + (kv_head * kv_len + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < kv_len,
-                other=0.0)
+    at = (kv_head * kv_len + keys[:, None]) * D + offs_d[None, :]
+    at_t = (kv_head * D + offs_d[:, None]) * v_stride + keys[None, :]
+    if MASKED:
+        k = tl.load(k_ptr + at, mask=keys[:, None] < kv_len, other=0)
+        k_scale = tl.load(ks_ptr + kv_head * k_groups + keys // K_GROUP, mask=keys < kv_len, other=0.0)
+    else:
+        k = tl.load(k_ptr + at)
+        k_scale = tl.load(ks_ptr + kv_head * k_groups + keys // K_GROUP)
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * (q_scale[:, None] * k_scale[None, :])
+    if MASKED:
+        s = tl.where((keys[None, :] <= offs_m[:, None] + offset) & (keys[None, :] < kv_len), s, float("-inf"))
+    p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
+    if PV_FP8:
+        vt = tl.load(v_ptr + at_t, mask=keys[None, :] < kv_len, other=0.0) if MASKED else tl.load(v_ptr + at_t)
+        return m_i, l_i, tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
+    v = tl.load(v_ptr + at, mask=keys[:, None] < kv_len, other=0.0) if MASKED else tl.load(v_ptr + at)
     return m_i, l_i, tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
 
 
 @triton.jit
-def _int8_prefill_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, out_ptr, q_len, kv_len, q_blocks, kv_blocks, scale,
-                         Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr):
-    block = tl.program_id(0)
+def _int8_prefill_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, out_ptr, q_len, kv_len, q_groups, k_groups,
+                         v_stride, scale, Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                         Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PV_FP8: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr):
+    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles first
     head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head (64-bit: offsets pass 2**31 at long contexts)
     kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + (head * q_len + offs_m[:, None]) * D + offs_d[None, :], mask=offs_m[:, None] < q_len, other=0)
-    q_scale = tl.load(qs_ptr + head * q_blocks + block) * scale
+    q_scale = tl.load(qs_ptr + head * q_groups + offs_m // Q_GROUP, mask=offs_m < q_len, other=0.0) * scale
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants: every key block, the causal mask applied
+    offset = kv_len - q_len  # query i sits at position i + offset: it sees keys <= i + offset
+    # keys before `full_end` are seen by every query of the tile; none at or past `end` by any
+    full_end = tl.minimum((block * BLOCK_M + offset + 1) // BLOCK_N, kv_len // BLOCK_N) * BLOCK_N
+    end = tl.minimum((block + 1) * BLOCK_M + offset, kv_len)
+    if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for start in range(0, INTERPRETED_BLOCKS * BLOCK_N, BLOCK_N):
-            m_i, l_i, acc = _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, q_len,
-                                       kv_len, kv_blocks, D, BLOCK_N)
-    else:  # causal: no key past the block's last query
-        for start in range(0, tl.minimum((block + 1) * BLOCK_M + kv_len - q_len, kv_len), BLOCK_N):
-            m_i, l_i, acc = _key_block(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, q_len,
-                                       kv_len, kv_blocks, D, BLOCK_N)
+            if start < full_end:
+                m_i, l_i, acc = _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head,
+                                          kv_len, k_groups, offset, v_stride, D, BLOCK_N, K_GROUP, False, PV_FP8)
+            elif start < end:
+                m_i, l_i, acc = _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head,
+                                          kv_len, k_groups, offset, v_stride, D, BLOCK_N, K_GROUP, True, PV_FP8)
+    else:
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, kv_len,
+                                      k_groups, offset, v_stride, D, BLOCK_N, K_GROUP, False, PV_FP8)
+        for start in range(full_end, end, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv_head, kv_len,
+                                      k_groups, offset, v_stride, D, BLOCK_N, K_GROUP, True, PV_FP8)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(out_ptr + (head * q_len + offs_m[:, None]) * D + offs_d[None, :], out, mask=offs_m[:, None] < q_len)
+    if PV_FP8:  # undo P's 448 and the values' per-channel scales
+        out = out * (tl.load(vs_ptr + kv_head * D + offs_d) / 448.0)[None, :]
+    tl.store(out_ptr + (head * q_len + offs_m[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < q_len)
 
 
-def int8_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, block_m: int = 64,
-                 block_n: int = 64, launch: dict | None = None) -> torch.Tensor:
-    """Causal attention [batch, q_heads, q_len, dim] (float32) of the last q_len positions over key/value [batch,
-    kv_heads, kv_len, dim] (16-bit values; GQA), scores from int8 Q and smoothed int8 K; see the module doc."""
+def fp8_values(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values [..., tokens, dim] as float8 e4m3 codes with one scale per channel (max |v| / 448), stored
+    transposed [..., dim, tokens rounded up to 16] for the kernel's P·V: (codes, scales [..., dim] float32)."""
+    scales = value.float().abs().amax(dim=-2).clamp_min(1e-8) / 448
+    codes = (value.float() / scales[..., None, :]).to(torch.float8_e4m3fn).transpose(-1, -2)
+    return torch.nn.functional.pad(codes.view(torch.uint8), (0, -value.shape[-2] % 16)).view(
+        torch.float8_e4m3fn).contiguous(), scales.contiguous()
+
+
+def int8_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                 q_block: int = QUANT_BLOCK, k_block: int = QUANT_BLOCK, launch: dict | None = None,
+                 pv_fp8: bool = False) -> torch.Tensor:
+    """Causal attention [batch, q_heads, q_len, dim] (value dtype) of the last q_len positions over key/value
+    [batch, kv_heads, kv_len, dim] (16-bit values; GQA), scores from int8 Q (one scale per `q_block` queries) and
+    smoothed int8 K (per `k_block` keys); `launch`: tiles and launch options over `PREFILL_LAUNCH`. pv_fp8: P·V in
+    float8 too (values per channel, `fp8_values`; P times 448), SageAttention2's second step."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    if q_heads % kv_heads or q_len > kv_len or value.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError("int8_prefill: q_heads must be a multiple of kv_heads, q_len <= kv_len, values 16-bit")
-    q_codes, q_scales = int8_blocks(query, block_m)
-    k_codes, k_scales = int8_blocks(smooth_keys(key.float()), block_n)
-    out = torch.empty(batch, q_heads, q_len, dim, device=query.device, dtype=torch.float32)
-    grid = (triton.cdiv(q_len, block_m), batch * q_heads)
-    interpreted = triton.cdiv(kv_len, block_n) if os.environ.get("TRITON_INTERPRET") == "1" else 0
-    _int8_prefill_kernel[grid](q_codes.contiguous(), q_scales.contiguous(), k_codes.contiguous(),
-                               k_scales.contiguous(), value.contiguous(), out, q_len, kv_len, q_scales.shape[-1],
-                               k_scales.shape[-1], scale, Q_HEADS=q_heads, GROUP=q_heads // kv_heads, D=dim,
-                               BLOCK_M=block_m, BLOCK_N=block_n, INTERPRETED_BLOCKS=interpreted,
-                               **(launch or {}))
+    if q_heads % kv_heads or q_len > kv_len or value.dtype not in (torch.float16, torch.bfloat16) or dim < 32:
+        raise ValueError("int8_prefill: q_heads must be a multiple of kv_heads, q_len <= kv_len, values 16-bit, "
+                         "head_dim >= 32 (int8 tensor-core dots reduce over at least 32)")
+    options = {**PREFILL_LAUNCH, **(launch or {})}
+    q_codes, q_scales = int8_codes(query, q_block, smooth=False)
+    k_codes, k_scales = int8_codes(key, k_block, smooth=True)
+    values, value_scales = fp8_values(value) if pv_fp8 else (value.contiguous(), k_scales)
+    out = torch.empty(batch, q_heads, q_len, dim, device=query.device, dtype=value.dtype)
+    grid = (triton.cdiv(q_len, options["BLOCK_M"]), batch * q_heads)
+    interpreted = triton.cdiv(kv_len, options["BLOCK_N"]) if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    _int8_prefill_kernel[grid](q_codes, q_scales, k_codes, k_scales, values, value_scales, out, q_len, kv_len,
+                               q_scales.shape[-1], k_scales.shape[-1], values.shape[-1], scale * LOG2E,
+                               Q_HEADS=q_heads, GROUP=q_heads // kv_heads, D=dim, Q_GROUP=q_block, K_GROUP=k_block,
+                               PV_FP8=pv_fp8, INTERPRETED_BLOCKS=interpreted, **options)
     return out

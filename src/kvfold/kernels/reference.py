@@ -149,11 +149,12 @@ def int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def int8_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                           block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                           block_m: int = 64, block_n: int = 64, pv_fp8: bool = False) -> torch.Tensor:
     """Causal attention [batch, q_heads, q_len, dim] (float32) of queries over keys and values [batch, kv_heads,
     kv_len, dim] (GQA: q_heads a multiple of kv_heads; the queries are the last q_len positions), with the scores
     computed from int8 codes: Q per `block_m` queries, smoothed K per `block_n` keys, each block with its own
-    scale. Approximate by the int8 rounding of Q and K (half a step each); softmax and P·V are exact here."""
+    scale. Approximate by the int8 rounding of Q and K (half a step each); softmax and P·V are exact here, unless
+    `pv_fp8`: then P (times 448) and V (per channel, max |v| -> 448) are rounded to float8 e4m3 before P·V."""
     group = query.shape[1] // key.shape[1]
     q_codes, q_scales = int8_blocks(query, block_m)
     k_codes, k_scales = int8_blocks(smooth_keys(key.float()), block_n)
@@ -166,7 +167,12 @@ def int8_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     causal = torch.arange(kv_len, device=query.device)[None, :] <= (
         torch.arange(q_len, device=query.device)[:, None] + kv_len - q_len)
     scores = scores.masked_fill(~causal, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ value.float().repeat_interleave(group, dim=1)
+    weights, values = torch.softmax(scores, dim=-1), value.float()
+    if pv_fp8:
+        value_scales = values.abs().amax(dim=-2, keepdim=True).clamp_min(1e-8) / 448
+        values = (values / value_scales).to(torch.float8_e4m3fn).float() * value_scales
+        weights = (weights * 448).to(torch.float8_e4m3fn).float() / 448
+    return weights @ values.repeat_interleave(group, dim=1)
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,

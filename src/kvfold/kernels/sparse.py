@@ -11,7 +11,8 @@ block reads, then block-sparse causal attention in Triton.
    turned into the blocks they cross. Every query block also keeps its diagonal block.
 
 `sparse_prefill(query, key, value, block_mask, scale, block)` computes `reference.block_sparse_attention` with
-the selected blocks only, skipping the others. The mask is an approximation of full attention; its recall of the
+the selected blocks only: per query block, a list of key blocks
+below the diagonal (no causal mask) and the diagonal block (masked). The mask is an approximation of full attention; its recall of the
 attention mass is measured, not assumed (`tests/kernels/test_sparse.py`, `benchmarks/prefill_kernel.py`).
 """
 
@@ -23,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import softmax_step
+from .common import softmax_update
+from .prefill import LOG2E
 
 
 def _cumulative_pick(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -88,10 +90,30 @@ def flexprefill_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma
 
 
 @triton.jit
-def _sparse_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens, blocks, scale,
+def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: tl.constexpr,
+                 BLOCK: tl.constexpr, DIAGONAL: tl.constexpr):
+    """Key block j into the running softmax. Below the diagonal every query of the tile sees every key of the
+    block; on it (DIAGONAL) the causal mask and the end of the keys apply."""
+    keys = j * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    at = (kv_head * tokens + keys[:, None]) * D + offs_d[None, :]
+    if DIAGONAL:
+        k = tl.load(k_ptr + at, mask=keys[:, None] < tokens, other=0.0)
+        visible = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < tokens)
+        s = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        v = tl.load(v_ptr + at, mask=keys[:, None] < tokens, other=0.0)
+    else:
+        s = tl.dot(q, tl.trans(tl.load(k_ptr + at))) * scale
+        v = tl.load(v_ptr + at)
+    p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
+    return m_i, l_i, tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+
+
+@triton.jit
+def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out_ptr, tokens, blocks, scale,
                    Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                    INTERPRETED_BLOCKS: tl.constexpr):
-    block = tl.program_id(0)
+    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
     head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head
     kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
     offs_m = block * BLOCK + tl.arange(0, BLOCK)
@@ -101,48 +123,52 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens, blocks, scale
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
+    row = head * blocks + block
+    count = tl.load(counts_ptr + row)
     if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
-        for j in range(0, INTERPRETED_BLOCKS):
-            m_i, l_i, acc = _sparse_block(q, j, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, mask_ptr, head, kv_head,
-                                          tokens, blocks, scale, D, BLOCK)
+        for index in range(0, INTERPRETED_BLOCKS):
+            if index < count:
+                m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc,
+                                             k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK, False)
     else:
-        for j in range(0, block + 1):
-            m_i, l_i, acc = _sparse_block(q, j, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, mask_ptr, head, kv_head,
-                                          tokens, blocks, scale, D, BLOCK)
+        for index in range(0, count):
+            m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc, k_ptr,
+                                         v_ptr, kv_head, tokens, scale, D, BLOCK, False)
+    if tl.load(diagonal_ptr + row) != 0:
+        m_i, l_i, acc = _sparse_tile(q, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK,
+                                     True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], out, mask=offs_m[:, None] < tokens)
+    tl.store(out_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < tokens)
 
 
-@triton.jit
-def _sparse_block(q, j, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, mask_ptr, head, kv_head, tokens, blocks, scale,
-                  D: tl.constexpr, BLOCK: tl.constexpr):
-    """Key block j into the running softmax, if the mask selects it for this query block (and it is causal)."""
-    if (tl.load(mask_ptr + (head * blocks + block) * blocks + j) != 0) & (j <= block):
-        keys = j * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, D)
-        k = tl.load(k_ptr + (kv_head * tokens + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < tokens,
-                    other=0.0)
-        visible = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < tokens)
-        p, alpha, m_i, l_i = softmax_step(tl.dot(q, tl.trans(k)), visible, m_i, l_i, scale)
-        v = tl.load(v_ptr + (kv_head * tokens + keys[:, None]) * D + offs_d[None, :], mask=keys[:, None] < tokens,
-                    other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_i, l_i, acc
+def block_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal block mask [..., blocks, blocks] as the kernel walks it: per query block, the selected key blocks
+    below the diagonal in ascending order (int32 [..., blocks, blocks], the first `counts` valid), their counts
+    (int32 [..., blocks]) and whether the diagonal block is selected (int8 [..., blocks])."""
+    blocks = block_mask.shape[-1]
+    below = block_mask & torch.ones(blocks, blocks, dtype=torch.bool, device=block_mask.device).tril(-1)
+    picks = torch.sort((~below).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)  # selected first
+    return picks, below.sum(-1, dtype=torch.int32), block_mask.diagonal(dim1=-2, dim2=-1).to(torch.int8)
 
 
 def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
                    scale: float, block: int = 64, launch: dict | None = None) -> torch.Tensor:
     """`reference.block_sparse_attention` in Triton: 16-bit query/key/value [batch, heads, tokens, dim] (GQA),
-    block_mask [batch, q_heads, blocks, blocks]; float32 output [batch, q_heads, tokens, dim]."""
+    block_mask [batch, q_heads, blocks, blocks]; output [batch, q_heads, tokens, dim] in the value dtype. Only the
+    selected blocks are read: the mask becomes per-query-block lists of key blocks (`block_lists`)."""
     batch, q_heads, tokens, dim = query.shape
     blocks = -(-tokens // block)
     if q_heads % key.shape[1] or block_mask.shape != (batch, q_heads, blocks, blocks):
         raise ValueError(f"sparse_prefill: q_heads must be a multiple of kv_heads and the mask [batch, q_heads, "
                          f"{blocks}, {blocks}], got {tuple(block_mask.shape)}")
-    out = torch.empty(batch, q_heads, tokens, dim, device=query.device, dtype=torch.float32)
+    picks, counts, diagonal = block_lists(block_mask.bool())
+    out = torch.empty(batch, q_heads, tokens, dim, device=query.device, dtype=value.dtype)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    options = {"num_warps": 8 if block >= 128 else 4, "num_stages": 2 if block >= 128 else 3, **(launch or {})}
     _sparse_kernel[(blocks, batch * q_heads)](
-        query.contiguous(), key.contiguous(), value.contiguous(), block_mask.to(torch.int8).contiguous(), out, tokens,
-        blocks, scale, Q_HEADS=q_heads, GROUP=q_heads // key.shape[1], D=dim, BLOCK=block,
-        INTERPRETED_BLOCKS=interpreted, **(launch or {}))
+        query.contiguous(), key.contiguous(), value.contiguous(), picks, counts, diagonal, out, tokens, blocks,
+        scale * LOG2E,
+        Q_HEADS=q_heads, GROUP=q_heads // key.shape[1], D=dim, BLOCK=block, INTERPRETED_BLOCKS=interpreted,
+        **options)
     return out
