@@ -148,6 +148,27 @@ def test_fast_loop_through_the_kernel_over_device_tables(model, spec, monkeypatc
     assert fast.cuda_graph == (DEVICE == "cuda")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_zipcache_mixed_pages_through_the_kernel_in_the_fast_loop(monkeypatch):
+    """ZipCache's mixed pages (two parts of one page table, 13 and 3 slots a page) through the fast loop's device
+    tables, packing while decoding: the same tokens as the reference."""
+    from kvfold.kernels.decode import supports
+
+    model = make_tiny_llama(layers=2, head_dim=64).to(DEVICE)
+    prompts = [PROMPTS[0][:40], PROMPTS[1][:27]]
+    spec = "zipcache:group=16,residual=16,salient=0.8"
+    cache = make_cache(model, spec)
+    with torch.inference_mode(), use_kvfold_attention(model):
+        prefill(model, cache, torch.tensor([prompts[0]], device=DEVICE))
+    layer = cache.layers[0]
+    assert layer.kernel_readable and supports(layer.kernel_parts(), 64) and layer.packed.lengths.sum() > 0
+    monkeypatch.setenv("KVFOLD_KERNELS", "triton")
+    fast = generate_batch(model, prompts, method=spec, max_new_tokens=10, fast=True)  # packs at 48: crosses a tick
+    monkeypatch.setenv("KVFOLD_KERNELS", "reference")
+    reference = generate_batch(model, prompts, method=spec, max_new_tokens=10, fast=True)
+    assert [o.tokens for o in fast.outputs] == [o.tokens for o in reference.outputs]
+
+
 @pytest.mark.parametrize("bad, message", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
                                           (dict(temperature=float("nan")), "temperature")])
 def test_bad_sampling_is_a_clear_error(bad, message):

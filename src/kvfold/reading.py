@@ -72,10 +72,12 @@ class StoreReader:
         per_row = [row[row >= 0].sort().values for row in flat]
         return [per_row[b * self.kv_heads:(b + 1) * self.kv_heads] for b in range(self.batch_size)]
 
-    def chunks(self):
-        """The stored K/V as decoded chunks, oldest first: low-rank latents, sinks, packed pages, the tail."""
+    def chunks(self, latent: bool = False):
+        """The stored K/V as decoded chunks, oldest first: low-rank latents (rebuilt, or with `latent` as a
+        `LatentChunk` that `paged_attention` reads in the latent space), sinks, packed pages, the tail."""
         if self.lowrank is not None:
-            yield KVChunk(*self.lowrank.layer_kv(self.layer_idx, self.kv_heads))
+            yield (self.lowrank.layer_latents(self.layer_idx, self.kv_heads) if latent
+                   else KVChunk(*self.lowrank.layer_kv(self.layer_idx, self.kv_heads)))
         for name, rows in self.stores():
             if name == "packed":
                 for fields, valid in rows.read(tuple(rows.pool.fields), PAGE_CHUNK):
@@ -109,7 +111,7 @@ class StoreReader:
             chunks = [*self.chunks(), *([new] if new is not None else [])]
             out = sdpa_over_store(grouped, positions, chunks, scale, self.sliding_window)
         else:
-            stream = itertools.chain(self.chunks(), [new] if new is not None else [])
+            stream = itertools.chain(self.chunks(latent=True), [new] if new is not None else [])
             # A long turn (a prefill chunk) attends QUERY_BLOCK queries at a time over the store decoded once; a
             # short one streams the store page chunk by page chunk and never holds it whole.
             chunks = stream if n <= QUERY_BLOCK else list(stream)
@@ -143,9 +145,11 @@ class StoreReader:
 
     @property
     def kernel_readable(self) -> bool:
-        """Whether the Triton decode kernel can read this store's pages (every quantizer but mixed-precision ones)."""
+        """Whether the Triton decode kernel can read this store's pages: not low-rank latents, nor mixed-precision
+        pages in a sliding-window layer (their slots' positions are not where the kernel's window reads them)."""
         quantizer = self.compressor.quantizer
-        return self.compressor.lowrank is None and (quantizer is None or quantizer.has_kernel)
+        mixed_window = quantizer is not None and quantizer.ranks_tokens and self.sliding_window is not None
+        return self.compressor.lowrank is None and (quantizer is None or quantizer.has_kernel) and not mixed_window
 
     def kernel_parts(self, mirrors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list:
         """The store as the decode kernel reads it: packed pages (if any), then the full-precision pages.
@@ -159,9 +163,10 @@ class StoreReader:
             table, lengths = mirrors[name] if mirrors else (rows.table.to(torch.int32).to(self.device),
                                                             rows.lengths.to(torch.int32).to(self.device))
             meta = dict(table=table, lengths=lengths, positions=t["pos"])
-            if rows is self.packed:
-                parts.append(PagedPart(**self.compressor.quantizer.kernel_part(t, self.head_dim),
-                                       rotation=self.rotation, value_rotation=self.value_rotation, **meta))
+            if rows is self.packed:  # a quantizer gives one part, or one per kind of slot (ZipCache's mixed pages)
+                described = self.compressor.quantizer.kernel_part(t, self.head_dim)
+                parts += [PagedPart(**{**meta, **fields}, rotation=self.rotation, value_rotation=self.value_rotation)
+                          for fields in (described if isinstance(described, list) else [described])]
             else:
                 parts.append(PagedPart(keys=t["k"], values=t["v"], **meta))
         return parts

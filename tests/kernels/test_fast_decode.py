@@ -48,6 +48,42 @@ def test_fast_kernels_match_reference(spec, dim, group, window, dtype):
     assert err < bound, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("spec", ["zipcache:group=32,residual=16", "zipcache:8,low=4,group=16,residual=16,salient=0.3",
+                                  "rotate+zipcache:group=32,residual=16"])
+@pytest.mark.parametrize("dim, group", [(64, 4), (128, 3)])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+def test_zipcache_mixed_pages_match_reference(spec, dim, group, dtype):
+    """ZipCache's pages (salient slots at high bits, the rest at low bits, channel-separable values) read as two
+    parts of one page table, any number of slots per part; float32 queries too (float16 dots)."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens = 2, 2, 150
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, None, dtype=dtype)
+    parts = layer.kernel_parts()
+    mixed = [part for part in parts if part.page_tokens]
+    assert len(mixed) == 2 and {part.positions.shape[1] for part in mixed} & {13, 19, 5, 11}  # not powers of two
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).to(dtype)
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5)
+    got = paged_decode(query, parts, tokens - 1, dim ** -0.5, pages_per_split=2)
+    err = ((got - expected).norm() / expected.norm()).item()
+    assert err < BOUND[torch.bfloat16 if dtype == torch.bfloat16 else torch.float16], f"relative error {err:.2e}"
+
+
+def test_zipcache_pages_the_kernel_cannot_read_go_to_the_reference():
+    """Bit fields narrower than 16 channels (2-bit, head_dim 32) or a sliding window: the layer reads its store with
+    the reference, and the kernel refuses such parts with a clear error."""
+    from kvfold.kernels.decode import paged_decode, supports
+
+    narrow = filled_layer("zipcache:group=32,residual=16", 1, 1, 32, 80, 16, None, dtype=torch.float16)
+    assert not supports(narrow.kernel_parts(), 32)
+    windowed = filled_layer("zipcache:group=32,residual=16", 1, 1, 64, 80, 16, 23, dtype=torch.float16)
+    assert not windowed.kernel_readable
+    query = torch.randn(1, 1, 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="sliding window"):
+        paged_decode(query, windowed.kernel_parts(), 79, 0.125, sliding_window=23)
+
+
 def test_kivi_bit_fields_cover_every_channel():
     """One packed key differs from the others in one channel only, and so does the query: if the kernel read that
     channel (whichever bit field of its byte holds it), the token wins the softmax and the output is its value."""

@@ -72,6 +72,30 @@ def test_groups_forks_and_ragged_batches(model):
         assert [o.tokens for o in factored.outputs] == [o.tokens for o in exact.outputs]
 
 
+def test_decoding_attends_in_the_latent_space_like_the_rebuilt_prompt(model):
+    """q·(latent Bk) = (q Bkᵀ)·latent and Σ p (latent Bv) = (Σ p latent) Bv: the latent chunk gives the attention of
+    the rebuilt K and V (ragged batch: the shorter row's padding stays invisible) without rebuilding them."""
+    from kvfold.kernels.reference import KVChunk, LatentChunk, paged_attention
+
+    prompts = [list(range(5, 125)), list(range(7, 67))]
+    cache = kvfold.make_cache(model, "xkv:0.5,layers=2")
+    ids = torch.tensor([prompts[0], [0] * 60 + prompts[1]])
+    mask = torch.ones_like(ids)
+    mask[1, :60] = 0
+    with torch.inference_mode(), use_kvfold_attention(model):
+        prefill(model, cache, ids, attention_mask=mask)
+    layer = cache.layers[1]
+    latent = next(layer.chunks(latent=True))
+    rebuilt = next(layer.chunks())
+    assert isinstance(latent, LatentChunk) and isinstance(rebuilt, KVChunk)
+    assert latent.key_latents.shape[-1] == 32  # half of the group width: 2 layers x 2 KV heads x head_dim 16
+    torch.manual_seed(0)
+    query = torch.randn(rebuilt.keys.shape[0], 3, 16)
+    positions = torch.full((3,), 200)
+    torch.testing.assert_close(paged_attention(query, positions, [latent], 0.25),
+                               paged_attention(query, positions, [rebuilt], 0.25), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("snapkv:0.5+xkv", "does not compose"), ("xkv+kivi:4", "does not compose"),
     ("xkv:0", "key must be in"), ("xkv:value=1.5", "value must be in"), ("xkv:layers=0", "layers must be"),

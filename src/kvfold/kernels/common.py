@@ -30,6 +30,14 @@ def page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr):
 
 
 @triton.jit
+def padded_page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr, P_PAD: tl.constexpr):
+    """`page_rows` for P slots of any number, padded to the power of two P_PAD (the padding is never valid)."""
+    page = tl.load(table_ptr + row * width + page_index, mask=page_index * P < length, other=0).to(tl.int64)
+    slots = tl.arange(0, P_PAD)
+    return page, (page_index * P + slots < length) & (slots < P)
+
+
+@triton.jit
 def softmax_update(s, m_i, l_i, BASE2: tl.constexpr = False):
     """One tile of scaled scores [queries, keys] (-inf where hidden) into the running softmax: returns p, the
     rescale factor alpha, and the new m, l. BASE2: the scores are already times log2(e) and exponentiate in base

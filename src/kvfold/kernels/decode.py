@@ -43,6 +43,10 @@ class PagedPart:
     scaled: int = 0
     rotation: torch.Tensor | None = None  # [dim, dim] float32, orthogonal: keys are stored as k @ rotation
     value_rotation: torch.Tensor | None = None  # values' own R (None: the keys')
+    # ZipCache's mixed pages: the store's pages hold `page_tokens` tokens and this part P of their slots (any P);
+    # `lengths` count the store's tokens (whole pages); value scales hold `page_tokens` slots a page
+    page_tokens: int = 0
+    value_channel: torch.Tensor | None = None  # [pages, dim] float16: the values' factor per page and channel
 
 
 @triton.jit
@@ -149,7 +153,7 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     grid = (rows, splits)
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page, PAGES_PER_SPLIT=pages_per_split,
                  WINDOWED=window > 0)
-    fast = None if precise else fast_kind(part, dim, query.device)
+    fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     dummy = part.positions  # unused pointers
     if fast == "full":
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
@@ -160,8 +164,11 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         smooth = part.key_smooth
         kivi_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, part.key_scale,
                                 part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
-                                part.value_zero, m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
-                                VG=part.value_group, KEY_TOKEN=smooth is not None, **shape,
+                                part.value_zero, part.value_channel if part.value_channel is not None else dummy,
+                                m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
+                                VG=part.value_group, KEY_TOKEN=smooth is not None, PAGE_TOKENS=part.page_tokens,
+                                P_PAD=max(16, triton.next_power_of_2(page)) if part.page_tokens else 0,  # dots: K >= 16
+                                VALUE_CHANNEL=part.value_channel is not None, **shape,
                                 **{**FAST_LAUNCH, **(TWO_BIT_LAUNCH if part.bits == 2 else {}),
                                    **(SCALED_LAUNCH if smooth is not None else {}), **launch})
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
@@ -198,6 +205,8 @@ def fast_kind(part: PagedPart, dim: int, device) -> str | None:
     """Which kernel of `fast_decode` reads this part for a 16-bit query: "full" (16-bit or scaled float8 pages),
     "packed" (KIVI's or KV4's packed pages), or None (the general kernel: float32 pages, other formats). On a GPU
     each bit field's dot product needs >= 16 channels."""
+    if part.page_tokens:  # mixed pages: only the packed kernel reads them (float16 dots, whatever the query)
+        return "packed" if dim * part.bits // 8 >= 16 else None
     if part.bits == 0:
         return "full" if part.keys.dtype in (torch.float16, torch.bfloat16) or part.scaled else None
     if part.scaled or part.bits not in (2, 4, 8):
@@ -207,8 +216,10 @@ def fast_kind(part: PagedPart, dim: int, device) -> str | None:
 
 def supports(parts: list[PagedPart], dim: int) -> bool:
     """Whether the kernel compiles for these parts on a GPU: Triton's tiles need pages of a power-of-two number of
-    tokens, >= 16, and a power-of-two head_dim >= 16."""
+    tokens, >= 16, and a power-of-two head_dim >= 16; mixed pages (`page_tokens`) any number of slots, and
+    bytes of >= 16 channels per bit field (the packed kernel reads them)."""
     return dim >= 16 and not dim & (dim - 1) and all(
+        fast_kind(p, dim, torch.device("cuda")) == "packed" if p.page_tokens else
         (size := p.positions.shape[1]) >= 16 and not size & (size - 1) for p in parts)
 
 
@@ -238,7 +249,11 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     A float32 query gets float32 dot products (matching the reference to ~1e-6); 16-bit queries get bfloat16
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
     `launch` overrides Triton's launch options (num_warps, num_stages), for `benchmarks/decode_kernel.py --sweep`.
+    Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not
+    in sliding-window layers.
     """
+    if any(p.page_tokens and (sliding_window or not supports([p], query.shape[-1])) for p in parts):
+        raise ValueError("paged_decode: mixed-precision pages need bit fields of >= 16 channels and no sliding window")
     precise = query.dtype == torch.float32
     query = query.float().contiguous()
     if not isinstance(q_pos, torch.Tensor):

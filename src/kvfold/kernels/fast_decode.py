@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask
+from .common import empty_state, padded_page_rows, page_rows, query_tile, softmax_step, store_stats, window_mask
 
 
 @triton.jit
@@ -105,16 +105,21 @@ def _smoothed_query(q, ksm_ptr, channel, r: tl.constexpr):
 
 
 @triton.jit
-def _value_field(codes, vs_ptr, vz_ptr, token_stat, channels, valid, r: tl.constexpr, BITS: tl.constexpr,
-                 NVG: tl.constexpr, VG: tl.constexpr):
+def _value_field(codes, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, r: tl.constexpr,
+                 BITS: tl.constexpr, NVG: tl.constexpr, VG: tl.constexpr, D: tl.constexpr,
+                 VALUE_CHANNEL: tl.constexpr):
     """Values of bit field r, [P, J]: a scale and zero per token and group of VG channels, chosen per channel by
-    selects over the NVG groups (the channels of field r are `channels + r`)."""
+    selects over the NVG groups (the channels of field r are `channels + r`); VALUE_CHANNEL: times the page's
+    factor per channel (ZipCache's channel-separable values)."""
     chan = channels[None, :] + r
     scale = tl.load(vs_ptr + token_stat).to(tl.float16)[:, None] + tl.zeros(chan.shape, tl.float16)
     zero = tl.load(vz_ptr + token_stat).to(tl.float16)[:, None] + tl.zeros(chan.shape, tl.float16)
     for g in tl.static_range(1, NVG):
         scale = tl.where(chan >= g * VG, tl.load(vs_ptr + token_stat + g).to(tl.float16)[:, None], scale)
         zero = tl.where(chan >= g * VG, tl.load(vz_ptr + token_stat + g).to(tl.float16)[:, None], zero)
+    if VALUE_CHANNEL:
+        scale = scale * tl.load(vch_ptr + page * D + chan).to(tl.float16)
+        zero = zero * tl.load(vch_ptr + page * D + chan).to(tl.float16)
     return tl.where(valid[:, None], _field(codes, r, BITS) * scale + zero, 0.0).to(tl.float16)
 
 
@@ -146,22 +151,32 @@ def _query_field(q_ptr, row, offs_g, channels, r: tl.constexpr, G: tl.constexpr,
 
 @triton.jit
 def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
-                      m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
+                      vch_ptr, m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BITS: tl.constexpr, VG: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr,
-                      KEY_TOKEN: tl.constexpr):
+                      KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0, P_PAD: tl.constexpr = 0,
+                      VALUE_CHANNEL: tl.constexpr = False):
     """Packed pages: codes [P, D * BITS / 8] bytes; values with a scale and zero per token per VG channels. Keys
     with a scale and zero per channel per page (KIVI), or (KEY_TOKEN, QServe's KV4) per token, times the page's
     channel factors λ: then q·k = scale_t Σ (qλ)·c + zero_t Σ qλ, so the codes still go straight into the dots.
-    Up to four bit fields per byte, each its own dot product."""
+    Up to four bit fields per byte, each its own dot product.
+    PAGE_TOKENS (ZipCache's mixed pages): each page of the store holds PAGE_TOKENS tokens, of which this part reads
+    P slots (any P, padded to the power of two P_PAD): row lengths count the store's tokens (whole pages), and the value
+    scales hold PAGE_TOKENS slots a page; VALUE_CHANNEL: the values also have a factor per page and channel."""
     PER_BYTE: tl.constexpr = 8 // BITS
     J: tl.constexpr = D // PER_BYTE
     NVG: tl.constexpr = D // VG
+    STAT: tl.constexpr = PAGE_TOKENS if PAGE_TOKENS else P  # slots per page in the value scales
     row = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(len_ptr + row)
+    if PAGE_TOKENS:
+        length = length // PAGE_TOKENS * P  # whole pages: this part's slots in them
     offs_g = tl.arange(0, BLOCK_G)
-    offs_p = tl.arange(0, P)
+    if PAGE_TOKENS:
+        offs_p = tl.arange(0, P_PAD)
+    else:
+        offs_p = tl.arange(0, P)
     channels = tl.arange(0, J) * PER_BYTE  # the first channel of each byte
     q0 = _query_field(q_ptr, row, offs_g, channels, 0, G, D)
     q1 = _query_field(q_ptr, row, offs_g, channels, 1 % PER_BYTE, G, D)
@@ -176,8 +191,11 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
     first = split * PAGES_PER_SPLIT
     if first * P < length:
         for i in range(PAGES_PER_SPLIT):
-            page, valid = page_rows(table_ptr, row, width, first + i, length, P)
-            valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
+            if PAGE_TOKENS:
+                page, valid = padded_page_rows(table_ptr, row, width, first + i, length, P, P_PAD)
+            else:
+                page, valid = page_rows(table_ptr, row, width, first + i, length, P)
+                valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
             code_off = page * P * J + offs_p[:, None] * J + tl.arange(0, J)[None, :]
             kc = tl.load(k_ptr + code_off, mask=valid[:, None], other=0)
             vc = tl.load(v_ptr + code_off, mask=valid[:, None], other=0)
@@ -196,17 +214,17 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                     s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
             p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
             p = p.to(tl.float16)
-            token_stat = page * P * NVG + offs_p * NVG
-            acc0 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, token_stat, channels, valid, 0, BITS, NVG, VG),
-                          acc0 * alpha[:, None])
+            token_stat = page * STAT * NVG + offs_p * NVG
+            acc0 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 0, BITS,
+                                          NVG, VG, D, VALUE_CHANNEL), acc0 * alpha[:, None])
             if PER_BYTE >= 2:
-                acc1 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, token_stat, channels, valid, 1, BITS, NVG, VG),
-                              acc1 * alpha[:, None])
+                acc1 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 1,
+                                              BITS, NVG, VG, D, VALUE_CHANNEL), acc1 * alpha[:, None])
             if PER_BYTE == 4:
-                acc2 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, token_stat, channels, valid, 2, BITS, NVG, VG),
-                              acc2 * alpha[:, None])
-                acc3 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, token_stat, channels, valid, 3, BITS, NVG, VG),
-                              acc3 * alpha[:, None])
+                acc2 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 2,
+                                              BITS, NVG, VG, D, VALUE_CHANNEL), acc2 * alpha[:, None])
+                acc3 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 3,
+                                              BITS, NVG, VG, D, VALUE_CHANNEL), acc3 * alpha[:, None])
     out = store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
     out_row = acc_ptr + out[:, None] * D + channels[None, :]
     g_mask = offs_g[:, None] < G

@@ -91,10 +91,24 @@ class KVChunk:
     valid: torch.Tensor  # [rows, tokens] bool
 
 
+@dataclass(frozen=True)
+class LatentChunk:
+    """Keys and values as latents times a basis per row (xKV's factored prompt): keys[row] = key_latents[row] @
+    key_basis[row]. Attention reads it in the latent space, never rebuilding K and V: q·k = (q Bkᵀ)·latent and
+    Σ p v = (Σ p latent_v) Bv, which costs a token rank-many products instead of head_dim."""
+
+    key_latents: torch.Tensor  # [rows, tokens, key rank] (zeros past a row's end)
+    key_basis: torch.Tensor  # [rows, key rank, head_dim]
+    value_latents: torch.Tensor  # [rows, tokens, value rank]
+    value_basis: torch.Tensor  # [rows, value rank, head_dim]
+    positions: torch.Tensor  # [rows, tokens] int
+    valid: torch.Tensor  # [rows, tokens] bool
+
+
 def paged_attention(
     query: torch.Tensor,
     query_positions: torch.Tensor,
-    chunks: Iterable[KVChunk],
+    chunks: Iterable[KVChunk | LatentChunk],
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
@@ -112,7 +126,11 @@ def paged_attention(
     denom = torch.zeros(rows, n, device=q.device)
     acc = torch.zeros(rows, n, dim, device=q.device)
     for chunk in chunks:
-        logits = torch.bmm(q, chunk.keys.transpose(1, 2)) * scale
+        latent = isinstance(chunk, LatentChunk)
+        if latent:
+            logits = torch.bmm(torch.bmm(q, chunk.key_basis.transpose(1, 2)), chunk.key_latents.transpose(1, 2)) * scale
+        else:
+            logits = torch.bmm(q, chunk.keys.transpose(1, 2)) * scale
         k_pos = chunk.positions.unsqueeze(1)
         visible = chunk.valid.unsqueeze(1) & (k_pos <= q_pos.unsqueeze(2))
         if sliding_window is not None:
@@ -123,8 +141,11 @@ def paged_attention(
         probs = torch.exp(logits - safe_max.unsqueeze(2))
         correction = torch.exp(running_max - safe_max)
         denom = denom * correction + probs.sum(dim=2)
-        values = chunk.values.masked_fill(~chunk.valid.unsqueeze(2), 0.0)  # empty slots may hold garbage
-        acc = acc * correction.unsqueeze(2) + torch.bmm(probs, values)
+        if latent:  # latents past a row's end are zeros
+            acc = acc * correction.unsqueeze(2) + torch.bmm(torch.bmm(probs, chunk.value_latents), chunk.value_basis)
+        else:
+            values = chunk.values.masked_fill(~chunk.valid.unsqueeze(2), 0.0)  # empty slots may hold garbage
+            acc = acc * correction.unsqueeze(2) + torch.bmm(probs, values)
         running_max = new_max
     return acc / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(2)
 

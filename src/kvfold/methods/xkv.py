@@ -14,7 +14,9 @@ are stored once for all sequences) — cheaper, and less exact than the per-prom
 (Eckart–Young, tested); at rank = width it is exact. Compression runs once, after the prompt's prefill (the group's
 last layer triggers it); tokens decoded later stay in full precision. It stands alone: not after eviction (rows
 must hold the same tokens in every layer and head), not before a quantizer, not in chunked prefill and not on
-sliding-window layers; attention over the latents runs the PyTorch reference.
+sliding-window layers. Decoding attends in the latent space (`GroupLatents.layer_latents`: the query projected on
+the key basis, the output on the value basis), never rebuilding the prompt's K and V; the PyTorch reference runs
+it (no Triton kernel).
 """
 
 from __future__ import annotations
@@ -129,6 +131,29 @@ class GroupLatents:
             values[b, :, :n] = (self.value_latents[b] @ self.value_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
         rows = batch * kv_heads
         return keys.view(rows, width, dim), values.view(rows, width, dim), positions, positions >= 0
+
+
+    def layer_latents(self, layer: int, kv_heads: int):
+        """The layer's prompt as a `kernels.reference.LatentChunk` (rows = batch * kv_heads): the group's latents,
+        shared by the heads (expanded, not copied per head), and the layer's basis sliced per head."""
+        from ..kernels.reference import LatentChunk
+
+        positions = self.row_positions(kv_heads)
+        width = positions.shape[1]
+
+        def rows(latents: list[torch.Tensor]) -> torch.Tensor:  # per element [n_b, r_b] -> [rows, width, r]
+            rank = max(lat.shape[1] for lat in latents)  # r_b <= n_b: a short prompt has a smaller rank
+            padded = torch.stack([torch.nn.functional.pad(lat.float(), (0, rank - lat.shape[1], 0, width - lat.shape[0]))
+                                  for lat in latents])
+            return padded.unsqueeze(1).expand(-1, kv_heads, -1, -1).flatten(0, 1)
+
+        def bases(per_element: list[torch.Tensor]) -> torch.Tensor:  # [r_b, kv_heads * dim] -> [rows, r, dim]
+            rank = max(b.shape[0] for b in per_element)
+            return torch.cat([torch.nn.functional.pad(b.float(), (0, 0, 0, rank - b.shape[0])).view(
+                rank, kv_heads, -1).transpose(0, 1) for b in per_element])
+
+        return LatentChunk(rows(self.key_latents), bases(self.key_bases[layer]), rows(self.value_latents),
+                           bases(self.value_bases[layer]), positions, positions >= 0)
 
 
 class LayerGroup:

@@ -21,8 +21,9 @@ and zero per token) — far fewer parameters than fine groups, yet outlier chann
 Approximate: every element is rounded to its grid (at most half a step, bounded by the tests). Tokens packed
 while decoding (the residual tail, every `group` steps) are ranked inside their own page by the attention of the
 last `recent` queries restricted to that page, not by prompt probes; the paper re-estimates saliency from its
-streaming probes every 100 steps. The Triton decode kernel does not read these pages: attention over them runs
-the PyTorch reference.
+streaming probes every 100 steps. The Triton decode kernel reads these pages as two parts over one page table
+(`kernel_part`: the high slots and the low ones, each with its bits; float16 dot products); in sliding-window
+layers attention over them runs the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ class ZipCache(Quantizer):
     """Salient tokens at `bits`, the rest at `low` bits, in mixed pages; `residual` newest tokens in float16."""
 
     paper = "ZipCache (He et al., 2024)"
-    has_kernel: ClassVar[bool] = False
     ranks_tokens: ClassVar[bool] = True
 
     bits: int = 4
@@ -129,9 +129,16 @@ class ZipCache(Quantizer):
         ], dim=-2) * fields["v_channel"].float().unsqueeze(-2)
         return k.flatten(-3, -2), v.flatten(-3, -2)
 
-    def kernel_part(self, tensors: dict[str, torch.Tensor], head_dim: int) -> dict:
-        raise KVFoldError("zipcache: the Triton decode kernel does not read mixed-precision pages; kvfold reads them "
-                          "with the PyTorch reference")
+    def kernel_part(self, tensors: dict[str, torch.Tensor], head_dim: int) -> list[dict]:
+        """Two parts over the same page table: the `high_slots` slots of each page at `bits`, the others at `low`
+        (the packed kernel's mixed-page mode: row lengths in whole pages of `group` tokens)."""
+        high = self.high_slots
+        common = dict(value_group=head_dim, page_tokens=self.group, value_channel=tensors["v_channel"])
+        return [dict(keys=tensors[f"k_{kind}"], values=tensors[f"v_{kind}"], bits=bits,
+                     key_scale=tensors[f"k_{kind}_scale"], key_zero=tensors[f"k_{kind}_zero"],
+                     value_scale=tensors["v_scale"][:, slots], value_zero=tensors["v_zero"][:, slots],
+                     positions=tensors["pos"][:, slots], **common)
+                for kind, bits, slots in (("high", self.bits, slice(0, high)), ("low", self.low, slice(high, None)))]
 
     # ---- saliency ---------------------------------------------------------------------------------------------
     def probe_indices(self, n_queries: int) -> torch.Tensor:
