@@ -50,6 +50,9 @@ def compact(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[dict[
     """
     rows, tokens = keep.shape[0] * keep.shape[1], keep.shape[2]
     keep = keep.reshape(rows, tokens)
+    if bool(keep.all()):  # every token kept (a decoded token, an uncompressed prompt): nothing to gather
+        return ({name: t.reshape(rows, tokens, *t.shape[3:]) for name, t in tensors.items()},
+                torch.full((rows,), tokens, dtype=torch.long))
     counts = keep.sum(dim=1)
     width = int(counts.max()) if rows else 0
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
