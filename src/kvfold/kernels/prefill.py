@@ -1,5 +1,5 @@
 """Low-bit prefill attention (SageAttention2's recipe, arXiv:2411.10958, in Triton): Q and smoothed K in int8
-per block, int8 tensor-core dot products for the scores, P·V in 16-bit, causal, GQA.
+per block, int8 tensor-core dot products for the scores, P·V in 16-bit (or float8: `pv_fp8`), causal, GQA.
 
 `int8_prefill(query, key, value, scale)` computes `reference.int8_prefill_attention` (tested equal under
 TRITON_INTERPRET=1 on the CPU; on a GPU by `benchmarks/prefill_kernel.py`, which also times it against SDPA).
@@ -8,7 +8,9 @@ of Q and of K (K minus its per-channel mean); the attention kernel then reads in
 16-bit) and 16-bit V. Key tiles every query of a tile sees run without the causal mask; only the tiles across the
 diagonal pay for it, and the longest query tiles start first. Approximate: Q and K are rounded to 127 levels per
 block (half away from zero, the reference to even: they differ on exact ties only); P is rounded to the value
-dtype before P·V (accumulated in float32); the output is in the value dtype.
+dtype before P·V (accumulated in float32), or with `pv_fp8` P × 448 and V per channel to float8 e4m3 (3 mantissa
+bits: cosine 0.9994 against exact attention on an H200, `benchmarks/results/prefill_kernel_h200.md`); the output
+is in the value dtype.
 """
 
 from __future__ import annotations
