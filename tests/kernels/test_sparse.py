@@ -72,6 +72,18 @@ def test_flexprefill_mask_keeps_the_attention_mass_it_promises():
     assert cosine > 0.99
 
 
+def test_flexprefill_mask_reads_gqa_keys_like_repeated_ones():
+    """The pattern choice multiplies each KV head's keys with its group's queries in place (no per-query-head copy
+    of the keys): the same masks as with the keys repeated to every query head, lengths not a multiple of blocks."""
+    from kvfold.kernels.sparse import flexprefill_mask
+
+    q, k, _ = structured_qkv(tokens=250, q_heads=6, kv_heads=2)
+    for gamma in (0.8, 0.95):
+        gqa, aware = flexprefill_mask(q, k, 32 ** -0.5, gamma=gamma, block=32)
+        repeated, repeated_aware = flexprefill_mask(q, k.repeat_interleave(3, 1), 32 ** -0.5, gamma=gamma, block=32)
+        assert torch.equal(gqa, repeated) and torch.equal(aware, repeated_aware) and gqa.shape == (1, 6, 8, 8)
+
+
 def test_sparse_prefill_refuses_a_mask_of_the_wrong_shape():
     from kvfold.kernels.sparse import sparse_prefill
 

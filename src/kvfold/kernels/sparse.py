@@ -2,7 +2,9 @@
 block reads, then block-sparse causal attention in Triton.
 
 `flexprefill_mask(query, key, scale, gamma, tau, block)` picks the pattern, in PyTorch:
-1. The last query block's exact attention â over every key (one block of queries: cheap).
+1. The last query block's exact attention â over every key (one block of queries: cheap; each KV head's keys
+   are multiplied with its group's queries in place, and the pooled blocks are summed in float32 without a
+   float32 copy of Q or K).
 2. Its block distribution is compared with an estimate from pooled queries and keys. If their Jensen–Shannon
    distance is below `tau`, the pooled estimate is trusted for every query block: query-aware. Else the head
    uses a vertical-slash pattern read from â: key columns (vertical) and query-key offsets (slash).
@@ -43,26 +45,36 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return ((kl(p) + kl(q)) / 2).clamp_min(0).sqrt()
 
 
+def _block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., tokens, dim] -> float32 sums over each block of `block` tokens [..., blocks, dim] (the last block may be
+    short), accumulated in float32 without a float32 copy of x."""
+    tokens, whole = x.shape[-2], x.shape[-2] // block
+    sums = x[..., :whole * block, :].unflatten(-2, (whole, block)).sum(-2, dtype=torch.float32)
+    if whole * block < tokens:
+        sums = torch.cat([sums, x[..., whole * block:, :].sum(-2, keepdim=True, dtype=torch.float32)], dim=-2)
+    return sums
+
+
 def flexprefill_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma: float = 0.9, tau: float = 0.1,
                      block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Block mask [batch, q_heads, blocks, blocks] (bool) for a causal prefill of query/key [batch, heads, tokens,
     dim] (GQA), and which heads went query-aware [batch, q_heads]; see the module doc."""
     batch, q_heads, tokens, dim = query.shape
-    group = q_heads // key.shape[1]
-    keys = key.float().repeat_interleave(group, 1)
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
     blocks = -(-tokens // block)
     block_of = torch.arange(tokens, device=query.device) // block
     last = query[:, :, (blocks - 1) * block:].float()  # the last query block, [.., n, dim]
     last_pos = torch.arange((blocks - 1) * block, tokens, device=query.device)
     causal = torch.arange(tokens, device=query.device)[None, :] <= last_pos[:, None]
-    a_hat = torch.softmax(((last @ keys.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")), dim=-1)
+    # each KV head's keys against its group's queries at once (no copy of the keys per query head)
+    grouped = last.reshape(batch, kv_heads, group * last.shape[2], dim) @ key.float().transpose(-1, -2)
+    a_hat = torch.softmax((grouped.view(batch, q_heads, -1, tokens) * scale).masked_fill(~causal, float("-inf")), -1)
     true_blocks = torch.zeros(batch, q_heads, blocks, device=query.device).index_add_(
         2, block_of, a_hat.mean(dim=2))
-    padded = torch.nn.functional.pad(keys, (0, 0, 0, blocks * block - tokens))
     counts = torch.bincount(block_of, minlength=blocks).clamp_min(1).float()
-    pooled_keys = padded.unflatten(2, (blocks, block)).sum(3) / counts[:, None]  # [.., blocks, dim]
-    pooled_queries = torch.nn.functional.pad(query.float(), (0, 0, 0, blocks * block - tokens)).unflatten(
-        2, (blocks, block)).sum(3) / counts[:, None]
+    pooled_keys = (_block_sums(key, block) / counts[:, None]).repeat_interleave(group, 1)  # [.., blocks, dim]
+    pooled_queries = _block_sums(query, block) / counts[:, None]
     estimate_last = torch.softmax((pooled_queries[:, :, -1:] @ pooled_keys.transpose(-1, -2)).squeeze(2) * scale, -1)
     query_aware = _js_distance(true_blocks, estimate_last) < tau
     # query-aware: pooled scores for every query block, causal over blocks
