@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|decode|prefill|sparse|e2e]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|prefill|sparse|e2e]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
