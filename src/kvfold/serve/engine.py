@@ -166,13 +166,14 @@ class Engine:
             return
         except Exception as err:  # noqa: BLE001  every failure becomes the request's HTTP error, never the worker's
             self._admitting = None
-            self._queue.finished()
-            job.fail(*error_status(err, job))
             self.live_bytes = self._live_bytes()
             self.prefix.make_room(0, live=self._caches())
+            self._queue.finished()
+            job.fail(*error_status(err, job))
             return
         self._admitting = None
         if running is None:  # cancelled during its prefill
+            self.live_bytes = self._live_bytes()
             self._queue.finished()
             return
         self.batch.append(running)
@@ -311,11 +312,11 @@ class Engine:
                             finish, req.compressor.spec, time.perf_counter() - running.started)
         finally:
             release(running.cache)
-            self._queue.finished()
             self._waiting = False  # room may have opened for the request waiting at the head of the queue
             rest = [other for other in self.batch if other is not running]
             self.prefix.make_room(0, live=[other.cache for other in rest])  # re-measure now that pages are free
             self.live_bytes = sum(other.cache.referenced_nbytes() for other in rest)
+            self._queue.finished()  # last: whoever sees the engine idle sees its bytes already counted
 
     def _reserve(self, ids: list[int], done: int, req: GenerationRequest) -> int:
         """Bytes this request (`done` prompt tokens in) and the running ones may still add, at most."""
