@@ -118,8 +118,8 @@ def _value_field(codes, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, val
         scale = tl.where(chan >= g * VG, tl.load(vs_ptr + token_stat + g).to(tl.float16)[:, None], scale)
         zero = tl.where(chan >= g * VG, tl.load(vz_ptr + token_stat + g).to(tl.float16)[:, None], zero)
     if VALUE_CHANNEL:
-        scale = scale * tl.load(vch_ptr + page * D + chan).to(tl.float16)
-        zero = zero * tl.load(vch_ptr + page * D + chan).to(tl.float16)
+        factor = tl.load(vch_ptr + page * D + chan).to(tl.float16)
+        scale, zero = scale * factor, zero * factor
     return tl.where(valid[:, None], _field(codes, r, BITS) * scale + zero, 0.0).to(tl.float16)
 
 

@@ -70,7 +70,6 @@ def _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv
     keys = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     at = (kv_head * kv_len + keys[:, None]) * D + offs_d[None, :]
-    at_t = (kv_head * D + offs_d[:, None]) * v_stride + keys[None, :]
     if MASKED:
         k = tl.load(k_ptr + at, mask=keys[:, None] < kv_len, other=0)
         k_scale = tl.load(ks_ptr + kv_head * k_groups + keys // K_GROUP, mask=keys < kv_len, other=0.0)
@@ -82,6 +81,7 @@ def _key_tile(q, q_scale, start, offs_m, m_i, l_i, acc, k_ptr, ks_ptr, v_ptr, kv
         s = tl.where((keys[None, :] <= offs_m[:, None] + offset) & (keys[None, :] < kv_len), s, float("-inf"))
     p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
     if PV_FP8:
+        at_t = (kv_head * D + offs_d[:, None]) * v_stride + keys[None, :]
         vt = tl.load(v_ptr + at_t, mask=keys[None, :] < kv_len, other=0.0) if MASKED else tl.load(v_ptr + at_t)
         return m_i, l_i, tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
     v = tl.load(v_ptr + at, mask=keys[:, None] < kv_len, other=0.0) if MASKED else tl.load(v_ptr + at)

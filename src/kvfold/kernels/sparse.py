@@ -13,9 +13,9 @@ block reads, then block-sparse causal attention in Triton.
    turned into the blocks they cross. Every query block also keeps its diagonal block.
 
 `sparse_prefill(query, key, value, block_mask, scale, block)` computes `reference.block_sparse_attention` with
-the selected blocks only: per query block, a list of key blocks
-below the diagonal (no causal mask) and the diagonal block (masked). The mask is an approximation of full attention; its recall of the
-attention mass is measured, not assumed (`tests/kernels/test_sparse.py`, `benchmarks/prefill_kernel.py`).
+the selected blocks only: per query block, a list of key blocks below the diagonal (no causal mask) and the
+diagonal block (masked). The mask is an approximation of full attention; its recall of the attention mass is
+measured, not assumed (`tests/kernels/test_sparse.py`, `benchmarks/sparse_prefill.py`).
 """
 
 from __future__ import annotations

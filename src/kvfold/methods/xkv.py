@@ -119,23 +119,16 @@ class GroupLatents:
         return positions.flatten(0, 1)
 
     def layer_kv(self, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer's reconstructed prompt K and V [batch * kv_heads, n_max, head_dim], positions and validity."""
-        positions = self.row_positions(kv_heads)
-        batch, width = len(self.positions), positions.shape[1]
-        dim = self.key_bases[layer][0].shape[1] // kv_heads
-        keys = torch.zeros(batch, kv_heads, width, dim, device=positions.device)
-        values = torch.zeros_like(keys)
-        for b, pos in enumerate(self.positions):
-            n = pos.numel()
-            keys[b, :, :n] = (self.key_latents[b] @ self.key_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
-            values[b, :, :n] = (self.value_latents[b] @ self.value_bases[layer][b]).view(n, kv_heads, dim).transpose(0, 1)
-        rows = batch * kv_heads
-        return keys.view(rows, width, dim), values.view(rows, width, dim), positions, positions >= 0
-
+        """The layer's reconstructed prompt K and V [batch * kv_heads, n_max, head_dim] (latents @ basis, zeros past
+        a sequence's end), positions and validity."""
+        chunk = self.layer_latents(layer, kv_heads)
+        return (torch.bmm(chunk.key_latents, chunk.key_basis), torch.bmm(chunk.value_latents, chunk.value_basis),
+                chunk.positions, chunk.valid)
 
     def layer_latents(self, layer: int, kv_heads: int):
         """The layer's prompt as a `kernels.reference.LatentChunk` (rows = batch * kv_heads): the group's latents,
-        shared by the heads (expanded, not copied per head), and the layer's basis sliced per head."""
+        one copy per head row (the batched products take a row per head), and the layer's basis sliced per head;
+        padded with zeros to the longest sequence and the largest rank of the batch."""
         from ..kernels.reference import LatentChunk
 
         positions = self.row_positions(kv_heads)
