@@ -92,7 +92,9 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     cases = [("none (bf16 pages)", "none", None), ("uniform 50% (bf16)", "none", uniform),
              ("ragged 10-90% per head (bf16)", "none", ragged), ("kivi:4", "kivi:4", None),
              ("kivi:2", "kivi:2", None), ("ragged + kivi:4", "kivi:4", ragged), ("fp8 (e4m3, scale/token)", "fp8", None),
-             ("fp8 (e4m3, scale/page)", "fp8:scale=page", None), ("rotate+kivi:4", "rotate+kivi:4", None),
+             ("fp8 (e4m3, scale/page)", "fp8:scale=page", None),
+             ("fp8 (scale/token, 16-token pages)", "fp8:group=16", None),
+             ("fp8 (scale/page of 16)", "fp8:scale=page,group=16", None), ("rotate+kivi:4", "rotate+kivi:4", None),
              ("kv4:4 (per-token, smoothed keys)", "kv4:4", None), ("kv4:2", "kv4:2", None)]
     none_ms = None
     for run, (label, spec, keep) in enumerate(cases * 2):  # two passes: the spread between them is the noise

@@ -17,7 +17,8 @@ from decode_kernel import paged_decode, store  # noqa: E402
 
 LAUNCHES = [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=4),
             dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=3, maxnreg=96),
-            dict(num_warps=2, num_stages=3), dict(num_warps=4, num_stages=1)]
+            dict(num_warps=2, num_stages=3), dict(num_warps=4, num_stages=1), dict(num_warps=4, num_stages=2, maxnreg=128),
+            dict(num_warps=2, num_stages=2)]
 
 
 def sweep(specs: str, batch: int = 8, tokens: int = 32768, kv_heads: int = 8, group: int = 4, dim: int = 128) -> None:

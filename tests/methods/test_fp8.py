@@ -37,19 +37,19 @@ def test_decode_error_is_within_the_mantissa_step(fmt, scale):
 def test_fields_are_float8_with_one_scale_per_token_or_page():
     token, page = FP8().fields(64), FP8(scale="page", group=32).fields(64)
     assert token["k"].dtype == torch.float8_e4m3fn and FP8(format="e5m2").fields(64)["v"].dtype == torch.float8_e5m2
-    assert token["k_scale"].shape == (16,) and page["k_scale"].shape == (1,)
-    assert token["k"].nbytes == 16 * 64 and page["k"].nbytes == 32 * 64
+    assert token["k_scale"].shape == (64,) and page["k_scale"].shape == (1,)  # 64-token pages by default
+    assert token["k"].nbytes == 64 * 64 and page["k"].nbytes == 32 * 64
 
 
 @pytest.mark.parametrize("tokens", [160, 171])
 def test_nbytes_matches_the_formula(tiny_llama, tokens):
     torch.manual_seed(0)
     cache = run_spec(tiny_llama, "fp8", torch.randint(1, 256, (1, tokens)))
-    dim, rows, group = tiny_llama.config.head_dim, 2, 16
+    dim, rows, group, tail_page = tiny_llama.config.head_dim, 2, FP8().group, 16  # layer.TAIL_PAGE
     packed_pages, tail = divmod(tokens, group)  # residual=0: every whole group is packed
-    tail_pages = math.ceil(tail / group)
+    tail_pages = math.ceil(tail / tail_page)
     packed_page = 2 * group * dim + 2 * group * 2 + group * 4  # float8 K and V, float16 scales, int32 positions
-    full_page = group * (2 * dim * 2 + 4)  # the float16 tail
+    full_page = tail_page * (2 * dim * 2 + 4)  # the float16 tail
     per_layer = rows * (packed_pages * (packed_page + 4) + tail_pages * (full_page + 4)) \
         + rows * (packed_pages + 1) * 8 + rows * (tail_pages + 1) * 8
     assert cache.nbytes() == per_layer * len(cache.layers)

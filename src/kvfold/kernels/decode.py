@@ -159,7 +159,7 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
                                 part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
                                 m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, **shape,
-                                **{**FAST_LAUNCH, **(SCALED_LAUNCH if part.scaled else {}), **launch})
+                                **(launch or (SCALED_LAUNCH if part.scaled else FAST_LAUNCH)))
     elif fast == "packed":
         smooth = part.key_smooth
         kivi_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, part.key_scale,
@@ -168,9 +168,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
                                 m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
                                 VG=part.value_group, KEY_TOKEN=smooth is not None, PAGE_TOKENS=part.page_tokens,
                                 P_PAD=max(16, triton.next_power_of_2(page)) if part.page_tokens else 0,  # dots: K >= 16
-                                VALUE_CHANNEL=part.value_channel is not None, **shape,
-                                **{**FAST_LAUNCH, **(TWO_BIT_LAUNCH if part.bits == 2 else {}),
-                                   **(SCALED_LAUNCH if smooth is not None else {}), **launch})
+                                VALUE_CHANNEL=part.value_channel is not None,
+                                **{**shape, "BLOCK_G": max(16, triton.next_power_of_2(group * dim // part.value_group))},
+                                **(launch or PACKED_LAUNCH))
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
         # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
         narrow = part.bits and dim * part.bits // 8 < 16
@@ -192,24 +192,24 @@ def _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale,
     )
 
 
-# The fastest of a sweep on an H200 (benchmarks/results/decode_kernel_h200.md): 2-bit pages unpack four fields per
-# byte, and capping registers at 128 lets a fourth block onto each multiprocessor (0.45 ms instead of 0.51).
-FAST_LAUNCH = dict(num_warps=4, num_stages=2)
-TWO_BIT_LAUNCH = dict(maxnreg=128)
-# float8 and KV4 pages: fastest of `benchmarks/ncu_decode.py --sweep` on an H200 (0.52 -> 0.49 ms fp8, 0.50 -> 0.40
-# ms kv4:4 at batch 8 x 32k); their loads are not pipelined through shared memory (benchmarks/results/ncu_decode_h200)
-SCALED_LAUNCH = dict(num_warps=2, num_stages=3)
+# Launch options, the fastest of `benchmarks/ncu_decode.py --sweep` on an H200 (batch 8 x 32k; the tables are in
+# benchmarks/results/decode_kernel_h200.md). A `launch` given to `paged_decode` replaces them.
+FAST_LAUNCH = dict(num_warps=4, num_stages=2)  # 16-bit pages
+SCALED_LAUNCH = dict(num_warps=2, num_stages=3)  # float8 pages
+PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # KIVI and KV4 pages: kivi:4 0.52 -> 0.37 ms against 4 warps
 
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:
     """Which kernel of `fast_decode` reads this part for a 16-bit query: "full" (16-bit or scaled float8 pages),
-    "packed" (KIVI's or KV4's packed pages), or None (the general kernel: float32 pages, other formats). On a GPU
-    each bit field's dot product needs >= 16 channels."""
+    "packed" (KIVI's or KV4's packed pages), or None (the general kernel: float32 pages, other formats, value
+    groups under 16 channels). On a GPU each bit field's dot product needs >= 16 channels."""
     if part.page_tokens:  # mixed pages: only the packed kernel reads them (float16 dots, whatever the query)
-        return "packed" if dim * part.bits // 8 >= 16 else None
+        return "packed" if dim * part.bits // 8 >= 16 and part.value_group >= 16 else None
     if part.bits == 0:
         return "full" if part.keys.dtype in (torch.float16, torch.bfloat16) or part.scaled else None
     if part.scaled or part.bits not in (2, 4, 8):
+        return None
+    if part.value_group < 16:  # the packed kernel gives each value group its own tile rows
         return None
     return "packed" if device.type != "cuda" or dim * part.bits // 8 >= 16 else None
 

@@ -12,13 +12,15 @@ What makes them faster than the general kernel (measured with Nsight Compute on 
   (and the output is assembled the same way). The general kernel's interleave (join + reshape) cost a layout
   conversion through shared memory per page.
 - Codes become float16 by a bit trick, not a conversion: 0x6400 | c is the float16 1024 + c, exact for c < 1024, so
-  1024 is subtracted and the scale and zero applied in float16 (paired half-precision instructions).
-- Value scales, one per token and group of channels, are read as [page] vectors and selected per channel in
-  registers, instead of a gather of [page, channels] addresses.
-Float8 and KV4 pages came here later. On an H200 they stay about twice as slow per byte as 16-bit pages: Nsight
-Compute shows their loads are not pipelined through shared memory (8.7 KB per block against 38.9 KB for bf16
-pages; 44% of the stalls wait on loads; `benchmarks/results/ncu_decode_h200/fast_*.txt`). Widening float8 by moving
-bits instead of Triton's conversion was measured slower (0.56 against 0.49 ms) and not kept.
+  1024 is subtracted (KIVI keys then take their scale and zero in float16: paired half-precision instructions).
+- Packed values never pass through shared memory as float16: the value scales and zeros ride on the probabilities
+  (Σ_t p_t (c_t s_t + z_t) = top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t), so the codes go from shared memory into
+  the dot product as they are, like the keys. Values have a scale per group of channels; the query rows are
+  repeated once per group in the MMA tile's spare rows (GQA 4 fills 4 of its 16), so one dot product serves every
+  group. Measured on an H200: kivi:2 0.45 -> 0.34 ms, kv4:2 0.51 -> 0.39 ms, kivi:4 0.38 -> 0.37 ms.
+Float8 pages are pipelined like the others (checked offline: `benchmarks/inspect_kernel.py` compiles for sm_90
+without a GPU). They were slow because their pages held 16 tokens: `fp8` now defaults to 64-token pages, 0.49 ->
+0.26 ms at batch 8 x 32k.
 
 Packed and float8 pages use float16 dot products for the scores whatever the query's 16-bit type (their scales
 are float16): queries beyond float16's range (|q| > 65504) are not supported there.
@@ -84,10 +86,10 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
 
 
 @triton.jit
-def _field(codes, r: tl.constexpr, BITS: tl.constexpr):
-    """Bit field r of each byte as float16, exactly: 0x6400 | c is the float16 1024 + c."""
+def _field(codes, r: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr = 0):
+    """Bit field r of each byte as float16, exactly: 0x6400 | c is the float16 1024 + c; minus CENTER."""
     c = ((codes >> (r * BITS)) & ((1 << BITS) - 1)).to(tl.uint16)
-    return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return (c | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + CENTER)
 
 
 @triton.jit
@@ -105,22 +107,31 @@ def _smoothed_query(q, ksm_ptr, channel, r: tl.constexpr):
 
 
 @triton.jit
-def _value_field(codes, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, r: tl.constexpr,
-                 BITS: tl.constexpr, NVG: tl.constexpr, VG: tl.constexpr, D: tl.constexpr,
-                 VALUE_CHANNEL: tl.constexpr):
-    """Values of bit field r, [P, J]: a scale and zero per token and group of VG channels, chosen per channel by
-    selects over the NVG groups (the channels of field r are `channels + r`); VALUE_CHANNEL: times the page's
-    factor per channel (ZipCache's channel-separable values)."""
-    chan = channels[None, :] + r
-    scale = tl.load(vs_ptr + token_stat).to(tl.float16)[:, None] + tl.zeros(chan.shape, tl.float16)
-    zero = tl.load(vz_ptr + token_stat).to(tl.float16)[:, None] + tl.zeros(chan.shape, tl.float16)
-    for g in tl.static_range(1, NVG):
-        scale = tl.where(chan >= g * VG, tl.load(vs_ptr + token_stat + g).to(tl.float16)[:, None], scale)
-        zero = tl.where(chan >= g * VG, tl.load(vz_ptr + token_stat + g).to(tl.float16)[:, None], zero)
+def _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok, BITS: tl.constexpr):
+    """Values are c * s_t + z_t per token and group of VG channels, so a group's share of the output is
+    top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t. Row r of the tile serves value group `group[r]` (the query rows are
+    repeated once per group in the MMA tile's spare rows), so one dot product covers every group. Returns the
+    probabilities times the scales over the row's largest scale (float16 normals), that largest scale, and the
+    zeros' share [BLOCK_G]."""
+    mask = valid[None, :] & rows_ok[:, None]
+    v_scale = tl.load(vs_ptr + token_stat[None, :] + group[:, None], mask=mask, other=0.0).to(tl.float32)
+    v_zero = tl.load(vz_ptr + token_stat[None, :] + group[:, None], mask=mask, other=0.0).to(tl.float32)
+    top = tl.max(v_scale, axis=1)
+    top = tl.where(top > 0, top, 1.0)
+    # codes enter centred (c - 2^(bits-1), `_value_update`): half the magnitude the zeros' share must cancel
+    zeros = tl.sum(p * (v_zero + (1 << (BITS - 1)) * v_scale), axis=1)
+    return (p * (v_scale / top[:, None])).to(tl.float16), top, zeros
+
+
+@triton.jit
+def _value_update(weights, top, zeros, codes, vch_ptr, page, channels, r: tl.constexpr, BITS: tl.constexpr,
+                  D: tl.constexpr, VALUE_CHANNEL: tl.constexpr):
+    """This page's share of the output channels of bit field r, [BLOCK_G, J]: the codes go straight into the dot
+    product. VALUE_CHANNEL: times the page's factor per channel (ZipCache's channel-separable values)."""
+    update = top[:, None] * tl.dot(weights, _field(codes, r, BITS, 1 << (BITS - 1))) + zeros[:, None]
     if VALUE_CHANNEL:
-        factor = tl.load(vch_ptr + page * D + chan).to(tl.float16)
-        scale, zero = scale * factor, zero * factor
-    return tl.where(valid[:, None], _field(codes, r, BITS) * scale + zero, 0.0).to(tl.float16)
+        update = update * tl.load(vch_ptr + page * D + channels + r).to(tl.float32)[None, :]
+    return update
 
 
 @triton.jit
@@ -144,8 +155,8 @@ def _token_key_scores(kc, q0, q1, q2, q3, ksm_ptr, channel, BITS: tl.constexpr, 
 
 
 @triton.jit
-def _query_field(q_ptr, row, offs_g, channels, r: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
-    q = tl.load(q_ptr + row * G * D + offs_g[:, None] * D + channels[None, :] + r, mask=offs_g[:, None] < G, other=0.0)
+def _query_field(q_ptr, row, query, rows_ok, channels, r: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    q = tl.load(q_ptr + row * G * D + query[:, None] * D + channels[None, :] + r, mask=rows_ok[:, None], other=0.0)
     return q.to(tl.float16)
 
 
@@ -172,16 +183,17 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
     length = tl.load(len_ptr + row)
     if PAGE_TOKENS:
         length = length // PAGE_TOKENS * P  # whole pages: this part's slots in them
-    offs_g = tl.arange(0, BLOCK_G)
+    rows = tl.arange(0, BLOCK_G)  # row r: query r % G, value group r // G
+    query, group, rows_ok = rows % G, rows // G, rows < G * NVG
     if PAGE_TOKENS:
         offs_p = tl.arange(0, P_PAD)
     else:
         offs_p = tl.arange(0, P)
     channels = tl.arange(0, J) * PER_BYTE  # the first channel of each byte
-    q0 = _query_field(q_ptr, row, offs_g, channels, 0, G, D)
-    q1 = _query_field(q_ptr, row, offs_g, channels, 1 % PER_BYTE, G, D)
-    q2 = _query_field(q_ptr, row, offs_g, channels, 2 % PER_BYTE, G, D)
-    q3 = _query_field(q_ptr, row, offs_g, channels, 3 % PER_BYTE, G, D)
+    q0 = _query_field(q_ptr, row, query, rows_ok, channels, 0, G, D)
+    q1 = _query_field(q_ptr, row, query, rows_ok, channels, 1 % PER_BYTE, G, D)
+    q2 = _query_field(q_ptr, row, query, rows_ok, channels, 2 % PER_BYTE, G, D)
+    q3 = _query_field(q_ptr, row, query, rows_ok, channels, 3 % PER_BYTE, G, D)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc0 = tl.zeros([BLOCK_G, J], tl.float32)
@@ -213,24 +225,24 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                     s = tl.dot(q2, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 2, BITS)), s)
                     s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
             p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
-            p = p.to(tl.float16)
             token_stat = page * STAT * NVG + offs_p * NVG
-            acc0 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 0, BITS,
-                                          NVG, VG, D, VALUE_CHANNEL), acc0 * alpha[:, None])
+            weights, top, zeros = _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok, BITS)
+            acc0 = acc0 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 0, BITS, D,
+                                                         VALUE_CHANNEL)
             if PER_BYTE >= 2:
-                acc1 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 1,
-                                              BITS, NVG, VG, D, VALUE_CHANNEL), acc1 * alpha[:, None])
+                acc1 = acc1 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 1, BITS,
+                                                             D, VALUE_CHANNEL)
             if PER_BYTE == 4:
-                acc2 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 2,
-                                              BITS, NVG, VG, D, VALUE_CHANNEL), acc2 * alpha[:, None])
-                acc3 = tl.dot(p, _value_field(vc, vs_ptr, vz_ptr, vch_ptr, page, token_stat, channels, valid, 3,
-                                              BITS, NVG, VG, D, VALUE_CHANNEL), acc3 * alpha[:, None])
-    out = store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
-    out_row = acc_ptr + out[:, None] * D + channels[None, :]
-    g_mask = offs_g[:, None] < G
-    tl.store(out_row, acc0, mask=g_mask)
+                acc2 = acc2 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 2, BITS,
+                                                             D, VALUE_CHANNEL)
+                acc3 = acc3 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 3, BITS,
+                                                             D, VALUE_CHANNEL)
+    store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)  # rows < G: the first group's (all equal)
+    out_row = acc_ptr + ((row * splits + split) * G + query)[:, None] * D + channels[None, :]
+    mine = rows_ok[:, None] & (group[:, None] == (channels // VG)[None, :])  # each channel from its group's rows
+    tl.store(out_row, acc0, mask=mine)
     if PER_BYTE >= 2:
-        tl.store(out_row + 1, acc1, mask=g_mask)
+        tl.store(out_row + 1, acc1, mask=mine)
     if PER_BYTE == 4:
-        tl.store(out_row + 2, acc2, mask=g_mask)
-        tl.store(out_row + 3, acc3, mask=g_mask)
+        tl.store(out_row + 2, acc2, mask=mine)
+        tl.store(out_row + 3, acc3, mask=mine)

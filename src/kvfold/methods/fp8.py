@@ -4,7 +4,9 @@ for Deep Learning", 2022, arXiv:2209.05433).
 
 Each K and V vector of a token is divided by its scale (its absolute maximum over the head's channels over the
 format's largest finite value: 448 for e4m3, 57344 for e5m2) and cast to float8, so nothing saturates. With
-`scale=page`, one scale covers a page of `group` tokens of one KV head (fewer scale bytes, coarser). Approximate:
+`scale=page`, one scale covers a page of `group` tokens of one KV head (fewer scale bytes, coarser; `group=16` for
+finer scales). With per-token scales `group` only sets the page size: 64-token pages decode about twice as fast as
+16-token ones on an H200 (`benchmarks/results/decode_kernel_h200.md`), at the same accuracy. Approximate:
 a float8 keeps 3 (e4m3) or 2 (e5m2) mantissa bits, a relative error of at most 2**-4 (e4m3) or 2**-3 (e5m2) of
 each element's magnitude, plus the float16 rounding of the scale; values under the format's smallest subnormal
 times the scale flush towards zero. The tests bound these errors.
@@ -34,7 +36,7 @@ class FP8(Quantizer):
     positional = "format"
 
     bits: int = 8
-    group: int = 16
+    group: int = 64
     residual: int = 0
     sink: int = 0
     format: str = "e4m3"

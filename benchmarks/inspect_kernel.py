@@ -1,0 +1,101 @@
+"""Compile the decode kernels for an H100/H200 (sm_90) on a machine without a GPU and report what the profiler would
+start from: registers per thread and spills (ptxas), shared memory per block, and whether the page loads are
+asynchronous copies (pipelined through shared memory). Triton's wheel ships ptxas, so this needs no CUDA device.
+
+    python benchmarks/inspect_kernel.py                      # every fast kernel at Llama-3.1-8B decode shapes
+    python benchmarks/inspect_kernel.py --warps 4 --stages 2 --dump /tmp/ttgir   # other launch; keep the TTGIR
+
+Registers are not times: compare launches on a GPU (`benchmarks/ncu_decode.py --sweep`). This is for reading the
+compiler's choices between device sessions (e.g. a float16 tile stored to shared memory and read back per page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from kvfold.kernels.decode import FAST_LAUNCH, PACKED_LAUNCH, SCALED_LAUNCH  # noqa: E402
+from kvfold.kernels.fast_decode import full_pages_kernel, kivi_pages_kernel  # noqa: E402
+
+COMMON = dict(q_ptr="*bf16", table_ptr="*i32", len_ptr="*i32", pos_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
+              acc_ptr="*fp32", width="i32", splits="i32", qpos_ptr="*i32", window="i32", scale="fp32")
+
+
+def compile_for_hopper(kernel, signature: dict, constants: dict, launch: dict):
+    """triton.compile for sm_90 with every pointer 16-byte aligned (as torch allocates them)."""
+    names = kernel.arg_names
+    full = {**signature, **{name: "constexpr" for name in constants}}
+    full = {name: full[name] for name in names if name in full}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(full) if full[name].startswith("*")}
+    return triton.compile(ASTSource(kernel, full, constexprs=constants, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=launch)
+
+
+def ptxas_report(compiled) -> str:
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        out = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", "/dev/null"],
+                             capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"{registers.group(1) if registers else '?':>4s} registers, {spills.group(1) if spills else '?':>4s} B spilled"
+
+
+def cases(page: int, group: int, dim: int):
+    """(label, kernel, signature, constants, default launch) for each fast kernel's store kind."""
+    shape = dict(G=group, D=dim, PAGES_PER_SPLIT=64, WINDOWED=False)
+    block_g = max(16, triton.next_power_of_2(group))
+    for label, dtype, scaled in (("bf16 pages", "bf16", 0), ("fp8, scale/token", "fp8e4nv", 1),
+                                 ("fp8, scale/page", "fp8e4nv", 2)):
+        scales = "*fp16" if scaled else "*i32"
+        yield (label, full_pages_kernel, {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*" + dtype, "ks_ptr": scales,
+                                          "vs_ptr": scales},
+               {**shape, "BLOCK_G": block_g, "P": page, "SCALED": scaled}, SCALED_LAUNCH if scaled else FAST_LAUNCH)
+    value_group = min(64, dim)
+    for bits in (4, 2):
+        for key_token in (False, True):
+            label = f"{'kv4' if key_token else 'kivi'}:{bits}"
+            signature = {**COMMON, "k_ptr": "*u8", "v_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16",
+                         "ksm_ptr": "*fp16" if key_token else "*i32", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
+                         "vch_ptr": "*i32"}
+            rows = max(16, triton.next_power_of_2(group * dim // value_group))
+            yield (label, kivi_pages_kernel, signature,
+                   {**shape, "BLOCK_G": rows, "P": page, "BITS": bits, "VG": value_group, "KEY_TOKEN": key_token,
+                    "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False}, PACKED_LAUNCH)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--page", type=int, default=64, help="tokens per page")
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--warps", type=int, help="override every kernel's default launch")
+    parser.add_argument("--stages", type=int)
+    parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR here")
+    args = parser.parse_args()
+    print(f"sm_90, triton {triton.__version__}; {args.page}-token pages, GQA {args.group}, head_dim {args.dim}")
+    for label, kernel, signature, constants, launch in cases(args.page, args.group, args.dim):
+        launch = {**launch, **({"num_warps": args.warps} if args.warps else {}),
+                  **({"num_stages": args.stages} if args.stages else {})}
+        compiled = compile_for_hopper(kernel, signature, constants, launch)
+        ttgir = compiled.asm["ttgir"]
+        print(f"{label:18s} {launch['num_warps']} warps, {launch['num_stages']} stages: {ptxas_report(compiled)}, "
+              f"{compiled.metadata.shared:6d} B shared, {ttgir.count('async_copy_global_to_local')} async copies")
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{label.replace(' ', '_').replace(':', '').replace(',', '').replace('/', '_')}.ttgir").write_text(ttgir)
+
+
+if __name__ == "__main__":
+    main()
