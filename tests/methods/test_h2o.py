@@ -57,6 +57,22 @@ def test_invalid_keys_get_no_attention_and_padded_queries_give_none():
     torch.testing.assert_close(scores.sum(-1), torch.full((1, 2), 18.0))  # only the 18 real queries vote
 
 
+@pytest.mark.parametrize("chunk", [3, 8, 64])
+def test_stored_keys_out_of_order_or_past_every_query_match_window_attention(chunk):
+    """A chunked prefill's store: rows of different validity, keys not in position order, keys newer than every
+    query (each chunk reads only the slots some query can see; the result must not depend on that)."""
+    g = torch.Generator().manual_seed(4)
+    batch, kv_heads, tokens, dim = 2, 2, 30, 8
+    keys = torch.randn(batch, kv_heads, tokens, dim, generator=g)
+    positions = torch.stack([torch.randperm(40, generator=g)[:tokens] for _ in range(batch * kv_heads)])
+    valid = torch.rand(batch, kv_heads, tokens, generator=g) < 0.8
+    queries = torch.randn(batch, 4, 12, dim, generator=g)
+    x = ScoreInputs(queries, torch.arange(3, 27, 2), keys, keys, positions.view(batch, kv_heads, tokens), valid,
+                    dim ** -0.5)
+    expected = window_attention(x).view(batch, kv_heads, 2, 12, tokens).sum(dim=3).mean(dim=2)
+    torch.testing.assert_close(accumulated_attention(x, chunk=chunk), expected)
+
+
 def test_kept_indices_equal_an_independent_top_k_of_eager_attention(tiny_llama):
     ids = torch.randint(1, 256, (1, 200), generator=torch.Generator().manual_seed(12))
     cache = run_spec(tiny_llama, "h2o:0.6,window=16", ids)
