@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|prefill|sparse|e2e]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|prefill|sparse|e2e|serve]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -24,6 +24,10 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
-    *) echo "unknown step $step (tests, decode, prefill, sparse, e2e)" ;;
+    serve) model=/tmp/kvfold_llama8b  # random weights of Llama-3.1-8B's shape, the embedded tokenizer (carried)
+           [ -d $model ] || timeout 240 python benchmarks/random_model.py --shape llama-3.1-8b --out $model 2>&1 | tail -2
+           timeout 330 python benchmarks/serve_load.py --model $model --clients 32 --seconds 60 --baseline-seconds 15 \
+             --max-tokens 32 --method snapkv:0.5+kivi:4 --out "$OUT/serve_load_h200" 2>&1 | tail -8 ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, prefill, sparse, e2e, serve)" ;;
   esac
 done

@@ -51,6 +51,8 @@ def start_server(args, key: str, port: int, log: Path) -> subprocess.Popen:
                "--max-batch", str(args.max_batch)]
     if args.model:
         command += ["--model", args.model]
+    if args.device:
+        command += ["--device", args.device]
     env = {**os.environ, "KVFOLD_API_KEY": key, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -161,7 +163,7 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def environment() -> dict:
+def environment(args_device: str | None = None) -> dict:
     import fastapi
     import torch
     import transformers
@@ -177,7 +179,8 @@ def environment() -> dict:
     except (OSError, StopIteration):
         pass
     revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    return {"device": "cpu", "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args_device != "cpu" else "cpu"
+    return {"device": device, "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "fastapi": fastapi.__version__,
             "uvicorn": uvicorn.__version__, "httpx": httpx.__version__, "kvfold": kvfold.__version__,
             "git_revision": revision.strip() or None}
@@ -219,7 +222,7 @@ async def run(args) -> dict:
                          "server_threads": args.threads, "max_batch": args.max_batch,
                          "prompt": "shared system preamble + one of 4 short questions, greedy"},
             "phases": phases, "problem_count": sum(p["problem_count"] for p in phases),
-            "environment": environment()}
+            "environment": environment(args.device)}
 
 
 def summarize(clients: int, seconds: float, results: list[dict], wall: float, before: dict, after: dict,
@@ -268,7 +271,8 @@ def summarize(clients: int, seconds: float, results: list[dict], wall: float, be
 
 def markdown(report: dict) -> str:
     s, env = report["settings"], report["environment"]
-    lines = [f"# kvfold serve under load ({env['cpu']}, {env['cpu_count']} cores, torch {env['torch']})", "",
+    where = env["device"] if env.get("device", "cpu") != "cpu" else f"{env['cpu']}, {env['cpu_count']} cores"
+    lines = [f"# kvfold serve under load ({where}, torch {env['torch']})", "",
              f"Streaming chat clients on loopback against `kvfold serve --method {s['method']}` ({s['model']}, server "
              f"torch threads {s['server_threads']}); {s['prompt']}; max_tokens {s['max_tokens']}. Each client sends "
              "its next request when the previous one ends; after the phase's seconds no new request starts and "
@@ -294,8 +298,9 @@ def markdown(report: dict) -> str:
               + ("all passed." if not report["problem_count"] else f"{report['problem_count']} problems "
                  f"(first: {[p['problems'][:3] for p in report['phases']]})."),
               "", "Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("cpu", "cpu_count")) + ".",
-              "Clients and server ran on the same 2 CPU cores, which other work shared during the run (the 1-minute "
-              "load average is in the table): the absolute speeds are those of a busy machine."]
+              "Clients and server ran on the same machine" + (" (the server on its GPU)." if env.get("device", "cpu")
+              != "cpu" else ", on 2 CPU cores which other work shared during the run (the 1-minute load average is "
+              "in the table): the absolute speeds are those of a busy machine.")]
     return "\n".join(lines) + "\n"
 
 
@@ -310,6 +315,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="--model of kvfold serve (default: the embedded model)")
     parser.add_argument("--url", default=None, help="an already running server (KVFOLD_API_KEY: its key)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server process")
+    parser.add_argument("--device", default=None, help="--device of kvfold serve (default: auto, the GPU if any)")
     parser.add_argument("--log", default="/tmp/kvfold_serve_load.log", help="the server's log")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_load_cpu")
     args = parser.parse_args()

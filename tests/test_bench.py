@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from kvfold import cli
 from kvfold.bench.records import PeakMemory, read_results
-from kvfold.bench.runner import BenchConfig, run_bench, split_specs
+from kvfold.bench.runner import BenchConfig, plan_bench, run_bench, split_specs
 from kvfold.errors import KVFoldError
 
 FIELDS = {
@@ -186,6 +186,9 @@ def test_rows_of_other_settings_in_the_folder_are_an_error(lm, tok, full, tmp_pa
         bench(lm, tok, tmp_path, max_new_tokens=5)
     with pytest.raises(KVFoldError, match="sample_hash"):
         bench(lm, tok, tmp_path, seed=1)
+    plan = dict(model_name="tiny", dtype="bfloat16", console=Console(file=io.StringIO()))  # the rows ran in float32
+    with pytest.raises(KVFoldError, match="dtype 'float32', this run 'bfloat16'.*--dtype"):
+        plan_bench(lm.config, tok, BenchConfig(out=tmp_path, **SWEEP), **plan)
     assert lines(tmp_path / "results.jsonl") == lines(full[1])
 
 
@@ -250,7 +253,7 @@ def test_cli_bench_without_out_is_one_line_and_exit_code_2(monkeypatch, capsys):
 
 
 def test_cli_bench_runs_resumes_and_prints_a_summary(lm, tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_load", lambda model: (lm, tok))
+    monkeypatch.setattr(cli, "_load", lambda model, device, dtype: (lm, tok))
     args = ["bench", "--methods", "none,snapkv", "--ratios", "0.5", "--tasks", "niah,multiturn", "--lengths", "400",
             "--samples", "1", "--max-new-tokens", "4", "--out", str(tmp_path), "--setting", "agnostic"]
     result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})

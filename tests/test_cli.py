@@ -26,6 +26,9 @@ def test_methods_lists_every_registered_method():
     (["generate", "-q", "y"], "no context"),
     (["generate", "--model", "/nonexistent/model", "--context", "x", "-q", "y"], "/nonexistent/model"),
     (["demo", "--ratios", "1.2"], "outside [0, 1)"),
+    (["generate", "--dtype", "int8", "--context", "x", "-q", "y"], "use float32, bfloat16 or float16"),
+    (["chat", "--device", "tpu"], "unknown device 'tpu': use 'cpu', 'cuda' or 'cuda:N'"),
+    (["bench", "--out", "x", "--ray", "--device", "cpu"], "--device does not apply with --ray"),
     (["calibrate", "--method", "rotate:osca", "--out", "x.safetensors"], "did you mean 'rotate:oscar'"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(args, message):

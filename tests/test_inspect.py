@@ -247,7 +247,8 @@ def test_parse_length_and_config_checks():
     (["--method", "snapk:0.5"], "did you mean 'snapkv'"),
 ])
 def test_cli_input_errors_come_before_loading_the_model(args, message, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_load", lambda model: pytest.fail("the model was loaded before the input was checked"))
+    monkeypatch.setattr(cli, "_load",
+                        lambda model, device, dtype: pytest.fail("the model was loaded before the input was checked"))
     result = CliRunner().invoke(cli.app, ["inspect", "--out", str(tmp_path), *args])
     assert isinstance(result.exception, KVFoldError) and message in str(result.exception)
     result = CliRunner().invoke(cli.app, ["inspect"])

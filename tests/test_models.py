@@ -229,3 +229,18 @@ def test_corrupt_entry_is_rebuilt(embedded: SimpleNamespace, caplog: pytest.LogC
     assert _entry(embedded.cache) / "model.safetensors" == weights and models._problem(weights.parent) is None
     assert torch.equal(_logits(model, tokenizer), _logits(embedded.model, embedded.tokenizer))
     shutil.rmtree(embedded.cache / "models")  # leave nothing large in the pytest temp folder
+
+
+def test_cli_placement_auto_is_the_gpu_in_bfloat16_else_the_cpu_in_float32() -> None:
+    device, dtype = models.resolve_placement()
+    if torch.cuda.is_available():
+        assert (device.type, dtype) == ("cuda", torch.bfloat16)
+    else:
+        assert (device, dtype) == (torch.device("cpu"), torch.float32)
+        with pytest.raises(KVFoldError, match="CUDA is not available"):
+            models.resolve_placement("cuda")
+    assert models.resolve_placement("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(KVFoldError, match="use float32, bfloat16 or float16"):
+        models.resolve_placement("cpu", "int8")
+    with pytest.raises(KVFoldError, match="unknown device 'gpu0'"):
+        models.resolve_placement("gpu0")

@@ -120,7 +120,8 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, capsys, tmp_p
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(KVFoldError, match=r"pip install 'kvfold\[ray\]'"):
         require_ray()
-    monkeypatch.setattr(cli, "_load", lambda model: pytest.fail("the model must not load before the Ray check"))
+    monkeypatch.setattr(cli, "_load",
+                        lambda model, device, dtype: pytest.fail("the model must not load before the Ray check"))
     monkeypatch.setattr(sys, "argv", ["kvfold", "bench", "--ray", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as done:
         cli.run()

@@ -246,7 +246,7 @@ def test_cli_refuses_bad_settings_before_loading_the_model(tmp_path, monkeypatch
 
     from kvfold import cli
 
-    monkeypatch.setattr(cli, "_load", lambda model: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "_load", lambda model, device, dtype: pytest.fail("the model was loaded"))
     for args, message in ((["--kv-budget", "lots"], "cannot read 'lots' as a size"),
                           (["--api-keys-file", str(tmp_path / "none")], "does not exist"),
                           (["--method", "snapkv:2"], "snapkv"), (["--api-key", "short"], "at least 8")):
@@ -260,7 +260,7 @@ def test_prefill_chunk_is_the_block_size(monkeypatch):
     from kvfold import cli, serve
 
     seen = {}
-    monkeypatch.setattr(cli, "_load", lambda model: (None, None))
+    monkeypatch.setattr(cli, "_load", lambda model, device, dtype: (None, None))
     monkeypatch.setattr(serve, "run_server", lambda lm, tok, config, **kw: seen.setdefault("block", config.block))
     result = CliRunner().invoke(cli.app, ["serve", "--prefill-chunk", "128"])
     assert result.exit_code == 0 and seen["block"] == 128

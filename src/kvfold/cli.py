@@ -31,15 +31,20 @@ ChunkOption = Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, he
                                                     "compressing after each chunk (bounded memory)")]
 
 
-def _load(model: str | None):
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or auto (bfloat16 on a GPU, "
+                                          "float32 on a CPU)")]
+
+
+def _load(model: str | None, device: str = "auto", dtype: str = "auto"):
     from transformers.utils import logging as hf_logging
 
-    from .models import load_model
+    from .models import load_model, resolve_placement
 
     hf_logging.disable_progress_bar()  # our spinner says what is happening
-
-    with console.status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}…"):
-        return load_model(model)
+    target, weights = resolve_placement(device, dtype)
+    with console.status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ({weights} on {target})…"):
+        return load_model(model, dtype=weights, device=target)
 
 
 @app.callback()
@@ -75,6 +80,8 @@ def generate(
     prefill_chunk: ChunkOption = None,
     fast: FastOption = False,
     model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Answer questions about a context with a compressed KV cache."""
     from .api import generate as run
@@ -89,7 +96,7 @@ def generate(
         raise KVFoldError("no context: pass --context-file F or --context TEXT")
     if not question:
         raise KVFoldError("no question: pass --question Q (repeat it for several)")
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, device, dtype)
     with console.status(f"prefill + decode with {compressor.spec}…"):
         answers = run(lm, tokenizer, context=context, question=question, method=compressor, agnostic=agnostic,
                       max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, fast=fast)
@@ -103,11 +110,12 @@ def generate(
 
 @app.command()
 def chat(method: MethodOption = "snapkv:0.5", model: ModelOption = None,
-         max_new_tokens: Annotated[int, typer.Option(min=1)] = 128) -> None:
+         max_new_tokens: Annotated[int, typer.Option(min=1)] = 128, device: DeviceOption = "auto",
+         dtype: DtypeOption = "auto") -> None:
     """Multi-turn chat; the history stays compressed and the KV bytes are shown after each turn (Ctrl-D ends)."""
     from .chat import ChatSession
 
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, device, dtype)
     session = ChatSession(lm, tokenizer, method)
     console.print(f"[dim]chatting with {session.compressor.spec}; Ctrl-D to end[/dim]")
     while True:
@@ -136,6 +144,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.jsonl and the report (rerun to "
                                       "resume)")] = Path("out/demo"),
     model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """A small sweep (methods x ratios x tasks): accuracy with 95% intervals, KV bytes and speed per method, and
     the report (report.md, report.html, report.png) in --out."""
@@ -146,7 +156,7 @@ def demo(
                          tasks=parse_list(tasks, str, "--tasks"), lengths=(length,), samples=samples,
                          setting="agnostic" if agnostic else "aware", prefill_chunk=prefill_chunk,
                          max_new_tokens=DEMO_NEW_TOKENS)
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, device, dtype)
     try:
         run_demo_sweep(lm, tokenizer, config, model_name=model or "embedded:SmolLM2-135M-Instruct", console=console)
     except KeyboardInterrupt:
@@ -173,10 +183,13 @@ def bench(
     fast: FastOption = False,
     seed: Annotated[int, typer.Option(help="Seed of the task samples")] = 0,
     ray: Annotated[bool, typer.Option("--ray", help="Run each method's cells as a Ray task (one GPU, or one CPU, "
-                                      "each) on a new local Ray, or on RAY_ADDRESS's cluster")] = False,
+                                      "each) on a new local Ray, or on RAY_ADDRESS's cluster; workers load the "
+                                      "model in --dtype, float32 for auto")] = False,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Run on this Ray cluster (implies "
                                                        "--ray), e.g. auto or ray://host:10001")] = None,
     model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Benchmark methods x ratios x tasks x lengths; one JSON line per answer in OUT/results.jsonl (resumable)."""
     from .bench.records import summary_table
@@ -193,12 +206,17 @@ def bench(
     try:
         if ray or ray_address:
             from .bench.distributed import ModelSource, RayOptions, require_ray, run_bench_ray
+            from .models import resolve_placement
 
+            if device != "auto":
+                raise KVFoldError("--device does not apply with --ray: each worker uses the GPU Ray gives it (or its "
+                                  "CPU); drop --device")
             require_ray()
-            rows = run_bench_ray(ModelSource(model), config, model_name=name, options=RayOptions(ray_address),
-                                 console=console)
+            weights = "float32" if dtype == "auto" else str(resolve_placement("cpu", dtype)[1]).removeprefix("torch.")
+            rows = run_bench_ray(ModelSource(model, dtype=weights), config, model_name=name,
+                                 options=RayOptions(ray_address), console=console)
         else:
-            lm, tokenizer = _load(model)
+            lm, tokenizer = _load(model, device, dtype)
             rows = run_bench(lm, tokenizer, config, model_name=name, console=console)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: finished answers are in {config.out / 'results.jsonl'}; run the same "
@@ -256,6 +274,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="max_tokens of requests that give "
                                             "none")] = 256,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (default: sizes only)")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) with a
     compressed prefix cache and continuous batching (up to --max-batch requests decoded in one forward per step).
@@ -270,7 +290,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not keys:
         err_console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
                           "it can use it (pass --api-keys-file F)")
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, device, dtype)
     console.print(f"serving {config.model_id} with {config.method} on http://{host}:{port}/v1 · KV budget "
                   f"{human_bytes(config.kv_budget)} · block {block} · batch ≤ {max_batch} · queue {queue}"
                   f"{' · API keys on' if keys else ''}")
@@ -291,6 +311,8 @@ def inspect_command(
     seed: Annotated[int, typer.Option(help="Seed of the task sample")] = 0,
     depth: Annotated[float, typer.Option(help="niah: depth of the needle in [0, 1]")] = 0.5,
     model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """One forward pass: attention sinks, head roles, K/V channel statistics and what a method keeps, as
     OUT/profile.json (read by budget methods) and plots in OUT/index.html."""
@@ -315,7 +337,7 @@ def inspect_command(
     tokens = parse_length(length) if length is not None else None
     specs = tuple(Compressor.parse(spec).spec for spec in (method or ["snapkv:0.5"]))
     config = InspectConfig(methods=specs)
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, device, dtype)
     if tokens is not None and tokens > context_limit(lm.config):
         raise KVFoldError(f"--length {tokens} is past the model's context of {context_limit(lm.config)} tokens: "
                           "lower it")
@@ -341,6 +363,8 @@ def calibrate(
     bits: Annotated[int, typer.Option(help="Bits of the per-token quantizer the clip ratios are fitted for")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the passages and of the rows kept for fitting")] = 0,
     model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Fit a method's per-model data on offline text (OSCAR's rotations and clip ratios, or xKV's bases) and save it
     with the model's identity; use it as `rotate:oscar,calib=FILE+kivi:2` or `xkv:calib=FILE`."""
@@ -359,7 +383,7 @@ def calibrate(
         raise KVFoldError("no output file: pass --out FILE.safetensors")
     if bits not in (2, 4, 8):
         raise KVFoldError(f"--bits must be 2, 4 or 8, got {bits}")
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, device, dtype)
     if length > context_limit(lm.config):
         raise KVFoldError(f"--length {length} is past the model's context of {context_limit(lm.config)} tokens: "
                           "lower it")

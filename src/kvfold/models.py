@@ -131,12 +131,20 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     return model, tokenizer
 
 
+def resolve_placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision a CLI loads the model: `auto` means the GPU when there is one, and bfloat16 there
+    (float32 on a CPU, where bfloat16 matrix products are slow). Bad names are a `KVFoldError` naming the choices."""
+    target = (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")) if device == "auto" \
+        else _check_device(device)
+    weights = (torch.bfloat16 if target.type == "cuda" else torch.float32) if dtype == "auto" else _check_dtype(dtype)
+    return target, weights
+
+
 def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):  # a convenience for CLIs: "float32", "bfloat16", ...
         dtype = getattr(torch, dtype, dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise KVFoldError(f"dtype {dtype!r} is not a floating torch dtype: use torch.float32, torch.bfloat16 "
-                          "or torch.float16")
+        raise KVFoldError(f"dtype {dtype!r} is not a floating torch dtype: use float32, bfloat16 or float16")
     return dtype
 
 

@@ -45,6 +45,7 @@ class ModelSource:
     """
 
     name: str | None = None
+    dtype: str = "float32"  # the workers' weights, whatever device Ray gives them
 
     def load(self) -> tuple[Any, Any]:
         import torch
@@ -54,7 +55,7 @@ class ModelSource:
 
         hf_logging.disable_progress_bar()  # one bar per worker would garble the driver's progress
         device = "cuda" if torch.cuda.is_available() else None  # Ray hides GPUs from tasks that asked for none
-        return load_model(self.name, device=device)
+        return load_model(self.name, dtype=self.dtype, device=device)
 
     def planning(self) -> tuple[Any, Any]:
         from pathlib import Path
@@ -63,7 +64,7 @@ class ModelSource:
 
         path = Path(self.name).expanduser() if self.name is not None else None
         if path is None or path.is_file() or str(self.name).endswith(".gguf"):
-            model, tokenizer = load_model(self.name)
+            model, tokenizer = load_model(self.name, dtype=self.dtype)
             return model.config, tokenizer
         from transformers import AutoConfig, AutoTokenizer
 
@@ -157,7 +158,8 @@ def run_bench_ray(source, config: BenchConfig, *, model_name: str, options: RayO
     `source` is a :class:`ModelSource` or any picklable object with those two methods."""
     require_ray()
     model_config, tokenizer = source.planning()
-    plan = plan_bench(model_config, tokenizer, config, model_name=model_name, console=console)
+    plan = plan_bench(model_config, tokenizer, config, model_name=model_name, console=console,
+                      dtype=getattr(source, "dtype", "float32"))
     work = plan.work()
     events = ray_events(source, config, work, model_name, options) if work else iter(())
     return drive(plan, events, on_row=on_row, progress=progress, console=console)

@@ -30,7 +30,7 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
     "question": int, "score": (int, float), "kv_bytes": int, "kv_bytes_uncompressed": int,
 }
 # Fields that must agree between a stored row and this run's for the same key (else the folder holds another run).
-SAME_RUN = ("sample_hash", "max_new_tokens", "prefill_chunk")
+SAME_RUN = ("sample_hash", "max_new_tokens", "prefill_chunk", "dtype")
 
 
 def make_key(model: str, method: str, ratio: float | None, task: str, length: int, setting: str, sample: int,

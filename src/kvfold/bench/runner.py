@@ -178,9 +178,10 @@ class Plan:
 
 
 def plan_bench(model_config, tokenizer, config: BenchConfig, *, model_name: str,
-               console: Console | None = None) -> Plan:
+               console: Console | None = None, dtype: str = "float32") -> Plan:
     """Generate the sweep's samples, check every prompt fits ``model_config``'s context, read the results file
-    (bad lines are warned about on `console` by line number) and refuse stored rows of another run for our keys."""
+    (bad lines are warned about on `console` by line number) and refuse stored rows of another run for our keys
+    (`dtype`: the model's, e.g. "bfloat16"; rows of another precision are another run)."""
     console = console or Console(stderr=True)
     limit = context_limit(model_config)
     config.check_context(limit)
@@ -204,13 +205,13 @@ def plan_bench(model_config, tokenizer, config: BenchConfig, *, model_name: str,
     for cell, cell_keys in keys.items():
         for i, key in ((i, key) for i, sample_keys in enumerate(cell_keys) for key in sample_keys if key in done):
             ours = {"sample_hash": hashes[cell.task, cell.length][i], "max_new_tokens": config.max_new_tokens,
-                    "prefill_chunk": config.prefill_chunk}
+                    "prefill_chunk": config.prefill_chunk, "dtype": dtype}
             for name in SAME_RUN:
                 if done[key].get(name) != ours[name]:
                     raise KVFoldError(
                         f"{path} already has {cell.method} · {cell.task} · {cell.length} · sample {i} from another "
                         f"run ({name} {done[key].get(name)!r}, this run {ours[name]!r}; seed and samples change the "
-                        "samples): pass another --out, or the settings of that run")
+                        "samples): pass another --out, or the settings of that run (--dtype for dtype)")
     work = {cell: CellWork(cell, tuple(samples[cell.task, cell.length]), tuple(prompts[cell.task, cell.length]),
                            tuple(hashes[cell.task, cell.length]),
                            tuple(tuple(q for q, key in enumerate(sample_keys) if key not in done)
@@ -230,7 +231,8 @@ def run_bench(model, tokenizer, config: BenchConfig, *, model_name: str, on_row:
     `on_row(row)` is called after each row is safely written. `progress`: Rich bars (None = when on a terminal).
     For Ray, see :func:`kvfold.bench.distributed.run_bench_ray`: same plan, same rows, cells on workers.
     """
-    plan = plan_bench(model.config, tokenizer, config, model_name=model_name, console=console)
+    plan = plan_bench(model.config, tokenizer, config, model_name=model_name, console=console,
+                      dtype=str(model.dtype).removeprefix("torch."))
     events = cell_events(model, tokenizer, config, plan.work(), model_name)
     return drive(plan, events, on_row=on_row, progress=progress, console=console)
 
