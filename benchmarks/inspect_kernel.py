@@ -49,19 +49,22 @@ def ptxas_report(compiled) -> str:
                              capture_output=True, text=True).stderr
     registers = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
-    return f"{registers.group(1) if registers else '?':>4s} registers, {spills.group(1) if spills else '?':>4s} B spilled"
+    used, spilled = (match.group(1) if match else "?" for match in (registers, spills))
+    return f"{used:>4s} registers, {spilled:>4s} B spilled"
 
 
-def cases(page: int, group: int, dim: int):
+def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
     """(label, kernel, signature, constants, default launch) for each fast kernel's store kind."""
     shape = dict(G=group, D=dim, PAGES_PER_SPLIT=64, WINDOWED=False)
     block_g = max(16, triton.next_power_of_2(group))
+    tile = max(1, tile_tokens // page)
     for label, dtype, scaled in (("bf16 pages", "bf16", 0), ("fp8, scale/token", "fp8e4nv", 1),
                                  ("fp8, scale/page", "fp8e4nv", 2)):
         scales = "*fp16" if scaled else "*i32"
         yield (label, full_pages_kernel, {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*" + dtype, "ks_ptr": scales,
                                           "vs_ptr": scales},
-               {**shape, "BLOCK_G": block_g, "P": page, "SCALED": scaled}, SCALED_LAUNCH if scaled else FAST_LAUNCH)
+               {**shape, "BLOCK_G": block_g, "P": page, "SCALED": scaled, "TILE": tile},
+               SCALED_LAUNCH if scaled else FAST_LAUNCH)
     value_group = min(64, dim)
     for bits in (4, 2):
         for key_token in (False, True):
@@ -83,9 +86,12 @@ def main() -> None:
     parser.add_argument("--warps", type=int, help="override every kernel's default launch")
     parser.add_argument("--stages", type=int)
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR here")
+    parser.add_argument("--tile-tokens", type=int, default=0, help="16-bit/float8 pages: tokens read per step "
+                        "(`paged_decode(tile_tokens=)`; 0: one page)")
     args = parser.parse_args()
-    print(f"sm_90, triton {triton.__version__}; {args.page}-token pages, GQA {args.group}, head_dim {args.dim}")
-    for label, kernel, signature, constants, launch in cases(args.page, args.group, args.dim):
+    print(f"sm_90, triton {triton.__version__}; {args.page}-token pages, GQA {args.group}, head_dim {args.dim}"
+          + (f", {args.tile_tokens} tokens per step" if args.tile_tokens else ""))
+    for label, kernel, signature, constants, launch in cases(args.page, args.group, args.dim, args.tile_tokens):
         launch = {**launch, **({"num_warps": args.warps} if args.warps else {}),
                   **({"num_stages": args.stages} if args.stages else {})}
         compiled = compile_for_hopper(kernel, signature, constants, launch)
@@ -94,7 +100,8 @@ def main() -> None:
               f"{compiled.metadata.shared:6d} B shared, {ttgir.count('async_copy_global_to_local')} async copies")
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
-            (args.dump / f"{label.replace(' ', '_').replace(':', '').replace(',', '').replace('/', '_')}.ttgir").write_text(ttgir)
+            name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+            (args.dump / f"{name}.ttgir").write_text(ttgir)
 
 
 if __name__ == "__main__":

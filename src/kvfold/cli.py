@@ -43,7 +43,8 @@ def _load(model: str | None, device: str = "auto", dtype: str = "auto"):
 
     hf_logging.disable_progress_bar()  # our spinner says what is happening
     target, weights = resolve_placement(device, dtype)
-    with console.status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ({weights} on {target})…"):
+    precision = str(weights).removeprefix("torch.")
+    with console.status(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ({precision} on {target})…"):
         return load_model(model, dtype=weights, device=target)
 
 

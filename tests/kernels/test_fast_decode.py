@@ -48,6 +48,28 @@ def test_fast_kernels_match_reference(spec, dim, group, window, dtype):
     assert err < bound, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("spec", ["none", "fp8:group=16", "fp8:scale=page,group=16"])
+@pytest.mark.parametrize("tile_tokens, pages_per_split", [(64, 4), (64, 8), (32, 2), (64, 6)])
+@pytest.mark.parametrize("window", [None, 23])
+def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pages_per_split, window):
+    """16-token pages read `tile_tokens` at a time (several pages per step; rows end mid-tile and mid-page; a split
+    of pages that the tile does not divide reads fewer pages per step)."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 170, 64, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    parts = layer.kernel_parts()
+    assert {part.positions.shape[1] for part in parts} == {16}
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    got = paged_decode(query, parts, tokens - 1, dim ** -0.5, window, pages_per_split=pages_per_split,
+                       tile_tokens=tile_tokens)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+    err = ((got - expected).norm() / expected.norm()).item()
+    assert err < BOUND[torch.float16], f"relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("spec", ["zipcache:group=32,residual=16", "zipcache:8,low=4,group=16,residual=16,salient=0.3",
                                   "rotate+zipcache:group=32,residual=16"])
 @pytest.mark.parametrize("dim, group", [(64, 4), (128, 3)])

@@ -11,6 +11,7 @@ this general kernel reads the rest (float32 queries; packed rows narrower than 1
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +138,8 @@ def _paged_decode_kernel(
 
 
 def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window: int, scale: float,
-              pages_per_split: int | None, precise: bool, launch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pages_per_split: int | None, precise: bool, launch: dict,
+              tile_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, group, dim = query.shape
     page = part.positions.shape[1]
     width = max(1, part.table.shape[1])
@@ -156,9 +158,11 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     dummy = part.positions  # unused pointers
     if fast == "full":
+        tile = math.gcd(max(1, (tile_tokens or 0) // page), pages_per_split)
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
                                 part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
-                                m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, **shape,
+                                m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, TILE=tile & -tile,
+                                **shape,
                                 **(launch or (SCALED_LAUNCH if part.scaled else FAST_LAUNCH)))
     elif fast == "packed":
         smooth = part.key_smooth
@@ -240,7 +244,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch.Tensor, scale: float,
                  sliding_window: int | None = None, pages_per_split: int | None = None,
-                 launch: dict | None = None) -> torch.Tensor:
+                 launch: dict | None = None, tile_tokens: int | None = None) -> torch.Tensor:
     """Attention of one query token per row ([rows, group, dim]) over the stored parts; float32 [rows, group, dim].
 
     Keys must all precede the query (true when decoding); `sliding_window` masks keys older than the window.
@@ -249,6 +253,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     A float32 query gets float32 dot products (matching the reference to ~1e-6); 16-bit queries get bfloat16
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
     `launch` overrides Triton's launch options (num_warps, num_stages), for `benchmarks/decode_kernel.py --sweep`.
+    `tile_tokens`: 16-bit and float8 pages are read this many tokens per step (several small pages at once; None:
+    one page), for the benchmarks until it is timed.
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not
     in sliding-window layers.
     """
@@ -258,7 +264,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     query = query.float().contiguous()
     if not isinstance(q_pos, torch.Tensor):
         q_pos = torch.full((1,), q_pos, dtype=torch.int32, device=query.device)  # a fill kernel: no host sync
-    pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {})
+    pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {},
+                        tile_tokens)
               for part in parts]
     m, l, acc = (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
     return combine(m, l, acc)

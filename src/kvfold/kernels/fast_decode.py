@@ -20,7 +20,8 @@ What makes them faster than the general kernel (measured with Nsight Compute on 
   group. Measured on an H200: kivi:2 0.45 -> 0.34 ms, kv4:2 0.51 -> 0.39 ms, kivi:4 0.38 -> 0.37 ms.
 Float8 pages are pipelined like the others (checked offline: `benchmarks/inspect_kernel.py` compiles for sm_90
 without a GPU). They were slow because their pages held 16 tokens: `fp8` now defaults to 64-token pages, 0.49 ->
-0.26 ms at batch 8 x 32k.
+0.26 ms at batch 8 x 32k. Smaller pages can be read several per step (`paged_decode(tile_tokens=64)`: the same
+shared memory and asynchronous copies as 64-token pages, per the inspector); not yet timed, so off by default.
 
 Packed and float8 pages use float16 dot products for the scores whatever the query's 16-bit type (their scales
 are float16): queries beyond float16's range (|q| > 65504) are not supported there.
@@ -35,25 +36,45 @@ from .common import empty_state, padded_page_rows, page_rows, query_tile, softma
 
 
 @triton.jit
-def _token_scale(ptr, page, valid, P: tl.constexpr, SCALED: tl.constexpr):
-    """float8 pages' scales as a [P] row: one per token (SCALED 1) or the page's one (SCALED 2); 0 where invalid
-    (a free page's scale may be anything, and 0 * inf is NaN)."""
-    if SCALED == 1:
+def _token_scale(ptr, token, page, valid, P: tl.constexpr, SCALED: tl.constexpr, TILE: tl.constexpr):
+    """float8 pages' scales of a tile's slots: one per token (SCALED 1) or their page's one (SCALED 2); 0 where
+    invalid (a free page's scale may be anything, and 0 * inf is NaN)."""
+    if SCALED == 1 and TILE == 1:  # a scalar base and 32-bit offsets, as for the pages
         scale = tl.load(ptr + page * P + tl.arange(0, P), mask=valid, other=0.0).to(tl.float32)
+    elif SCALED == 1:
+        scale = tl.load(ptr + token, mask=valid, other=0.0).to(tl.float32)
     else:
         scale = tl.where(valid, tl.load(ptr + page).to(tl.float32), 0.0)
     return scale
 
 
 @triton.jit
+def _tile_slots(table_ptr, row, width, first_page, length, P: tl.constexpr, TILE: tl.constexpr):
+    """TILE consecutive pages of the row as one tile of TILE * P slots: each slot's page id (one scalar for one
+    page), its token index in the pool (page * P + offset), and whether it holds one of the row's tokens (a row's
+    pages are full but its last)."""
+    if TILE == 1:
+        page, valid = page_rows(table_ptr, row, width, first_page, length, P)
+        token = page * P + tl.arange(0, P)
+    else:
+        slots = tl.arange(0, TILE * P)
+        index = first_page + slots // P
+        page = tl.load(table_ptr + row * width + index, mask=index * P < length, other=0).to(tl.int64)
+        token = page * P + slots % P
+        valid = first_page * P + slots < length
+    return page, token, valid
+
+
+@triton.jit
 def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, vs_ptr, m_ptr, l_ptr, acc_ptr,
                       width, splits, qpos_ptr, window, scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                      PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr):
+                      PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr,
+                      TILE: tl.constexpr = 1):
     """Pages of 16-bit K and V, read in their dtype (the query is cast to it); or float8 pages (SCALED 1: a scale
     per token, 2: per page), widened to float16 exactly, with the key scales applied to the scores' columns and the
     value scales to the probabilities: k·q = scale_t (k8·q), Σ p_t v_t = top Σ (p_t scale_t / top) v8_t, top the
-    page's largest value scale."""
+    tile's largest value scale. TILE pages are read per step (small pages: fewer, larger steps)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(len_ptr + row)
@@ -65,17 +86,24 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
     m_i, l_i, acc = empty_state(BLOCK_G, D)
     first = split * PAGES_PER_SPLIT
     if first * P < length:  # the loop itself has no branch, so the compiler pipelines its loads
-        for i in range(PAGES_PER_SPLIT):
-            page, valid = page_rows(table_ptr, row, width, first + i, length, P)
-            valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
-            k_t = tl.load(k_ptr + page * P * D + offs_p[None, :] * D + offs_d[:, None], mask=valid[None, :], other=0.0)
-            v = tl.load(v_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        for i in range(PAGES_PER_SPLIT // TILE):
+            page, token, valid = _tile_slots(table_ptr, row, width, first + i * TILE, length, P, TILE)
+            if WINDOWED:
+                valid = valid & (tl.load(pos_ptr + token) > tl.load(qpos_ptr) - window)
+            if TILE == 1:  # a scalar base and 32-bit offsets: fewer registers than an address per slot
+                k_t = tl.load(k_ptr + page * P * D + offs_p[None, :] * D + offs_d[:, None], mask=valid[None, :],
+                              other=0.0)
+                v = tl.load(v_ptr + page * P * D + offs_p[:, None] * D + offs_d[None, :], mask=valid[:, None],
+                            other=0.0)
+            else:
+                k_t = tl.load(k_ptr + token[None, :] * D + offs_d[:, None], mask=valid[None, :], other=0.0)
+                v = tl.load(v_ptr + token[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, k_t.to(DOT))
             if SCALED:
-                s = s * _token_scale(ks_ptr, page, valid, P, SCALED)[None, :]
+                s = s * _token_scale(ks_ptr, token, page, valid, P, SCALED, TILE)[None, :]
             p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
-            if SCALED:  # p × scale_t over the page's largest scale: float16 normals, not subnormals (scales ~1e-4)
-                v_scale = _token_scale(vs_ptr, page, valid, P, SCALED)
+            if SCALED:  # p × scale_t over the tile's largest scale: float16 normals, not subnormals (scales ~1e-4)
+                v_scale = _token_scale(vs_ptr, token, page, valid, P, SCALED, TILE)
                 top = tl.max(v_scale, axis=0)
                 top = tl.where(top > 0, top, 1.0)
                 acc = acc * alpha[:, None] + top * tl.dot((p * (v_scale / top)[None, :]).to(DOT), v.to(DOT))
@@ -86,10 +114,10 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
 
 
 @triton.jit
-def _field(codes, r: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr = 0):
-    """Bit field r of each byte as float16, exactly: 0x6400 | c is the float16 1024 + c; minus CENTER."""
+def _field(codes, r: tl.constexpr, BITS: tl.constexpr):
+    """Bit field r of each byte as float16, exactly: 0x6400 | c is the float16 1024 + c."""
     c = ((codes >> (r * BITS)) & ((1 << BITS) - 1)).to(tl.uint16)
-    return (c | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + CENTER)
+    return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
@@ -107,7 +135,7 @@ def _smoothed_query(q, ksm_ptr, channel, r: tl.constexpr):
 
 
 @triton.jit
-def _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok, BITS: tl.constexpr):
+def _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok):
     """Values are c * s_t + z_t per token and group of VG channels, so a group's share of the output is
     top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t. Row r of the tile serves value group `group[r]` (the query rows are
     repeated once per group in the MMA tile's spare rows), so one dot product covers every group. Returns the
@@ -118,9 +146,7 @@ def _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok, BITS: t
     v_zero = tl.load(vz_ptr + token_stat[None, :] + group[:, None], mask=mask, other=0.0).to(tl.float32)
     top = tl.max(v_scale, axis=1)
     top = tl.where(top > 0, top, 1.0)
-    # codes enter centred (c - 2^(bits-1), `_value_update`): half the magnitude the zeros' share must cancel
-    zeros = tl.sum(p * (v_zero + (1 << (BITS - 1)) * v_scale), axis=1)
-    return (p * (v_scale / top[:, None])).to(tl.float16), top, zeros
+    return (p * (v_scale / top[:, None])).to(tl.float16), top, tl.sum(p * v_zero, axis=1)
 
 
 @triton.jit
@@ -128,7 +154,7 @@ def _value_update(weights, top, zeros, codes, vch_ptr, page, channels, r: tl.con
                   D: tl.constexpr, VALUE_CHANNEL: tl.constexpr):
     """This page's share of the output channels of bit field r, [BLOCK_G, J]: the codes go straight into the dot
     product. VALUE_CHANNEL: times the page's factor per channel (ZipCache's channel-separable values)."""
-    update = top[:, None] * tl.dot(weights, _field(codes, r, BITS, 1 << (BITS - 1))) + zeros[:, None]
+    update = top[:, None] * tl.dot(weights, _field(codes, r, BITS)) + zeros[:, None]
     if VALUE_CHANNEL:
         update = update * tl.load(vch_ptr + page * D + channels + r).to(tl.float32)[None, :]
     return update
@@ -226,7 +252,7 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                     s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
             p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
             token_stat = page * STAT * NVG + offs_p * NVG
-            weights, top, zeros = _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok, BITS)
+            weights, top, zeros = _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok)
             acc0 = acc0 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 0, BITS, D,
                                                          VALUE_CHANNEL)
             if PER_BYTE >= 2:
