@@ -161,21 +161,24 @@ class Scorer(Method):
         return scores.masked_fill(~x.valid, float("-inf"))
 
 
-def window_attention(x: ScoreInputs) -> torch.Tensor:
+def window_attention(x: ScoreInputs, keys_end: int | None = None) -> torch.Tensor:
     """Causal softmax attention of `x.queries` over the keys, each query head against its GQA group's KV head:
     [batch, q_heads, window, tokens] in float32. A query sees the valid keys at or before its position.
+    `keys_end`: only the first key slots, when the caller knows no query sees a later one ([..., keys_end]).
     Shared by every attention-scored method (snapkv's window, h2o's query chunks, tova's newest query) and by
     sink detection (`Scorer.detect`).
     """
     batch, q_heads, window, dim = x.queries.shape
-    kv_heads, tokens = x.keys.shape[1], x.keys.shape[2]
+    kv_heads = x.keys.shape[1]
+    tokens = x.keys.shape[2] if keys_end is None else keys_end
     group = q_heads // kv_heads
     queries = x.queries.float().view(batch, kv_heads, group, window, dim)
-    logits = torch.matmul(queries, x.keys.float().transpose(-1, -2).unsqueeze(2)) * x.scale  # [b, kv, g, w, n]
-    key_positions = x.positions.view(batch, kv_heads, 1, 1, tokens)
+    keys_t = x.keys[:, :, :tokens].float().transpose(-1, -2).unsqueeze(2)
+    logits = torch.matmul(queries, keys_t).mul_(x.scale)  # [b, kv, g, w, n]
+    key_positions = x.positions[..., :tokens].reshape(batch, kv_heads, 1, 1, tokens)
     query_positions = x.query_positions.to(x.positions.device).view(1, 1, 1, window, 1)
-    visible = x.valid.view(batch, kv_heads, 1, 1, tokens) & (key_positions <= query_positions)
-    attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    visible = x.valid[..., :tokens].reshape(batch, kv_heads, 1, 1, tokens) & (key_positions <= query_positions)
+    attn = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
     return attn.view(batch, q_heads, window, tokens)
 
 
