@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
 from kvfold.layer import KVFoldLayer  # noqa: E402
 from kvfold.compressor import Compressor  # noqa: E402
-from kvfold.kernels.decode import paged_decode  # noqa: E402
+from kvfold.kernels.decode import TILE_TOKENS, paged_decode  # noqa: E402
 from kvfold.kernels.reference import paged_attention  # noqa: E402
 
 
@@ -97,16 +97,16 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
              ("fp8 (scale/token, 16-token pages)", "fp8:group=16", None),
              ("fp8 (scale/page of 16)", "fp8:scale=page,group=16", None), ("rotate+kivi:4", "rotate+kivi:4", None),
              ("kv4:4 (per-token, smoothed keys)", "kv4:4", None), ("kv4:2", "kv4:2", None),
-             ("none, 16-token pages", "none", None, dict(page_size=16)),
+             ("none, 16-token pages, one a step", "none", None, dict(page_size=16, tile_tokens=0)),
              ("none, 16-token pages, 64 tokens a step", "none", None, dict(page_size=16, tile_tokens=64)),
-             ("fp8, 16-token pages, 64 tokens a step", "fp8:group=16", None, dict(tile_tokens=64))]
+             ("fp8, 16-token pages, one a step", "fp8:group=16", None, dict(tile_tokens=0))]
     none_ms = None
     for run, (label, spec, keep, *options) in enumerate(cases * 2):  # two passes: the spread between them is the noise
         label = f"{label} [pass {run // len(cases) + 1}]"
         options = options[0] if options else {}
         layer = store(spec, k, v, keep, options.get("page_size", 64))
         parts = layer.kernel_parts()
-        call = lambda: paged_decode(rows_q, parts, q_pos, scale, tile_tokens=options.get("tile_tokens"))  # noqa: E731
+        call = lambda: paged_decode(rows_q, parts, q_pos, scale, tile_tokens=options.get("tile_tokens", TILE_TOKENS))  # noqa: E731
         ms = do_bench(call, warmup=50, rep=300, return_mode="median")
         graph_ms = do_bench_cudagraph(call, rep=300, return_mode="median")
         none_ms = graph_ms if spec == "none" and keep is None else none_ms

@@ -24,10 +24,20 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
-    serve) model=/tmp/kvfold_llama8b  # random weights of Llama-3.1-8B's shape, the embedded tokenizer (carried)
+    serve) wheels=benchmarks/captured/wheels  # the device has no network: FastAPI, uvicorn and the openai client travel
+           # as wheels (pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d $wheels
+           # fastapi uvicorn openai httpx prometheus-client)
+           # (pip may be absent there): unpacked into one folder that a .pth file puts after site-packages, so the
+           # environment's own packages win and only the missing ones come from the wheels
+           python -c "import fastapi, uvicorn, openai" 2>/dev/null || {
+             for wheel in $wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/kvfold_serve_deps; done
+             echo /tmp/kvfold_serve_deps > "$(python -c 'import site; print(site.getsitepackages()[0])')/kvfold_serve_deps.pth"
+             python -c "import fastapi, uvicorn, openai; print('serve deps: fastapi', fastapi.__version__)"; }
+           model=/tmp/kvfold_llama8b  # random weights of Llama-3.1-8B's shape, the embedded tokenizer (carried)
            [ -d $model ] || timeout 240 python benchmarks/random_model.py --shape llama-3.1-8b --out $model 2>&1 | tail -2
            timeout 330 python benchmarks/serve_load.py --model $model --clients 32 --seconds 60 --baseline-seconds 15 \
-             --max-tokens 32 --method snapkv:0.5+kivi:4 --out "$OUT/serve_load_h200" 2>&1 | tail -8 ;;
+             --max-tokens 32 --method snapkv:0.5+kivi:4 --out "$OUT/serve_load_h200" 2>&1 | tail -8
+           [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     *) echo "unknown step $step (tests, prefill-tests, decode, prefill, sparse, e2e, serve)" ;;
   esac
 done

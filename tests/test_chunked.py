@@ -118,6 +118,29 @@ def test_peak_bytes_are_bounded_and_given_back(tiny_llama):
     assert cache.nbytes() == one_pass.nbytes()
 
 
+@pytest.mark.parametrize("spec", ["kivi:4", "snapkv:budget=128", "snapkv:budget=128+kivi:2,group=32,residual=32"])
+def test_between_chunks_a_layer_holds_only_the_pages_it_uses(tiny_llama, spec, monkeypatch):
+    """Pages a chunk needed and packing or eviction emptied go back to the allocator after each chunk, so a chunked
+    prefill's peak holds one layer's chunk beyond what the layers keep (not one chunk per layer: on an 8B model at
+    4 x 32k, 2 GB of 16-bit chunk pages)."""
+    from kvfold.layer import KVFoldLayer
+
+    ingest, free_after_ingest = KVFoldLayer.ingest, []
+
+    def watched(self, *args, **kwargs):
+        ingest(self, *args, **kwargs)
+        if self.chunking:
+            free_after_ingest.append(sum(len(pool.free) for pool in self.pools()))
+
+    monkeypatch.setattr(KVFoldLayer, "ingest", watched)
+    ids = torch.randint(1, 256, (1, 600), generator=torch.Generator().manual_seed(9))
+    cache, _ = run(tiny_llama, spec, ids, chunk=100)
+    assert len(free_after_ingest) == 6 * len(tiny_llama.model.layers) and set(free_after_ingest) == {0}
+    monkeypatch.setattr(KVFoldLayer, "ingest", ingest)
+    one_pass, _ = run(tiny_llama, spec, ids)
+    assert cache.layers[0].row_lengths().tolist() == one_pass.layers[0].row_lengths().tolist()
+
+
 def test_quantized_eviction_packs_what_the_chunks_kept(tiny_llama):
     ids = torch.randint(1, 256, (1, 600), generator=torch.Generator().manual_seed(6))
     cache, _ = run(tiny_llama, "snapkv:budget=256+kivi:4,group=32,residual=32", ids, chunk=100)

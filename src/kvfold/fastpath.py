@@ -68,19 +68,22 @@ class FastLayer:
         layer = self.layer
         batch, heads, _, dim = staged.keys.shape
         rows = batch * heads
-        table, lengths = self.mirrors["full"] if self.use_kernel else (layer.full.table, layer.full.lengths)
         positions = self.q_pos.to(layer.device)
-        layer.full.write_next({"k": staged.keys.reshape(rows, dim), "v": staged.values.reshape(rows, dim),
-                               "pos": positions.expand(rows)}, table, lengths)
-        layer._remember_queries(query, positions)
+        keys, values = staged.keys.reshape(rows, dim), staged.values.reshape(rows, dim)
         if not self.use_kernel:
+            layer.full.write_next({"k": keys, "v": values, "pos": positions.expand(rows)}, layer.full.table,
+                                  layer.full.lengths)
+            layer._remember_queries(query, positions)
             return layer.attend(query, positions, scale)
-        from .kernels.decode import paged_decode
+        from .kernels.decode import paged_decode, write_tokens
 
+        table, lengths = self.mirrors["full"]
+        write_tokens(layer.full.pool.tensors, table, lengths, keys, values, positions)  # one kernel, not a dozen
+        layer._remember_queries(query, positions)
         q_heads = query.shape[1]
         out = paged_decode(query.reshape(rows, q_heads // heads, dim), self.parts, positions, scale,
-                           layer.sliding_window)
-        return out.view(batch, q_heads, 1, dim).transpose(1, 2).to(query.dtype)
+                           layer.sliding_window, out_dtype=query.dtype)
+        return out.view(batch, q_heads, 1, dim).transpose(1, 2)
 
     def end(self, steps: int, seen: int) -> None:
         """The host catches up after `steps` steps that brought the sequence to `seen` tokens."""

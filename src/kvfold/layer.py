@@ -218,6 +218,9 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             self.lowrank_group.report(self)
         if evicts and self.chunking:
             self._recompress(*self._observation(query, query_positions))
+        if self.chunking:  # the chunk's pages that packing or eviction emptied go back to the allocator now, so a
+            # chunked prefill's peak holds one chunk of one layer beyond what the layers keep, not one per layer
+            self._give_back_free_pages()
 
     def append(self, staged: StagedKV, query: torch.Tensor) -> None:
         """Store decoded tokens (all valid) in the full-precision tail. Call `after_decode()` after attending."""
@@ -251,6 +254,9 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             if self.sinks is not None and int(self.sinks.lengths.sum()) == 0:
                 self._sinks_from_full()
             self._pack_full_groups()
+        self._give_back_free_pages()
+
+    def _give_back_free_pages(self) -> None:
         for _, rows in self.stores() if self.is_initialized else ():
             rows.defragment()
             rows.pool.trim()

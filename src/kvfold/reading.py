@@ -105,7 +105,8 @@ class StoreReader:
         if parts is not None:
             from .kernels.decode import paged_decode
 
-            out = paged_decode(query.reshape(rows, group, dim), parts, positions[-1:], scale, self.sliding_window)
+            out = paged_decode(query.reshape(rows, group, dim), parts, positions[-1:], scale, self.sliding_window,
+                               out_dtype=query.dtype)
         elif n > 1 and use_gathered_sdpa(query.device):
             grouped = query.reshape(rows, group, n, dim)
             chunks = [*self.chunks(), *([new] if new is not None else [])]

@@ -101,3 +101,53 @@ def test_unsupported_shapes_fall_back_to_the_reference():
     assert supports(filled_layer("kivi:2,group=16,residual=16", 1, 2, 64, 40).kernel_parts(), 64)
     assert not supports(filled_layer("none", 1, 2, 8, 40, page_size=16).kernel_parts(), 8)
     assert not supports(filled_layer("none", 1, 2, 32, 40, page_size=8).kernel_parts(), 32)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16, 40])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_split_merge_kernel_matches_its_reference(splits, out_dtype):
+    """The one-kernel split merge equals the PyTorch merge, including splits that saw no key and a row that saw
+    none (zeros), over more splits than one block of the kernel holds (40 > 16)."""
+    from kvfold.kernels.decode import combine, combine_reference
+
+    torch.manual_seed(splits)
+    rows, group, dim = 3, 4, 64
+    m = torch.randn(rows, splits, group, device=DEVICE) * 4
+    l = torch.rand(rows, splits, group, device=DEVICE) * 5 + 0.1
+    acc = torch.randn(rows, splits, group, dim, device=DEVICE) * l.unsqueeze(-1)
+    m[0] = float("-inf")  # a row that saw no key
+    l[0], acc[0] = 0.0, 0.0
+    if splits > 1:
+        m[1, 1:] = float("-inf")  # splits past a short row's end
+        l[1, 1:], acc[1, 1:] = 0.0, 0.0
+    got = combine(m, l, acc, out_dtype)
+    expected = combine_reference(m, l, acc)
+    assert got.dtype == out_dtype and torch.equal(got[0], torch.zeros_like(got[0]))
+    torch.testing.assert_close(got.float(), expected, rtol=1e-3 if out_dtype == torch.float16 else 1e-5,
+                               atol=1e-3 if out_dtype == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_kernel_token_write_matches_write_next(dtype):
+    """The fast loop's token write (`write_tokens`) stores what `PagedRows.write_next` stores, at each row's own
+    slot (rows at different lengths, one ending on a page boundary), and counts the token."""
+    from kvfold.kernels.decode import write_tokens
+
+    layer = filled_layer("none", 2, 2, 64, 50, page_size=16, dtype=dtype)
+    store = layer.full
+    store.reserve_tokens(3)
+    rows = store.rows
+    torch.manual_seed(1)
+    for step in range(3):
+        keys = torch.randn(rows, 64, dtype=dtype, device=DEVICE)
+        values = torch.randn(rows, 64, dtype=dtype, device=DEVICE)
+        position = torch.tensor([50 + step], dtype=torch.int32, device=DEVICE)
+        table, lengths = store.table.to(DEVICE, torch.int32).contiguous(), store.lengths.to(DEVICE, torch.int32)
+        before = {name: t.clone() for name, t in store.pool.tensors.items()}
+        write_tokens(store.pool.tensors, table, lengths, keys, values, position)
+        by_kernel = {name: t.clone() for name, t in store.pool.tensors.items()}
+        store.pool.tensors.update({name: t.clone() for name, t in before.items()})
+        store.write_next({"k": keys, "v": values, "pos": position.expand(rows)}, store.table, store.lengths)
+        assert torch.equal(lengths.cpu().long(), store.lengths)
+        for name, tensor in store.pool.tensors.items():
+            assert torch.equal(by_kernel[name], tensor), name

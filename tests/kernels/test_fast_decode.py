@@ -49,7 +49,7 @@ def test_fast_kernels_match_reference(spec, dim, group, window, dtype):
 
 
 @pytest.mark.parametrize("spec", ["none", "fp8:group=16", "fp8:scale=page,group=16"])
-@pytest.mark.parametrize("tile_tokens, pages_per_split", [(64, 4), (64, 8), (32, 2), (64, 6)])
+@pytest.mark.parametrize("tile_tokens, pages_per_split", [(64, 4), (64, 8), (32, 2), (64, 6), (0, 4)])
 @pytest.mark.parametrize("window", [None, 23])
 def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pages_per_split, window):
     """16-token pages read `tile_tokens` at a time (several pages per step; rows end mid-tile and mid-page; a split
@@ -68,6 +68,15 @@ def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pa
     assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
     err = ((got - expected).norm() / expected.norm()).item()
     assert err < BOUND[torch.float16], f"relative error {err:.2e}"
+
+
+def test_negative_tile_tokens_is_refused():
+    from kvfold.kernels.decode import paged_decode
+
+    layer = filled_layer("none", 1, 1, 64, 20, 16, None, dtype=torch.float16)
+    query = torch.randn(1, 4, 64, device=DEVICE).half()
+    with pytest.raises(ValueError, match="tile_tokens must be >= 0"):
+        paged_decode(query, layer.kernel_parts(), 19, 0.125, tile_tokens=-1)
 
 
 @pytest.mark.parametrize("spec", ["zipcache:group=32,residual=16", "zipcache:8,low=4,group=16,residual=16,salient=0.3",

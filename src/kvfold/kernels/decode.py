@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask
+from .common import (combine_kernel, empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask,
+                     write_token_kernel)
 from .fast_decode import full_pages_kernel, kivi_pages_kernel
 
 
@@ -139,7 +141,7 @@ def _paged_decode_kernel(
 
 def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window: int, scale: float,
               pages_per_split: int | None, precise: bool, launch: dict,
-              tile_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              tile_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, group, dim = query.shape
     page = part.positions.shape[1]
     width = max(1, part.table.shape[1])
@@ -151,14 +153,14 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     l, acc = torch.empty_like(m), torch.empty(rows, splits, group, dim, device=query.device, dtype=torch.float32)
     table = part.table if part.table.shape[1] else torch.zeros(rows, 1, dtype=torch.int32, device=query.device)
     if part.rotation is not None:  # the pages hold x @ R: read them with q @ R, turn the output back below
-        query = (query @ part.rotation).contiguous()
+        query = (query.float() @ part.rotation).contiguous()
     grid = (rows, splits)
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page, PAGES_PER_SPLIT=pages_per_split,
                  WINDOWED=window > 0)
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     dummy = part.positions  # unused pointers
     if fast == "full":
-        tile = math.gcd(max(1, (tile_tokens or 0) // page), pages_per_split)
+        tile = math.gcd(max(1, tile_tokens // page), pages_per_split)
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
                                 part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
                                 m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, TILE=tile & -tile,
@@ -178,7 +180,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
         # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
         narrow = part.bits and dim * part.bits // 8 < 16
-        _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale, precise or narrow, shape, launch)
+        exact = precise or narrow  # float32 dot products: the query goes in as float32 too
+        _general(query.float() if exact else query, table, part, m, l, acc, width, splits, q_pos, window, scale,
+                 exact, shape, launch)
     if part.rotation is not None:  # linear in the values, so the split merge (`combine`) is unchanged
         acc = acc @ (part.value_rotation if part.value_rotation is not None else part.rotation).T
     return m, l, acc
@@ -201,6 +205,7 @@ def _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale,
 FAST_LAUNCH = dict(num_warps=4, num_stages=2)  # 16-bit pages
 SCALED_LAUNCH = dict(num_warps=2, num_stages=3)  # float8 pages
 PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # KIVI and KV4 pages: kivi:4 0.52 -> 0.37 ms against 4 warps
+TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
 
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:
@@ -227,14 +232,39 @@ def supports(parts: list[PagedPart], dim: int) -> bool:
         (size := p.positions.shape[1]) >= 16 and not size & (size - 1) for p in parts)
 
 
-def combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """Merge partial softmaxes [rows, splits, group(, dim)] into the attention output [rows, group, dim]."""
+def combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out_dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
+    """Merge partial softmaxes [rows, splits, group(, dim)] into the attention output [rows, group, dim], in one
+    kernel (`common.combine_kernel`); rows that saw no key get zeros. `combine_reference` is its meaning."""
+    rows, splits, group, dim = acc.shape
+    out = torch.empty(rows, group, dim, device=acc.device, dtype=out_dtype)
+    combine_kernel[(rows, group)](m, l, acc, out, splits, G=group, D=dim, BLOCK_S=min(16, triton.next_power_of_2(splits)),
+                                  INTERPRETED_END=splits if os.environ.get("TRITON_INTERPRET") == "1" else 0)
+    return out
+
+
+def combine_reference(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """What `combine` computes, in PyTorch (float32)."""
     top = m.amax(dim=1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     weight = torch.exp(m - top)
     denom = (l * weight).sum(dim=1)
     out = (acc * weight.unsqueeze(-1)).sum(dim=1)
     return out / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+
+
+def write_tokens(pool: dict[str, torch.Tensor], table: torch.Tensor, lengths: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, position: torch.Tensor) -> None:
+    """`pages.PagedRows.write_next` of the fast loop in one kernel: keys and values [rows, dim] into slot
+    `lengths[r]` of each row's pages (`pool` {"k", "v": [pages, P, dim], "pos": [pages, P]}), the one-element
+    `position` into every row's slot, then lengths + 1. `table` and `lengths` are device tensors, updated in place."""
+    k, v, pos = pool["k"], pool["v"], pool["pos"]
+    rows, dim = keys.shape
+    if not (k.is_contiguous() and v.is_contiguous() and pos.is_contiguous() and table.is_contiguous()
+            and keys.stride(1) == 1 and values.stride(1) == 1 and keys.stride(0) == values.stride(0)):
+        raise ValueError("write_tokens: contiguous pools and tables, rows of unit stride")
+    write_token_kernel[(rows,)](table, lengths, table.shape[1], k, v, pos, keys, values, keys.stride(0), position, 0,
+                                P=k.shape[1], D=dim, num_warps=1)
 
 
 @functools.cache
@@ -244,8 +274,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch.Tensor, scale: float,
                  sliding_window: int | None = None, pages_per_split: int | None = None,
-                 launch: dict | None = None, tile_tokens: int | None = None) -> torch.Tensor:
-    """Attention of one query token per row ([rows, group, dim]) over the stored parts; float32 [rows, group, dim].
+                 launch: dict | None = None, tile_tokens: int = TILE_TOKENS,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Attention of one query token per row ([rows, group, dim]) over the stored parts: [rows, group, dim], float32
+    or `out_dtype` (the fast loop asks for the model's dtype: the split merge writes it, no extra cast).
 
     Keys must all precede the query (true when decoding); `sliding_window` masks keys older than the window.
     `q_pos`, the query's sequence index, may be a one-element device tensor: the kernel reads it from memory, so a
@@ -253,19 +285,22 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     A float32 query gets float32 dot products (matching the reference to ~1e-6); 16-bit queries get bfloat16
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
     `launch` overrides Triton's launch options (num_warps, num_stages), for `benchmarks/decode_kernel.py --sweep`.
-    `tile_tokens`: 16-bit and float8 pages are read this many tokens per step (several small pages at once; None:
-    one page), for the benchmarks until it is timed.
+    `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at
+    once, a power of two of them that divides the split; 0: one page per step).
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not
     in sliding-window layers.
     """
     if any(p.page_tokens and (sliding_window or not supports([p], query.shape[-1])) for p in parts):
         raise ValueError("paged_decode: mixed-precision pages need bit fields of >= 16 channels and no sliding window")
     precise = query.dtype == torch.float32
-    query = query.float().contiguous()
+    out_dtype = out_dtype or torch.float32
+    query = query.contiguous()  # 16-bit queries are read as they are: the kernels cast them to their dot type
     if not isinstance(q_pos, torch.Tensor):
         q_pos = torch.full((1,), q_pos, dtype=torch.int32, device=query.device)  # a fill kernel: no host sync
+    if tile_tokens < 0:
+        raise ValueError(f"paged_decode: tile_tokens must be >= 0 (0: one page per step), got {tile_tokens}")
     pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {},
                         tile_tokens)
               for part in parts]
-    m, l, acc = (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
-    return combine(m, l, acc)
+    m, l, acc = pieces[0] if len(pieces) == 1 else (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
+    return combine(m, l, acc, out_dtype)
