@@ -225,10 +225,20 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
     def append(self, staged: StagedKV, query: torch.Tensor) -> None:
         """Store decoded tokens (all valid) in the full-precision tail. Call `after_decode()` after attending."""
         keys = staged.keys
-        batch, heads, tokens, _ = keys.shape
+        batch, heads, tokens, dim = keys.shape
         self.valid_seen += tokens
-        keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
         self._remember_queries(query, staged.positions())
+        if tokens == 1:  # one token per row, all kept: straight into each row's next slot, as the fast loop writes
+            rows = batch * heads
+            self.full.reserve_tokens(1)
+            self.full.write_next({"k": keys.reshape(rows, dim), "v": staged.values.reshape(rows, dim),
+                                  "pos": staged.positions().to(torch.int32).expand(rows)},
+                                 self.full.table, self.full.lengths)
+            self.peak_row_tokens = max(self.peak_row_tokens, int(self.row_lengths().max()))
+            if self.is_sliding:
+                self._drop_out_of_window()
+            return
+        keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
         self._append_rows(keys, staged.values, staged.positions(), keep, pack=False)
 
     def after_decode(self, tokens: int) -> None:
