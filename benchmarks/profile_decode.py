@@ -4,7 +4,8 @@ Runs kvfold's fast loop (in-place pages, the Triton decode kernel) on a randomly
 (default Llama-3.1-8B, bf16, batch 4, 32k-token prompts) under `torch.profiler`, without CUDA graphs so that every
 kernel is recorded by name (a graph replays the same kernels back to back: its step time is about their sum plus
 launch gaps, which the `graph ms/step` line measures in the same run). Kernels are grouped into matrix products,
-decode attention, the split merge, page writes, and the rest (norms, RoPE, activations, copies).
+decode attention, the split merge, page writes, and the rest (norms, RoPE, activations, copies). The profiled call
+includes the loop's one-time preparation (pool growth: a fill and a copy per pool), spread over the steps.
 
     python benchmarks/profile_decode.py --method none --out benchmarks/results/profile_decode_h200.json
 """
