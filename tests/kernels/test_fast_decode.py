@@ -70,6 +70,19 @@ def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pa
     assert err < BOUND[torch.float16], f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])
+def test_output_in_the_models_dtype_is_the_float32_output_rounded(spec):
+    """`out_dtype` (the fast loop asks for the model's dtype) changes only the rounding of the merged output."""
+    from kvfold.kernels.decode import paged_decode
+
+    layer = filled_layer(spec, 2, 2, 64, 90, 16, None, dtype=torch.float16)
+    query = torch.randn(4, 4, 64, device=DEVICE).half()
+    exact = paged_decode(query, layer.kernel_parts(), 89, 0.125)
+    rounded = paged_decode(query, layer.kernel_parts(), 89, 0.125, out_dtype=torch.float16)
+    assert exact.dtype == torch.float32 and rounded.dtype == torch.float16
+    assert torch.equal(rounded, exact.half())
+
+
 def test_negative_tile_tokens_is_refused():
     from kvfold.kernels.decode import paged_decode
 
