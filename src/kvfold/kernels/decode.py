@@ -262,7 +262,7 @@ def write_tokens(pool: dict[str, torch.Tensor], table: torch.Tensor, lengths: to
     rows, dim = keys.shape
     if not (k.is_contiguous() and v.is_contiguous() and pos.is_contiguous() and table.is_contiguous()
             and keys.stride(1) == 1 and values.stride(1) == 1 and keys.stride(0) == values.stride(0)):
-        raise ValueError("write_tokens: contiguous pools and tables, rows of unit stride")
+        raise ValueError("write_tokens needs contiguous pools and page tables, and key/value rows of unit stride")
     write_token_kernel[(rows,)](table, lengths, table.shape[1], k, v, pos, keys, values, keys.stride(0), position, 0,
                                 P=k.shape[1], D=dim, num_warps=1)
 
@@ -294,7 +294,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
         raise ValueError("paged_decode: mixed-precision pages need bit fields of >= 16 channels and no sliding window")
     precise = query.dtype == torch.float32
     out_dtype = out_dtype or torch.float32
-    query = query.contiguous()  # 16-bit queries are read as they are: the kernels cast them to their dot type
+    # 16-bit queries are read as they are (the kernels cast them to their dot type); others as float32
+    query = (query if query.dtype in (torch.float16, torch.bfloat16) else query.float()).contiguous()
     if not isinstance(q_pos, torch.Tensor):
         q_pos = torch.full((1,), q_pos, dtype=torch.int32, device=query.device)  # a fill kernel: no host sync
     if tile_tokens < 0:
