@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|prefill|sparse|e2e|serve]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|prefill|sparse|e2e|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvfold_gpu}
 mkdir -p "$OUT"
 steps=("$@")
+carry_wheels() {
+  # The device has no network: packages it lacks travel as wheels in benchmarks/captured/wheels (carried, not
+  # committed; made with `pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64
+  # --platform manylinux_2_28_x86_64 -d benchmarks/captured/wheels fastapi uvicorn openai httpx prometheus-client`
+  # and `--no-deps flashinfer-python==0.5.3 apache-tvm-ffi`). They are unpacked into one folder that a .pth file
+  # puts after site-packages, so the environment's own packages win and only the missing ones come from the wheels.
+  [ -f /tmp/kvfold_deps/.done ] && return
+  for wheel in benchmarks/captured/wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/kvfold_deps; done
+  echo /tmp/kvfold_deps > "$(python -c 'import site; print(site.getsitepackages()[0])')/kvfold_deps.pth"
+  touch /tmp/kvfold_deps/.done
+}
 [ ${#steps[@]} -eq 0 ] && steps=(tests decode prefill sparse e2e)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 for step in "${steps[@]}"; do
@@ -24,20 +35,15 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
-    serve) wheels=benchmarks/captured/wheels  # the device has no network: FastAPI, uvicorn and the openai client travel
-           # as wheels (pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d $wheels
-           # fastapi uvicorn openai httpx prometheus-client)
-           # (pip may be absent there): unpacked into one folder that a .pth file puts after site-packages, so the
-           # environment's own packages win and only the missing ones come from the wheels
-           python -c "import fastapi, uvicorn, openai" 2>/dev/null || {
-             for wheel in $wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/kvfold_serve_deps; done
-             echo /tmp/kvfold_serve_deps > "$(python -c 'import site; print(site.getsitepackages()[0])')/kvfold_serve_deps.pth"
-             python -c "import fastapi, uvicorn, openai; print('serve deps: fastapi', fastapi.__version__)"; }
+    serve) carry_wheels
+           python -c "import fastapi, uvicorn, openai; print('serve deps: fastapi', fastapi.__version__)"
            model=/tmp/kvfold_llama8b  # random weights of Llama-3.1-8B's shape, the embedded tokenizer (carried)
            [ -d $model ] || timeout 240 python benchmarks/random_model.py --shape llama-3.1-8b --out $model 2>&1 | tail -2
            timeout 330 python benchmarks/serve_load.py --model $model --clients 32 --seconds 60 --baseline-seconds 15 \
              --max-tokens 32 --method snapkv:0.5+kivi:4 --out "$OUT/serve_load_h200" 2>&1 | tail -8
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, prefill, sparse, e2e, serve)" ;;
+    peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
+          timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, prefill, sparse, e2e, serve, peer)" ;;
   esac
 done
