@@ -73,18 +73,24 @@ def main() -> None:
     scale = dim ** -0.5
     peak = copy_bandwidth()
     exact = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True, scale=scale).squeeze(2).float()
-    cases = [("SDPA, full bf16 KV", "sdpa", lambda: F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, enable_gqa=True, scale=scale), None, 2 * k.numel() * k.element_size())]
+    sdpa = lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True, scale=scale)  # noqa: E731
+    # Each case is built when its turn comes (call, output buffer or None, bytes read): a FlashInfer variant that
+    # fails to compile is one failed row, and only one case's store is held at a time.
+    cases = [("SDPA, full bf16 KV", "sdpa", lambda: (sdpa, None, 2 * k.numel() * k.element_size()))]
     rows_q = q.view(batch, kv_heads, group, dim).reshape(batch * kv_heads, group, dim)
     q_pos = torch.full((1,), tokens - 1, dtype=torch.int32, device="cuda")
+
+    def kvfold_case(spec: str, page: int):
+        layer = store(spec, k, v, page_size=page)
+        parts = layer.kernel_parts()
+        return (lambda: paged_decode(rows_q, parts, q_pos, scale, out_dtype=torch.bfloat16), None,
+                referenced_bytes(layer))
+
     for label, spec, page in (("bf16, 64-token pages", "none", 64), ("bf16, 16-token pages", "none", 16),
                               ("fp8, scale/token, 64-token pages", "fp8", 64),
                               ("fp8, scale/page, 64-token pages", "fp8:scale=page", 64),
                               ("fp8, scale/token, 16-token pages", "fp8:group=16", 16)):
-        layer = store(spec, k, v, page_size=page)
-        call = lambda parts=layer.kernel_parts(): paged_decode(rows_q, parts, q_pos, scale,  # noqa: E731
-                                                               out_dtype=torch.bfloat16)
-        cases.append((label, "kvfold", call, None, referenced_bytes(layer)))
+        cases.append((label, "kvfold", lambda spec=spec, page=page: kvfold_case(spec, page)))
     try:
         import flashinfer
 
@@ -97,15 +103,12 @@ def main() -> None:
             for tensor_cores in (True, False):
                 label = f"{'fp8, scale/tensor' if fp8 else 'bf16'}, {page}-token pages, " \
                         f"{'tensor cores' if tensor_cores else 'CUDA cores'}"
-                # built lazily: a variant that fails to compile is one failed row
-                build = lambda page=page, fp8=fp8, tc=tensor_cores: flashinfer_case(  # noqa: E731
-                    flashinfer, q, k, v, page, fp8, tc, scale)
-                cases.append((label, "flashinfer", build, "build", None))
+                cases.append((label, "flashinfer", lambda page=page, fp8=fp8, tc=tensor_cores: flashinfer_case(
+                    flashinfer, q, k, v, page, fp8, tc, scale)))
     rows, sdpa_ms = [], None
-    for label, kernel, call, out, read in cases:
+    for label, kernel, build in cases:
         try:
-            if out == "build":
-                call, out, read = call()
+            call, out, read = build()
             result = call()
             got = (out if out is not None else result).reshape(exact.shape).float()
             error = ((got - exact).norm() / exact.norm()).item()

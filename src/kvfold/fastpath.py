@@ -69,16 +69,15 @@ class FastLayer:
         batch, heads, _, dim = staged.keys.shape
         rows = batch * heads
         positions = self.q_pos.to(layer.device)
-        keys, values = staged.keys.reshape(rows, dim), staged.values.reshape(rows, dim)
+        token = layer.token_rows(staged, positions)
         if not self.use_kernel:
-            layer.full.write_next({"k": keys, "v": values, "pos": positions.expand(rows)}, layer.full.table,
-                                  layer.full.lengths)
+            layer.full.write_next(token, layer.full.table, layer.full.lengths)
             layer._remember_queries(query, positions)
             return layer.attend(query, positions, scale)
         from .kernels.decode import paged_decode, write_tokens
 
         table, lengths = self.mirrors["full"]
-        write_tokens(layer.full.pool.tensors, table, lengths, keys, values, positions)  # one kernel, not a dozen
+        write_tokens(layer.full.pool.tensors, table, lengths, token["k"], token["v"], positions)  # one kernel
         layer._remember_queries(query, positions)
         q_heads = query.shape[1]
         out = paged_decode(query.reshape(rows, q_heads // heads, dim), self.parts, positions, scale,

@@ -225,21 +225,27 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
     def append(self, staged: StagedKV, query: torch.Tensor) -> None:
         """Store decoded tokens (all valid) in the full-precision tail. Call `after_decode()` after attending."""
         keys = staged.keys
-        batch, heads, tokens, dim = keys.shape
+        batch, heads, tokens, _ = keys.shape
         self.valid_seen += tokens
         self._remember_queries(query, staged.positions())
         if tokens == 1:  # one token per row, all kept: straight into each row's next slot, as the fast loop writes
-            rows = batch * heads
             self.full.reserve_tokens(1)
-            self.full.write_next({"k": keys.reshape(rows, dim), "v": staged.values.reshape(rows, dim),
-                                  "pos": staged.positions().to(torch.int32).expand(rows)},
-                                 self.full.table, self.full.lengths)
+            self.full.write_next(self.token_rows(staged, staged.positions()), self.full.table, self.full.lengths)
             self.peak_row_tokens = max(self.peak_row_tokens, int(self.row_lengths().max()))
             if self.is_sliding:
                 self._drop_out_of_window()
             return
         keep = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
         self._append_rows(keys, staged.values, staged.positions(), keep, pack=False)
+
+    @staticmethod
+    def token_rows(staged: StagedKV, position: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One decode token as the rows `PagedRows.write_next` stores: k, v [rows, dim] and the one-element
+        `position` (int32) for every row."""
+        batch, heads, _, dim = staged.keys.shape
+        rows = batch * heads
+        return {"k": staged.keys.reshape(rows, dim), "v": staged.values.reshape(rows, dim),
+                "pos": position.to(torch.int32).expand(rows)}
 
     def after_decode(self, tokens: int) -> None:
         """The clocked work of decoding, after the step(s) that brought `seen` to its value attended: pack the

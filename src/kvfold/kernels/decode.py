@@ -275,7 +275,7 @@ def _multiprocessors(device: torch.device) -> int:
 def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch.Tensor, scale: float,
                  sliding_window: int | None = None, pages_per_split: int | None = None,
                  launch: dict | None = None, tile_tokens: int = TILE_TOKENS,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Attention of one query token per row ([rows, group, dim]) over the stored parts: [rows, group, dim], float32
     or `out_dtype` (the fast loop asks for the model's dtype: the split merge writes it, no extra cast).
 
@@ -293,7 +293,6 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     if any(p.page_tokens and (sliding_window or not supports([p], query.shape[-1])) for p in parts):
         raise ValueError("paged_decode: mixed-precision pages need bit fields of >= 16 channels and no sliding window")
     precise = query.dtype == torch.float32
-    out_dtype = out_dtype or torch.float32
     # 16-bit queries are read as they are (the kernels cast them to their dot type); others as float32
     query = (query if query.dtype in (torch.float16, torch.bfloat16) else query.float()).contiguous()
     if not isinstance(q_pos, torch.Tensor):
