@@ -226,3 +226,15 @@ def test_embedded_model_through_chunks(embedded):
     answer, = kvfold.generate(model, tokenizer, context=sample.context, question=sample.question,
                               method="snapkv:budget=512", prefill_chunk=512, max_new_tokens=8)
     assert answer.tokens and answer.kv_bytes < 0.5 * covering.nbytes()
+
+
+def test_a_chunk_packed_whole_leaves_an_empty_tail_that_still_reads(tiny_llama):
+    """Chunks of whole quantizer groups with no residual pack every token, so the tail's pool gives back all its
+    pages between chunks while its table keeps its width; the next chunk still reads it (an empty pool)."""
+    ids = torch.randint(1, 256, (2, 640), generator=torch.Generator().manual_seed(9))
+    cache, logits = run(tiny_llama, "kivi:4,group=32,residual=0", ids, chunk=128)
+    layer = cache.layers[0]
+    assert layer.full.pool.capacity == 0 and layer.packed.lengths.tolist() == [640] * 2 * layer.kv_heads
+    one_pass, expected = run(tiny_llama, "kivi:4,group=32,residual=0", ids)
+    assert layer.packed.page_ids().numel() == one_pass.layers[0].packed.page_ids().numel()
+    assert torch.isfinite(logits).all() and logits.shape == expected.shape
