@@ -120,23 +120,28 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     return results
 
 
-def sweep(batch: int, tokens: int) -> list[dict]:
-    """Time per call of each store under Triton launch options (num_warps, num_stages), to pick the defaults."""
+def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "kivi:2")) -> list[dict]:
+    """Time per call of each store under Triton launch options (num_warps, num_stages, maxnreg) and split sizes
+    (pages per program; None: the default, about 4 programs per multiprocessor), to pick the defaults."""
     kv_heads, group, dim = 8, 4, 128
     k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(batch * kv_heads, group, dim, device="cuda", dtype=torch.bfloat16)
     q_pos = torch.full((1,), tokens - 1, dtype=torch.int32, device="cuda")
     rows = []
-    for spec in ("none", "kivi:4", "kivi:2"):
+    for spec in specs:
         parts = store(spec, k, v).kernel_parts()
         for warps, stages, registers in ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None),
-                                         (4, 2, 128)):
-            launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
-            ms = do_bench_cudagraph(lambda: paged_decode(q, parts, q_pos, dim ** -0.5, launch=launch), rep=300,
-                                    return_mode="median")
-            rows.append({"store": spec, "num_warps": warps, "num_stages": stages, "maxnreg": registers, "graph_ms": ms})
-            print(f"sweep {spec:8s} warps {warps} stages {stages} maxnreg {registers}: {ms:.3f} ms (graph)", flush=True)
+                                         (2, 3, None), (4, 2, 128), (2, 3, 128), (2, 3, 168)):
+            for pages_per_split in (None, 16, 32):
+                launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
+                call = lambda: paged_decode(q, parts, q_pos, dim ** -0.5, launch=launch,  # noqa: E731
+                                            pages_per_split=pages_per_split)
+                ms = do_bench_cudagraph(call, rep=200, return_mode="median")
+                rows.append({"store": spec, "num_warps": warps, "num_stages": stages, "maxnreg": registers,
+                             "pages_per_split": pages_per_split, "graph_ms": ms})
+                print(f"sweep {spec:8s} warps {warps} stages {stages} maxnreg {registers} pages/split "
+                      f"{pages_per_split}: {ms:.3f} ms (graph)", flush=True)
     return rows
 
 
@@ -165,7 +170,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch options per store")
+    parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs)")
     args = parser.parse_args()
+    if args.sweep_only:
+        rows = sweep(args.batch, args.tokens, tuple(args.sweep_only.split(",")))
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                        "triton": triton.__version__, "batch": args.batch, "tokens": args.tokens,
+                                        "sweep": rows}, indent=1))
+        return
     peak = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "kvfold": kvfold.__version__, "copy_bandwidth_tb_s": peak / 1e12,
