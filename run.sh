@@ -23,7 +23,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 case "${1:-demo}" in
-  test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test) shift; exec "$VENV/bin/python" -m pytest -n auto --maxprocesses 4 --dist worksteal "$@" ;;  # -n 0: serial
   demo) shift || true; exec "$VENV/bin/kvfold" demo "$@" ;;
   kvfold) shift; exec "$VENV/bin/kvfold" "$@" ;;
   *) echo "usage: ./run.sh [demo|test|kvfold ARGS…]" >&2; exit 2 ;;

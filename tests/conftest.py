@@ -11,6 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N processes share the cores, one thread each
+    torch.set_num_threads(1)
+
 
 def make_tiny_llama(seed: int = 0, layers: int = 3, init: float = 0.2, head_dim: int = 16) -> LlamaForCausalLM:
     """4 query heads, 2 KV heads (GQA), head_dim 16 (unless given). The default wide init makes greedy tokens far from ties;
@@ -20,6 +23,18 @@ def make_tiny_llama(seed: int = 0, layers: int = 3, init: float = 0.2, head_dim:
                          num_key_value_heads=2, head_dim=head_dim, vocab_size=256, max_position_embeddings=1024,
                          initializer_range=init, attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def merge_in_pytorch(monkeypatch):
+    """For model-level kernel tests under the interpreter: the split merge in PyTorch (`combine_reference`, which
+    `test_split_merge_kernel_matches_its_reference` holds equal to the kernel). The interpreter runs a grid's
+    programs one after another, and the merge's (row, query) grid took ~40% of a fast-loop test's time."""
+    from kvfold.kernels import decode
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        monkeypatch.setattr(decode, "combine", lambda m, l, acc, out_dtype=torch.float32:
+                            decode.combine_reference(m, l, acc).to(out_dtype))
 
 
 @pytest.fixture(scope="session")

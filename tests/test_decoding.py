@@ -137,7 +137,7 @@ def test_fast_loop_on_a_fork_leaves_the_parent_untouched(model):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("spec", ["none", "snapkv:0.5@adakv+rotate+kivi:2,group=16,sink=4"])
-def test_fast_loop_through_the_kernel_over_device_tables(model, spec, monkeypatch):
+def test_fast_loop_through_the_kernel_over_device_tables(model, spec, monkeypatch, merge_in_pytorch):
     monkeypatch.setenv("KVFOLD_KERNELS", "triton")  # interpreted on the CPU: small and short
     prompts = [PROMPTS[0][:70], PROMPTS[1][:40]]
     # The fast loop against the normal one is tested above with the reference; here the kernel against the reference.
@@ -149,7 +149,7 @@ def test_fast_loop_through_the_kernel_over_device_tables(model, spec, monkeypatc
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_zipcache_mixed_pages_through_the_kernel_in_the_fast_loop(monkeypatch):
+def test_zipcache_mixed_pages_through_the_kernel_in_the_fast_loop(monkeypatch, merge_in_pytorch):
     """ZipCache's mixed pages (two parts of one page table, 13 and 3 slots a page) through the fast loop's device
     tables, packing while decoding: the same tokens as the reference."""
     from kvfold.kernels.decode import supports

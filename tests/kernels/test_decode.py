@@ -71,7 +71,7 @@ def test_kernel_reads_half_precision_pages(dtype):
     torch.testing.assert_close(paged_decode(query, layer.kernel_parts(), 89, 0.2), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_model_decodes_the_same_through_the_kernel(monkeypatch):
+def test_model_decodes_the_same_through_the_kernel(monkeypatch, merge_in_pytorch):
     import kvfold
 
     tiny_llama = make_tiny_llama().to(DEVICE)

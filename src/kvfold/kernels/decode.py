@@ -145,6 +145,8 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     rows, group, dim = query.shape
     page = part.positions.shape[1]
     width = max(1, part.table.shape[1])
+    if pages_per_split is None and query.device.type != "cuda":  # Triton's interpreter runs a grid's programs one
+        pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     if pages_per_split is None:  # enough programs to fill the GPU: about 4 per multiprocessor
         target = triton.cdiv(4 * _multiprocessors(query.device), rows)
         pages_per_split = triton.next_power_of_2(triton.cdiv(width, max(1, target)))  # few distinct compilations
