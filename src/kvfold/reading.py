@@ -15,6 +15,8 @@ from .kernels.reference import KVChunk, paged_attention
 
 PAGE_CHUNK = 32  # pages per row read at once by the reference decode
 QUERY_BLOCK = 256  # query tokens per step when a multi-token turn attends to the store
+FEW_QUERY_HEADS = 64  # a multi-token turn of up to this many query heads per KV row (tokens x GQA group) reads the
+# store through the decode kernel (e.g. verifying a speculative draft), its own tokens merged in as one more split
 SDPA_QUERY_BLOCK = 1024  # query tokens per SDPA call over the gathered store (bounds the [rows, block, keys] mask)
 
 
@@ -95,18 +97,29 @@ class StoreReader:
         """Attention of queries [batch, q_heads, n, dim] over the store, plus `new` tokens not stored yet.
 
         Returns [batch, n, q_heads, dim] in the query's dtype. One query token with nothing unstored runs the
-        Triton decode kernel where `kernels.use_triton` allows it; a multi-token turn on CUDA runs SDPA over the
-        gathered store (`sdpa_over_store`); everything else the reference.
+        Triton decode kernel where `kernels.use_triton` allows it, and so does a turn of a few tokens (up to
+        FEW_QUERY_HEADS query heads per KV row, no sliding window: e.g. a speculative draft), its own tokens merged
+        in as one more split; a longer multi-token turn on CUDA runs SDPA over the gathered store
+        (`sdpa_over_store`); everything else the reference.
         """
         batch, q_heads, n, dim = query.shape
         group = q_heads // self.kv_heads
         rows = batch * self.kv_heads
-        parts = self._kernel_parts_for(query) if n == 1 and new is None else None
-        if parts is not None:
+        one = n == 1 and new is None
+        few = n > 1 and new is not None and group * n <= FEW_QUERY_HEADS and self.sliding_window is None
+        parts = self._kernel_parts_for(query) if one or few else None
+        if parts is not None and one:
             from .kernels.decode import paged_decode
 
             out = paged_decode(query.reshape(rows, group, dim), parts, positions[-1:], scale, self.sliding_window,
                                out_dtype=query.dtype)
+        elif parts is not None:  # every stored key precedes the turn: the kernel reads the store for all n queries
+            from .kernels.decode import new_tokens_partials, paged_decode
+
+            grouped = query.reshape(rows, group, n, dim)
+            also = new_tokens_partials(grouped, positions, new.keys, new.values, new.valid, new.positions, scale)
+            out = paged_decode(grouped.reshape(rows, group * n, dim), parts, positions[-1:], scale,
+                               out_dtype=query.dtype, also=also).view(rows, group, n, dim)
         elif n > 1 and use_gathered_sdpa(query.device):
             grouped = query.reshape(rows, group, n, dim)
             chunks = [*self.chunks(), *([new] if new is not None else [])]

@@ -151,3 +151,60 @@ def test_one_kernel_token_write_matches_write_next(dtype):
         assert torch.equal(lengths.cpu().long(), store.lengths)
         for name, tensor in store.pool.tensors.items():
             assert torch.equal(by_kernel[name], tensor), name
+
+
+@pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=32", "kivi:2,group=32,residual=16", "fp8",
+                                  "kv4:4,group=16,residual=16", "rotate+kivi:4,group=16,residual=16"])
+@pytest.mark.parametrize("n, group", [(2, 1), (3, 4), (5, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_few_new_tokens_read_the_store_through_the_kernel(spec, n, group, dtype, monkeypatch):
+    """A turn of a few tokens (a speculative draft being verified) reads the store through the decode kernel, with
+    its own tokens (causal; one padded out) merged in as one more split: the reference's attention, within float32
+    noise for float32 queries and float16 rounding for float16 ones (the 16-bit kernels). Row 0 holds nothing, so
+    its first query sees no key at all (zeros)."""
+    from kvfold.kernels import decode
+    from kvfold.kernels.reference import KVChunk
+
+    batch, kv_heads, dim, tokens = 2, 2, 32, 150
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, dtype=dtype)  # pages in the model's dtype, as in use
+    rows = batch * kv_heads
+    torch.manual_seed(n * group)
+    query = torch.randn(batch, kv_heads * group, n, dim, device=DEVICE).to(dtype)
+    positions = torch.arange(tokens, tokens + n, device=DEVICE)
+    valid = torch.ones(rows, n, dtype=torch.bool, device=DEVICE)
+    valid[0, 0] = False
+    new = KVChunk(torch.randn(rows, n, dim, device=DEVICE), torch.randn(rows, n, dim, device=DEVICE),
+                  positions.expand(rows, n), valid)
+    calls, kernel = [], decode.paged_decode
+    monkeypatch.setattr(decode, "paged_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setenv("KVFOLD_KERNELS", "triton")
+    got = layer.attend(query, positions, 0.125, new=new)
+    monkeypatch.setenv("KVFOLD_KERNELS", "reference")
+    expected = layer.attend(query.float(), positions, 0.125, new=new)
+    assert calls == [1] and got.dtype == dtype and got.shape == (batch, n, kv_heads * group, dim)
+    assert torch.equal(got[0, 0, :group], torch.zeros_like(got[0, 0, :group]))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    else:
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 2e-3
+
+
+def test_a_short_turn_on_a_filled_cache_goes_through_the_kernel(monkeypatch, merge_in_pytorch):
+    """A model's three-token turn after a prefill (kivi:4 pages and a full-precision tail) gives the reference's
+    logits through the kernel."""
+    from kvfold.api import make_cache, prefill, use_kvfold_attention
+    from kvfold.kernels import decode
+
+    model = make_tiny_llama().to(DEVICE)
+    ids = torch.randint(1, 256, (2, 70), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    calls, kernel = [], decode.paged_decode
+    monkeypatch.setattr(decode, "paged_decode", lambda *a, **k: calls.append(k.get("also") is not None) or kernel(*a, **k))
+    logits = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("KVFOLD_KERNELS", mode)
+        with torch.inference_mode(), use_kvfold_attention(model):
+            cache = make_cache(model, "kivi:4,group=16,residual=16")
+            prefill(model, cache, ids[:, :67])
+            logits[mode] = prefill(model, cache, ids[:, 67:], start=67)
+    assert calls == [True] * len(model.model.layers)  # the turn, in every layer, through the kernel
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)

@@ -277,9 +277,12 @@ def _multiprocessors(device: torch.device) -> int:
 def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch.Tensor, scale: float,
                  sliding_window: int | None = None, pages_per_split: int | None = None,
                  launch: dict | None = None, tile_tokens: int = TILE_TOKENS,
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32,
+                 also: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of one query token per row ([rows, group, dim]) over the stored parts: [rows, group, dim], float32
     or `out_dtype` (the fast loop asks for the model's dtype: the split merge writes it, no extra cast).
+    `also`: a partial softmax (m, l [rows, 1, group], acc [rows, 1, group, dim], float32, natural-log units) over
+    keys that are not in the pages, merged with theirs: the tokens of a multi-token turn (`few_queries_partials`).
 
     Keys must all precede the query (true when decoding); `sliding_window` masks keys older than the window.
     `q_pos`, the query's sequence index, may be a one-element device tensor: the kernel reads it from memory, so a
@@ -303,6 +306,24 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
         raise ValueError(f"paged_decode: tile_tokens must be >= 0 (0: one page per step), got {tile_tokens}")
     pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {},
                         tile_tokens)
-              for part in parts]
+              for part in parts] + ([tuple(t.contiguous() for t in also)] if also is not None else [])
     m, l, acc = pieces[0] if len(pieces) == 1 else (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
     return combine(m, l, acc, out_dtype)
+
+
+def new_tokens_partials(query: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        valid: torch.Tensor, key_positions: torch.Tensor, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partial softmax of a few queries over a turn's own tokens, causal by position, for `paged_decode(also=)`:
+    query [rows, group, n, dim] at `positions` [n]; keys, values [rows, t, dim], valid and key_positions [rows, t].
+    Returns m, l [rows, 1, group * n] and acc [rows, 1, group * n, dim] (float32), the layout of the kernels'
+    splits with the n queries as n times the group's heads."""
+    rows, group, n, dim = query.shape
+    scores = torch.einsum("rgnd,rtd->rgnt", query.float(), keys.float()) * scale
+    visible = valid[:, None, None, :] & (key_positions[:, None, None, :] <= positions.view(1, 1, n, 1))
+    scores = scores.masked_fill(~visible, float("-inf"))
+    m = scores.amax(dim=-1)
+    weights = torch.exp(scores - torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1))
+    acc = torch.einsum("rgnt,rtd->rgnd", weights, values.float())
+    return (m.reshape(rows, 1, group * n), weights.sum(-1).reshape(rows, 1, group * n),
+            acc.reshape(rows, 1, group * n, dim))
