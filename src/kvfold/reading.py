@@ -15,8 +15,9 @@ from .kernels.reference import KVChunk, paged_attention
 
 PAGE_CHUNK = 32  # pages per row read at once by the reference decode
 QUERY_BLOCK = 256  # query tokens per step when a multi-token turn attends to the store
-FEW_QUERY_HEADS = 64  # a multi-token turn of up to this many query heads per KV row (tokens x GQA group) reads the
-# store through the decode kernel (e.g. verifying a speculative draft), its own tokens merged in as one more split
+FEW_QUERY_HEADS = 16  # a multi-token turn of up to this many query heads per KV row (tokens x GQA group) reads the
+# store through the decode kernel (e.g. verifying a speculative draft), its own tokens merged in as one more split.
+# At 16 the 16-bit kernels' query tile stays one 16-row MMA block; the packed kernel's is 16 x its value groups.
 SDPA_QUERY_BLOCK = 1024  # query tokens per SDPA call over the gathered store (bounds the [rows, block, keys] mask)
 
 
