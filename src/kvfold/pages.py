@@ -284,14 +284,14 @@ class PagedRows:
         for start in range(0, width, page_chunk):
             ids = self.table[:, start:start + page_chunk]
             valid = slot[start:start + page_chunk].flatten().unsqueeze(0) < self.lengths.unsqueeze(1)
-            yield {n: self._gather(self.pool.tensors[n], ids) for n in names}, valid.to(self.pool.device)
+            dev_ids = ids.clamp_min(0).to(self.pool.device)  # unused slots (-1) read page 0; `valid` hides them
+            yield {n: self._gather(self.pool.tensors[n], dev_ids) for n in names}, valid.to(self.pool.device)
 
-    def _gather(self, tensor: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """tensor[ids] with unused slots (-1) reading page 0, or zeros when the pool holds no page at all (a pool
-        that `PagePool.trim` emptied while tables keep their width)."""
-        if tensor.shape[0] == 0:
-            return tensor.new_zeros((*ids.shape, *tensor.shape[1:]))
-        return tensor[ids.clamp_min(0).to(tensor.device)]
+    @staticmethod
+    def _gather(tensor: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """tensor[ids], or zeros when the pool holds no page at all (a pool that `PagePool.trim` emptied while
+        tables keep their width)."""
+        return tensor[ids] if tensor.shape[0] else tensor.new_zeros((*ids.shape, *tensor.shape[1:]))
 
     def defragment(self) -> None:
         """Move this object's pages to the lowest ids of its pool so `PagePool.trim` can give the rest back.

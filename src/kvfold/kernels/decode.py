@@ -282,7 +282,7 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     """Attention of one query token per row ([rows, group, dim]) over the stored parts: [rows, group, dim], float32
     or `out_dtype` (the fast loop asks for the model's dtype: the split merge writes it, no extra cast).
     `also`: a partial softmax (m, l [rows, 1, group], acc [rows, 1, group, dim], float32, natural-log units) over
-    keys that are not in the pages, merged with theirs: the tokens of a multi-token turn (`few_queries_partials`).
+    keys that are not in the pages, merged with theirs: the tokens of a multi-token turn (`new_tokens_partials`).
 
     Keys must all precede the query (true when decoding); `sliding_window` masks keys older than the window.
     `q_pos`, the query's sequence index, may be a one-element device tensor: the kernel reads it from memory, so a
