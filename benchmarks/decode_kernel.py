@@ -120,7 +120,12 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     return results
 
 
-def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "kivi:2")) -> list[dict]:
+LAUNCHES = ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None), (2, 3, None), (4, 2, 128),
+            (2, 3, 128), (2, 3, 168))
+
+
+def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "kivi:2"),
+          launches: tuple = LAUNCHES) -> list[dict]:
     """Time per call of each store under Triton launch options (num_warps, num_stages, maxnreg) and split sizes
     (pages per program; None: the default, about 4 programs per multiprocessor), to pick the defaults."""
     kv_heads, group, dim = 8, 4, 128
@@ -131,8 +136,7 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
     rows = []
     for spec in specs:
         parts = store(spec, k, v).kernel_parts()
-        for warps, stages, registers in ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None),
-                                         (2, 3, None), (4, 2, 128), (2, 3, 128), (2, 3, 168)):
+        for warps, stages, registers in launches:
             for pages_per_split in (None, 16, 32):
                 launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
                 call = lambda: paged_decode(q, parts, q_pos, dim ** -0.5, launch=launch,  # noqa: E731
@@ -171,9 +175,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch options per store")
     parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs)")
+    parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] "
+                        "separated by ';' (default: nine of them)")
     args = parser.parse_args()
     if args.sweep_only:
-        rows = sweep(args.batch, args.tokens, tuple(args.sweep_only.split(",")))
+        launches = tuple(tuple(int(x) for x in item.split(",")) + (None,) * (3 - len(item.split(",")))
+                         for item in args.launches.split(";")) if args.launches else LAUNCHES
+        rows = sweep(args.batch, args.tokens, tuple(args.sweep_only.split(",")), launches)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                         "triton": triton.__version__, "batch": args.batch, "tokens": args.tokens,
                                         "sweep": rows}, indent=1))

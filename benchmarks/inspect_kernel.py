@@ -69,13 +69,14 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
     for bits in (4, 2):
         for key_token in (False, True):
             label = f"{'kv4' if key_token else 'kivi'}:{bits}"
-            signature = {**COMMON, "k_ptr": "*u8", "v_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16",
+            word = "*u16" if bits >= 4 and dim * bits % 16 == 0 and dim * bits // 16 >= 16 else "*u8"  # `decode.packed_words`
+            signature = {**COMMON, "k_ptr": word, "v_ptr": word, "ks_ptr": "*fp16", "kz_ptr": "*fp16",
                          "ksm_ptr": "*fp16" if key_token else "*i32", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
                          "vch_ptr": "*i32"}
             rows = max(16, triton.next_power_of_2(group * dim // value_group))
             yield (label, kivi_pages_kernel, signature,
                    {**shape, "BLOCK_G": rows, "P": page, "BITS": bits, "VG": value_group, "KEY_TOKEN": key_token,
-                    "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False}, PACKED_LAUNCH)
+                    "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False, "ASM": True}, PACKED_LAUNCH)
 
 
 def main() -> None:

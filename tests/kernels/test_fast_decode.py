@@ -204,3 +204,20 @@ def test_pages_of_a_size_triton_cannot_tile_are_left_to_the_reference():
     assert not supports(filled_layer("none", 2, 2, 64, 150, 48).kernel_parts(), 64)
     assert not supports(filled_layer("kivi:4,group=96,residual=96", 2, 2, 64, 300).kernel_parts(), 64)
     assert supports(filled_layer("kivi:4,group=64,residual=64", 2, 2, 64, 300).kernel_parts(), 64)
+
+
+@pytest.mark.parametrize("bits, dim", [(4, 64), (4, 128), (8, 32), (8, 64), (2, 128)])
+def test_packed_words_hold_channels_in_the_order_the_kernel_reads(bits, dim):
+    """The packed kernel reads 16-bit words (4- and 8-bit codes wide enough) or bytes; in either, bit field r of
+    word w must be channel w * fields + r of the codes `reference.pack` wrote."""
+    from kvfold.kernels.decode import packed_words
+    from kvfold.kernels.reference import pack
+
+    codes = torch.randint(0, 2 ** bits, (3, 16, dim))
+    words = packed_words(pack(codes, bits), dim, bits)
+    assert words.dtype == (torch.uint16 if bits >= 4 and dim * bits >= 256 else torch.uint8)
+    width = words.element_size() * 8
+    fields = width // bits
+    as_int = words.view(torch.int16).int() & 0xFFFF if width == 16 else words.int()
+    for r in range(fields):
+        assert torch.equal((as_int >> (r * bits)) & (2 ** bits - 1), codes[..., r::fields].int()), r

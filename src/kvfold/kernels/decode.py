@@ -147,8 +147,13 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     width = max(1, part.table.shape[1])
     if pages_per_split is None and query.device.type != "cuda":  # Triton's interpreter runs a grid's programs one
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
-    if pages_per_split is None:  # enough programs to fill the GPU: about 4 per multiprocessor
-        target = triton.cdiv(4 * _multiprocessors(query.device), rows)
+    fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
+    packed_rows = max(16, triton.next_power_of_2(group * dim // part.value_group)) if fast == "packed" else 0
+    if fast == "packed" and not launch:  # one warp for one MMA tile of rows; a few-token turn's taller tile: two
+        launch = PACKED_LAUNCH if packed_rows <= 16 else TALL_PACKED_LAUNCH
+    if pages_per_split is None:  # enough programs to fill the GPU: about 4 per multiprocessor, 8 of one warp
+        warps = (launch or FAST_LAUNCH).get("num_warps", 4)
+        target = triton.cdiv((8 if warps == 1 else 4) * _multiprocessors(query.device), rows)
         pages_per_split = triton.next_power_of_2(triton.cdiv(width, max(1, target)))  # few distinct compilations
     splits = triton.cdiv(width, pages_per_split)
     m = torch.empty(rows, splits, group, device=query.device, dtype=torch.float32)
@@ -159,7 +164,6 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     grid = (rows, splits)
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page, PAGES_PER_SPLIT=pages_per_split,
                  WINDOWED=window > 0)
-    fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     dummy = part.positions  # unused pointers
     if fast == "full":
         tile = math.gcd(max(1, tile_tokens // page), pages_per_split)
@@ -170,15 +174,15 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
                                 **(launch or (SCALED_LAUNCH if part.scaled else FAST_LAUNCH)))
     elif fast == "packed":
         smooth = part.key_smooth
-        kivi_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions, part.key_scale,
+        keys, values = packed_words(part.keys, dim, part.bits), packed_words(part.values, dim, part.bits)
+        kivi_pages_kernel[grid](query, table, part.lengths, keys, values, part.positions, part.key_scale,
                                 part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
                                 part.value_zero, part.value_channel if part.value_channel is not None else dummy,
                                 m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
                                 VG=part.value_group, KEY_TOKEN=smooth is not None, PAGE_TOKENS=part.page_tokens,
                                 P_PAD=max(16, triton.next_power_of_2(page)) if part.page_tokens else 0,  # dots: K >= 16
-                                VALUE_CHANNEL=part.value_channel is not None,
-                                **{**shape, "BLOCK_G": max(16, triton.next_power_of_2(group * dim // part.value_group))},
-                                **(launch or PACKED_LAUNCH))
+                                VALUE_CHANNEL=part.value_channel is not None, ASM=query.device.type == "cuda",
+                                **{**shape, "BLOCK_G": packed_rows}, **launch)
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
         # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
         narrow = part.bits and dim * part.bits // 8 < 16
@@ -206,8 +210,24 @@ def _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale,
 # benchmarks/results/decode_kernel_h200.md). A `launch` given to `paged_decode` replaces them.
 FAST_LAUNCH = dict(num_warps=4, num_stages=2)  # 16-bit pages
 SCALED_LAUNCH = dict(num_warps=2, num_stages=3)  # float8 pages
-PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # KIVI and KV4 pages: kivi:4 0.52 -> 0.37 ms against 4 warps
+PACKED_LAUNCH = dict(num_warps=1, num_stages=3)  # KIVI and KV4 pages, with 8 programs per multiprocessor:
+# kivi:4 0.232 -> 0.192 ms against 2 warps (decode_kernel_h200_sweep_words.json): one warp holds the whole tile,
+# so the probabilities become the second dot product's operand in registers and the row reductions need no
+# shared memory
+TALL_PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # more than 16 tile rows (a few-token turn): one warp spills
 TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
+
+
+def packed_words(codes: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+    """Packed codes as the packed kernel reads them: 16-bit words of 4- and 8-bit codes where each word's bit
+    fields still give every dot product >= 16 channels (head_dim * bits >= 256), else bytes. Two words pair up in
+    one 32-bit register as the dot product's operand holds them, so one paired float16 instruction unpacks two
+    codes with no widening (bytes are spread first). 2-bit codes stay bytes: 8 fields a word made 8 narrow dot
+    products and their accumulators (spills). A view: the pages' bytes are the same (little-endian: word w holds
+    bytes 2w and 2w + 1, channels w * 16 / bits + r)."""
+    if bits >= 4 and dim * bits % 16 == 0 and dim * bits // 16 >= 16:
+        return codes.view(torch.uint16)
+    return codes
 
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:

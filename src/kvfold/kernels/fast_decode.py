@@ -13,6 +13,9 @@ What makes them faster than the general kernel (measured with Nsight Compute on 
   conversion through shared memory per page.
 - Codes become float16 by a bit trick, not a conversion: 0x6400 | c is the float16 1024 + c, exact for c < 1024, so
   1024 is subtracted (KIVI keys then take their scale and zero in float16: paired half-precision instructions).
+  4- and 8-bit codes are read as 16-bit words (`decode.packed_words`) and unpacked by inline PTX two per
+  instruction, as the dot product's operand pairs them in a register; 2-bit bytes are spread to 16-bit lanes first.
+  On an H200 (batch 8 x 32k): kivi:4 0.339 -> 0.232 ms at 2 warps, 0.191 ms at one warp (`PACKED_LAUNCH`).
 - Packed values never pass through shared memory as float16: the value scales and zeros ride on the probabilities
   (Σ_t p_t (c_t s_t + z_t) = top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t), so the codes go from shared memory into
   the dot product as they are, like the keys. Values have a scale per group of channels; the query rows are
@@ -33,7 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import empty_state, padded_page_rows, page_rows, query_tile, softmax_step, store_stats, window_mask
+from .common import (empty_state, padded_page_rows, page_rows, query_tile, softmax_step, softmax_update,
+                     store_stats, window_mask)
 
 
 @triton.jit
@@ -115,76 +119,100 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
 
 
 @triton.jit
-def _field(codes, r: tl.constexpr, BITS: tl.constexpr):
-    """Bit field r of each byte as float16, exactly: 0x6400 | c is the float16 1024 + c."""
-    c = ((codes >> (r * BITS)) & ((1 << BITS) - 1)).to(tl.uint16)
+def _spread_bytes(codes):
+    """uint8 codes -> uint16 words of one byte each (GPU): four bytes of a register become two registers of two
+    words (prmt), so that `_field` then unpacks two codes per instruction as for 16-bit words."""
+    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0, 0x4140; prmt.b32 $1, $2, 0, 0x4342;", "=r,=r,r", [codes],
+                                     dtype=tl.uint16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _field(codes, r: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Bit field r of each code word (uint8 or uint16) as float16, exactly: 0x6400 | c is the float16 1024 + c.
+    ASM (a GPU, 16-bit words): two words per instruction in one 32-bit register, as the dot product's operand holds
+    them. A field at bit `pos` < 8 needs no shift: masked in place under the float16 whose unit is 2**pos
+    (exponent (25 - pos) << 10), it reads (1024 >> pos) + c; fields at bits 8..15 shift by 8 first."""
+    if ASM:
+        POS: tl.constexpr = r * BITS % 8
+        SHIFT: tl.constexpr = r * BITS - POS
+        MASK: tl.constexpr = (((1 << BITS) - 1) << POS) * 0x10001
+        BIAS: tl.constexpr = ((25 - POS) << 10) * 0x10001
+        SHIFTED: tl.constexpr = f"shr.b32 t, $1, {SHIFT}; " if SHIFT else "mov.b32 t, $1; "
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t, k; {SHIFTED}lop3.b32 t, t, {MASK}, {BIAS}, 0xea; mov.b32 k, {BIAS}; "
+            "sub.f16x2 $0, t, k; }", "=r,r", [codes], dtype=tl.float16, is_pure=True, pack=2)
+    c = (codes >> (r * BITS)) & ((1 << BITS) - 1)
+    if c.dtype != tl.uint16:
+        c = c.to(tl.uint16)
     return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
-def _key_field(codes, ks_ptr, kz_ptr, channel, r: tl.constexpr, BITS: tl.constexpr):
-    """Keys of bit field r, [P, J]: per-channel scale and zero (KIVI)."""
-    scale = tl.load(ks_ptr + channel + r).to(tl.float16)
-    zero = tl.load(kz_ptr + channel + r).to(tl.float16)
-    return (_field(codes, r, BITS) * scale[None, :] + zero[None, :]).to(tl.float16)
+def _query_fields(q_ptr, row, query, rows_ok, channels, FIELDS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """The query's channels of each bit field (channel w * FIELDS + r of field r), float16 [BLOCK_G, W] each."""
+    fields = ()
+    for r in tl.static_range(FIELDS):
+        q = tl.load(q_ptr + row * G * D + query[:, None] * D + channels[None, :] + r, mask=rows_ok[:, None],
+                    other=0.0)
+        fields = fields + (q.to(tl.float16),)
+    return fields
 
 
 @triton.jit
-def _smoothed_query(q, ksm_ptr, channel, r: tl.constexpr):
-    """KV4: the query field times the page's channel factors λ (k = (c * scale_t + zero_t) * λ)."""
-    return (q.to(tl.float32) * tl.load(ksm_ptr + channel + r).to(tl.float32)[None, :]).to(tl.float16)
+def _kivi_scores(kc, qs, ks_ptr, kz_ptr, key_channel, FIELDS: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """KIVI keys (a scale and zero per channel per page): Σ over bit fields of q_r · (c_r * scale + zero)."""
+    s = tl.zeros([qs[0].shape[0], kc.shape[0]], tl.float32)
+    for r in tl.static_range(FIELDS):
+        scale = tl.load(ks_ptr + key_channel + r).to(tl.float16)
+        zero = tl.load(kz_ptr + key_channel + r).to(tl.float16)
+        key = _field(kc, r, BITS, ASM) * scale[None, :] + zero[None, :]
+        s = tl.dot(qs[r], tl.trans(key.to(tl.float16)), s)
+    return s
 
 
 @triton.jit
-def _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok):
-    """Values are c * s_t + z_t per token and group of VG channels, so a group's share of the output is
-    top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t. Row r of the tile serves value group `group[r]` (the query rows are
-    repeated once per group in the MMA tile's spare rows), so one dot product covers every group. Returns the
-    probabilities times the scales over the row's largest scale (float16 normals), that largest scale, and the
-    zeros' share [BLOCK_G]."""
-    mask = valid[None, :] & rows_ok[:, None]
-    v_scale = tl.load(vs_ptr + token_stat[None, :] + group[:, None], mask=mask, other=0.0).to(tl.float32)
-    v_zero = tl.load(vz_ptr + token_stat[None, :] + group[:, None], mask=mask, other=0.0).to(tl.float32)
-    top = tl.max(v_scale, axis=1)
-    top = tl.where(top > 0, top, 1.0)
-    return (p * (v_scale / top[:, None])).to(tl.float16), top, tl.sum(p * v_zero, axis=1)
-
-
-@triton.jit
-def _value_update(weights, top, zeros, codes, vch_ptr, page, channels, r: tl.constexpr, BITS: tl.constexpr,
-                  D: tl.constexpr, VALUE_CHANNEL: tl.constexpr):
-    """This page's share of the output channels of bit field r, [BLOCK_G, J]: the codes go straight into the dot
-    product. VALUE_CHANNEL: times the page's factor per channel (ZipCache's channel-separable values)."""
-    update = top[:, None] * tl.dot(weights, _field(codes, r, BITS)) + zeros[:, None]
-    if VALUE_CHANNEL:
-        update = update * tl.load(vch_ptr + page * D + channels + r).to(tl.float32)[None, :]
-    return update
-
-
-@triton.jit
-def _token_key_scores(kc, q0, q1, q2, q3, ksm_ptr, channel, BITS: tl.constexpr, PER_BYTE: tl.constexpr):
-    """KV4 keys: Σ over bit fields of (qλ)·codes [BLOCK_G, P], and Σ qλ [BLOCK_G] (what the zero multiplies)."""
-    sq = _smoothed_query(q0, ksm_ptr, channel, 0)
-    s = tl.dot(sq, tl.trans(_field(kc, 0, BITS)))
-    q_sum = tl.sum(sq.to(tl.float32), axis=1)
-    if PER_BYTE >= 2:
-        sq = _smoothed_query(q1, ksm_ptr, channel, 1)
-        s = tl.dot(sq, tl.trans(_field(kc, 1, BITS)), s)
-        q_sum += tl.sum(sq.to(tl.float32), axis=1)
-    if PER_BYTE == 4:
-        sq = _smoothed_query(q2, ksm_ptr, channel, 2)
-        s = tl.dot(sq, tl.trans(_field(kc, 2, BITS)), s)
-        q_sum += tl.sum(sq.to(tl.float32), axis=1)
-        sq = _smoothed_query(q3, ksm_ptr, channel, 3)
-        s = tl.dot(sq, tl.trans(_field(kc, 3, BITS)), s)
+def _token_key_scores(kc, qs, ksm_ptr, key_channel, FIELDS: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """KV4 keys (k = (c * scale_t + zero_t) * λ): Σ over bit fields of (qλ)·c [BLOCK_G, P], and Σ qλ [BLOCK_G]
+    (what the zero multiplies)."""
+    s = tl.zeros([qs[0].shape[0], kc.shape[0]], tl.float32)
+    q_sum = tl.zeros([qs[0].shape[0]], tl.float32)
+    for r in tl.static_range(FIELDS):
+        smooth = tl.load(ksm_ptr + key_channel + r).to(tl.float32)
+        sq = (qs[r].to(tl.float32) * smooth[None, :]).to(tl.float16)
+        s = tl.dot(sq, tl.trans(_field(kc, r, BITS, ASM)), s)
         q_sum += tl.sum(sq.to(tl.float32), axis=1)
     return s, q_sum
 
 
 @triton.jit
-def _query_field(q_ptr, row, query, rows_ok, channels, r: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
-    q = tl.load(q_ptr + row * G * D + query[:, None] * D + channels[None, :] + r, mask=rows_ok[:, None], other=0.0)
-    return q.to(tl.float16)
+def _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.constexpr):
+    """Values are c * s_t + z_t per token and group of VG channels, so a group's share of the output is
+    top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t. Row r of the tile serves value group `group[r]` (the query rows are
+    repeated once per group in the MMA tile's spare rows), so one dot product covers every group. The statistics
+    are read as NVG vectors over the page's tokens and spread over the rows (a gather of the whole tile cost more
+    than the dot products). Returns the probabilities times the scales over the row's largest scale (float16
+    normals), that largest scale, and the zeros' share [BLOCK_G]."""
+    v_scale = tl.zeros_like(p)
+    v_zero = tl.zeros_like(p)
+    for g in tl.static_range(NVG):
+        scale_g = tl.load(vs_ptr + token_stat + g, mask=valid, other=0.0).to(tl.float32)
+        zero_g = tl.load(vz_ptr + token_stat + g, mask=valid, other=0.0).to(tl.float32)
+        v_scale = tl.where(group[:, None] == g, scale_g[None, :], v_scale)
+        v_zero = tl.where(group[:, None] == g, zero_g[None, :], v_zero)
+    top = tl.max(v_scale, axis=1)
+    top = tl.where(top > 0, top, 1.0)
+    return (p * v_scale * (1.0 / top)[:, None]).to(tl.float16), top, tl.sum(p * v_zero, axis=1)
+
+
+@triton.jit
+def _value_update(weights, top, zeros, codes, vch_ptr, page, channels, r: tl.constexpr, BITS: tl.constexpr,
+                  D: tl.constexpr, VALUE_CHANNEL: tl.constexpr, ASM: tl.constexpr):
+    """This page's share of the output channels of bit field r, [BLOCK_G, W]: the codes go straight into the dot
+    product. VALUE_CHANNEL: times the page's factor per channel (ZipCache's channel-separable values)."""
+    update = top[:, None] * tl.dot(weights, _field(codes, r, BITS, ASM)) + zeros[:, None]
+    if VALUE_CHANNEL:
+        update = update * tl.load(vch_ptr + page * D + channels + r).to(tl.float32)[None, :]
+    return update
 
 
 @triton.jit
@@ -193,16 +221,18 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BITS: tl.constexpr, VG: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr,
                       KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0, P_PAD: tl.constexpr = 0,
-                      VALUE_CHANNEL: tl.constexpr = False):
-    """Packed pages: codes [P, D * BITS / 8] bytes; values with a scale and zero per token per VG channels. Keys
-    with a scale and zero per channel per page (KIVI), or (KEY_TOKEN, QServe's KV4) per token, times the page's
-    channel factors λ: then q·k = scale_t Σ (qλ)·c + zero_t Σ qλ, so the codes still go straight into the dots.
-    Up to four bit fields per byte, each its own dot product.
+                      VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False):
+    """Packed pages: codes [P, D * BITS / 8] bytes, read as 16-bit words where a word's fields give each dot >= 16
+    channels (`packed_words`), else bytes; values with a scale and zero per token per VG channels. Keys with a
+    scale and zero per channel per page (KIVI), or (KEY_TOKEN, QServe's KV4) per token, times the page's channel
+    factors λ: then q·k = scale_t Σ (qλ)·c + zero_t Σ qλ, so the codes still go straight into the dots.
+    A word of 16 / BITS (or 8 / BITS) bit fields holds channels w * FIELDS + r in field r: one dot product per field.
     PAGE_TOKENS (ZipCache's mixed pages): each page of the store holds PAGE_TOKENS tokens, of which this part reads
     P slots (any P, padded to the power of two P_PAD): row lengths count the store's tokens (whole pages), and the value
-    scales hold PAGE_TOKENS slots a page; VALUE_CHANNEL: the values also have a factor per page and channel."""
-    PER_BYTE: tl.constexpr = 8 // BITS
-    J: tl.constexpr = D // PER_BYTE
+    scales hold PAGE_TOKENS slots a page; VALUE_CHANNEL: the values also have a factor per page and channel.
+    ASM: unpack with inline PTX (GPU only; Triton's interpreter runs the plain operations)."""
+    FIELDS: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // BITS
+    W: tl.constexpr = D // FIELDS  # words per token
     NVG: tl.constexpr = D // VG
     STAT: tl.constexpr = PAGE_TOKENS if PAGE_TOKENS else P  # slots per page in the value scales
     row = tl.program_id(0)
@@ -216,17 +246,14 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
         offs_p = tl.arange(0, P_PAD)
     else:
         offs_p = tl.arange(0, P)
-    channels = tl.arange(0, J) * PER_BYTE  # the first channel of each byte
-    q0 = _query_field(q_ptr, row, query, rows_ok, channels, 0, G, D)
-    q1 = _query_field(q_ptr, row, query, rows_ok, channels, 1 % PER_BYTE, G, D)
-    q2 = _query_field(q_ptr, row, query, rows_ok, channels, 2 % PER_BYTE, G, D)
-    q3 = _query_field(q_ptr, row, query, rows_ok, channels, 3 % PER_BYTE, G, D)
+    channels = tl.arange(0, W) * FIELDS  # each word's first channel
+    qs = _query_fields(q_ptr, row, query, rows_ok, channels, FIELDS, G, D)
+    scale_log2 = scale * 1.4426950408889634  # base-2 softmax: one multiply less per score
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc0 = tl.zeros([BLOCK_G, J], tl.float32)
-    acc1 = tl.zeros([BLOCK_G, J], tl.float32)
-    acc2 = tl.zeros([BLOCK_G, J], tl.float32)
-    acc3 = tl.zeros([BLOCK_G, J], tl.float32)
+    accs = ()
+    for r in tl.static_range(FIELDS):
+        accs = accs + (tl.zeros([BLOCK_G, W], tl.float32),)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
         for i in range(PAGES_PER_SPLIT):
@@ -235,41 +262,31 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
             else:
                 page, valid = page_rows(table_ptr, row, width, first + i, length, P)
                 valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
-            code_off = page * P * J + offs_p[:, None] * J + tl.arange(0, J)[None, :]
+            code_off = page * P * W + offs_p[:, None] * W + tl.arange(0, W)[None, :]
             kc = tl.load(k_ptr + code_off, mask=valid[:, None], other=0)
             vc = tl.load(v_ptr + code_off, mask=valid[:, None], other=0)
+            if ASM and FIELDS * BITS == 8:
+                kc, vc = _spread_bytes(kc), _spread_bytes(vc)
             key_channel = page * D + channels
             if KEY_TOKEN:
-                s, q_sum = _token_key_scores(kc, q0, q1, q2, q3, ksm_ptr, key_channel, BITS, PER_BYTE)
+                s, q_sum = _token_key_scores(kc, qs, ksm_ptr, key_channel, FIELDS, BITS, ASM)
                 token = page * P + offs_p
                 s = s * tl.load(ks_ptr + token).to(tl.float32)[None, :] \
                     + q_sum[:, None] * tl.load(kz_ptr + token).to(tl.float32)[None, :]
             else:
-                s = tl.dot(q0, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 0, BITS)))
-                if PER_BYTE >= 2:
-                    s = tl.dot(q1, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 1, BITS)), s)
-                if PER_BYTE == 4:
-                    s = tl.dot(q2, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 2, BITS)), s)
-                    s = tl.dot(q3, tl.trans(_key_field(kc, ks_ptr, kz_ptr, key_channel, 3, BITS)), s)
-            p, alpha, m_i, l_i = softmax_step(s, valid[None, :], m_i, l_i, scale)
+                s = _kivi_scores(kc, qs, ks_ptr, kz_ptr, key_channel, FIELDS, BITS, ASM)
+            p, alpha, m_i, l_i = softmax_update(tl.where(valid[None, :], s * scale_log2, float("-inf")), m_i, l_i,
+                                                BASE2=True)
             token_stat = page * STAT * NVG + offs_p * NVG
-            weights, top, zeros = _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, rows_ok)
-            acc0 = acc0 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 0, BITS, D,
-                                                         VALUE_CHANNEL)
-            if PER_BYTE >= 2:
-                acc1 = acc1 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 1, BITS,
-                                                             D, VALUE_CHANNEL)
-            if PER_BYTE == 4:
-                acc2 = acc2 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 2, BITS,
-                                                             D, VALUE_CHANNEL)
-                acc3 = acc3 * alpha[:, None] + _value_update(weights, top, zeros, vc, vch_ptr, page, channels, 3, BITS,
-                                                             D, VALUE_CHANNEL)
+            weights, top, zeros = _value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG)
+            updated = ()
+            for r in tl.static_range(FIELDS):
+                updated = updated + (accs[r] * alpha[:, None] + _value_update(
+                    weights, top, zeros, vc, vch_ptr, page, channels, r, BITS, D, VALUE_CHANNEL, ASM),)
+            accs = updated
+    m_i = m_i * 0.6931471805599453  # back to natural-log units for `combine` (-inf stays -inf)
     store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)  # rows < G: the first group's (all equal)
     out_row = acc_ptr + ((row * splits + split) * G + query)[:, None] * D + channels[None, :]
-    mine = rows_ok[:, None] & (group[:, None] == (channels // VG)[None, :])  # each channel from its group's rows
-    tl.store(out_row, acc0, mask=mine)
-    if PER_BYTE >= 2:
-        tl.store(out_row + 1, acc1, mask=mine)
-    if PER_BYTE == 4:
-        tl.store(out_row + 2, acc2, mask=mine)
-        tl.store(out_row + 3, acc3, mask=mine)
+    for r in tl.static_range(FIELDS):  # each channel from its group's rows
+        mine = rows_ok[:, None] & (group[:, None] == ((channels + r) // VG)[None, :])
+        tl.store(out_row + r, accs[r], mask=mine)
