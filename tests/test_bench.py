@@ -31,7 +31,7 @@ FIELDS = {
     "sample_hash": str, "question_text": str, "answer": (str, list), "prediction": str, "score": float,
     "context_tokens": int, "prompt_tokens": int, "new_tokens": int, "kv_bytes": int, "kv_bytes_uncompressed": int,
     "peak_memory_bytes": int, "peak_memory_source": str, "prefill_seconds": float, "decode_seconds": float,
-    "decode_tokens_per_second": (float, type(None)), "max_new_tokens": int, "prefill_chunk": (int, type(None)), "fast_decode": bool,
+    "decode_tokens_per_second": (float, type(None)), "max_new_tokens": int, "prefill_chunk": (int, type(None)), "fast_decode": bool, "prefill": str,
     "device": str, "device_name": str, "dtype": str, "torch": str, "transformers": str, "kvfold": str,
     "git_revision": (str, type(None)), "timestamp": str,
 }
@@ -112,6 +112,16 @@ def test_one_row_per_sample_and_question_with_every_field(full):
             assert kv_bytes < held["snapkv:0.5", *where] < held["none", *where]
     multiturn = [r for r in rows if r["task"] == "multiturn" and r["sample"] == 0 and r["method"] == "none"]
     assert len({r["answer"] for r in multiturn}) == 4 and len({r["question_text"] for r in multiturn}) == 4
+
+
+def test_a_shared_prefill_gives_the_same_rows(lm, tok, full, tmp_path):
+    """`shared_prefill`: each prompt's forward once for every method (query-aware: per question; agnostic: per
+    sample), the same scores, predictions and bytes as every method prefilling on its own; rows say which."""
+    rows, _ = full
+    shared = bench(lm, tok, tmp_path, shared_prefill=True)
+    assert shared.computed == ROWS and fingerprint(shared) == fingerprint(rows)
+    assert {r["prefill"] for r in shared} == {"shared"} and {r["prefill"] for r in rows} == {"own"}
+    assert all(r["prefill_seconds"] > 0 and r["peak_memory_bytes"] > 0 for r in shared)
 
 
 def test_interrupted_runs_leave_valid_jsonl_and_resume_to_the_same_rows(lm, tok, full, tmp_path):
@@ -204,6 +214,7 @@ def test_rows_of_other_settings_in_the_folder_are_an_error(lm, tok, full, tmp_pa
     (dict(setting="agnostc"), "did you mean 'agnostic'"),
     (dict(prefill_chunk=0), "prefill_chunk must be a positive number"),
     (dict(fast="yes"), "fast must be True or False"),
+    (dict(shared_prefill=True, prefill_chunk=128), "drop --prefill-chunk or --shared-prefill"),
     (dict(out=None), "--out"),
 ])
 def test_bad_configs_are_clear_errors(overrides, message, tmp_path):

@@ -127,3 +127,25 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, capsys, tmp_p
         cli.run()
     err = capsys.readouterr().err
     assert done.value.code == 2 and "pip install 'kvfold[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_shared_prefill_on_ray_runs_one_task_per_prompt_group_with_the_same_rows(ray_local, embedded_tokenizer,
+                                                                                   tmp_path):
+    """`shared_prefill` on Ray: the cells of one (task, length, setting) go to one worker, which prefills each
+    prompt once for both methods; the rows are the in-process run's."""
+    from kvfold.bench.distributed import run_bench_ray
+
+    source, quiet = TinySource(embedded_tokenizer), Console(file=io.StringIO())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_bench(source.load()[0], embedded_tokenizer, BenchConfig(out=tmp_path / "local", **SWEEP),
+                          model_name="tiny", progress=False, console=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    remote = run_bench_ray(source, BenchConfig(out=tmp_path / "ray", shared_prefill=True, **SWEEP), model_name="tiny",
+                           progress=False, console=quiet)
+    assert remote.computed == ROWS and {r["prefill"] for r in remote} == {"shared"}
+    mine = {k: {n: v for n, v in row.items() if n != "prefill"} for k, row in stable(remote).items()}
+    theirs = {k: {n: v for n, v in row.items() if n != "prefill"} for k, row in stable(local).items()}
+    assert mine == theirs

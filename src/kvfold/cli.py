@@ -183,6 +183,10 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     fast: FastOption = False,
     seed: Annotated[int, typer.Option(help="Seed of the task samples")] = 0,
+    shared_prefill: Annotated[bool, typer.Option("--shared-prefill", help="Run each prompt's forward once for all "
+                                                 "the methods and replay it into each one's cache (same answers, "
+                                                 "much faster sweeps; one-pass prefills only; a row's peak memory "
+                                                 "then includes the shared forward's tensors)")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Run each method's cells as a Ray task (one GPU, or one CPU, "
                                       "each) on a new local Ray, or on RAY_ADDRESS's cluster; workers load the "
                                       "model in --dtype, float32 for auto")] = False,
@@ -202,7 +206,7 @@ def bench(
     config = BenchConfig(out=out, methods=split_specs(methods_), ratios=parse_list(ratios, float, "--ratios"),
                          tasks=parse_list(tasks, str, "--tasks"), lengths=parse_list(lengths, int, "--lengths"),
                          samples=samples, setting=setting, prefill_chunk=prefill_chunk,
-                         max_new_tokens=max_new_tokens, seed=seed, fast=fast)
+                         max_new_tokens=max_new_tokens, seed=seed, fast=fast, shared_prefill=shared_prefill)
     name = model or "embedded:SmolLM2-135M-Instruct"
     try:
         if ray or ray_address:

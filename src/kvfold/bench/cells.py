@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..api import generate
 from ..compressor import Compressor
 from ..perplexity import TeacherForced, teacher_forced
+from ..replay import generate_shared
 from .records import PeakMemory, environment, make_key, timestamp, uncompressed_bytes
 from .tasks import PERPLEXITY, Sample, score
 
@@ -77,7 +78,11 @@ class CellWork:
 
 def cell_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork], model_name: str) -> Iterator[tuple]:
     """Answer the missing questions of each cell: yields ``("start", label, total)`` when a cell begins, then
-    ``("row", row)`` per answered question. Runs in the driver or in a Ray worker; writes nothing."""
+    ``("row", row)`` per answered question. Runs in the driver or in a Ray worker; writes nothing.
+    `config.shared_prefill`: the cells of one (task, length, setting) run together, each prompt's forward once."""
+    if config.shared_prefill:
+        yield from _shared_events(model, tokenizer, config, work, model_name)
+        return
     env, device = environment(model), next(model.parameters()).device
     for item in work:
         yield "start", item.label, item.total
@@ -87,8 +92,51 @@ def cell_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork],
                                   item.prompts[i][q], item.hashes[i], env)
 
 
+def prompt_group(cell: Cell) -> tuple[str, int, str]:
+    """Cells with the same prompts: a shared prefill serves them all."""
+    return cell.task, cell.length, cell.setting
+
+
+def _shared_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork], model_name: str
+                   ) -> Iterator[tuple]:
+    """`cell_events` with one prompt forward per (sample, question) — per sample, query-agnostic — replayed into
+    each method's cache (`kvfold.replay.generate_shared`, the same answers). Teacher-forced samples run per cell."""
+    env, device = environment(model), next(model.parameters()).device
+    groups: dict[tuple, list[CellWork]] = {}
+    for item in work:
+        groups.setdefault(prompt_group(item.cell), []).append(item)
+    for items in groups.values():
+        for item in items:
+            yield "start", item.label, item.total
+        for i, sample in enumerate(items[0].samples):
+            needing = [item for item in items if item.todo[i]]
+            if not needing:
+                continue
+            if sample.metric == PERPLEXITY:
+                for item in needing:
+                    for q, answer, memory in _answers(model, tokenizer, config, item.cell, sample, item.todo[i],
+                                                      device):
+                        yield "row", _row(model, config, item.cell, model_name, i, q, sample, answer, memory,
+                                          item.prompts[i][q], item.hashes[i], env)
+                continue
+            answers = generate_shared(model, tokenizer, context=sample.context, questions=sample.questions,
+                                      methods=[item.cell.compressor for item in needing],
+                                      wanted={m: item.todo[i] for m, item in enumerate(needing)},
+                                      agnostic=items[0].cell.setting == "agnostic",
+                                      max_new_tokens=config.max_new_tokens, fast=config.fast)
+            while True:
+                with PeakMemory(device) as memory:
+                    found = next(answers, None)
+                if found is None:
+                    break
+                m, q, answer = found
+                item = needing[m]
+                yield "row", _row(model, config, item.cell, model_name, i, q, sample, answer, memory,
+                                  item.prompts[i][q], item.hashes[i], env, shared=True)
+
+
 def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int, sample: Sample, answer,
-         memory: PeakMemory, prompt_tokens: int, digest: str, env: dict) -> dict:
+         memory: PeakMemory, prompt_tokens: int, digest: str, env: dict, shared: bool = False) -> dict:
     """One results line: question `q` of sample `i` of `cell` (fields: see the README's `kvfold bench`)."""
     gold = sample.answers[q]
     outcome = (_perplexity_fields(model, answer) if isinstance(answer, TeacherForced)
@@ -101,6 +149,7 @@ def _row(model, config: BenchConfig, cell: Cell, model_name: str, i: int, q: int
         "answer": list(gold) if isinstance(gold, tuple) else gold, **outcome,
         "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
         "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk, "fast_decode": config.fast,
+        "prefill": "shared" if shared else "own",
         **env,
         "timestamp": timestamp(),
     }

@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from ..errors import KVFoldError
-from .cells import CellWork, cell_events
+from .cells import CellWork, cell_events, prompt_group
 from .runner import BenchConfig, BenchRows, drive, plan_bench
 
 INSTALL_HINT = "pip install 'kvfold[ray]'"
@@ -98,7 +98,7 @@ def _bench_cells(source, config: BenchConfig, work: list[CellWork], model_name: 
 
 def ray_events(source, config: BenchConfig, work: list[CellWork], model_name: str,
                options: RayOptions = RayOptions()) -> Iterator[tuple]:
-    """Submit one task per method (all its cells) and yield their events as they arrive, from whichever task
+    """Submit one task per method (all its cells; with a shared prefill, per task × length × setting) and yield their events as they arrive, from whichever task
     produced one. Starts Ray when it is not running (and shuts it down after); cancels unfinished tasks when
     the consumer stops early (Ctrl-C, an error)."""
     ray = require_ray()
@@ -114,9 +114,9 @@ def ray_events(source, config: BenchConfig, work: list[CellWork], model_name: st
     try:
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
         remote = ray.remote(num_gpus=1, num_cpus=1)(_bench_cells) if gpus else ray.remote(num_cpus=1)(_bench_cells)
-        groups: dict[str, list[CellWork]] = {}
-        for item in work:
-            groups.setdefault(item.cell.method, []).append(item)
+        groups: dict[object, list[CellWork]] = {}
+        for item in work:  # a shared prefill serves the cells of one prompt group: they go to one task
+            groups.setdefault(prompt_group(item.cell) if config.shared_prefill else item.cell.method, []).append(item)
         generators = [remote.remote(source, config, items, model_name) for items in groups.values()]
         pending = list(generators)
         while pending:

@@ -94,6 +94,7 @@ class BenchConfig:
     max_new_tokens: int = 32
     seed: int = 0
     fast: bool = False  # decode with the fast loop (same greedy tokens; faster on a GPU)
+    shared_prefill: bool = False  # one prompt forward for every method (`kvfold.replay`; same rows)
     compressors: tuple[Compressor, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +129,11 @@ class BenchConfig:
         check_chunk(self.prefill_chunk)
         if not isinstance(self.fast, bool):
             raise KVFoldError(f"fast must be True or False, got {self.fast!r}")
+        if not isinstance(self.shared_prefill, bool):
+            raise KVFoldError(f"shared_prefill must be True or False, got {self.shared_prefill!r}")
+        if self.shared_prefill and self.prefill_chunk is not None:
+            raise KVFoldError("a shared prefill needs one-pass prefills (each chunk of a chunked prefill attends to "
+                              "what the method kept of the ones before): drop --prefill-chunk or --shared-prefill")
         for spec in self.methods:
             if not isinstance(spec, str):
                 raise KVFoldError(f"a method spec must be a string, got {spec!r}")
