@@ -120,8 +120,8 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
     return results
 
 
-LAUNCHES = ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None), (2, 3, None), (4, 2, 128),
-            (2, 3, 128), (2, 3, 168))
+LAUNCHES = ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None), (2, 3, None), (1, 2, None),
+            (1, 3, None), (4, 2, 128), (2, 3, 128), (2, 3, 168))
 
 
 def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "kivi:2"),
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch options per store")
     parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs)")
     parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] "
-                        "separated by ';' (default: nine of them)")
+                        "separated by ';' (default: eleven of them)")
     args = parser.parse_args()
     if args.sweep_only:
         launches = tuple(tuple(int(x) for x in item.split(",")) + (None,) * (3 - len(item.split(",")))

@@ -149,14 +149,15 @@ def demo(
     dtype: DtypeOption = "auto",
 ) -> None:
     """A small sweep (methods x ratios x tasks): accuracy with 95% intervals, KV bytes and speed per method, and
-    the report (report.md, report.html, report.png) in --out."""
+    the report (report.md, report.html, report.png) in --out. Each prompt's forward runs once for all the methods
+    (`kvfold bench --shared-prefill`) unless --prefill-chunk is given."""
     from .bench.runner import BenchConfig, parse_list, split_specs
     from .demo import DEMO_NEW_TOKENS, run_demo_sweep
 
     config = BenchConfig(out=out, methods=split_specs(methods_), ratios=parse_list(ratios, float, "--ratios"),
                          tasks=parse_list(tasks, str, "--tasks"), lengths=(length,), samples=samples,
                          setting="agnostic" if agnostic else "aware", prefill_chunk=prefill_chunk,
-                         max_new_tokens=DEMO_NEW_TOKENS)
+                         max_new_tokens=DEMO_NEW_TOKENS, shared_prefill=prefill_chunk is None)
     lm, tokenizer = _load(model, device, dtype)
     try:
         run_demo_sweep(lm, tokenizer, config, model_name=model or "embedded:SmolLM2-135M-Instruct", console=console)
