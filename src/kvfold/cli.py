@@ -188,7 +188,8 @@ def bench(
                                                  "the methods and replay it into each one's cache (same answers, "
                                                  "much faster sweeps; one-pass prefills only; a row's peak memory "
                                                  "then includes the shared forward's tensors)")] = False,
-    ray: Annotated[bool, typer.Option("--ray", help="Run each method's cells as a Ray task (one GPU, or one CPU, "
+    ray: Annotated[bool, typer.Option("--ray", help="Run each method's cells (with --shared-prefill: each task × length "
+                                      "× setting's) as a Ray task (one GPU, or one CPU, "
                                       "each) on a new local Ray, or on RAY_ADDRESS's cluster; workers load the "
                                       "model in --dtype, float32 for auto")] = False,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Run on this Ray cluster (implies "
