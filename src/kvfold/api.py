@@ -134,6 +134,21 @@ def decode_greedy(model, cache: KVFoldCache, first_logits: torch.Tensor, seen: i
                   fast=fast).tokens[0]
 
 
+def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+    if prompt_tokens + max_new_tokens > limit:
+        raise KVFoldError(f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens exceeds the model's "
+                          f"context of {limit}: shorten the context or lower max_new_tokens")
+
+
+def decode_answer(model, tokenizer, cache: KVFoldCache, first_logits: torch.Tensor, seen: int, max_new_tokens: int,
+                  stop_ids: set[int], fast: bool, prefill_seconds: float) -> Answer:
+    """Greedy-decode an answer after a prefill (inside `use_kvfold_attention`) and time it."""
+    start = time.perf_counter()
+    tokens = decode_greedy(model, cache, first_logits, seen, max_new_tokens, stop_ids, fast)
+    return Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(), prefill_seconds,
+                  time.perf_counter() - start)
+
+
 def forward_tokens(model, cache: KVFoldCache, ids: Sequence[int], start: int) -> torch.Tensor:
     """One forward of token ids (batch 1) at positions start.., through `cache`; the last position's logits."""
     input_ids = torch.tensor([list(ids)], device=next(model.parameters()).device)
@@ -215,9 +230,7 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
         shared = None
         for q in questions:
             head, tail = split_prompt(tokenizer, context, q)
-            if len(head) + len(tail) + max_new_tokens > limit:
-                raise KVFoldError(f"prompt of {len(head) + len(tail)} tokens + {max_new_tokens} new tokens exceeds the "
-                                  f"model's context of {limit}: shorten the context or lower max_new_tokens")
+            check_prompt_fits(len(head) + len(tail), max_new_tokens, limit)
             start = time.perf_counter()
             if agnostic:
                 if shared is None:
@@ -229,9 +242,6 @@ def generate(model, tokenizer, *, context: str, question: str | Sequence[str], m
                 cache = make_cache(model, compressor)
                 logits = prefill(model, cache, torch.tensor([head + tail], device=device), chunk=prefill_chunk,
                                  probe_ids=tail if compressor.query_aware else None)
-            prefill_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            tokens = decode_greedy(model, cache, logits, len(head) + len(tail), max_new_tokens, stop_ids, fast)
-            answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(),
-                                  prefill_seconds, time.perf_counter() - start))
+            answers.append(decode_answer(model, tokenizer, cache, logits, len(head) + len(tail), max_new_tokens,
+                                         stop_ids, fast, time.perf_counter() - start))
     return answers

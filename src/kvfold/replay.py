@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import (Answer, decode_greedy, forward_tokens, make_cache, prefill, split_prompt, stop_token_ids,
-                  use_kvfold_attention)
+from .api import (Answer, check_prompt_fits, decode_answer, forward_tokens, make_cache, prefill, split_prompt,
+                  stop_token_ids, use_kvfold_attention)
 from .cache import KVFoldCache
 from .compressor import Compressor
-from .errors import KVFoldError
 from .models import context_limit
 
 
@@ -103,16 +102,12 @@ def generate_shared(model, tokenizer, *, context: str, questions: Sequence[str],
     device = next(model.parameters()).device
     prompts = [split_prompt(tokenizer, context, q) for q in questions]
     for head, tail in prompts:
-        if len(head) + len(tail) + max_new_tokens > limit:
-            raise KVFoldError(f"prompt of {len(head) + len(tail)} tokens + {max_new_tokens} new tokens exceeds the "
-                              f"model's context of {limit}: shorten the context or lower max_new_tokens")
+        check_prompt_fits(len(head) + len(tail), max_new_tokens, limit)
 
     def answer(cache: KVFoldCache, logits: torch.Tensor, seen: int, prefill_seconds: float) -> Answer:
-        start = time.perf_counter()
         with use_kvfold_attention(model):
-            tokens = decode_greedy(model, cache, logits, seen, max_new_tokens, stop_ids, fast)
-        return Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cache.nbytes(), prefill_seconds,
-                      time.perf_counter() - start)
+            return decode_answer(model, tokenizer, cache, logits, seen, max_new_tokens, stop_ids, fast,
+                                 prefill_seconds)
 
     if agnostic:
         head = prompts[0][0]

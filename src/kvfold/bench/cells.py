@@ -86,10 +86,17 @@ def cell_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWork],
     env, device = environment(model), next(model.parameters()).device
     for item in work:
         yield "start", item.label, item.total
-        for i, (sample, missing) in enumerate(zip(item.samples, item.todo)):
-            for q, answer, memory in _answers(model, tokenizer, config, item.cell, sample, missing, device):
-                yield "row", _row(model, config, item.cell, model_name, i, q, sample, answer, memory,
-                                  item.prompts[i][q], item.hashes[i], env)
+        for i in range(len(item.samples)):
+            yield from _own_rows(model, tokenizer, config, item, i, model_name, env, device)
+
+
+def _own_rows(model, tokenizer, config: BenchConfig, item: CellWork, i: int, model_name: str, env: dict, device
+              ) -> Iterator[tuple]:
+    """The ``("row", row)`` events of sample `i`'s missing questions in `item`'s cell, prefilled by its own method."""
+    sample = item.samples[i]
+    for q, answer, memory in _answers(model, tokenizer, config, item.cell, sample, item.todo[i], device):
+        yield "row", _row(model, config, item.cell, model_name, i, q, sample, answer, memory, item.prompts[i][q],
+                          item.hashes[i], env)
 
 
 def prompt_group(cell: Cell) -> tuple[str, int, str]:
@@ -114,10 +121,7 @@ def _shared_events(model, tokenizer, config: BenchConfig, work: Iterable[CellWor
                 continue
             if sample.metric == PERPLEXITY:
                 for item in needing:
-                    for q, answer, memory in _answers(model, tokenizer, config, item.cell, sample, item.todo[i],
-                                                      device):
-                        yield "row", _row(model, config, item.cell, model_name, i, q, sample, answer, memory,
-                                          item.prompts[i][q], item.hashes[i], env)
+                    yield from _own_rows(model, tokenizer, config, item, i, model_name, env, device)
                 continue
             answers = generate_shared(model, tokenizer, context=sample.context, questions=sample.questions,
                                       methods=[item.cell.compressor for item in needing],

@@ -98,9 +98,9 @@ def _bench_cells(source, config: BenchConfig, work: list[CellWork], model_name: 
 
 def ray_events(source, config: BenchConfig, work: list[CellWork], model_name: str,
                options: RayOptions = RayOptions()) -> Iterator[tuple]:
-    """Submit one task per method (all its cells; with a shared prefill, per task × length × setting) and yield their events as they arrive, from whichever task
-    produced one. Starts Ray when it is not running (and shuts it down after); cancels unfinished tasks when
-    the consumer stops early (Ctrl-C, an error)."""
+    """Submit one task per method (all its cells; with a shared prefill, one per task × length × setting) and
+    yield their events as they arrive, from whichever task produced one. Starts Ray when it is not running (and
+    shuts it down after); cancels unfinished tasks when the consumer stops early (Ctrl-C, an error)."""
     ray = require_ray()
     started = not ray.is_initialized()
     if started:

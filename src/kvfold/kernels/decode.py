@@ -149,10 +149,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     packed_rows = max(16, triton.next_power_of_2(group * dim // part.value_group)) if fast == "packed" else 0
-    if fast == "packed" and not launch:  # one warp for one MMA tile of rows; a few-token turn's taller tile: two
-        launch = PACKED_LAUNCH if packed_rows <= 16 else TALL_PACKED_LAUNCH
+    launch = launch or _default_launch(fast, part.scaled, packed_rows)
     if pages_per_split is None:  # enough programs to fill the GPU: about 4 per multiprocessor, 8 of one warp
-        warps = (launch or FAST_LAUNCH).get("num_warps", 4)
+        warps = launch.get("num_warps", 4)  # Triton's default for the general kernel
         target = triton.cdiv((8 if warps == 1 else 4) * _multiprocessors(query.device), rows)
         pages_per_split = triton.next_power_of_2(triton.cdiv(width, max(1, target)))  # few distinct compilations
     splits = triton.cdiv(width, pages_per_split)
@@ -170,8 +169,7 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
                                 part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
                                 m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled, TILE=tile & -tile,
-                                **shape,
-                                **(launch or (SCALED_LAUNCH if part.scaled else FAST_LAUNCH)))
+                                **shape, **launch)
     elif fast == "packed":
         smooth = part.key_smooth
         keys, values = packed_words(part.keys, dim, part.bits), packed_words(part.values, dim, part.bits)
@@ -192,6 +190,15 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if part.rotation is not None:  # linear in the values, so the split merge (`combine`) is unchanged
         acc = acc @ (part.value_rotation if part.value_rotation is not None else part.rotation).T
     return m, l, acc
+
+
+def _default_launch(fast: str | None, scaled: int, packed_rows: int) -> dict:
+    """Launch options for a part when `paged_decode` is given none (see the constants below)."""
+    if fast == "packed":  # one warp for one MMA tile of rows; a few-token turn's taller tile: two
+        return PACKED_LAUNCH if packed_rows <= 16 else TALL_PACKED_LAUNCH
+    if fast == "full":
+        return SCALED_LAUNCH if scaled else FAST_LAUNCH
+    return {}  # the general kernel: Triton's defaults
 
 
 def _general(query, table, part, m, l, acc, width, splits, q_pos, window, scale, precise, shape, launch) -> None:
