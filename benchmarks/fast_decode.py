@@ -243,14 +243,15 @@ def main() -> None:
              "ms/step: median after the first two steps (the first warms up and captures the graph: 'first ms'). "
              "Peak: the allocator's (GPU) or resident memory (CPU), prefill and decode; decode peak: during the decode "
              "loop alone. Est. max batch: device memory over the measured peak per sequence, an estimate.", "",
-             "| method | path | ms/step | tokens/s | × transformers | first ms | KV GB | roofline ms | × roofline | "
-             "peak GB | peak / (weights+KV) | decode peak / (weights+KV) | est. max batch | same tokens as normal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | path | prefill s | ms/step | tokens/s | × transformers | first ms | KV GB | roofline ms | "
+             "× roofline | peak GB | peak / (weights+KV) | decode peak / (weights+KV) | est. max batch | "
+             "same tokens as normal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['path']} | {r['error'][:60]} |" + " |" * 11)
+            lines.append(f"| {r['method']} | {r['path']} | {r['error'][:60]} |" + " |" * 12)
             continue
-        lines.append(f"| {r['method']} | {r['path']} | {r['ms_per_step']} | {r['tokens_per_s']} | "
+        lines.append(f"| {r['method']} | {r['path']} | {r['prefill_s']} | {r['ms_per_step']} | {r['tokens_per_s']} | "
                      f"{r.get('speedup_vs_transformers', '')} | {r['first_step_ms']} | {r['kv_bytes'] / 1e9:.2f} | "
                      f"{r['roofline_ms'] or '—'} | {r['over_roofline'] or '—'} | {r['peak'] / 1e9:.2f} | "
                      f"{r['peak_over_weights_plus_kv'] or '—'} | {r['decode_peak_over_weights_plus_kv'] or '—'} | "

@@ -1,7 +1,9 @@
 """A turn of a few tokens (a speculative draft, a short user turn) over a long compressed cache: the decode kernel
 reading the store for all n queries with the turn's own tokens merged in (`reading.attend`'s few-token branch)
-against SDPA over the full bf16 KV (causal over the turn) and against SDPA over the gathered store
-(`reading.sdpa_over_store`, the branch a longer turn takes), side by side in one run.
+against SDPA over the full bf16 KV (causal over the turn: a boolean mask, as transformers passes it, and the
+lower-right causal bias that lets the flash kernel run) and against SDPA over the gathered store: one flash call
+(`reading.sdpa_after_store`, the branch a longer turn takes on CUDA) and the masked blocks it replaced
+(`reading.sdpa_over_store`), side by side in one run.
 
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), one layer, batch 8, 32k tokens stored.
 
@@ -19,13 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from decode_kernel import store  # noqa: E402
 from kvfold.kernels.decode import new_tokens_partials, paged_decode  # noqa: E402
 from kvfold.kernels.reference import KVChunk  # noqa: E402
-from kvfold.reading import sdpa_over_store  # noqa: E402
+from kvfold.reading import sdpa_after_store, sdpa_over_store  # noqa: E402
 
 
 def timer(device: str):
@@ -81,6 +84,16 @@ def main() -> None:
         sdpa_ms = bench(sdpa)
         results.append({"turn": n, "path": "SDPA, full bf16 KV", "ms": sdpa_ms, "vs_sdpa": 1.0})
         print(f"n={n} SDPA full KV: {sdpa_ms:.3f} ms", flush=True)
+        if n > 1:  # the same with a lower-right causal bias, the GQA group's heads as views of one KV head
+            bias = causal_lower_right(n, tokens + n)
+            bias = bias._materialize(device) if device == "cpu" else bias
+            shape = (rows, group, tokens + n, dim)
+            flash_k, flash_v = (t.view(rows, 1, tokens + n, dim).expand(shape) for t in (full_k, full_v))
+            flash = lambda: F.scaled_dot_product_attention(q, flash_k, flash_v, attn_mask=bias, scale=scale)  # noqa: E731
+            ms = bench(flash)
+            results.append({"turn": n, "path": "SDPA, full bf16 KV, lower-right causal bias", "ms": ms,
+                            "vs_sdpa": sdpa_ms / ms})
+            print(f"n={n} SDPA full KV, lower-right causal bias: {ms:.3f} ms ({sdpa_ms / ms:.2f}x SDPA)", flush=True)
         for spec in args.methods.split(","):
             layer = store(spec, keys, values) if not args.smoke else store(spec, keys, values, page_size=16)
             parts = layer.kernel_parts()
@@ -91,14 +104,18 @@ def main() -> None:
                                     also=also)
 
             chunk = KVChunk(new_k, new_v, key_positions, valid)
-            gathered = lambda: sdpa_over_store(q, positions, [*layer.chunks(), chunk], scale, None)  # noqa: E731
-            reference = gathered().float()
+            blocks = lambda: sdpa_over_store(q, positions, [*layer.chunks(), chunk], scale, None)  # noqa: E731
+            one_call = lambda: sdpa_after_store(q, layer.chunks(), chunk, scale, layer.stored_slots())  # noqa: E731
+            reference = blocks().float()
             err = ((kernel().float().view_as(reference) - reference).norm() / reference.norm()).item()
-            for path, call in (("kernel + turn merged", kernel), ("SDPA over the gathered store", gathered)):
+            one_call_err = ((one_call().float() - reference).norm() / reference.norm()).item()
+            print(f"n={n} {spec:8s} one flash call vs the masked blocks: rel. err {one_call_err:.1e}", flush=True)
+            for path, call in (("kernel + turn merged", kernel), ("SDPA over the gathered store, one call", one_call),
+                               ("SDPA over the gathered store, masked blocks", blocks)):
                 ms = bench(call, graph=call is kernel)
                 results.append({"turn": n, "store": spec, "path": path, "ms": ms, "vs_sdpa": sdpa_ms / ms,
                                 "rel_err_vs_gathered": err if path.startswith("kernel") else 0.0})
-                print(f"n={n} {spec:8s} {path:30s} {ms:.3f} ms ({sdpa_ms / ms:.2f}x SDPA), kernel rel. err {err:.1e}",
+                print(f"n={n} {spec:8s} {path:44s} {ms:.3f} ms ({sdpa_ms / ms:.2f}x SDPA), kernel rel. err {err:.1e}",
                       flush=True)
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|few|prefill|sparse|e2e|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|few|prefill|sparse|e2e|chunked|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -24,11 +24,11 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 for step in "${steps[@]}"; do
   echo "== $step ($(date +%T))"
   case $step in
-    tests) timeout 300 python -m pytest -q -x tests/kernels -p no:cacheprovider 2>&1 | tail -4 ;;  # over 150 s on a fresh machine (empty compile cache)
+    tests) timeout 300 python -m pytest -q -x tests/kernels tests/test_reading.py -p no:cacheprovider 2>&1 | tail -4 ;;  # over 150 s on a fresh machine (empty compile cache)
     prefill-tests) timeout 150 python -m pytest -q --tb=line tests/kernels/test_prefill.py tests/kernels/test_sparse.py \
                      -p no:cacheprovider 2>&1 | tail -12 ;;
     decode) timeout 240 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
-    few) timeout 200 python benchmarks/few_token_decode.py --out "$OUT/few_token_decode.json" 2>&1 | grep -v Warn | tail -16 ;;
+    few) timeout 300 python benchmarks/few_token_decode.py --out "$OUT/few_token_decode.json" 2>&1 | grep -v Warn | tail -24 ;;
     prefill) timeout 240 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -24 ;;
     sparse) timeout 200 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors  # benchmarks/capture_qkv.py; carried, not committed
@@ -36,6 +36,8 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
+    chunked) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4 --normal "" --eager "" \
+               --prefill-chunk 4096 --out "$OUT/fast_decode_chunked.json" 2>&1 | grep -v Warn | tail -8 ;;
     serve) carry_wheels
            python -c "import fastapi, uvicorn, openai; print('serve deps: fastapi', fastapi.__version__)"
            model=/tmp/kvfold_llama8b  # random weights of Llama-3.1-8B's shape, the embedded tokenizer (carried)
@@ -45,6 +47,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, few, prefill, sparse, e2e, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, few, prefill, sparse, e2e, chunked, serve, peer)" ;;
   esac
 done

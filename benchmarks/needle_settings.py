@@ -53,7 +53,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "needle_settings_cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     baseline = {r["setting"]: r["kv_bytes_mean"] for r in results if r["method"] == "none"}
-    lines = [f"# Needle in a haystack: query-aware vs query-agnostic", "", *(f"- {k}: {v}" for k, v in meta.items()),
+    lines = ["# Needle in a haystack: query-aware vs query-agnostic", "", *(f"- {k}: {v}" for k, v in meta.items()),
              "", "| method | setting | found | KV held vs none | prefill s | decode tok/s |", "|---|---|---|---|---|---|"]
     for r in results:
         share = r["kv_bytes_mean"] / baseline[r["setting"]]

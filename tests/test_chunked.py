@@ -238,3 +238,34 @@ def test_a_chunk_packed_whole_leaves_an_empty_tail_that_still_reads(tiny_llama):
     one_pass, expected = run(tiny_llama, "kivi:4,group=32,residual=0", ids)
     assert layer.packed.page_ids().numel() == one_pass.layers[0].packed.page_ids().numel()
     assert torch.isfinite(logits).all() and logits.shape == expected.shape
+
+
+def test_the_mask_of_a_turn_after_a_past_is_its_last_row():
+    from transformers.masking_utils import sdpa_mask
+
+    from kvfold.attention import kvfold_mask
+
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[0, :3] = False
+    full = sdpa_mask(batch_size=2, q_length=5, kv_length=12, q_offset=7, attention_mask=padding)
+    last = kvfold_mask(batch_size=2, q_length=5, kv_length=12, q_offset=7, attention_mask=padding)
+    assert full.shape == (2, 1, 5, 12) and last.shape == (2, 1, 1, 12)
+    assert torch.equal(last, full[:, :, -1:])
+    first = kvfold_mask(batch_size=2, q_length=12, kv_length=12, q_offset=0, attention_mask=padding)
+    assert torch.equal(first, sdpa_mask(batch_size=2, q_length=12, kv_length=12, q_offset=0, attention_mask=padding))
+
+
+def test_a_turn_over_another_caches_past_under_kvfold_attention_equals_sdpa(tiny_llama):
+    """A `DynamicCache` past with kvfold attention: the turn's full causal mask is rebuilt from the last row."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    logits = {}
+    for kvfold_attention in (False, True):
+        cache = DynamicCache()
+        with use_kvfold_attention(tiny_llama) if kvfold_attention else torch.no_grad():
+            tiny_llama(ids[:, :30], attention_mask=mask[:, :30], past_key_values=cache)
+            logits[kvfold_attention] = tiny_llama(ids[:, 30:], attention_mask=mask, past_key_values=cache).logits
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)

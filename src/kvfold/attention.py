@@ -9,6 +9,10 @@ handle instead of concatenated tensors; this function then sees queries, keys an
 - a multi-token turn on a filled cache: attention over the store plus the new tokens, then the new tokens are
   stored (compressed too when the cache has `compress_appends`).
 Without a kvfold cache (e.g. `use_cache=False`) it is plain SDPA.
+
+Its mask function (`kvfold_mask`) builds transformers' SDPA mask for a first forward, but for a multi-token turn
+after a past only the last query's row: that is all a kvfold cache reads (which new keys are valid), and the whole
+[batch, 1, n, past + n] mask of a prefill chunk at 32k was half a gigabyte of transient memory.
 """
 
 from __future__ import annotations
@@ -35,6 +39,24 @@ def _valid_new_keys(attention_mask: torch.Tensor | None, batch: int, new: int, d
     return last_row.expand(batch, new)
 
 
+def _turn_mask(attention_mask: torch.Tensor | None, new: int, total: int, sliding: bool) -> torch.Tensor:
+    """The full [batch, 1, new, total] mask of a turn after a past held by a cache that is not kvfold's, from the
+    last query's row that `kvfold_mask` built: each query sees the valid keys up to its own position."""
+    if attention_mask is not None and attention_mask.shape[-2] == new:
+        return attention_mask
+    if sliding:
+        from .errors import KVFoldError
+
+        raise KVFoldError("kvfold attention with a sliding window over a past that is not a kvfold cache: pass a "
+                          "cache from kvfold.make_cache, or load the model with attn_implementation='sdpa'")
+    device = attention_mask.device if attention_mask is not None else None
+    causal = torch.ones(new, total, dtype=torch.bool, device=device).tril(total - new)
+    if attention_mask is None:
+        return causal[None, None]
+    last_row = attention_mask[:, :, -1:, :]
+    return (last_row if last_row.dtype == torch.bool else last_row == 0) & causal
+
+
 def kvfold_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -49,6 +71,9 @@ def kvfold_attention(
         return key.attend(lambda q, staged, v: kvfold_attention(module, q, staged, v, None, scaling, dropout,
                                                                 **kwargs)[0], query, value), None
     if not isinstance(key, StagedKV):
+        if query.shape[2] > 1 and key.shape[2] > query.shape[2]:  # a turn after another cache's past
+            sliding = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))
+            attention_mask = _turn_mask(attention_mask, query.shape[2], key.shape[2], sliding)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     staged, layer = key, key.layer
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -80,7 +105,15 @@ def kvfold_attention(
     return out, None
 
 
+def kvfold_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, **kwargs) -> torch.Tensor | None:
+    """transformers' `sdpa_mask`, but a turn of several tokens after a past gets only its last query's row
+    [batch, 1, 1, kv_length] (or None when nothing is masked): what `_valid_new_keys` reads."""
+    if q_length > 1 and isinstance(q_offset, int) and q_offset > 0:
+        q_offset, q_length = q_offset + q_length - 1, 1
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, **kwargs)
+
+
 def register() -> None:
     """Make "kvfold" a valid `attn_implementation` (idempotent)."""
     AttentionInterface.register(NAME, kvfold_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, kvfold_mask)

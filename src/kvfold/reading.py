@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .kernels import use_triton
 from .kernels.reference import KVChunk, paged_attention
@@ -19,6 +20,7 @@ FEW_QUERY_HEADS = 16  # a multi-token turn of up to this many query heads per KV
 # store through the decode kernel (e.g. verifying a speculative draft), its own tokens merged in as one more split.
 # At 16 the 16-bit kernels' query tile stays one 16-row MMA block; the packed kernel's is 16 x its value groups.
 SDPA_QUERY_BLOCK = 1024  # query tokens per SDPA call over the gathered store (bounds the [rows, block, keys] mask)
+SDPA_MASK_ELEMENTS = 2**27  # the most elements of one `sdpa_over_store` call's boolean mask
 
 
 def use_gathered_sdpa(device: torch.device) -> bool:
@@ -44,8 +46,7 @@ def sdpa_over_store(query: torch.Tensor, query_positions: torch.Tensor, chunks: 
     values = values.to(query.dtype).unsqueeze(1)
     key_pos = torch.cat([c.positions for c in chunks], dim=1).long().view(rows, 1, 1, -1)
     valid = torch.cat([c.valid for c in chunks], dim=1).view(rows, 1, 1, -1)
-    # The mask becomes an additive bias of rows x (group * block) x S elements: keep it near 2**27.
-    block = max(1, min(block, 2**27 // max(1, rows * group * keys.shape[2])))
+    block = _mask_block(rows, group, keys.shape[2], block)  # the mask becomes an additive bias of that size
     out = torch.empty_like(query)
     for start in range(0, n, block):
         width = min(block, n - start)
@@ -58,6 +59,76 @@ def sdpa_over_store(query: torch.Tensor, query_positions: torch.Tensor, chunks: 
         part = part.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
         out[:, :, start:start + width] = part.view(rows, group, width, dim)
     return out
+
+
+def _mask_block(rows: int, group: int, keys: int, block: int = SDPA_QUERY_BLOCK) -> int:
+    """Query tokens per `sdpa_over_store` call: its mask holds rows x (group * block) x keys elements."""
+    return max(1, min(block, SDPA_MASK_ELEMENTS // max(1, rows * group * keys)))
+
+
+def _flash_width(dim: int) -> int:
+    """The head dimension `sdpa_after_store` attends in: `dim` plus the validity channel, a multiple of 8."""
+    return -(-(dim + 1) // 8) * 8
+
+
+def flash_after_store_applies(query: torch.Tensor) -> bool:
+    """Whether `sdpa_after_store` runs a fused kernel (FlashAttention or memory-efficient attention, with the causal
+    bias aligned lower right) for this query: CUDA, a 16-bit dtype, and torch accepting the shapes. Elsewhere on
+    CUDA torch would materialise a [rows, group, n, keys] mask, so callers use `sdpa_over_store` instead."""
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+
+    rows, group, n, dim = query.shape
+    q = query.new_empty(rows, group, n, _flash_width(dim))
+    kv = query.new_empty(rows, 1, n + 1, _flash_width(dim)).expand(rows, group, n + 1, -1)
+    params = SDPAParams(q, kv, kv, None, 0.0, False, False)  # how `CausalBias` asks (is_causal False)
+    return bool(can_use_flash_attention(params) or can_use_efficient_attention(params))
+
+
+def sdpa_after_store(query: torch.Tensor, stored: Iterable[KVChunk], new: KVChunk, scale: float,
+                     stored_slots: int | None = None) -> torch.Tensor:
+    """`paged_attention`'s definition for a turn whose every stored key precedes it (a prefill chunk after the
+    earlier ones), as one `scaled_dot_product_attention` call with a lower-right causal bias and no mask tensor.
+
+    query [rows, group, n, dim]; `new` holds the turn's n tokens in order. Which stored or new keys are valid
+    differs per row, so validity rides in one extra channel: the query's is 1, a key's is 0 if valid, else the
+    dtype's most negative value / 4 (a score no softmax keeps); invalid keys and values are zeroed, so a query that
+    sees no valid key gets exactly 0 (as the reference). The head dimension is padded to a multiple of 8 for the
+    flash kernel. The store is gathered once in the query's dtype, chunk by chunk into a buffer of `stored_slots`
+    tokens when given (so the decoded float32 chunks are never all held at once). On the CPU the causal bias is
+    materialised (tests). Returns [rows, group, n, dim] in the query's dtype.
+    """
+    rows, group, n, dim = query.shape
+    if stored_slots is None:
+        stored = list(stored)
+        stored_slots = sum(c.keys.shape[1] for c in stored)
+    total, width = stored_slots + n, _flash_width(dim)
+    invalid_score = torch.finfo(query.dtype).min / 4
+    keys = query.new_zeros(rows, 1, total, width)
+    keys[..., dim] = invalid_score  # slots no chunk fills stay invalid
+    values = query.new_zeros(rows, 1, total, width)
+    at = 0
+    for chunk in itertools.chain(stored, [new]):
+        length = chunk.keys.shape[1]
+        if chunk is new:
+            at = total - n
+        elif at + length > stored_slots:
+            raise ValueError(f"the store yielded more than the {stored_slots} slots it was given")
+        span, valid = slice(at, at + length), chunk.valid.unsqueeze(-1)
+        keys[:, 0, span, :dim] = chunk.keys.masked_fill(~valid, 0.0)
+        values[:, 0, span, :dim] = chunk.values.masked_fill(~valid, 0.0)
+        keys[:, 0, span, dim] = torch.where(chunk.valid, 0.0, invalid_score).to(query.dtype)
+        at = span.stop
+    q = query.new_zeros(rows, group, n, width)
+    q[..., :dim] = query
+    q[..., dim] = 1.0
+    bias = causal_lower_right(n, total)
+    if q.device.type != "cuda":
+        bias = bias._materialize(q.device)
+    shape = (rows, group, total, width)  # the GQA group's heads share one KV head: a view, no copy
+    out = F.scaled_dot_product_attention(q, keys.expand(shape), values.expand(shape), attn_mask=bias, scale=scale)
+    return out[..., :dim]
 
 
 class StoreReader:
@@ -74,6 +145,13 @@ class StoreReader:
         flat = torch.cat(held, dim=1) if held else torch.empty(self.batch_size * self.kv_heads, 0, dtype=torch.int32)
         per_row = [row[row >= 0].sort().values for row in flat]
         return [per_row[b * self.kv_heads:(b + 1) * self.kv_heads] for b in range(self.batch_size)]
+
+    def stored_slots(self) -> int | None:
+        """How many token slots `chunks()` yields (padding included), or None for a low-rank layer (its latents'
+        count is known only once rebuilt)."""
+        if self.lowrank is not None:
+            return None
+        return sum(rows.table.shape[1] * rows.page_size for _, rows in self.stores())
 
     def chunks(self, latent: bool = False):
         """The stored K/V as decoded chunks, oldest first: low-rank latents (rebuilt, or with `latent` as a
@@ -100,8 +178,10 @@ class StoreReader:
         Returns [batch, n, q_heads, dim] in the query's dtype. One query token with nothing unstored runs the
         Triton decode kernel where `kernels.use_triton` allows it, and so does a turn of a few tokens (up to
         FEW_QUERY_HEADS query heads per KV row, no sliding window: e.g. a speculative draft), its own tokens merged
-        in as one more split; a longer multi-token turn on CUDA runs SDPA over the gathered store
-        (`sdpa_over_store`); everything else the reference.
+        in as one more split; a longer multi-token turn on CUDA runs SDPA over the gathered store (one flash call
+        per layer, `sdpa_after_store`, when the turn's own tokens come with it, no sliding window, and the masked
+        blocks of `sdpa_over_store` would take more than one call; else those blocks); everything else the
+        reference.
         """
         batch, q_heads, n, dim = query.shape
         group = q_heads // self.kv_heads
@@ -123,8 +203,15 @@ class StoreReader:
                                out_dtype=query.dtype, also=also).view(rows, group, n, dim)
         elif n > 1 and use_gathered_sdpa(query.device):
             grouped = query.reshape(rows, group, n, dim)
-            chunks = [*self.chunks(), *([new] if new is not None else [])]
-            out = sdpa_over_store(grouped, positions, chunks, scale, self.sliding_window)
+            slots = self.stored_slots()
+            # One flash call needs the store in a padded copy; the masked blocks win while they are one call
+            # (a short turn; on an H200 at 32k, 9 against 12 ms), the flash call once they are many.
+            split = n > _mask_block(rows, group, (slots or 0) + n)
+            if new is not None and self.sliding_window is None and split and flash_after_store_applies(grouped):
+                out = sdpa_after_store(grouped, self.chunks(), new, scale, slots)
+            else:
+                chunks = [*self.chunks(), *([new] if new is not None else [])]
+                out = sdpa_over_store(grouped, positions, chunks, scale, self.sliding_window)
         else:
             stream = itertools.chain(self.chunks(latent=True), [new] if new is not None else [])
             # A long turn (a prefill chunk) attends QUERY_BLOCK queries at a time over the store decoded once; a

@@ -61,7 +61,7 @@ def test_logits_close_and_the_matrix_is_counted(tiny_llama):
     ids = torch.randint(1, 256, (1, 200))
     with torch.no_grad():
         reference = model(ids).logits[0, -1]
-        with kvfold.compress(model, "rotate+fp8") as session:
+        with kvfold.compress(model, "rotate+fp8"):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     assert torch.nn.functional.cosine_similarity(out.logits[0][0], reference, dim=0) >= 0.9999
