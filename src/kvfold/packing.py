@@ -9,6 +9,8 @@ import torch
 from .methods.base import top_mask
 from .methods.rotate import clip_rows
 
+PACK_TOKENS = 1024  # tail tokens per row that one packing round quantizes at most
+
 
 def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """tensor [rows, tokens, ...] gathered at index [rows, n] along the tokens: [rows, n, ...]."""
@@ -95,25 +97,32 @@ class Packer:
         return self.compressor.quantizer.encode(keys, values)
 
     def _pack_full_groups(self) -> None:
-        """Pack the oldest `group` tail tokens of every row whose tail passed `residual` (and holds a whole group)."""
+        """Pack the oldest `group` tail tokens of every row whose tail passed `residual` (and holds a whole group),
+        again while any still does: each round packs, for every row left, as many groups as the row that needs the
+        fewest, up to PACK_TOKENS tokens (which bounds the round's float32 copies), so a long prefill chunk costs
+        a few rounds, not one per group (H200, 4 × 4096-token chunks: 128 rounds of ~30 launches per layer)."""
         quantizer = self.compressor.quantizer
         per_group = quantizer.group // self.page_size
+        threshold = max(quantizer.residual + 1, quantizer.group)
         pool = self.full.pool
         while True:
-            rows = torch.nonzero(self.full.lengths >= max(quantizer.residual + 1, quantizer.group)).squeeze(1)
+            lengths = self.full.lengths
+            due = torch.where(lengths >= threshold, (lengths - threshold) // quantizer.group + 1, 0)
+            rows = torch.nonzero(due).squeeze(1)
             if rows.numel() == 0:
                 return
-            ids = torch.stack([self.full.pop_first_pages(rows) for _ in range(per_group)], dim=1)  # [rows, per_group]
+            groups = min(int(due[rows].min()), max(1, PACK_TOKENS // quantizer.group))
+            ids = self.full.pop_first_pages(rows, groups * per_group).view(len(rows) * groups, per_group)
             dev = ids.to(pool.device)
-            group = {n: pool.tensors[n][dev].flatten(1, 2) for n in ("k", "v", "pos")}
+            group = {n: pool.tensors[n][dev].flatten(1, 2) for n in ("k", "v", "pos")}  # [rows * groups, ...]
             if quantizer.ranks_tokens:
-                group = self._order_decoded_page(group, rows)
+                group = self._order_decoded_page(group, rows.repeat_interleave(groups))
             fields = self._encode(group["k"], group["v"])
             fields["pos"] = group["pos"]
             pool.release(ids.flatten())
-            new_ids = self.packed.pool.alloc(len(rows))
+            new_ids = self.packed.pool.alloc(len(rows) * groups)
             self.packed.pool.write(new_ids, fields)
-            self.packed.push_pages(rows, new_ids)
+            self.packed.push_pages(rows, new_ids.view(len(rows), groups))
 
     def _order_decoded_page(self, group: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Arrange pages packed from the tail [rows, group, ...] salient-first, ranked by the remembered queries."""

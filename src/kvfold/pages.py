@@ -263,19 +263,23 @@ class PagedRows:
             self.table[rows, self.pages_per_row()[rows] - 1] = self.pool.copy_page(last)
             self.pool.release(last)
 
-    def pop_first_pages(self, rows: torch.Tensor) -> torch.Tensor:
-        """Detach the first (full) page of each given row and return its id; the caller owns the reference."""
-        first = self.table[rows, 0].clone()
-        self.table[rows] = torch.cat([self.table[rows, 1:], torch.full((len(rows), 1), -1, dtype=torch.long)], 1)
-        self.lengths[rows] -= self.page_size
-        return first
+    def pop_first_pages(self, rows: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Detach the first (full) page of each given row, or its first `count` pages, and return their ids
+        ([rows], or [rows, count] oldest first); the caller owns the references."""
+        n = 1 if count is None else count
+        first = self.table[rows, :n].clone()
+        self.table[rows] = torch.cat([self.table[rows, n:], torch.full((len(rows), n), -1, dtype=torch.long)], 1)
+        self.lengths[rows] -= n * self.page_size
+        return first[:, 0] if count is None else first
 
     def push_pages(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
-        """Append one full page to each given row (rows must end on a page boundary)."""
-        have = self.pages_per_row()
-        self._ensure_table_width(int((have[rows] + 1).max()))
-        self.table[rows, have[rows]] = ids
-        self.lengths[rows] += self.page_size
+        """Append full pages to the given rows (which must end on a page boundary): ids [rows] (one page each) or
+        [rows, count] (in order)."""
+        ids = ids.view(len(rows), -1)
+        have = self.pages_per_row()[rows]
+        self._ensure_table_width(int(have.max()) + ids.shape[1])
+        self.table[rows.unsqueeze(1), have.unsqueeze(1) + torch.arange(ids.shape[1])] = ids
+        self.lengths[rows] += ids.shape[1] * self.page_size
 
     def read(self, names: tuple[str, ...], page_chunk: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Chunks of `page_chunk` pages per row, one at a time: ({name: [rows, pages, *shape]}, valid [rows, tokens])."""

@@ -101,3 +101,27 @@ def test_sinks_after_eviction_and_chunked_prefill(tiny_llama):
         first = next(sinks)[0]["pos"].flatten(1)[:, :4]
         assert [f.tolist() for f in first] == [h[:4].tolist() for h in held]  # the oldest kept tokens
         assert (layer.packed.lengths % 16 == 0).all() and (layer.row_lengths() <= 128).all()
+
+
+@pytest.mark.parametrize("spec", ["snapkv:0.4@adakv+kivi:2,group=16,residual=32", "zipcache:4,group=16,residual=32",
+                                  "rotate+kv4:4,group=16,residual=16"])
+def test_packing_many_groups_a_round_equals_one_a_round(tiny_llama, spec, monkeypatch):
+    """`_pack_full_groups` packs up to PACK_TOKENS tokens of every row per round; with one group a round (the rule
+    it batches) ragged rows end with the same pages, codes and logits."""
+    from kvfold import packing
+
+    ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(4))
+    results = []
+    for pack_tokens in (16, packing.PACK_TOKENS):
+        monkeypatch.setattr(packing, "PACK_TOKENS", pack_tokens)
+        with torch.no_grad(), use_kvfold_attention(tiny_llama):
+            cache = kvfold.make_cache(tiny_llama, spec)
+            logits = tiny_llama(ids, past_key_values=cache).logits
+        layer = cache.layers[1]
+        stored = [torch.cat([c.keys.flatten(), c.values.flatten()]) for c in layer.chunks()]
+        results.append((logits, layer.packed.lengths.clone(), layer.full.lengths.clone(), stored))
+    (logits_a, packed_a, tail_a, stored_a), (logits_b, packed_b, tail_b, stored_b) = results
+    assert torch.equal(packed_a, packed_b) and torch.equal(tail_a, tail_b) and int(packed_a.sum()) > 0
+    assert len(set(packed_a.tolist())) > 1 or "adakv" not in spec  # the rows really are ragged
+    assert all(torch.equal(a, b) for a, b in zip(stored_a, stored_b))
+    torch.testing.assert_close(logits_a, logits_b, atol=0, rtol=0)
