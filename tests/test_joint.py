@@ -1,5 +1,8 @@
 """`JointCache`: several caches decoded in one batched forward give each request the tokens it gets alone."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from kvfold.joint import JointCache
 from kvfold.models import cache_keyword
 
 SPECS = ["none", "snapkv:0.5", "kivi:4,group=16,residual=16", "streaming:0.5,every=8"]
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"  # compiled kernels
 
 
 def _step(model, cache, token: int, position: int) -> torch.Tensor:
@@ -60,3 +64,94 @@ def test_joint_cache_refuses_what_it_cannot_step(tiny_llama):
         with pytest.raises(KVFoldError, match="one token"):
             tiny_llama(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[10, 11]]),
                        use_cache=True, **{cache_keyword(tiny_llama): batch})
+
+
+def test_joint_steps_through_fast_segments_equal_the_normal_path(tiny_llama):
+    """`kvfold serve`'s fast decode: each cache in the joint step runs the fast loop's segments (in-place pages,
+    its own clock; on the CPU the reference reads them). Same logits and tokens as the normal path, a request that
+    leaves mid-segment included, and the same pages read once the host has caught up (the pools may keep some of
+    the segments' reserve: `nbytes` can be higher)."""
+    from kvfold.fastpath import Segments
+
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 256, (1, n)) for n in (70, 33, 101, 50)]
+    steps = [24, 10, 24, 17]  # forwards per request: the second leaves mid-segment
+    runs = {}
+    with torch.inference_mode(), use_kvfold_attention(tiny_llama):
+        for fast in (False, True):
+            caches = [KVFoldCache(tiny_llama.config, spec) for spec in SPECS]
+            tokens = [[int(prefill(tiny_llama, c, p)[0].argmax())] for c, p in zip(caches, prompts)]
+            segments = [Segments(list(c.layers), "cpu", n) if fast else None for c, n in zip(caches, steps)]
+            logits_seen = []
+            for step in range(max(steps)):
+                live = [i for i, n in enumerate(steps) if step < n]
+                for i in live:
+                    if segments[i] is not None:
+                        segments[i].begin()
+                batch = JointCache([caches[i] for i in live])
+                ids = torch.tensor([[tokens[i][-1]] for i in live])
+                out = tiny_llama(input_ids=ids, position_ids=batch.positions("cpu"), use_cache=True,
+                                 **{cache_keyword(tiny_llama): batch}).logits[:, -1]
+                logits_seen.append(out)
+                for i, row in zip(live, out):
+                    tokens[i].append(int(row.argmax()))
+                    if segments[i] is not None:
+                        segments[i].advance()
+                        if step == steps[i] - 1:
+                            segments[i].close()
+            assert all(layer.fast is None for c in caches for layer in c.layers)
+            runs[fast] = (tokens, logits_seen, [c.referenced_nbytes() for c in caches],
+                          [c.get_seq_length() for c in caches])
+    (tokens, logits, nbytes, seen), (fast_tokens, fast_logits, fast_nbytes, fast_seen) = runs[False], runs[True]
+    assert fast_tokens == tokens and fast_nbytes == nbytes and fast_seen == seen
+    for a, b in zip(logits, fast_logits):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fast_segments_of_forks_that_share_pools_read_them_as_they_are(monkeypatch, merge_in_pytorch):
+    """Two requests forked from one prefix share its page pools; a third request admitted meanwhile prefills into
+    them and grows them under the first two's segments, which must refresh their kernel view (`Segments.refresh`,
+    as the serve engine does before every step). Through the Triton kernel (interpreted): the normal path's logits."""
+    from kvfold.fastpath import Segments
+
+    from .conftest import make_tiny_llama
+
+    model = make_tiny_llama(layers=2, head_dim=64).to(DEVICE)
+    prefix = torch.randint(1, 256, (1, 40), device=DEVICE)
+    turns = [torch.randint(1, 256, (1, n), device=DEVICE) for n in (5, 9)]
+    runs = {}
+    with torch.inference_mode(), use_kvfold_attention(model):
+        for fast in (False, True):
+            monkeypatch.setenv("KVFOLD_KERNELS", "triton" if fast else "reference")
+            parent = KVFoldCache(model.config, "none")
+            prefill(model, parent, prefix)
+            caches = [parent.fork() for _ in turns]
+            tokens = [[int(prefill(model, c, t, start=40)[0].argmax())] for c, t in zip(caches, turns)]
+            segments = [Segments(list(c.layers), DEVICE, 6) for c in caches] if fast else []
+            moved, seen = False, []
+            for step in range(6):
+                pointer = parent.layers[0].full.pool.tensors["k"].data_ptr()
+                for s in segments:
+                    s.begin()
+                if step == 3:  # the engine prefills an admitted request between decode steps
+                    prefill(model, parent.fork(), torch.randint(1, 256, (1, 300), device=DEVICE), start=40)
+                moved |= parent.layers[0].full.pool.tensors["k"].data_ptr() != pointer
+                for s in segments:
+                    s.refresh()
+                batch = JointCache(caches)
+                out = model(input_ids=torch.tensor([[t[-1]] for t in tokens], device=DEVICE),
+                            position_ids=batch.positions(DEVICE),
+                            use_cache=True, **{cache_keyword(model): batch}).logits[:, -1]
+                seen.append(out)
+                for t, row in zip(tokens, out):
+                    t.append(int(row.argmax()))
+                for s in segments:
+                    s.advance()
+            for s in segments:
+                s.close()
+            runs[fast] = tokens, seen
+            assert moved  # the shared pool grew under the running requests' segments
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)

@@ -316,7 +316,8 @@ def _concurrently(server, bodies: list[dict]) -> list[httpx.Response]:
 def test_concurrent_requests_decode_together_and_answer_as_alone(tokenizer):
     """Four requests with prompts of different lengths and three methods run as one batch (continuous batching:
     one forward per step for all of them; each prompt prefilled 16 tokens per step between the others' decode
-    steps) and each answers exactly what it answers alone."""
+    steps) and each answers exactly what it answers alone, through the fast loop's segments (the default) and
+    through the normal path."""
     methods = [None, "snapkv:0.5", "kivi:4,group=16,residual=16", None]
     bodies = [{"model": MODEL, "prompt": "story " * n, "max_tokens": 80, **({"kvfold": {"method": m}} if m else {})}
               for n, m in zip((3, 40, 17, 70), methods)]
@@ -329,6 +330,10 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(tokenizer):
         assert [a["usage"]["kvfold"]["method"] for a in together] == [a["usage"]["kvfold"]["method"] for a in alone]
         metrics = httpx.get(batched.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         assert "\nkvfold_running_requests 0\n" in metrics and "kvfold_decode_steps" in metrics
+    with serving(tokenizer, max_batch=4, block=16, fast=False) as normal:  # the normal per-step path: the same
+        together = [answer.json() for answer in _concurrently(normal, bodies)]
+        assert normal.engine.peak_batch == 4
+        assert [a["choices"][0]["text"] for a in together] == [a["choices"][0]["text"] for a in alone]
     with serving(tokenizer, max_batch=2, block=16) as narrow:  # a third request waits for a place in the batch
         answers = _concurrently(narrow, bodies[:3])
         assert [a.status_code for a in answers] == [200] * 3 and narrow.engine.peak_batch == 2

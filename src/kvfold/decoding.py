@@ -46,10 +46,8 @@ class _Runner:
                  cuda_graphs: bool) -> None:
         self.model, self.cache, self.ids, self.positions = model, cache, ids, positions
         self.layers = list(cache.layers)
-        self.seen = cache.get_seq_length()
-        self.q_pos = torch.full((1,), self.seen, dtype=torch.int32, device=ids.device)
-        self.fast = fastpath.prepare(self.layers, self.q_pos, max_steps)
-        self.left, self.in_segment, self.done = max_steps, 0, 0
+        self.segments = fastpath.Segments(self.layers, ids.device, max_steps)
+        self.fast = self.segments.fast
         # A graph needs every layer on this one GPU, read by the kernel, and no eviction while decoding (its
         # recent-query buffer is host-managed).
         self.graphs = (cuda_graphs and ids.device.type == "cuda" and all(f.use_kernel for f in self.fast)
@@ -66,11 +64,8 @@ class _Runner:
 
     def step(self) -> torch.Tensor:
         """One model step on `ids` at `positions`; logits [batch, vocab] of the next token."""
-        if self.in_segment == 0:
-            self.in_segment = fastpath.segment_length(self.layers, self.seen, self.left)
-            stable = all([f.begin(self.in_segment) for f in self.fast])
-            if not stable:
-                self.graph = None
+        if not self.segments.begin():
+            self.graph = None
         if self.graph is not None:
             self.graph.replay()
             logits = self.graph_logits
@@ -78,12 +73,8 @@ class _Runner:
             logits = self._warm_up_and_capture()
         else:
             logits = self._forward()
-        self.seen += 1
-        self.q_pos += 1
         self.positions += 1
-        self.left, self.in_segment, self.done = self.left - 1, self.in_segment - 1, self.done + 1
-        if self.in_segment == 0:
-            self._end_segment()
+        self.segments.advance()
         return logits
 
     def _warm_up_and_capture(self) -> torch.Tensor:
@@ -109,17 +100,9 @@ class _Runner:
                 layer.seen = value
         return logits
 
-    def _end_segment(self) -> None:
-        for fast in self.fast:
-            fast.end(self.done, self.seen)
-        self.done = 0
-
     def close(self) -> None:
         """End a segment cut short (every row stopped) and detach the fast state from the layers."""
-        if self.done:
-            self._end_segment()
-        fastpath.detach(self.layers)
-        fastpath.give_back_reserve(self.layers)
+        self.segments.close()
 
 
 def decode(model, cache, first_logits: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, *,

@@ -63,6 +63,16 @@ class FastLayer:
         self.parts = layer.kernel_parts(self.mirrors)
         return stable
 
+    def refresh(self) -> None:
+        """Rebuild the kernel's view of the pools when they moved since `begin`: another cache that shares them (a
+        fork of the same prefix) grew or trimmed them. Call before a step whenever others changed them."""
+        if not self.use_kernel:
+            return
+        pointers = tuple(t.data_ptr() for pool in self.layer.pools() for t in pool.tensors.values())
+        if pointers != self._pointers:
+            self._pointers = pointers
+            self.parts = self.layer.kernel_parts(self.mirrors)
+
     def step(self, staged, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Store one token per row in place and attend over the store: [batch, 1, q_heads, dim]."""
         layer = self.layer
@@ -135,6 +145,51 @@ def segment_length(layers: list, seen: int, left: int) -> int:
             if period:
                 steps = min(steps, period - seen % period)
     return max(1, steps)
+
+
+class Segments:
+    """The fast loop's clock for one cache: `begin` before each model step (a segment's in-place steps are prepared
+    when one is due), `advance` after it (the host catches up where the segment ends), `close` when decoding stops.
+    `q_pos` [1] (int32, on `device`) is the position of the token being stored, which the kernels read in place."""
+
+    def __init__(self, layers: list, device, max_steps: int) -> None:
+        self.layers = layers
+        self.seen = layers[0].seen
+        self.q_pos = torch.full((1,), self.seen, dtype=torch.int32, device=device)
+        self.fast = prepare(layers, self.q_pos, max_steps)
+        self.left, self.in_segment, self.done = max_steps, 0, 0
+
+    def begin(self) -> bool:
+        """Before a step: start a segment if one is due. False when it moved what a captured graph reads."""
+        if self.in_segment:
+            return True
+        self.in_segment = segment_length(self.layers, self.seen, self.left)
+        return all([fast.begin(self.in_segment) for fast in self.fast])
+
+    def refresh(self) -> None:
+        """Before a step, after other caches sharing these pools began their segments (see `FastLayer.refresh`)."""
+        for fast in self.fast:
+            fast.refresh()
+
+    def advance(self) -> None:
+        """After a step: one more token stored in every layer; at a segment's end the host catches up."""
+        self.seen += 1
+        self.q_pos += 1
+        self.left, self.in_segment, self.done = self.left - 1, self.in_segment - 1, self.done + 1
+        if self.in_segment == 0:
+            self._end_segment()
+
+    def _end_segment(self) -> None:
+        for fast in self.fast:
+            fast.end(self.done, self.seen)
+        self.done = 0
+
+    def close(self) -> None:
+        """End a segment cut short, detach the fast state from the layers and give back unused reserve."""
+        if self.done:
+            self._end_segment()
+        detach(self.layers)
+        give_back_reserve(self.layers)
 
 
 def detach(layers: list) -> None:

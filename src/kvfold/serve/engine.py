@@ -28,6 +28,7 @@ import torch
 from ..api import prefill, stop_token_ids, use_kvfold_attention
 from ..cache import KVFoldCache
 from ..compressor import Compressor
+from ..fastpath import Segments
 from ..joint import JointCache
 from ..models import cache_keyword, check_supported, context_limit
 from .config import ServeConfig
@@ -253,6 +254,14 @@ class Engine:
             return
         self.peak_batch = max(self.peak_batch, len(going))
         try:
+            if self.config.fast:
+                for running in going:
+                    if running.segments is None:
+                        left = running.request.max_tokens - running.usage.completion_tokens  # forwards, at most
+                        running.segments = Segments(list(running.cache.layers), self.device, left)
+                    running.segments.begin()
+                for running in going:  # forks of one prefix share pools: another's begin (or a prefill, or an
+                    running.segments.refresh()  # eviction since the last step) may have moved them
             joint = JointCache([running.cache for running in going])
             ids = torch.tensor([[running.token] for running in going], device=self.device)
             logits = self.model(input_ids=ids, position_ids=joint.positions(self.device), use_cache=True,
@@ -264,6 +273,8 @@ class Engine:
             return
         for running, row in zip(going, logits):
             running.logits = row
+            if running.segments is not None:
+                running.segments.advance()
         self.steps += 1
         if self.steps % GUARD_EVERY == 0:
             self._guard()
@@ -299,6 +310,9 @@ class Engine:
         """A request leaves the batch: its last text and 'done', or its error; its cache's pages are released."""
         req, usage = running.request, running.usage
         try:
+            if running.segments is not None:  # the host catches up: lengths, unused reserve, clocked packing
+                running.segments, segments = None, running.segments
+                segments.close()
             if finish == "cancelled":
                 self._cancelled(req, usage)
             elif error is not None:

@@ -15,6 +15,7 @@ import torch
 from ..cache import KVFoldCache
 from ..compressor import Compressor
 from ..errors import KVFoldError
+from ..fastpath import Segments
 from ..sampling import TextStream
 
 logger = logging.getLogger("kvfold.serve")
@@ -163,6 +164,7 @@ class Running:
     logits: torch.Tensor  # float32 [vocab] on the CPU
     started: float
     token: int = -1  # the token chosen this step, fed to the next forward
+    segments: Segments | None = None  # the fast loop's clock for this request's cache, from its first decode step
 
     @property
     def request(self) -> GenerationRequest:
