@@ -109,7 +109,8 @@ def gathered(monkeypatch):
     monkeypatch.setattr(reading, "use_gathered_sdpa", lambda device: True)
 
 
-@pytest.mark.parametrize("spec", ["none", "snapkv:budget=64@adakv", "snapkv:0.5+kivi:4"])
+@pytest.mark.parametrize("spec", ["none", "snapkv:budget=64@adakv", "snapkv:0.5+kivi:4", "kivi:4,group=16,residual=16",
+                                  "zipcache:4,group=16,residual=16", "fp8"])
 def test_chunked_prefill_through_gathered_sdpa_equals_the_reference(tiny_llama, spec, monkeypatch):
     ids = torch.randint(1, 256, (2, 230), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
