@@ -144,7 +144,9 @@ def paged_attention(
         if latent:  # latents past a row's end are zeros
             acc = acc * correction.unsqueeze(2) + torch.bmm(torch.bmm(probs, chunk.value_latents), chunk.value_basis)
         else:
-            values = chunk.values.masked_fill(~chunk.valid.unsqueeze(2), 0.0)  # empty slots may hold garbage
+            values = chunk.values  # empty slots may hold garbage (0 × NaN): zero them, when a chunk has any
+            if not bool(chunk.valid.all()):
+                values = values.masked_fill(~chunk.valid.unsqueeze(2), 0.0)
             acc = acc * correction.unsqueeze(2) + torch.bmm(probs, values)
         running_max = new_max
     return acc / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(2)
