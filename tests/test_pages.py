@@ -65,3 +65,20 @@ def test_a_dropped_fork_gives_its_pages_back():
     assert paged.pool.capacity == 4
     del child
     assert paged.pool.refcount.tolist() == [1, 1, 0, 0] and sorted(paged.pool.free) == [2, 3]
+
+
+def test_aliased_reads_view_pages_at_a_constant_stride_and_copy_the_rest():
+    """`read(alias=True)`: where a chunk's page ids are first + row * step + column (a prefill's layout) the chunk is
+    a view of the pool, elsewhere (a page appended later, an unused slot) a copy; both read the same values."""
+    paged = make_rows(rows=3, page=4)
+    paged.fill({"x": torch.randn(3, 16, 2)}, torch.tensor([16, 16, 16]))  # 4 pages a row, rows 4 pages apart
+    paged.append({"x": torch.randn(3, 1, 2)}, torch.tensor([1, 0, 1]))  # a fifth page for rows 0 and 2 only
+    pool = paged.pool.tensors["x"]
+    copied = list(paged.read(("x",), page_chunk=2))
+    aliased = list(paged.read(("x",), page_chunk=2, alias=True))
+    assert len(aliased) == 3
+    for (a, valid_a), (c, valid_c) in zip(aliased, copied):
+        assert torch.equal(valid_a, valid_c)
+        assert torch.equal(a["x"][valid_a.view_as(a["x"][..., 0])], c["x"][valid_c.view_as(c["x"][..., 0])])
+    shares = [a["x"].untyped_storage().data_ptr() == pool.untyped_storage().data_ptr() for a, _ in aliased]
+    assert shares == [True, True, False]  # pages 0-1 and 2-3 of every row are views; the ragged fifth a copy

@@ -281,15 +281,23 @@ class PagedRows:
         self.table[rows.unsqueeze(1), have.unsqueeze(1) + torch.arange(ids.shape[1])] = ids
         self.lengths[rows] += ids.shape[1] * self.page_size
 
-    def read(self, names: tuple[str, ...], page_chunk: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Chunks of `page_chunk` pages per row, one at a time: ({name: [rows, pages, *shape]}, valid [rows, tokens])."""
+    def read(self, names: tuple[str, ...], page_chunk: int,
+             alias: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Chunks of `page_chunk` pages per row, one at a time: ({name: [rows, pages, *shape]}, valid [rows, tokens]).
+        With `alias`, a chunk whose pages lie in the pool at a constant stride (as a prefill allocates them) is a
+        view of the pool instead of a copy: only for readers that finish before anything writes the pool."""
         width = self.table.shape[1]
         slot = torch.arange(width * self.page_size).view(width, self.page_size)
         for start in range(0, width, page_chunk):
             ids = self.table[:, start:start + page_chunk]
             valid = slot[start:start + page_chunk].flatten().unsqueeze(0) < self.lengths.unsqueeze(1)
-            dev_ids = ids.clamp_min(0).to(self.pool.device)  # unused slots (-1) read page 0; `valid` hides them
-            yield {n: self._gather(self.pool.tensors[n], dev_ids) for n in names}, valid.to(self.pool.device)
+            strided = _strided_run(ids) if alias else None
+            if strided is not None:
+                fields = {n: _pages_view(self.pool.tensors[n], ids.shape, *strided) for n in names}
+            else:
+                dev_ids = ids.clamp_min(0).to(self.pool.device)  # unused slots (-1) read page 0; `valid` hides them
+                fields = {n: self._gather(self.pool.tensors[n], dev_ids) for n in names}
+            yield fields, valid.to(self.pool.device)
 
     @staticmethod
     def _gather(tensor: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -339,3 +347,22 @@ class PagedRows:
         self.pool.release(self.page_ids())
         self.table = torch.full((self.rows, 0), -1, dtype=torch.long)
         self.lengths = torch.zeros(self.rows, dtype=torch.long)
+
+
+def _strided_run(ids: torch.Tensor) -> tuple[int, int] | None:
+    """(first page, pages between rows) when page ids [rows, pages] are first + row * step + column, else None."""
+    if ids.numel() == 0 or bool((ids < 0).any()):
+        return None
+    first = int(ids[0, 0])
+    step = int(ids[1, 0]) - first if ids.shape[0] > 1 else ids.shape[1]
+    if step < ids.shape[1]:
+        return None
+    expected = first + torch.arange(ids.shape[0]).unsqueeze(1) * step + torch.arange(ids.shape[1])
+    return (first, step) if torch.equal(ids, expected) else None
+
+
+def _pages_view(tensor: torch.Tensor, shape: torch.Size, first: int, step: int) -> torch.Tensor:
+    """tensor[first + row * step + column] for [rows, pages] as a view of the pool tensor [pool pages, ...]."""
+    stride = tensor.stride()
+    return tensor.as_strided((*shape, *tensor.shape[1:]), (step * stride[0], *stride),
+                             tensor.storage_offset() + first * stride[0])

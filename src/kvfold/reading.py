@@ -167,7 +167,7 @@ class StoreReader:
                         k, v = k @ self.rotation.T, v @ self.value_rotation.T
                     yield KVChunk(k, v, fields["pos"].flatten(1), valid)
                 continue
-            for fields, valid in rows.read(("k", "v", "pos"), PAGE_CHUNK):
+            for fields, valid in rows.read(("k", "v", "pos"), PAGE_CHUNK, alias=True):  # read before any write
                 yield KVChunk(fields["k"].flatten(1, 2).float(), fields["v"].flatten(1, 2).float(),
                               fields["pos"].flatten(1), valid)
 
