@@ -29,14 +29,17 @@ from .layer import StagedKV
 NAME = "kvfold"
 
 
+def _last_row(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, 1, keys] bool: the keys the mask's last query may attend to (an additive mask: where it is 0)."""
+    last_row = attention_mask[:, :, -1:, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
 def _valid_new_keys(attention_mask: torch.Tensor | None, batch: int, new: int, device) -> torch.Tensor:
     """[batch, new] bool: the new keys the last query may attend to (False = padding or outside a sliding window)."""
     if attention_mask is None:
         return torch.ones(batch, new, dtype=torch.bool, device=device)
-    last_row = attention_mask[:, 0, -1, -new:]
-    if last_row.dtype != torch.bool:
-        last_row = last_row == 0
-    return last_row.expand(batch, new)
+    return _last_row(attention_mask)[:, 0, 0, -new:].expand(batch, new)
 
 
 def _turn_mask(attention_mask: torch.Tensor | None, new: int, total: int, sliding: bool) -> torch.Tensor:
@@ -53,8 +56,7 @@ def _turn_mask(attention_mask: torch.Tensor | None, new: int, total: int, slidin
     causal = torch.ones(new, total, dtype=torch.bool, device=device).tril(total - new)
     if attention_mask is None:
         return causal[None, None]
-    last_row = attention_mask[:, :, -1:, :]
-    return (last_row if last_row.dtype == torch.bool else last_row == 0) & causal
+    return _last_row(attention_mask) & causal
 
 
 def kvfold_attention(

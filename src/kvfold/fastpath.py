@@ -57,7 +57,7 @@ class FastLayer:
             table.fill_(-1)
             table[:, :rows.table.shape[1]].copy_(rows.table)
             lengths.copy_(rows.lengths)
-        pointers = tuple(t.data_ptr() for pool in layer.pools() for t in pool.tensors.values())
+        pointers = self._pool_pointers()
         stable &= pointers == self._pointers
         self._pointers = pointers
         self.parts = layer.kernel_parts(self.mirrors)
@@ -68,10 +68,14 @@ class FastLayer:
         fork of the same prefix) grew or trimmed them. Call before a step whenever others changed them."""
         if not self.use_kernel:
             return
-        pointers = tuple(t.data_ptr() for pool in self.layer.pools() for t in pool.tensors.values())
+        pointers = self._pool_pointers()
         if pointers != self._pointers:
             self._pointers = pointers
             self.parts = self.layer.kernel_parts(self.mirrors)
+
+    def _pool_pointers(self) -> tuple[int, ...]:
+        """Where the layer's pool tensors live now: the kernel parts hold these tensors, so a move needs new parts."""
+        return tuple(t.data_ptr() for pool in self.layer.pools() for t in pool.tensors.values())
 
     def step(self, staged, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Store one token per row in place and attend over the store: [batch, 1, q_heads, dim]."""
