@@ -69,17 +69,23 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
+def random_model(config_name: str) -> torch.nn.Module:
+    """A randomly initialised model of a real shape (`CONFIGS`) on the GPU, in bfloat16, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**CONFIGS[config_name], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: no float32 copy of 8B weights on the way
+    try:
+        with torch.device("cuda"):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def load(args):
     if args.device == "cuda":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(**CONFIGS[args.config], attn_implementation="sdpa")
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)  # build in bf16: no float32 copy of 8B weights on the way
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
-        torch.set_default_dtype(torch.float32)
-        return model, None
+        return random_model(args.config), None
     return kvfold.load_model(args.model)
 
 

@@ -33,7 +33,7 @@ from kvfold.api import make_cache, prefill, use_kvfold_attention  # noqa: E402
 from kvfold.decoding import decode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chunked_prefill import CONFIGS, PeakRSS  # noqa: E402
+from chunked_prefill import CONFIGS, PeakRSS, random_model  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -181,13 +181,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.device == "cuda":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**CONFIGS[args.config], attn_implementation="sdpa")).eval()
-        torch.set_default_dtype(torch.float32)
+        model = random_model(args.config)
         bandwidth, memory = copy_bandwidth(), torch.cuda.get_device_properties(0).total_memory
         device_name, described = torch.cuda.get_device_name(), f"{args.config} (random init, bf16)"
     else:

@@ -1,11 +1,17 @@
-"""Cost of one continuous-batching decode step (`kvfold.joint.JointCache`) by batch size, on the embedded model.
+"""Cost of one continuous-batching decode step (`kvfold.joint.JointCache`, what `kvfold serve` runs) by batch
+size and path, side by side in one run.
 
-B caches are each prefilled with a random prompt of --prompt tokens; then a one-token forward for all B together is
-timed (median of --steps after one warm-up). The per-request cost falls with B as far as the weights' matrix
-products are shared; each row's attention over its own compressed store is not batched, so it adds per row.
+B caches are each prefilled with a random prompt of --prompt tokens; then one-token forwards for all B together
+are timed (median of --steps after warm-up steps, synchronised on CUDA). Paths:
+- normal: each cache decodes through the normal kvfold path (`kvfold serve --no-fast`);
+- segments: each cache runs the fast loop's segments (in-place pages, device tables), its own kernel launches;
+- joint: the caches draw on one `pages.PoolSet`, so requests of one method attend in one launch per layer
+  (`fastpath.joint_step`; what `kvfold serve` does now).
+On a CPU (the embedded model) the kernels do not run: segments and joint read through the reference, one by one.
 Writes OUT.json and OUT.md.
 
     python benchmarks/joint_step.py --out benchmarks/results/joint_step_cpu
+    python benchmarks/joint_step.py --device cuda --prompt 4096 --batches 1,8,16 --out $OUT/joint_step_h200
 """
 
 from __future__ import annotations
@@ -21,63 +27,111 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kvfold  # noqa: E402
 from kvfold.api import prefill, use_kvfold_attention  # noqa: E402
 from kvfold.cache import KVFoldCache  # noqa: E402
+from kvfold.fastpath import Segments  # noqa: E402
 from kvfold.joint import JointCache  # noqa: E402
 from kvfold.models import cache_keyword, load_model  # noqa: E402
+from kvfold.pages import PoolSet  # noqa: E402
+from chunked_prefill import CONFIGS, random_model  # noqa: E402
+
+PATHS = ("normal", "segments", "joint")
 
 
-def step_ms(model, caches: list[KVFoldCache], steps: int) -> float:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_ms(model, caches: list[KVFoldCache], segments: list[Segments] | None, steps: int, warmup: int,
+            device: str) -> float:
+    """Median wall time of a joint one-token forward, as the engine runs it (segments begun and refreshed)."""
     keyword, times = cache_keyword(model), []
-    for _ in range(steps + 1):
-        joint = JointCache(caches)
-        ids = torch.full((len(caches), 1), 42, device=model.device)
+    ids = torch.full((len(caches), 1), 42, device=device)
+    for step in range(warmup + steps):
+        sync(device)
         started = time.perf_counter()
-        model(input_ids=ids, position_ids=joint.positions(model.device), use_cache=True, **{keyword: joint})
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]) * 1e3
+        for group in (segments or ()):
+            group.begin()
+        for group in (segments or ()):
+            group.refresh()
+        joint = JointCache(caches)
+        model(input_ids=ids, position_ids=joint.positions(device), use_cache=True, **{keyword: joint})
+        for group in (segments or ()):
+            group.advance()
+        sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    for group in (segments or ()):
+        group.close()
+    return statistics.median(times) * 1e3
+
+
+def build_model(args) -> tuple[torch.nn.Module, str]:
+    if args.device == "cuda":
+        return random_model(args.config), f"{args.config} (random init, bf16)"
+    model, _ = load_model(args.model)
+    return model, "embedded:SmolLM2-135M-Instruct (float32)" if args.model is None else f"{args.model} (float32)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="llama-3.1-8b", choices=sorted(CONFIGS), help="CUDA: random-init shape")
+    parser.add_argument("--model", default=None, help="CPU: a local model (default: the embedded one)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--methods", default="none,snapkv:0.5+kivi:4")
+    parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--prompt", type=int, default=330, help="prompt tokens per request")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the server's default)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (the server's default)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        parser.error(f"unknown path(s) {sorted(unknown)}: choose from {', '.join(PATHS)}")
     torch.set_num_threads(args.threads)
-    model, _ = load_model()
+    model, described = build_model(args)
     rows = []
     torch.manual_seed(0)
     with torch.inference_mode(), use_kvfold_attention(model):
         for method in args.methods.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                caches = [KVFoldCache(model.config, method) for _ in range(batch)]
-                for cache in caches:
-                    prefill(model, cache, torch.randint(100, 1000, (1, args.prompt), device=model.device))
-                ms = step_ms(model, caches, args.steps)
-                rows.append({"method": method, "batch": batch, "step_ms": round(ms, 1),
-                             "ms_per_request": round(ms / batch, 1)})
-                print(f"{method:20s} batch {batch}: {ms:7.1f} ms per step, {ms / batch:6.1f} ms per request",
-                      flush=True)
+                for path in paths:
+                    pools = PoolSet() if path == "joint" else None
+                    caches = [KVFoldCache(model.config, method, compress_appends=True, pools=pools)
+                              for _ in range(batch)]
+                    for cache in caches:
+                        prefill(model, cache, torch.randint(100, 1000, (1, args.prompt), device=args.device))
+                    segments = None if path == "normal" else [
+                        Segments(list(c.layers), args.device, args.warmup + args.steps) for c in caches]
+                    ms = step_ms(model, caches, segments, args.steps, args.warmup, args.device)
+                    rows.append({"method": method, "batch": batch, "path": path, "step_ms": round(ms, 2),
+                                 "ms_per_request": round(ms / batch, 2)})
+                    print(f"{method:20s} batch {batch:3d} {path:8s}: {ms:8.2f} ms per step, "
+                          f"{ms / batch:7.2f} ms per request", flush=True)
+                    del caches, segments
     for row in rows:
-        alone = next(r["step_ms"] for r in rows if r["method"] == row["method"] and r["batch"] == 1)
-        row["speedup_per_request"] = round(alone / row["ms_per_request"], 2)
-    report = {"model": "embedded:SmolLM2-135M-Instruct (float32)", "prompt_tokens": args.prompt,
-              "torch_threads": args.threads, "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "kvfold": kvfold.__version__, "rows": rows}
+        normal = next((r["step_ms"] for r in rows if r["method"] == row["method"] and r["batch"] == row["batch"]
+                       and r["path"] == "normal"), None)
+        row["speedup_vs_normal"] = round(normal / row["step_ms"], 2) if normal else None
+    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    report = {"model": described, "device": device, "prompt_tokens": args.prompt, "steps": args.steps,
+              "warmup": args.warmup, "torch_threads": args.threads if args.device == "cpu" else None,
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+              "kvfold": kvfold.__version__, "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# One continuous-batching decode step by batch size ({report['cpu']}, torch {report['torch']}, "
-             f"{args.threads} thread)", "",
-             f"{report['model']}; each request's cache prefilled with {args.prompt} random tokens; median of "
-             f"{args.steps} one-token steps for all requests together (`benchmarks/joint_step.py`).", "",
-             "| method | batch | ms per step | ms per request | per-request speed-up over batch 1 |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['batch']} | {r['step_ms']} | {r['ms_per_request']} | {r['speedup_per_request']} |"
-              for r in rows]
+    lines = [f"# One continuous-batching decode step by batch size and path ({device}, torch {report['torch']})", "",
+             f"{described}; each request's cache prefilled with {args.prompt} random tokens; median of {args.steps} "
+             f"one-token steps for all requests together after {args.warmup} warm-up "
+             "(`benchmarks/joint_step.py`). normal: `kvfold serve --no-fast`; segments: each request's own fast "
+             "segments and kernel launches; joint: one page-pool set, one launch per layer for a method's requests.",
+             "", "| method | batch | path | ms per step | ms per request | speed-up over normal |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['batch']} | {r['path']} | {r['step_ms']} | {r['ms_per_request']} | "
+              f"{r['speedup_vs_normal']} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

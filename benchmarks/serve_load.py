@@ -6,7 +6,9 @@ to back until T seconds have passed; requests in flight then finish. Checked, an
   server's own counters (`/metrics`: 200s of /v1/chat/completions, generated tokens) equal what the clients saw;
 - every stream is well formed: only `data: {json}` events, one id per stream, the role first, exactly one
   finish_reason, then the usage chunk, then `data: [DONE]` last;
-- no cross-talk: greedy answers to the same question are identical across all clients.
+- no cross-talk: greedy answers to the same question are identical across all clients;
+- with --overload-seconds, a second server with a tiny --kv-budget and queue: every request gets 200 or a 429/503
+  with Retry-After (clients back off as told), never another status or a dropped connection, and it stays healthy.
 Recorded: latency (request to last byte) and time to first token p50/p95, requests/s and tokens/s, the prefix
 cache's hit rate, device and versions. Writes OUT.json and OUT.md.
 
@@ -45,10 +47,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, key: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(args, key: str, port: int, log: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     command = [sys.executable, "-m", "kvfold", "serve", "--port", str(port), "--method", args.method,
                "--queue", str(max(args.clients, 1)), "--max-tokens", str(args.max_tokens),
-               "--max-batch", str(args.max_batch)]
+               "--max-batch", str(args.max_batch), *extra]
     if args.model:
         command += ["--model", args.model]
     if args.device:
@@ -121,8 +123,13 @@ async def one_request(client: httpx.AsyncClient, url: str, key: str, question: s
     async with client.stream("POST", url + "/v1/chat/completions", json=body,
                              headers={"Authorization": f"Bearer {key}"}) as response:
         if response.status_code != 200:
-            return {"status": response.status_code, "start": start, "end": time.perf_counter(),
-                    "error": (await response.aread()).decode()[:200], "problems": []}
+            text = (await response.aread()).decode()
+            try:
+                code = json.loads(text)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                code = None
+            return {"status": response.status_code, "start": start, "end": time.perf_counter(), "error": text[:200],
+                    "code": code, "retry_after": response.headers.get("Retry-After"), "problems": []}
         raw = ""
         async for piece in response.aiter_text():
             raw += piece
@@ -142,10 +149,13 @@ async def client_loop(index: int, url: str, key: str, args, deadline: float, res
         while time.monotonic() < deadline:
             question = QUESTIONS[(index + sent) % len(QUESTIONS)]
             try:
-                results.append(await one_request(client, url, key, question, args, f"client{index}-{sent}"))
+                result = await one_request(client, url, key, question, args, f"client{index}-{sent}")
             except httpx.HTTPError as err:
-                results.append({"status": "transport", "error": repr(err), "problems": [repr(err)]})
+                result = {"status": "transport", "error": repr(err), "problems": [repr(err)]}
+            results.append(result)
             sent += 1
+            if result["status"] in (429, 503) and result.get("retry_after"):  # refused: back off as told (capped,
+                await asyncio.sleep(min(float(result["retry_after"]), 1.0))  # so the phase stays bounded)
 
 
 async def scrape(url: str, key: str) -> dict[str, float]:
@@ -197,6 +207,72 @@ async def phase(url: str, key: str, args, clients: int, seconds: float) -> dict:
     return summarize(clients, seconds, results, wall, before, after, (load_before, os.getloadavg()[0]))
 
 
+def summarize_overload(clients: int, seconds: float, results: list[dict], wall: float, before: dict, after: dict,
+                       healthy_after: bool, budget: int, peaks: dict[str, float]) -> dict:
+    """The overload phase: every request answered 200 (a well-formed stream) or refused with 429 or 503 and a
+    Retry-After; no other status, no broken connection; the server's counters agree and it is healthy after."""
+    problems = [p for r in results for p in r["problems"]]
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        if r["status"] not in (200, 429, 503):
+            problems.append(f"status {r['status']}: {r.get('error', '')[:120]}")
+        elif r["status"] != 200 and not r.get("retry_after"):
+            problems.append(f"a {r['status']} ({r.get('code')}) without Retry-After")
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    for status in (200, 429, 503):
+        served = delta.get(f'kvfold_requests_total{{endpoint="/v1/chat/completions",status="{status}"}}', 0)
+        if served != statuses.get(str(status), 0):
+            problems.append(f"server counted {served:g} answers {status}, clients received "
+                            f"{statuses.get(str(status), 0)}")
+    if not healthy_after:
+        problems.append("the server was not healthy after the phase")
+    codes = sorted({f"{r['status']} {r.get('code')}" for r in results if r["status"] in (429, 503)})
+    return {"clients": clients, "seconds": seconds, "requests": len(results), "statuses": statuses,
+            "refusal_codes": codes, "wall_seconds": round(wall, 2), "kv_budget": budget,
+            "peak_gauges": peaks, "problems": problems[:20], "problem_count": len(problems)}
+
+
+async def overload_phase(args, key: str) -> dict:
+    """A second server with a KV budget for about `--overload-requests` requests and a queue of `--overload-queue`:
+    `--clients` clients for `--overload-seconds`, backing off as each refusal's Retry-After says (at most 1 s)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from kvfold.serve import parse_bytes
+
+    budget = parse_bytes(args.overload_budget)
+    port, log = free_port(), Path(args.log).with_suffix(".overload.log")
+    process = start_server(args, key, port, log, ("--kv-budget", str(budget), "--queue", str(args.overload_queue)))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, process)
+        before, results = await scrape(url, key), []
+        peaks = dict.fromkeys(("kvfold_kv_bytes_prefix_cache", "kvfold_kv_bytes_live", "kvfold_queue_length",
+                               "kvfold_running_requests"), 0.0)
+        began, deadline = time.perf_counter(), time.monotonic() + args.overload_seconds
+
+        async def watch() -> None:  # the server's gauges, sampled while the clients run
+            while time.monotonic() < deadline:
+                values = await scrape(url, key)
+                for name in peaks:
+                    peaks[name] = max(peaks[name], values.get(name, 0))
+                await asyncio.sleep(0.2)
+
+        await asyncio.gather(watch(), *(client_loop(i, url, key, args, deadline, results)
+                                        for i in range(args.clients)))
+        wall = time.perf_counter() - began
+        after = await scrape(url, key)
+        async with httpx.AsyncClient() as client:
+            healthy = (await client.get(url + "/health")).status_code == 200 and process.poll() is None
+        return summarize_overload(args.clients, args.overload_seconds, results, wall, before, after, healthy, budget,
+                                  {name.removeprefix("kvfold_"): value for name, value in peaks.items()})
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 async def run(args) -> dict:
     key = os.environ.get("KVFOLD_API_KEY") or secrets.token_hex(16)
     process, url = None, args.url
@@ -217,11 +293,13 @@ async def run(args) -> dict:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+    overload = await overload_phase(args, key) if args.overload_seconds > 0 and args.url is None else None
     return {"settings": {"clients": args.clients, "seconds": args.seconds, "baseline_seconds": args.baseline_seconds,
                          "max_tokens": args.max_tokens, "method": args.method, "model": args.model_id,
                          "server_threads": args.threads, "max_batch": args.max_batch,
                          "prompt": "shared system preamble + one of 4 short questions, greedy"},
-            "phases": phases, "problem_count": sum(p["problem_count"] for p in phases),
+            "phases": phases, "overload": overload,
+            "problem_count": sum(p["problem_count"] for p in phases) + (overload["problem_count"] if overload else 0),
             "environment": environment(args.device)}
 
 
@@ -242,8 +320,10 @@ def summarize(clients: int, seconds: float, results: list[dict], wall: float, be
                         f"clients got {tokens}")
     for question in QUESTIONS:
         answers = {r["text"] for r in ok if r["question"] == question}
-        if len(answers) > 1:
-            problems.append(f"{len(answers)} different greedy answers to {question!r}")
+        if len(answers) > 1:  # where they part tells rounding (late) from a wrong read (the first tokens)
+            shared = len(os.path.commonprefix(sorted(answers)))
+            problems.append(f"{len(answers)} different greedy answers to {question!r} (the same first {shared} "
+                            f"characters of {min(len(a) for a in answers)}-{max(len(a) for a in answers)})")
     latency = [r["end"] - r["start"] for r in ok]
     ttft = [r["first"] - r["start"] for r in ok]
     hits, misses = delta.get("kvfold_prefix_cache_hits_total", 0), delta.get("kvfold_prefix_cache_misses_total", 0)
@@ -267,6 +347,19 @@ def summarize(clients: int, seconds: float, results: list[dict], wall: float, be
         "mean_batch": round((tokens - len(ok)) / delta["kvfold_decode_steps"], 2)
         if delta.get("kvfold_decode_steps") else None,
     }
+
+
+def overload_lines(o: dict | None) -> list[str]:
+    if not o:
+        return []
+    statuses = ", ".join(f"{count} × {status}" for status, count in sorted(o["statuses"].items()))
+    return ["", f"Overload ({o['clients']} clients for {o['seconds']:g} s against a second server with `--kv-budget "
+            f"{o['kv_budget']}` and a small queue; a refused client waits as Retry-After says, at most 1 s): "
+            f"{o['requests']} requests answered {statuses} (refusals: {', '.join(o['refusal_codes']) or 'none'}); "
+            "peaks sampled every 0.2 s: " + ", ".join(f"{k} {v:g}" for k, v in o["peak_gauges"].items())
+            + ". Checks (only 200, 429 or 503, every refusal with Retry-After, the server's counters equal the "
+            "clients', healthy after): "
+            + ("all passed." if not o["problem_count"] else f"{o['problem_count']} problems (first: {o['problems'][:3]}).")]
 
 
 def markdown(report: dict) -> str:
@@ -297,6 +390,7 @@ def markdown(report: dict) -> str:
               "what the clients received, every stream well formed, identical greedy answers per question: "
               + ("all passed." if not report["problem_count"] else f"{report['problem_count']} problems "
                  f"(first: {[p['problems'][:3] for p in report['phases']]})."),
+              ] + overload_lines(report.get("overload")) + [
               "", "Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("cpu", "cpu_count")) + ".",
               "Clients and server ran on the same machine" + (" (the server on its GPU)." if env.get("device", "cpu")
               != "cpu" else ", on 2 CPU cores which other work shared during the run (the 1-minute load average is "
@@ -317,6 +411,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server process")
     parser.add_argument("--device", default=None, help="--device of kvfold serve (default: auto, the GPU if any)")
     parser.add_argument("--log", default="/tmp/kvfold_serve_load.log", help="the server's log")
+    parser.add_argument("--overload-seconds", type=float, default=0,
+                        help="then a phase against a second server with a tiny KV budget (0: none)")
+    parser.add_argument("--overload-budget", default="48MiB", help="its --kv-budget")
+    parser.add_argument("--overload-queue", type=int, default=2, help="its --queue")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_load_cpu")
     args = parser.parse_args()
     args.model_id = args.model or "embedded:SmolLM2-135M-Instruct"

@@ -21,6 +21,32 @@ def _step(model, cache, token: int, position: int) -> torch.Tensor:
                  **{cache_keyword(model): cache}).logits[0, -1]
 
 
+def _decode_joined(model, caches, tokens: list[list[int]], steps: list[int], segments: list, device="cpu") -> list:
+    """Greedy joint steps as the serve engine runs them: request i takes `steps[i]` forwards (then leaves); a
+    request with fast segments begins (and refreshes: forks share pools) before each step and advances after it.
+    Appends each request's tokens to `tokens[i]`; returns the logits of every step."""
+    seen = []
+    for step in range(max(steps)):
+        live = [i for i, n in enumerate(steps) if step < n]
+        running = [segments[i] for i in live if segments[i] is not None]
+        for group in running:
+            group.begin()
+        for group in running:
+            group.refresh()
+        batch = JointCache([caches[i] for i in live])
+        out = model(input_ids=torch.tensor([[tokens[i][-1]] for i in live], device=device),
+                    position_ids=batch.positions(device), use_cache=True,
+                    **{cache_keyword(model): batch}).logits[:, -1]
+        seen.append(out)
+        for i, row in zip(live, out):
+            tokens[i].append(int(row.argmax()))
+            if segments[i] is not None:
+                segments[i].advance()
+                if step == steps[i] - 1:
+                    segments[i].close()
+    return seen
+
+
 def test_joint_steps_equal_each_cache_alone(tiny_llama):
     """Prompts of different lengths and four methods (one evicting while it decodes), 24 steps: the joint
     forward's logits equal each cache's own forward, and so do the greedy tokens and the bytes each cache holds."""
@@ -82,23 +108,7 @@ def test_joint_steps_through_fast_segments_equal_the_normal_path(tiny_llama):
             caches = [KVFoldCache(tiny_llama.config, spec) for spec in SPECS]
             tokens = [[int(prefill(tiny_llama, c, p)[0].argmax())] for c, p in zip(caches, prompts)]
             segments = [Segments(list(c.layers), "cpu", n) if fast else None for c, n in zip(caches, steps)]
-            logits_seen = []
-            for step in range(max(steps)):
-                live = [i for i, n in enumerate(steps) if step < n]
-                for i in live:
-                    if segments[i] is not None:
-                        segments[i].begin()
-                batch = JointCache([caches[i] for i in live])
-                ids = torch.tensor([[tokens[i][-1]] for i in live])
-                out = tiny_llama(input_ids=ids, position_ids=batch.positions("cpu"), use_cache=True,
-                                 **{cache_keyword(tiny_llama): batch}).logits[:, -1]
-                logits_seen.append(out)
-                for i, row in zip(live, out):
-                    tokens[i].append(int(row.argmax()))
-                    if segments[i] is not None:
-                        segments[i].advance()
-                        if step == steps[i] - 1:
-                            segments[i].close()
+            logits_seen = _decode_joined(tiny_llama, caches, tokens, steps, segments)
             assert all(layer.fast is None for c in caches for layer in c.layers)
             runs[fast] = (tokens, logits_seen, [c.referenced_nbytes() for c in caches],
                           [c.get_seq_length() for c in caches])
@@ -153,5 +163,50 @@ def test_fast_segments_of_forks_that_share_pools_read_them_as_they_are(monkeypat
             runs[fast] = tokens, seen
             assert moved  # the shared pool grew under the running requests' segments
     assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_requests_on_one_pool_set_decode_in_one_kernel_launch(monkeypatch, merge_in_pytorch):
+    """A server's caches draw on one `PoolSet`: requests of one method then attend in one `joint_step` per layer
+    (one token write and one decode launch for all their rows), a request of another method alone. Through the
+    Triton kernel (interpreted), with packing ticks and a request leaving mid-segment: the same tokens and logits as
+    each cache read by the reference one by one, without a pool set."""
+    from kvfold import fastpath, joint
+    from kvfold.fastpath import Segments
+    from kvfold.kernels import decode
+    from kvfold.pages import PoolSet
+
+    from .conftest import make_tiny_llama
+
+    model = make_tiny_llama(layers=2, head_dim=64).to(DEVICE)
+    specs = ["none", "kivi:4,group=16,residual=8", "none", "kivi:4,group=16,residual=8", "snapkv:0.5"]
+    prompts = [torch.randint(1, 256, (1, n), device=DEVICE) for n in (37, 60, 21, 47, 45)]
+    steps = [8, 8, 3, 8, 8]  # the kivi requests pack a group at steps 4 and 1; the third leaves mid-segment
+    monkeypatch.setattr(decode, "INVARIANT_SPLIT_TOKENS", 64)  # the interpreter runs every page slot of a split
+    joined = []
+    monkeypatch.setattr(joint, "joint_step", lambda layers, *a: joined.append(len(layers)) or
+                        fastpath.joint_step(layers, *a))
+    runs = {}
+    with torch.inference_mode(), use_kvfold_attention(model):
+        for shared in (False, True):
+            monkeypatch.setenv("KVFOLD_KERNELS", "triton" if shared else "reference")
+            pools = PoolSet() if shared else None
+            caches = [KVFoldCache(model.config, spec, pools=pools) for spec in specs]
+            tokens = [[int(prefill(model, c, p)[0].argmax())] for c, p in zip(caches, prompts)]
+            segments = [Segments(list(c.layers), DEVICE, n) if shared else None for c, n in zip(caches, steps)]
+            packed = [int(caches[i].layers[0].packed.lengths.sum()) for i in (1, 3)]
+            seen = _decode_joined(model, caches, tokens, steps, segments, DEVICE)
+            runs[shared] = tokens, seen, [c.get_seq_length() for c in caches]
+            after = [int(caches[i].layers[0].packed.lengths.sum()) for i in (1, 3)]
+            assert all(a > b for a, b in zip(after, packed))  # both packed a group while decoding
+            if shared:
+                assert caches[0].layers[1].full.pool is caches[2].layers[1].full.pool
+                assert caches[1].layers[1].packed.pool is caches[3].layers[1].packed.pool
+    # per layer and step: the two kivi requests, the two "none" ones until one leaves, the snapkv one alone
+    both, leaves = max(steps), steps[2]
+    assert joined.count(2) == 2 * (both + leaves) and joined.count(1) == 2 * (both + both - leaves)
+    assert runs[True][0] == runs[False][0] and runs[True][2] == runs[False][2]
     for a, b in zip(runs[False][1], runs[True][1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)

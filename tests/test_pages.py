@@ -82,3 +82,25 @@ def test_aliased_reads_view_pages_at_a_constant_stride_and_copy_the_rest():
         assert torch.equal(a["x"][valid_a.view_as(a["x"][..., 0])], c["x"][valid_c.view_as(c["x"][..., 0])])
     shares = [a["x"].untyped_storage().data_ptr() == pool.untyped_storage().data_ptr() for a, _ in aliased]
     assert shares == [True, True, False]  # pages 0-1 and 2-3 of every row are views; the ragged fifth a copy
+
+
+def test_a_pool_set_gives_one_pool_per_key_and_format_and_counts_used_pages():
+    """`PoolSet`: caches asking for the same (layer, store) and page format share one pool; another format or key
+    gets its own. A shared pool's free pages are anyone's room: `used_nbytes` leaves them out, `nbytes` does not."""
+    from kvfold.pages import PoolSet
+
+    pools = PoolSet()
+    fields = {"x": Field((4, 2), torch.float32)}
+    cpu = torch.device("cpu")
+    first = pools.pool((0, "full"), fields, 4, cpu)
+    assert pools.pool((0, "full"), dict(fields), 4, cpu) is first and first.shared
+    assert pools.pool((1, "full"), fields, 4, cpu) is not first
+    assert pools.pool((0, "full"), {"x": Field((4, 2), torch.float16)}, 4, cpu) is not first
+    a, b = PagedRows(first, 2), PagedRows(first, 2)
+    a.fill({"x": torch.randn(2, 8, 2)}, torch.tensor([8, 5]))
+    b.fill({"x": torch.randn(2, 3, 2)}, torch.tensor([3, 1]))
+    page, counts = 4 * 2 * 4, first.refcount.numel() * 4
+    assert first.capacity == 6 and first.used_nbytes() == 6 * page + counts
+    a.clear()
+    assert first.capacity == 6 and first.used_nbytes() == 2 * page + counts and first.nbytes() == 6 * page + counts
+    assert pools.nbytes() == sum(pool.nbytes() for pool in pools.pools())

@@ -132,6 +132,28 @@ def test_held_bytes_count_shared_pools_once(tiny_llama):
     assert tree.held >= max(s.referenced_nbytes() for s in snaps)
 
 
+def test_held_bytes_of_a_pool_set_count_used_pages_so_eviction_makes_room(tiny_llama):
+    """The server's caches share one `PoolSet`: a request's freed pages stay in the pools as room for the next, so
+    they no longer count as held, and evicting snapshots lets `make_room` admit a reserve it could not before."""
+    from kvfold.pages import PoolSet
+
+    pools = PoolSet()
+    with torch.inference_mode(), use_kvfold_attention(tiny_llama):
+        caches = [KVFoldCache(tiny_llama.config, "none", compress_appends=True, pools=pools) for _ in range(2)]
+        for seed, cache in enumerate(caches):
+            prefill(tiny_llama, cache, _ids(40, seed=seed))
+    capacity = pools.nbytes()
+    both = held_nbytes(caches)
+    used = sum(p.used_nbytes() for p in pools.pools())
+    assert both == used + sum(c.table_nbytes() for c in caches) and used <= capacity
+    release(caches[0])
+    assert pools.nbytes() == capacity and held_nbytes(caches[1:]) < both
+    tree = PrefixCache(budget=both, block=8)
+    tree.insert(NS, _ids(40, seed=1)[0, :40].tolist(), caches[1])
+    reserve = both - held_nbytes(caches[1:]) + 1
+    assert tree.make_room(reserve) and tree.snapshots == 0  # the snapshot's pages went back to the shared pools
+
+
 def test_lru_eviction_keeps_the_tree_under_budget(tiny_llama):
     block = 8
     roots = [_ids(16, seed=s) for s in (10, 11, 12)]

@@ -193,6 +193,25 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert post(server, "/v1/chat/completions", chat_body("third")).status_code == 200
 
 
+def test_a_request_refused_for_the_moment_says_when_to_retry(tokenizer):
+    """A 503 of the moment (here the server stops while the request waits in its queue) carries Retry-After, as
+    a 429 does; a request too large for the budget ever (`kv_budget_exceeded`) is refused without one."""
+    with serving(tokenizer) as server:
+        server.engine.pause()
+        answers: list[httpx.Response] = []
+        waiter = threading.Thread(target=lambda: answers.append(post(server, "/v1/chat/completions",
+                                                                     chat_body("first"))))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while server.engine.queue_length < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.engine.stop()
+        waiter.join(30)
+    assert answers[0].status_code == 503 and answers[0].headers["Retry-After"] == "1"
+    assert "shutting down" in answers[0].json()["error"]["message"]
+
+
 def test_a_client_that_goes_away_stops_generation_and_frees_its_cache(server):
     wait_idle(server)
     metrics = server.engine.metrics
@@ -228,6 +247,7 @@ def test_rate_limit_and_kv_budget(tokenizer):
     with serving(tokenizer, kv_budget=budget) as tight:
         refused = post(tight, "/v1/completions", {"model": MODEL, "prompt": "tell me", "max_tokens": 1000})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "kv_budget_exceeded"
+        assert "Retry-After" not in refused.headers  # no retry makes it fit
         ok = client(tight).completions.create(model=MODEL, prompt="tell me", max_tokens=20)
         assert ok.usage.completion_tokens == 20 and tight.engine.prefix.held <= budget
 

@@ -69,9 +69,10 @@ def kvfold_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if isinstance(key, JointStaged):  # one decode step of several caches (continuous batching): row by row
+    if isinstance(key, JointStaged):  # one decode step of several caches (continuous batching)
         return key.attend(lambda q, staged, v: kvfold_attention(module, q, staged, v, None, scaling, dropout,
-                                                                **kwargs)[0], query, value), None
+                                                                **kwargs)[0], query, value,
+                          scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if not isinstance(key, StagedKV):
         if query.shape[2] > 1 and key.shape[2] > query.shape[2]:  # a turn after another cache's past
             sliding = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))

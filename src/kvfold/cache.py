@@ -10,6 +10,7 @@ from .compressor import Compressor
 from .errors import KVFoldError
 from .layer import KVFoldLayer, StagedKV, compact, gather_tokens  # noqa: F401  (re-exported)
 from .models import rope_frequencies
+from .pages import PoolSet
 
 
 def layer_windows(config) -> list[int | None]:
@@ -33,7 +34,7 @@ class KVFoldCache(Cache):
     """
 
     def __init__(self, config, compressor: Compressor | str = "none", page_size: int = 64,
-                 compress_appends: bool = False) -> None:
+                 compress_appends: bool = False, pools: PoolSet | None = None) -> None:
         compressor = compressor if isinstance(compressor, Compressor) else Compressor.parse(compressor)
         compressor.budget.check_model(config)
         for method in (compressor.rotation, compressor.lowrank):
@@ -45,6 +46,7 @@ class KVFoldCache(Cache):
         for index, window in enumerate(windows):
             layers.append(KVFoldLayer(compressor, window, page_size, index, len(windows)))
             layers[-1].compress_appends = compress_appends
+            layers[-1].pool_set = pools
             layers[-1].inv_freq = frequencies["sliding_attention" if window else "full_attention"]
         if compressor.lowrank is not None:
             self._group_layers(compressor.lowrank, layers, windows)
@@ -114,8 +116,8 @@ class KVFoldCache(Cache):
     def fork(self) -> "KVFoldCache":
         """A copy-on-write child: shares every page; what either side appends later is its own."""
         child = KVFoldCache.__new__(KVFoldCache)
-        Cache.__init__(child, layers=[layer.fork() if layer.is_initialized else KVFoldLayer(
-            layer.compressor, layer.sliding_window, layer.page_size, layer.layer_idx, layer.num_layers) for layer in self.layers])
+        Cache.__init__(child, layers=[layer.fork() if layer.is_initialized else layer.fresh_copy()
+                                      for layer in self.layers])
         child.compressor, child.config = self.compressor, self.config
         if self.compressor.lowrank is not None and any(layer.lowrank is None for layer in child.layers):
             self._group_layers(self.compressor.lowrank, child.layers, [layer.sliding_window for layer in child.layers])

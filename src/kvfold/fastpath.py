@@ -112,6 +112,50 @@ class FastLayer:
             layer._drop_out_of_window()
 
 
+def joint_key(layer) -> tuple | None:
+    """What layers of different caches must share to decode as one (`joint_step`): the method, the very pools
+    (a `pages.PoolSet`'s) and the stores. None for a layer that cannot join: no fast state, no kernel, or a
+    sliding window (the kernel reads one query position for every row)."""
+    fast = layer.fast
+    if fast is None or not fast.use_kernel or layer.is_sliding:
+        return None
+    return (layer.compressor.spec, tuple(id(pool) for pool in layer.pools()), tuple(n for n, _ in layer.stores()))
+
+
+def joint_step(layers: list, keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """`FastLayer.step` of one layer of several caches (batch 1 each, equal `joint_key`s) at once: one kernel writes
+    every row's token, one `paged_decode` reads every row's store, through the members' page tables side by side.
+    keys, values [n, kv_heads, 1, dim] and query [n, q_heads, 1, dim], member i in row i; returns
+    [n, 1, q_heads, dim]. Each member's own length mirror is then brought up to date, so its clock goes on alone.
+    The read is batch-invariant (`paged_decode(batch_invariant=True)`): a member's output, bit for bit, does not
+    depend on who else is in the step, so a request's greedy answer does not either (beyond the model's matmuls)."""
+    from .kernels.decode import paged_decode, write_tokens
+
+    fasts, first = [layer.fast for layer in layers], layers[0]
+    n, heads, _, dim = keys.shape
+    rows = n * heads
+    mirrors = {}
+    for name, _ in first.stores():
+        tables = [fast.mirrors[name][0] for fast in fasts]
+        width = max(table.shape[1] for table in tables)
+        tables = [t if t.shape[1] == width else torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
+                  for t in tables]
+        mirrors[name] = (torch.cat(tables), torch.cat([fast.mirrors[name][1] for fast in fasts]))
+    q_pos = torch.cat([fast.q_pos for fast in fasts])
+    positions = q_pos if n == 1 else q_pos.repeat_interleave(heads)  # one per row
+    write_tokens(first.full.pool.tensors, *mirrors["full"], keys.reshape(rows, dim), values.reshape(rows, dim),
+                 positions)
+    for fast, lengths in zip(fasts, mirrors["full"][1].split(heads)):
+        fast.mirrors["full"][1].copy_(lengths)
+    for i, layer in enumerate(layers):
+        layer._remember_queries(query[i:i + 1], fasts[i].q_pos)
+    q_heads = query.shape[1]
+    out = paged_decode(query.reshape(rows, q_heads // heads, dim), first.kernel_parts(mirrors), q_pos[:1], scale,
+                       out_dtype=query.dtype, batch_invariant=True)
+    return out.view(n, q_heads, 1, dim).transpose(1, 2)
+
+
 def tail_bound(layer, max_steps: int) -> int:
     """The most full-precision tokens a row's tail will hold during `max_steps` more steps."""
     quantizer = layer.compressor.quantizer

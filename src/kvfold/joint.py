@@ -6,6 +6,9 @@ is what decoding at batch > 1 buys. Each request keeps its own `KVFoldCache`: ba
 i's cache. Its layers store the new token and attend over their own store (their own method, clocks and positions),
 so every request decodes exactly as it would alone, apart from the rounding of batched matrix products.
 Only one-token steps are joined: prompts are prefilled one request at a time.
+In the fast loop's segments (`fastpath.Segments`), requests whose caches draw on one `pages.PoolSet` (a server's)
+and share a method also attend together: one kernel launch per layer reads every request's rows
+(`fastpath.joint_step`), instead of one launch per request.
 """
 
 from __future__ import annotations
@@ -16,21 +19,42 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVFoldError
+from .fastpath import joint_key, joint_step
 from .layer import KVFoldLayer, StagedKV
 
 
 class JointStaged:
-    """What a `JointLayer.update` hands the attention function: each member's own `StagedKV`, one row each."""
+    """What a `JointLayer.update` hands the attention function: each member's own `StagedKV` (one row each) and
+    the step's keys and values [members, kv_heads, 1, dim]."""
 
-    def __init__(self, members: list[StagedKV]) -> None:
-        self.members = members
+    def __init__(self, members: list[StagedKV], keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.members, self.keys, self.values = members, keys, values
 
     def attend(self, attend_one: Callable[[torch.Tensor, StagedKV, torch.Tensor], torch.Tensor],
-               query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Row i's query attends through member i (`attend_one(query_i, staged_i, value_i)`); outputs are stacked
-        along the batch in row order."""
-        return torch.cat([attend_one(query[i:i + 1], staged, value[i:i + 1])
-                          for i, staged in enumerate(self.members)], dim=0)
+               query: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """Row i's query attends over member i's store; outputs are stacked along the batch in row order.
+        Members in the fast loop's segments whose layers share method and pools (`fastpath.joint_key`: a server's
+        requests, whose caches draw on one `PoolSet`) run as one `fastpath.joint_step`; the others one by one
+        (`attend_one(query_i, staged_i, value_i)`). A joinable member alone in its group runs `joint_step` too, so
+        it reads its store the same way, bit for bit, whether or not others share the step."""
+        groups: dict[object, list[int]] = {}
+        for i, staged in enumerate(self.members):
+            key = joint_key(staged.layer)
+            groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+        if len(groups) == 1 and next(iter(groups))[0] != "alone":
+            return joint_step([staged.layer for staged in self.members], self.keys, self.values, query, scale)
+        outputs: list[torch.Tensor | None] = [None] * len(self.members)
+        for key, rows in groups.items():
+            if key[0] == "alone":
+                i = rows[0]
+                outputs[i] = attend_one(query[i:i + 1], self.members[i], value[i:i + 1])
+                continue
+            take = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else rows
+            out = joint_step([self.members[i].layer for i in rows], self.keys[take], self.values[take],
+                             query[take], scale)
+            for i, row in zip(rows, out):
+                outputs[i] = row.unsqueeze(0)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 
 class JointLayer(CacheLayerMixin):
@@ -54,7 +78,7 @@ class JointLayer(CacheLayerMixin):
                               f"batch {key_states.shape[0]} × {key_states.shape[2]} tokens")
         staged = [member.update(key_states[i:i + 1], value_states[i:i + 1])[0]
                   for i, member in enumerate(self.members)]
-        return JointStaged(staged), value_states
+        return JointStaged(staged, key_states, value_states), value_states
 
     def get_seq_length(self) -> int:
         return max(member.seen for member in self.members)

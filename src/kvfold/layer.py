@@ -19,7 +19,7 @@ from .compressor import Compressor
 from .errors import KVFoldError
 from .methods.base import ScoreInputs
 from .packing import Packer, gather_tokens
-from .pages import Field, PagedRows, PagePool
+from .pages import Field, PagedRows, PagePool, PoolSet
 from .reading import StoreReader
 
 TAIL_PAGE = 16  # tokens per full-precision page in front of a quantizer
@@ -93,6 +93,7 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
         self.fast = None  # a `fastpath.FastLayer` while the fast decode loop runs
         self.lowrank_group = None  # xkv: the `methods.xkv.LayerGroup` this layer reports its prompt to
         self.lowrank = None  # xkv: the group's `GroupLatents` once the prompt is factored
+        self.pool_set: PoolSet | None = None  # pools shared with other caches (a server's requests), else its own
 
     # ---- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -105,11 +106,11 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
         group = quantizer.group if quantizer else size
         full_fields = {"k": Field((size, dim), full_dtype), "v": Field((size, dim), full_dtype),
                        "pos": Field((size,), torch.int32)}
-        self.full = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
+        self.full = PagedRows(self._new_pool("full", full_fields, size), batch * self.kv_heads)
         if quantizer:
-            self.packed = PagedRows(PagePool(quantizer.fields(dim), group, self.device), batch * self.kv_heads)
+            self.packed = PagedRows(self._new_pool("packed", quantizer.fields(dim), group), batch * self.kv_heads)
             if quantizer.sink:
-                self.sinks = PagedRows(PagePool(full_fields, size, self.device), batch * self.kv_heads)
+                self.sinks = PagedRows(self._new_pool("sinks", full_fields, size), batch * self.kv_heads)
         if self.compressor.rotation is not None:
             key_rotation, value_rotation = self.compressor.rotation.matrices(dim, self.layer_idx)
             self.rotation = key_rotation.to(self.device)
@@ -117,6 +118,11 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             self.clip = self.compressor.rotation.clip_ratios(self.layer_idx)
         self.valid_seen = torch.zeros(batch, dtype=torch.long)
         self.is_initialized = True
+
+    def _new_pool(self, store: str, fields: dict[str, Field], page_size: int) -> PagePool:
+        if self.pool_set is None:
+            return PagePool(fields, page_size, self.device)
+        return self.pool_set.pool((self.layer_idx, store), fields, page_size, self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -373,6 +379,12 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
         queries = sum(t.numel() * t.element_size() for t in self.recent_queries) if self.recent_queries else 0
         matrices = {id(m): m for m in (self.rotation, self.value_rotation) if m is not None}.values()
         return queries + sum(m.numel() * m.element_size() for m in matrices)
+
+    def fresh_copy(self) -> "KVFoldLayer":
+        """An empty layer configured as this one (a fork of a layer that has stored nothing yet)."""
+        child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)
+        child.compress_appends, child.inv_freq, child.pool_set = self.compress_appends, self.inv_freq, self.pool_set
+        return child
 
     def fork(self) -> "KVFoldLayer":
         child = KVFoldLayer(self.compressor, self.sliding_window, self.page_size, self.layer_idx, self.num_layers)

@@ -34,8 +34,9 @@ class PagePool:
     `nbytes()` is the memory really held: every page of capacity, used or free, plus the reference counts.
     """
 
-    def __init__(self, fields: dict[str, Field], page_size: int, device: torch.device) -> None:
+    def __init__(self, fields: dict[str, Field], page_size: int, device: torch.device, shared: bool = False) -> None:
         self.fields = fields
+        self.shared = shared  # a `PoolSet`'s: its free pages are room for every cache, not held by one
         self.page_size = page_size
         self.device = device
         self.tensors = {name: torch.empty((0, *f.shape), dtype=f.dtype, device=device) for name, f in fields.items()}
@@ -52,6 +53,10 @@ class PagePool:
 
     def nbytes(self) -> int:
         return self.capacity * self.page_nbytes() + self.refcount.numel() * self.refcount.element_size()
+
+    def used_nbytes(self) -> int:
+        """Bytes of the pages some table references (capacity less the free list), plus the reference counts."""
+        return (self.capacity - len(self.free)) * self.page_nbytes() + self.refcount.numel() * self.refcount.element_size()
 
     def peak_nbytes(self) -> int:
         """Bytes at the largest capacity this pool has had."""
@@ -128,6 +133,30 @@ class PagePool:
         for tensor in self.tensors.values():
             tensor[d] = tensor[s]
         return dst
+
+
+class PoolSet:
+    """Page pools shared by many caches: one pool per (layer, store) and page format, whichever cache asks first
+    creates it. A server gives every request's cache the same set, so the decode kernel reads all the requests'
+    rows of a layer in one launch (`fastpath.joint_step`), and pages one request frees are reused by the next.
+    Its pools' free pages are room any cache can take, so budgets count their used pages (`PagePool.used_nbytes`)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple, PagePool] = {}
+
+    def pool(self, key: tuple, fields: dict[str, Field], page_size: int, device: torch.device) -> PagePool:
+        """The pool for `key` (e.g. (layer index, store name)) in this format, created on first use."""
+        full_key = (key, tuple((n, f.shape, f.dtype) for n, f in fields.items()), page_size, str(device))
+        if full_key not in self._pools:
+            self._pools[full_key] = PagePool(fields, page_size, device, shared=True)
+        return self._pools[full_key]
+
+    def pools(self) -> list[PagePool]:
+        return list(self._pools.values())
+
+    def nbytes(self) -> int:
+        """Bytes the pools hold (every page of capacity, used or free)."""
+        return sum(pool.nbytes() for pool in self._pools.values())
 
 
 class PagedRows:

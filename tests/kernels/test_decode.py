@@ -127,10 +127,12 @@ def test_split_merge_kernel_matches_its_reference(splits, out_dtype):
                                atol=1e-3 if out_dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_one_kernel_token_write_matches_write_next(dtype):
+def test_one_kernel_token_write_matches_write_next(dtype, per_row):
     """The fast loop's token write (`write_tokens`) stores what `PagedRows.write_next` stores, at each row's own
-    slot (rows at different lengths, one ending on a page boundary), and counts the token."""
+    slot (rows at different lengths, one ending on a page boundary), and counts the token. The position is one
+    for every row, or one per row (a joint step of requests at different lengths)."""
     from kvfold.kernels.decode import write_tokens
 
     layer = filled_layer("none", 2, 2, 64, 50, page_size=16, dtype=dtype)
@@ -141,13 +143,15 @@ def test_one_kernel_token_write_matches_write_next(dtype):
     for step in range(3):
         keys = torch.randn(rows, 64, dtype=dtype, device=DEVICE)
         values = torch.randn(rows, 64, dtype=dtype, device=DEVICE)
-        position = torch.tensor([50 + step], dtype=torch.int32, device=DEVICE)
+        position = (torch.arange(rows, dtype=torch.int32, device=DEVICE) * 7 + 50 + step if per_row
+                    else torch.tensor([50 + step], dtype=torch.int32, device=DEVICE))
         table, lengths = store.table.to(DEVICE, torch.int32).contiguous(), store.lengths.to(DEVICE, torch.int32)
         before = {name: t.clone() for name, t in store.pool.tensors.items()}
         write_tokens(store.pool.tensors, table, lengths, keys, values, position)
         by_kernel = {name: t.clone() for name, t in store.pool.tensors.items()}
         store.pool.tensors.update({name: t.clone() for name, t in before.items()})
         store.write_next({"k": keys, "v": values, "pos": position.expand(rows)}, store.table, store.lengths)
+        assert not per_row or len(set(store.pool.tensors["pos"][by_kernel["pos"] != before["pos"]].tolist())) == rows
         assert torch.equal(lengths.cpu().long(), store.lengths)
         for name, tensor in store.pool.tensors.items():
             assert torch.equal(by_kernel[name], tensor), name
@@ -208,3 +212,39 @@ def test_a_short_turn_on_a_filled_cache_goes_through_the_kernel(monkeypatch, mer
             logits[mode] = prefill(model, cache, ids[:, 67:], start=67)
     assert calls == [True] * len(model.model.layers)  # the turn, in every layer, through the kernel
     torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, dtype", [("none", torch.float32), ("kivi:4,group=16,residual=16,sink=5", torch.float16)])
+def test_a_batch_invariant_read_gives_each_row_the_same_bits_in_any_batch(spec, dtype, monkeypatch):
+    """`paged_decode(batch_invariant=True)` (a server's joint step): a row's output is bit for bit the same read
+    alone, beside rows that are longer (wider tables, more splits in every part) or in another order. Splits of
+    64 tokens here, so that short rows have several (and the parts after the first start at other offsets)."""
+    import dataclasses
+
+    from kvfold.kernels import decode
+    from kvfold.kernels.decode import paged_decode
+
+    monkeypatch.setattr(decode, "INVARIANT_SPLIT_TOKENS", 64)
+    layer = filled_layer(spec, 3, 2, 64, 300, page_size=16, dtype=dtype, seed=3)
+    rows = 6
+    torch.manual_seed(4)
+    query = torch.randn(rows, 4, 64, device=DEVICE).to(dtype)
+
+    def read(subset: list[int]) -> torch.Tensor:
+        index = torch.tensor(subset, device=DEVICE)
+        parts = []
+        for part in layer.kernel_parts():
+            table, lengths = part.table[index], part.lengths[index]
+            used = int((table >= 0).sum(1).max()) if table.numel() else 0
+            parts.append(dataclasses.replace(part, table=table[:, :max(1, used)].contiguous(), lengths=lengths))
+        return paged_decode(query[index], parts, 299, 0.125, out_dtype=dtype, batch_invariant=True)
+
+    together = read(list(range(rows)))
+    lengths = layer.row_lengths().flatten()
+    short = int(lengths[lengths > 0].argmin())
+    for subset in ([short], [short, 5], [5, short, 2]):
+        alone = read(subset)
+        assert torch.equal(alone[subset.index(short)], together[short])
+    expected = paged_attention(query.float(), torch.full((4,), 299, device=DEVICE), layer.chunks(), 0.125)
+    torch.testing.assert_close(together.float(), expected, rtol=2e-3 if dtype == torch.float16 else 1e-4,
+                               atol=2e-3 if dtype == torch.float16 else 1e-5)

@@ -141,10 +141,12 @@ def _paged_decode_kernel(
 
 def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window: int, scale: float,
               pages_per_split: int | None, precise: bool, launch: dict,
-              tile_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              tile_tokens: int, batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, group, dim = query.shape
     page = part.positions.shape[1]
     width = max(1, part.table.shape[1])
+    if batch_invariant and pages_per_split is None:  # splits of a fixed token count, whatever else is in the batch
+        pages_per_split = triton.next_power_of_2(max(1, INVARIANT_SPLIT_TOKENS // page))
     if pages_per_split is None and query.device.type != "cuda":  # Triton's interpreter runs a grid's programs one
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
@@ -222,6 +224,7 @@ PACKED_LAUNCH = dict(num_warps=1, num_stages=3)  # KIVI and KV4 pages, with 8 pr
 # so the probabilities become the second dot product's operand in registers and the row reductions need no
 # shared memory
 TALL_PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # more than 16 tile rows (a few-token turn): one warp spills
+INVARIANT_SPLIT_TOKENS = 512  # tokens per split of a batch-invariant read (`paged_decode(batch_invariant=True)`)
 TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
 
 
@@ -261,13 +264,15 @@ def supports(parts: list[PagedPart], dim: int) -> bool:
         (size := p.positions.shape[1]) >= 16 and not size & (size - 1) for p in parts)
 
 
-def combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out_dtype: torch.dtype = torch.float32
-            ) -> torch.Tensor:
+def combine(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+            ordered: bool = False) -> torch.Tensor:
     """Merge partial softmaxes [rows, splits, group(, dim)] into the attention output [rows, group, dim], in one
-    kernel (`common.combine_kernel`); rows that saw no key get zeros. `combine_reference` is its meaning."""
+    kernel (`common.combine_kernel`); rows that saw no key get zeros. `combine_reference` is its meaning.
+    `ordered`: add the splits one at a time, in order, instead of in blocks summed as trees."""
     rows, splits, group, dim = acc.shape
     out = torch.empty(rows, group, dim, device=acc.device, dtype=out_dtype)
-    combine_kernel[(rows, group)](m, l, acc, out, splits, G=group, D=dim, BLOCK_S=min(16, triton.next_power_of_2(splits)),
+    block = 1 if ordered else min(16, triton.next_power_of_2(splits))
+    combine_kernel[(rows, group)](m, l, acc, out, splits, G=group, D=dim, BLOCK_S=block,
                                   INTERPRETED_END=splits if os.environ.get("TRITON_INTERPRET") == "1" else 0)
     return out
 
@@ -285,15 +290,18 @@ def combine_reference(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> to
 def write_tokens(pool: dict[str, torch.Tensor], table: torch.Tensor, lengths: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, position: torch.Tensor) -> None:
     """`pages.PagedRows.write_next` of the fast loop in one kernel: keys and values [rows, dim] into slot
-    `lengths[r]` of each row's pages (`pool` {"k", "v": [pages, P, dim], "pos": [pages, P]}), the one-element
-    `position` into every row's slot, then lengths + 1. `table` and `lengths` are device tensors, updated in place."""
+    `lengths[r]` of each row's pages (`pool` {"k", "v": [pages, P, dim], "pos": [pages, P]}), `position` (one
+    element for every row, or one per row) into the row's slot, then lengths + 1. `table` and `lengths` are device
+    tensors, updated in place."""
     k, v, pos = pool["k"], pool["v"], pool["pos"]
     rows, dim = keys.shape
     if not (k.is_contiguous() and v.is_contiguous() and pos.is_contiguous() and table.is_contiguous()
             and keys.stride(1) == 1 and values.stride(1) == 1 and keys.stride(0) == values.stride(0)):
         raise ValueError("write_tokens needs contiguous pools and page tables, and key/value rows of unit stride")
-    write_token_kernel[(rows,)](table, lengths, table.shape[1], k, v, pos, keys, values, keys.stride(0), position, 0,
-                                P=k.shape[1], D=dim, num_warps=1)
+    if position.numel() not in (1, rows) or not position.is_contiguous():
+        raise ValueError(f"write_tokens: position needs 1 or {rows} contiguous elements, got {position.numel()}")
+    write_token_kernel[(rows,)](table, lengths, table.shape[1], k, v, pos, keys, values, keys.stride(0), position,
+                                int(position.numel() == rows and rows > 1), P=k.shape[1], D=dim, num_warps=1)
 
 
 @functools.cache
@@ -305,7 +313,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
                  sliding_window: int | None = None, pages_per_split: int | None = None,
                  launch: dict | None = None, tile_tokens: int = TILE_TOKENS,
                  out_dtype: torch.dtype = torch.float32,
-                 also: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 also: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 batch_invariant: bool = False) -> torch.Tensor:
     """Attention of one query token per row ([rows, group, dim]) over the stored parts: [rows, group, dim], float32
     or `out_dtype` (the fast loop asks for the model's dtype: the split merge writes it, no extra cast).
     `also`: a partial softmax (m, l [rows, 1, group], acc [rows, 1, group, dim], float32, natural-log units) over
@@ -321,6 +330,11 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     once, a power of two of them that divides the split; 0: one page per step).
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not
     in sliding-window layers.
+    `batch_invariant`: each row's output does not depend on the other rows (their number, lengths and tables),
+    bit for bit: splits hold a fixed number of tokens (`INVARIANT_SPLIT_TOKENS`) instead of a share of the GPU
+    chosen from the batch, and the merge adds splits one at a time in order (an empty split adds exact zeros
+    wherever the others' widths put it). A server's joint step uses it, so a request's greedy answer does not
+    depend on which requests it shared steps with.
     """
     if any(p.page_tokens and (sliding_window or not supports([p], query.shape[-1])) for p in parts):
         raise ValueError("paged_decode: mixed-precision pages need bit fields of >= 16 channels and no sliding window")
@@ -332,10 +346,10 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     if tile_tokens < 0:
         raise ValueError(f"paged_decode: tile_tokens must be >= 0 (0: one page per step), got {tile_tokens}")
     pieces = [_partials(query, part, q_pos, sliding_window or 0, scale, pages_per_split, precise, launch or {},
-                        tile_tokens)
+                        tile_tokens, batch_invariant)
               for part in parts] + ([tuple(t.contiguous() for t in also)] if also is not None else [])
     m, l, acc = pieces[0] if len(pieces) == 1 else (torch.cat([p[i] for p in pieces], dim=1) for i in range(3))
-    return combine(m, l, acc, out_dtype)
+    return combine(m, l, acc, out_dtype, ordered=batch_invariant)
 
 
 def new_tokens_partials(query: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

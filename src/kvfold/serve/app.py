@@ -235,9 +235,9 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         try:
             checked = [time.monotonic()]
             first = await next_event(job, request, checked)
-            if first.kind == "error":
+            if first.kind == "error":  # a 503 here is the moment's (budget full now, shutting down): retry later
                 raise APIError(first.status, first.message, kind="server_error" if first.status >= 500 else
-                               "invalid_request_error")
+                               "invalid_request_error", headers={"Retry-After": "1"} if first.status == 503 else None)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return StreamingResponse(stream(job, reply, include_usage), media_type="text/event-stream",

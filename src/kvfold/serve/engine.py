@@ -31,6 +31,7 @@ from ..compressor import Compressor
 from ..fastpath import Segments
 from ..joint import JointCache
 from ..models import cache_keyword, check_supported, context_limit
+from ..pages import PoolSet
 from .config import ServeConfig
 from .jobs import Event, GenerationRequest, Job, JobQueue, Running, ServeError, Usage, error_status
 from .metrics import Metrics
@@ -49,6 +50,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.metrics = metrics or Metrics()
         self.prefix = PrefixCache(config.kv_budget, config.block)
+        self.pools = PoolSet()  # every request's pages: one kernel launch per layer reads the whole batch's rows
         self.limit = context_limit(model.config)
         self.stop_ids = stop_token_ids(model, tokenizer)
         parameter = next(model.parameters())
@@ -200,7 +202,7 @@ class Engine:
         blocks = self.prefix.cacheable_blocks(len(ids))
         reused, snapshot = self.prefix.match(namespace, ids[:blocks * block])
         cache = snapshot.fork() if snapshot is not None else KVFoldCache(self.model.config, req.compressor,
-                                                                         compress_appends=True)
+                                                                         compress_appends=True, pools=self.pools)
         usage = Usage(len(ids), reused, req.compressor.spec)
         self._admitting_cache = cache
         try:

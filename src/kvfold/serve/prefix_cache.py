@@ -16,6 +16,8 @@ reuse, and pages of a running request forked from it), plus every snapshot's pag
 the pools have allocated, never less; summing `snapshot.nbytes()` instead would count a shared pool once per
 snapshot. Evicting a snapshot frees only the pages no one else references, and memory returns to the allocator
 when a pool's tail is trimmed or its last user goes: `make_room` re-measures after each eviction.
+The server's caches draw on one `pages.PoolSet` (one pool per layer and store for every request, so one kernel
+launch decodes the whole batch): such a pool counts only its used pages, since any request reuses its free ones.
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ Namespace = tuple[str, str]  # (model id, canonical method spec)
 
 
 def held_nbytes(caches: Iterable[KVFoldCache]) -> int:
-    """Bytes held by the union of `caches`: each distinct page pool once (whole capacity) plus every table."""
+    """Bytes held by the union of `caches`: each distinct page pool once (whole capacity) plus every table. A
+    `PoolSet`'s pool (the server's, shared by every request) counts its used pages: its free ones are room for
+    whichever request allocates next, and it grows only past the most pages used at once."""
     pools, tables = {}, 0
     for cache in caches:
         for layer in cache.layers:
             if layer.is_initialized:
                 pools.update((id(pool), pool) for pool in layer.pools())
                 tables += layer.table_nbytes()
-    return sum(pool.nbytes() for pool in pools.values()) + tables
+    return sum(pool.used_nbytes() if pool.shared else pool.nbytes() for pool in pools.values()) + tables
 
 
 def release(cache: KVFoldCache) -> None:
