@@ -71,7 +71,7 @@ def accuracy(dims=(64, 128), groups=(1, 4, 8), tokens=4096, batch=4) -> list[dic
     return rows
 
 
-def speed(batch: int, tokens: int, peak: float) -> list[dict]:
+def speed(batch: int, tokens: int, peak: float, only: tuple[str, ...] = ()) -> list[dict]:
     kv_heads, group, dim = 8, 4, 128
     q = torch.randn(batch, kv_heads * group, 1, dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
@@ -99,17 +99,21 @@ def speed(batch: int, tokens: int, peak: float) -> list[dict]:
              ("kv4:4 (per-token, smoothed keys)", "kv4:4", None), ("kv4:2", "kv4:2", None),
              ("none, 16-token pages, one a step", "none", None, dict(page_size=16, tile_tokens=0)),
              ("none, 16-token pages, 64 tokens a step", "none", None, dict(page_size=16, tile_tokens=64)),
-             ("fp8, 16-token pages, one a step", "fp8:group=16", None, dict(tile_tokens=0))]
+             ("fp8, 16-token pages, one a step", "fp8:group=16", None, dict(tile_tokens=0)),
+             ("none, batch-invariant (serve's joint step)", "none", None, dict(batch_invariant=True)),
+             ("kivi:4, batch-invariant (serve's joint step)", "kivi:4", None, dict(batch_invariant=True))]
+    cases = [case for case in cases if not only or any(part in case[0] for part in only)]
     none_ms = None
     for run, (label, spec, keep, *options) in enumerate(cases * 2):  # two passes: the spread between them is the noise
         label = f"{label} [pass {run // len(cases) + 1}]"
         options = options[0] if options else {}
         layer = store(spec, k, v, keep, options.get("page_size", 64))
         parts = layer.kernel_parts()
-        call = lambda: paged_decode(rows_q, parts, q_pos, scale, tile_tokens=options.get("tile_tokens", TILE_TOKENS))  # noqa: E731
+        call = lambda: paged_decode(rows_q, parts, q_pos, scale, tile_tokens=options.get("tile_tokens", TILE_TOKENS),  # noqa: E731
+                                    batch_invariant=options.get("batch_invariant", False))
         ms = do_bench(call, warmup=50, rep=300, return_mode="median")
         graph_ms = do_bench_cudagraph(call, rep=300, return_mode="median")
-        none_ms = graph_ms if spec == "none" and keep is None else none_ms
+        none_ms = graph_ms if spec == "none" and keep is None and not options else none_ms
         kept = layer.stored_tokens / (batch * kv_heads * tokens)
         read = referenced_bytes(layer)
         results.append({"store": label, "ms": ms, "vs_sdpa": sdpa_ms / ms, "bytes": read, "kept": kept,
@@ -174,6 +178,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch options per store")
+    parser.add_argument("--cases", default="", help="only the stores whose label contains one of these (comma-separated)")
     parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs)")
     parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] "
                         "separated by ';' (default: eleven of them)")
@@ -190,7 +195,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "kvfold": kvfold.__version__, "copy_bandwidth_tb_s": peak / 1e12,
               "shape": f"batch {args.batch}, {args.tokens} tokens, 32 q heads / 8 KV heads, head_dim 128, one layer",
-              "accuracy": accuracy(), "speed": speed(args.batch, args.tokens, peak), "sweep": []}
+              "accuracy": accuracy(), "speed": speed(args.batch, args.tokens, peak,
+                                                     tuple(filter(None, args.cases.split(",")))), "sweep": []}
     args.out.write_text(json.dumps(result, indent=1))  # written before the sweep, which a time limit may cut
     report(result)
     if args.sweep:
