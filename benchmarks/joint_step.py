@@ -6,7 +6,9 @@ are timed (median of --steps after warm-up steps, synchronised on CUDA). Paths:
 - normal: each cache decodes through the normal kvfold path (`kvfold serve --no-fast`);
 - segments: each cache runs the fast loop's segments (in-place pages, device tables), its own kernel launches;
 - joint: the caches draw on one `pages.PoolSet`, so requests of one method attend in one launch per layer
-  (`fastpath.joint_step`; what `kvfold serve` does now).
+  (`fastpath.joint_step`);
+- graph: joint, replayed from a CUDA graph (`joint.JointGraphs`, what `kvfold serve` does on a GPU; the warm-up
+  steps run and capture it). CUDA only.
 On a CPU (the embedded model) the kernels do not run: segments and joint read through the reference, one by one.
 Writes OUT.json and OUT.md.
 
@@ -32,12 +34,12 @@ import kvfold  # noqa: E402
 from kvfold.api import prefill, use_kvfold_attention  # noqa: E402
 from kvfold.cache import KVFoldCache  # noqa: E402
 from kvfold.fastpath import Segments  # noqa: E402
-from kvfold.joint import JointCache  # noqa: E402
+from kvfold.joint import JointCache, JointGraphs  # noqa: E402
 from kvfold.models import cache_keyword, load_model  # noqa: E402
 from kvfold.pages import PoolSet  # noqa: E402
 from chunked_prefill import CONFIGS, random_model  # noqa: E402
 
-PATHS = ("normal", "segments", "joint")
+PATHS = ("normal", "segments", "joint", "graph")
 
 
 def sync(device: str) -> None:
@@ -46,19 +48,21 @@ def sync(device: str) -> None:
 
 
 def step_ms(model, caches: list[KVFoldCache], segments: list[Segments] | None, steps: int, warmup: int,
-            device: str) -> float:
+            device: str, graphs: JointGraphs | None = None) -> float:
     """Median wall time of a joint one-token forward, as the engine runs it (segments begun and refreshed)."""
     keyword, times = cache_keyword(model), []
     ids = torch.full((len(caches), 1), 42, device=device)
     for step in range(warmup + steps):
         sync(device)
         started = time.perf_counter()
-        for group in (segments or ()):
-            group.begin()
-        for group in (segments or ()):
-            group.refresh()
-        joint = JointCache(caches)
-        model(input_ids=ids, position_ids=joint.positions(device), use_cache=True, **{keyword: joint})
+        moved = not all([group.begin() for group in (segments or ())])
+        moved |= any([group.refresh() for group in (segments or ())])
+        if graphs is not None:
+            positions = torch.tensor([[group.seen] for group in segments], device=device)
+            graphs.step(caches, ids, positions, moved)
+        else:
+            joint = JointCache(caches)
+            model(input_ids=ids, position_ids=joint.positions(device), use_cache=True, **{keyword: joint})
         for group in (segments or ()):
             group.advance()
         sync(device)
@@ -101,19 +105,24 @@ def main() -> None:
         for method in args.methods.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 for path in paths:
-                    pools = PoolSet() if path == "joint" else None
+                    if path == "graph" and args.device != "cuda":
+                        continue
+                    pools = PoolSet() if path in ("joint", "graph") else None
                     caches = [KVFoldCache(model.config, method, compress_appends=True, pools=pools)
                               for _ in range(batch)]
                     for cache in caches:
                         prefill(model, cache, torch.randint(100, 1000, (1, args.prompt), device=args.device))
                     segments = None if path == "normal" else [
                         Segments(list(c.layers), args.device, args.warmup + args.steps) for c in caches]
-                    ms = step_ms(model, caches, segments, args.steps, args.warmup, args.device)
+                    graphs = JointGraphs(model, torch.device(args.device)) if path == "graph" else None
+                    ms = step_ms(model, caches, segments, args.steps, args.warmup, args.device, graphs)
+                    if graphs is not None and (graphs.failed or not graphs.replays):
+                        raise SystemExit(f"the joint step was not replayed from a graph: {graphs.failed}")
                     rows.append({"method": method, "batch": batch, "path": path, "step_ms": round(ms, 2),
                                  "ms_per_request": round(ms / batch, 2)})
                     print(f"{method:20s} batch {batch:3d} {path:8s}: {ms:8.2f} ms per step, "
                           f"{ms / batch:7.2f} ms per request", flush=True)
-                    del caches, segments
+                    del caches, segments, graphs
     for row in rows:
         normal = next((r["step_ms"] for r in rows if r["method"] == row["method"] and r["batch"] == row["batch"]
                        and r["path"] == "normal"), None)
@@ -128,7 +137,8 @@ def main() -> None:
              f"{described}; each request's cache prefilled with {args.prompt} random tokens; median of {args.steps} "
              f"one-token steps for all requests together after {args.warmup} warm-up "
              "(`benchmarks/joint_step.py`). normal: `kvfold serve --no-fast`; segments: each request's own fast "
-             "segments and kernel launches; joint: one page-pool set, one launch per layer for a method's requests.",
+             "segments and kernel launches; joint: one page-pool set, one launch per layer for a method's requests; "
+             "graph: joint, replayed from a CUDA graph.",
              "", "| method | batch | path | ms per step | ms per request | speed-up over normal |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['batch']} | {r['path']} | {r['step_ms']} | {r['ms_per_request']} | "
               f"{r['speedup_vs_normal']} |" for r in rows]

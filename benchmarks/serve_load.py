@@ -344,6 +344,7 @@ def summarize(clients: int, seconds: float, results: list[dict], wall: float, be
         "load_average_1min": [round(x, 2) for x in load],
         # one joint forward per step for every running request; each request's first token comes from its prefill
         "decode_steps": delta.get("kvfold_decode_steps", 0),
+        "graph_replays": delta.get("kvfold_decode_graph_replays", 0),
         "mean_batch": round((tokens - len(ok)) / delta["kvfold_decode_steps"], 2)
         if delta.get("kvfold_decode_steps") else None,
     }
@@ -385,7 +386,9 @@ def markdown(report: dict) -> str:
     reused, prefilled = main["prefix_cache"]["reused_tokens"], main["prefix_cache"]["prefilled_tokens"]
     lines += ["", f"Prompt tokens per request: {main['prompt_tokens_mean']} on average; in the "
               f"{main['clients']}-client phase the prefix cache reused {reused:g} and prefilled {prefilled:g} prompt "
-              "tokens (the first request of the run fills it).",
+              "tokens (the first request of the run fills it)."
+              + (f" Decode steps replayed from a CUDA graph: {main.get('graph_replays', 0):g} of "
+                 f"{main['decode_steps']:g}." if main.get("graph_replays") else ""),
               "Checks in every phase: every request got one outcome, response ids unique, the server's counters equal "
               "what the clients received, every stream well formed, identical greedy answers per question: "
               + ("all passed." if not report["problem_count"] else f"{report['problem_count']} problems "

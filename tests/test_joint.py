@@ -210,3 +210,54 @@ def test_requests_on_one_pool_set_decode_in_one_kernel_launch(monkeypatch, merge
     assert runs[True][0] == runs[False][0] and runs[True][2] == runs[False][2]
     for a, b in zip(runs[False][1], runs[True][1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (run there with TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])
+def test_a_joint_step_replayed_from_a_cuda_graph_equals_the_eager_step(spec):
+    """`JointGraphs` (the server's joint step on a GPU): captured once the same requests have stepped together,
+    replayed while they keep doing so, captured again when one leaves or a segment moves a table or pool: the same
+    tokens and logits as the eager joint step."""
+    from kvfold.fastpath import Segments
+    from kvfold.joint import JointGraphs
+    from kvfold.pages import PoolSet
+
+    from .conftest import make_tiny_llama
+
+    model = make_tiny_llama(layers=2, head_dim=64).to(DEVICE)
+    prompts = [torch.randint(1, 256, (1, n), device=DEVICE) for n in (37, 60, 21)]
+    steps = [24, 24, 9]  # the third leaves; kivi's segments end every 16 tokens
+    runs = {}
+    with torch.inference_mode(), use_kvfold_attention(model):
+        for graphs in (False, True):
+            pools = PoolSet()
+            caches = [KVFoldCache(model.config, spec, pools=pools) for _ in prompts]
+            tokens = [[int(prefill(model, c, p)[0].argmax())] for c, p in zip(caches, prompts)]
+            segments = [Segments(list(c.layers), DEVICE, n) for c, n in zip(caches, steps)]
+            runner = JointGraphs(model, torch.device(DEVICE)) if graphs else None
+            seen = []
+            for step in range(max(steps)):
+                live = [i for i, n in enumerate(steps) if step < n]
+                moved = not all([segments[i].begin() for i in live])
+                moved |= any([segments[i].refresh() for i in live])
+                ids = torch.tensor([[tokens[i][-1]] for i in live], device=DEVICE)
+                positions = torch.tensor([[segments[i].seen] for i in live], device=DEVICE)
+                group = [caches[i] for i in live]
+                if runner is not None:
+                    assert JointGraphs.applies(group)
+                    out = runner.step(group, ids, positions, moved).clone()
+                else:
+                    out = model(input_ids=ids, position_ids=positions, use_cache=True,
+                                **{cache_keyword(model): JointCache(group)}).logits[:, -1]
+                seen.append(out)
+                for i, row in zip(live, out):
+                    tokens[i].append(int(row.argmax()))
+                    segments[i].advance()
+                    if step == steps[i] - 1:
+                        segments[i].close()
+            runs[graphs] = tokens, seen, runner
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    runner = runs[True][2]
+    assert runner.failed is None and runner.captures >= 2 and runner.replays >= 10

@@ -236,7 +236,8 @@ def test_parse_bytes_and_config_validation(tmp_path):
     config = ServeConfig(method="snapkv:0.75 + kivi:4")
     assert config.method == "snapkv:0.75+kivi:4" == config.compressor.spec  # canonical: one cache namespace
     for bad in (dict(method="snapk:0.5"), dict(block=0), dict(queue=0), dict(rate_limit=0), dict(kv_budget=-1),
-                dict(api_keys=("short",)), dict(max_prompt_tokens=True), dict(model_id=" "), dict(fast="yes")):
+                dict(api_keys=("short",)), dict(max_prompt_tokens=True), dict(model_id=" "), dict(fast="yes"),
+                dict(cuda_graphs=1)):
         with pytest.raises(KVFoldError):
             ServeConfig(**bad)
     with pytest.raises(KVFoldError, match="prefills in blocks"):

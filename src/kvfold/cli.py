@@ -283,6 +283,8 @@ def serve(
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (default: sizes only)")] = False,
     fast: Annotated[bool, typer.Option("--fast/--no-fast", help="Decode through the fast loop's in-place pages "
                                        "and device page tables (--no-fast: the normal per-step path)")] = True,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay the decode "
+                                              "step of requests that keep decoding together from a CUDA graph")] = True,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
@@ -295,7 +297,8 @@ def serve(
     config = ServeConfig(model_id=model or "embedded:SmolLM2-135M-Instruct", method=method,
                          kv_budget=parse_bytes(kv_budget), block=block, api_keys=keys, rate_limit=rate_limit,
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, queue=queue,
-                         max_batch=max_batch, default_max_tokens=max_tokens, log_prompts=log_prompts, fast=fast)
+                         max_batch=max_batch, default_max_tokens=max_tokens, log_prompts=log_prompts, fast=fast,
+                         cuda_graphs=cuda_graphs)
     if host not in ("127.0.0.1", "localhost", "::1") and not keys:
         err_console.print(f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who can reach "
                           "it can use it (pass --api-keys-file F)")

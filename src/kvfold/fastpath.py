@@ -63,15 +63,18 @@ class FastLayer:
         self.parts = layer.kernel_parts(self.mirrors)
         return stable
 
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
         """Rebuild the kernel's view of the pools when they moved since `begin`: another cache that shares them (a
-        fork of the same prefix) grew or trimmed them. Call before a step whenever others changed them."""
+        fork of the same prefix) grew or trimmed them. Call before a step whenever others changed them; True when
+        they had moved."""
         if not self.use_kernel:
-            return
+            return False
         pointers = self._pool_pointers()
-        if pointers != self._pointers:
-            self._pointers = pointers
-            self.parts = self.layer.kernel_parts(self.mirrors)
+        if pointers == self._pointers:
+            return False
+        self._pointers = pointers
+        self.parts = self.layer.kernel_parts(self.mirrors)
+        return True
 
     def _pool_pointers(self) -> tuple[int, ...]:
         """Where the layer's pool tensors live now: the kernel parts hold these tensors, so a move needs new parts."""
@@ -214,10 +217,10 @@ class Segments:
         self.in_segment = segment_length(self.layers, self.seen, self.left)
         return all([fast.begin(self.in_segment) for fast in self.fast])
 
-    def refresh(self) -> None:
-        """Before a step, after other caches sharing these pools began their segments (see `FastLayer.refresh`)."""
-        for fast in self.fast:
-            fast.refresh()
+    def refresh(self) -> bool:
+        """Before a step, after other caches sharing these pools began their segments (see `FastLayer.refresh`).
+        True when a pool moved (what a captured graph reads changed)."""
+        return any([fast.refresh() for fast in self.fast])
 
     def advance(self) -> None:
         """After a step: one more token stored in every layer; at a segment's end the host catches up."""

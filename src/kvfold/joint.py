@@ -111,3 +111,83 @@ class JointCache(Cache):
 def layer_rows(cache) -> set[int]:
     """The batch sizes of a cache's initialized layers."""
     return {layer.batch_size for layer in cache.layers if layer.is_initialized}
+
+
+class JointGraphs:
+    """Replays a server's joint decode step from a CUDA graph while the same requests keep decoding together.
+
+    The step of `JointCache` through the fast loop's segments touches only the GPU (in-place pages, device tables,
+    one `fastpath.joint_step` per layer), so it can be captured like `kvfold.decoding`'s. A graph holds the tensors
+    it read: it is captured for one set of requests, once that set has run `calm` steps unchanged, and dropped when
+    a request joins or leaves, or a segment or another request's prefill moved a table or pool. Positions come from
+    the segments' clocks (`Segments.seen`), which replays keep, not from the layers' counters, which they skip.
+    """
+
+    def __init__(self, model, device: torch.device, calm: int = 2) -> None:
+        from .models import cache_keyword
+
+        self.model, self.device, self.calm, self.keyword = model, device, calm, cache_keyword(model)
+        self.stream = torch.cuda.Stream(device)
+        self.key: tuple | None = None
+        self.unchanged = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.ids = self.positions = self.logits = None
+        self.captures = self.replays = 0
+        self.failed: str | None = None  # why a capture failed: the caller then decodes eagerly
+
+    @staticmethod
+    def applies(caches: Sequence) -> bool:
+        """Every layer of every cache in the fast loop on the kernel, all joinable as one group, and no host work
+        inside the step (decode-time eviction, remembered queries)."""
+        for index in range(len(caches[0].layers)):
+            keys = {joint_key(cache.layers[index]) for cache in caches}
+            if len(keys) != 1 or None in keys:
+                return False
+        compressor = caches[0].layers[0].compressor
+        quantizer = compressor.quantizer
+        return not compressor.scorer.every and not (quantizer is not None and quantizer.remembered_queries)
+
+    def step(self, caches: Sequence, tokens: torch.Tensor, positions: torch.Tensor, moved: bool) -> torch.Tensor:
+        """Logits [batch, vocab] of one joint step of `caches` (fast segments begun) on `tokens` at `positions`
+        ([batch, 1] each). `moved`: a segment began with new tables or a pool moved since the last step."""
+        key = tuple(id(cache) for cache in caches)
+        if moved or key != self.key:
+            self.key, self.unchanged, self.graph = key, 0, None
+        if self.graph is not None:
+            self.ids.copy_(tokens)
+            self.positions.copy_(positions)
+            self.graph.replay()
+            self.replays += 1
+            return self.logits
+        self.unchanged += 1
+        if self.unchanged < self.calm:
+            return self._forward(caches, tokens, positions)
+        return self._run_and_capture(caches, tokens, positions)
+
+    def _forward(self, caches: Sequence, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, position_ids=positions, use_cache=True,
+                          **{self.keyword: JointCache(caches)}).logits[:, -1]
+
+    def _run_and_capture(self, caches: Sequence, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run this step on the capture stream (Triton compiles, cuBLAS gets its workspace), then capture the next
+        one into static inputs; capturing runs nothing, so the caches are unchanged by it."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            logits = self._forward(caches, tokens, positions).clone()
+        current.wait_stream(self.stream)
+        seen = [[layer.seen for layer in cache.layers] for cache in caches]
+        self.ids, self.positions = tokens.clone(), positions.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.logits = self._forward(caches, self.ids, self.positions)
+            self.graph = graph
+            self.captures += 1
+        except Exception as error:  # noqa: BLE001  an unsupported model: the caller decodes eagerly from now on
+            self.graph, self.failed = None, f"{type(error).__name__}: {error}"
+        finally:
+            for cache, values in zip(caches, seen):
+                for layer, value in zip(cache.layers, values):
+                    layer.seen = value
+        return logits

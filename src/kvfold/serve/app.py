@@ -113,6 +113,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             "queue_capacity": ("The --queue bound.", config.queue),
             "running_requests": ("Requests being decoded together (at most --max-batch).", engine.running_requests),
             "decode_steps": ("Joint decode steps run (one forward for every running request).", engine.steps),
+            "decode_graph_replays": ("Joint decode steps replayed from a CUDA graph (GPU).",
+                                     engine.graphs.replays if engine.graphs is not None else 0),
         }
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 

@@ -37,7 +37,9 @@ class ServeConfig:
     kv_budget bounds every KV byte the server holds: prefix-cache snapshots plus the running requests' caches
     (see `prefix_cache` for what is counted). block is the prefix cache's segment length in tokens. max_batch
     requests are decoded together, one joint forward per step; with `fast` each request's layers store and read
-    through the fast loop's in-place pages and device page tables (`fastpath.Segments`), else the normal path.
+    through the fast loop's in-place pages and device page tables (`fastpath.Segments`), else the normal path;
+    with `cuda_graphs` too (on a GPU), a step of requests that keep decoding together is replayed from a CUDA graph
+    (`joint.JointGraphs`).
     """
 
     model_id: str = "embedded:SmolLM2-135M-Instruct"
@@ -53,6 +55,7 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request gives no max_tokens
     log_prompts: bool = False
     fast: bool = True
+    cuda_graphs: bool = True
     compressor: Compressor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,7 +72,8 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise KVFoldError(f"{name} must be a positive integer or None (no limit), got {value!r}")
-        if not isinstance(self.fast, bool):
-            raise KVFoldError(f"fast must be True or False, got {self.fast!r}")
+        for name in ("fast", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise KVFoldError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.api_keys, tuple) or any(not isinstance(k, str) or len(k) < 8 for k in self.api_keys):
             raise KVFoldError("API keys must be strings of at least 8 characters (a tuple of them)")

@@ -6,7 +6,9 @@ together — one forward of batch B through a `joint.JointCache`, where row i at
 compressed cache (its own method, clocks and positions). When its prompt is in, the request joins the batch; when
 it stops, it leaves, and the next queued one starts prefilling. The weights are read once per step for all of
 them, which is what makes serving B requests cheaper than B times one; and a long prompt delays the running
-streams by one block per step, not by its whole prefill.
+streams by one block per step, not by its whole prefill. Every request's cache draws on the engine's one
+`pages.PoolSet`, so the requests of one method read a layer in one kernel launch (`fastpath.joint_step`), and on a
+GPU the step of requests that keep decoding together is replayed from a CUDA graph (`joint.JointGraphs`).
 
 Admission is by KV bytes: a request joins only if the prefix cache can make room for the bytes it may still add
 (prompt left to prefill + max_tokens, an upper bound) on top of what the running requests may still add. One that
@@ -29,7 +31,7 @@ from ..api import prefill, stop_token_ids, use_kvfold_attention
 from ..cache import KVFoldCache
 from ..compressor import Compressor
 from ..fastpath import Segments
-from ..joint import JointCache
+from ..joint import JointCache, JointGraphs
 from ..models import cache_keyword, check_supported, context_limit
 from ..pages import PoolSet
 from .config import ServeConfig
@@ -55,6 +57,9 @@ class Engine:
         self.stop_ids = stop_token_ids(model, tokenizer)
         parameter = next(model.parameters())
         self.device, self.element_size = parameter.device, parameter.element_size()
+        # the joint step replayed from a CUDA graph while the same requests decode together (GPU, fast path)
+        self.graphs = (JointGraphs(model, self.device) if config.fast and config.cuda_graphs
+                       and self.device.type == "cuda" else None)
         self._queue = JobQueue(config.queue)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -256,18 +261,27 @@ class Engine:
             return
         self.peak_batch = max(self.peak_batch, len(going))
         try:
+            caches = [running.cache for running in going]
+            ids = torch.tensor([[running.token] for running in going], device=self.device)
             if self.config.fast:
+                moved = False
                 for running in going:
                     if running.segments is None:
                         left = running.request.max_tokens - running.usage.completion_tokens  # forwards, at most
                         running.segments = Segments(list(running.cache.layers), self.device, left)
-                    running.segments.begin()
-                for running in going:  # forks of one prefix share pools: another's begin (or a prefill, or an
-                    running.segments.refresh()  # eviction since the last step) may have moved them
-            joint = JointCache([running.cache for running in going])
-            ids = torch.tensor([[running.token] for running in going], device=self.device)
-            logits = self.model(input_ids=ids, position_ids=joint.positions(self.device), use_cache=True,
-                                **{cache_keyword(self.model): joint}).logits[:, -1].float().cpu()
+                    moved |= not running.segments.begin()
+                for running in going:  # the caches share pools: another's begin (or a prefill, or an eviction
+                    moved |= running.segments.refresh()  # since the last step) may have moved them
+                positions = torch.tensor([[running.segments.seen] for running in going], device=self.device)
+                if self.graphs is not None and not self.graphs.failed and JointGraphs.applies(caches):
+                    logits = self.graphs.step(caches, ids, positions, moved).float().cpu()
+                else:
+                    logits = self.model(input_ids=ids, position_ids=positions, use_cache=True,
+                                        **{cache_keyword(self.model): JointCache(caches)}).logits[:, -1].float().cpu()
+            else:
+                joint = JointCache(caches)
+                logits = self.model(input_ids=ids, position_ids=joint.positions(self.device), use_cache=True,
+                                    **{cache_keyword(self.model): joint}).logits[:, -1].float().cpu()
         except Exception:  # noqa: BLE001  a failed step fails every request in it (it cannot be retried: earlier
             # layers already stored the token); which request's method raised is unknown, so all get a 500
             logger.exception("a joint decode step of %d requests failed", len(going))
