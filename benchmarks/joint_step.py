@@ -141,7 +141,7 @@ def main() -> None:
              "graph: joint, replayed from a CUDA graph.",
              "", "| method | batch | path | ms per step | ms per request | speed-up over normal |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['batch']} | {r['path']} | {r['step_ms']} | {r['ms_per_request']} | "
-              f"{r['speedup_vs_normal']} |" for r in rows]
+              f"{r['speedup_vs_normal'] or '—'} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
