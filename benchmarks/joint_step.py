@@ -34,8 +34,8 @@ import kvfold  # noqa: E402
 from kvfold.api import prefill, use_kvfold_attention  # noqa: E402
 from kvfold.cache import KVFoldCache  # noqa: E402
 from kvfold.fastpath import Segments  # noqa: E402
-from kvfold.joint import JointCache, JointGraphs  # noqa: E402
-from kvfold.models import cache_keyword, load_model  # noqa: E402
+from kvfold.joint import JointCache, JointGraphs, joint_forward  # noqa: E402
+from kvfold.models import load_model  # noqa: E402
 from kvfold.pages import PoolSet  # noqa: E402
 from chunked_prefill import CONFIGS, random_model  # noqa: E402
 
@@ -50,7 +50,7 @@ def sync(device: str) -> None:
 def step_ms(model, caches: list[KVFoldCache], segments: list[Segments] | None, steps: int, warmup: int,
             device: str, graphs: JointGraphs | None = None) -> float:
     """Median wall time of a joint one-token forward, as the engine runs it (segments begun and refreshed)."""
-    keyword, times = cache_keyword(model), []
+    times = []
     ids = torch.full((len(caches), 1), 42, device=device)
     for step in range(warmup + steps):
         sync(device)
@@ -61,8 +61,7 @@ def step_ms(model, caches: list[KVFoldCache], segments: list[Segments] | None, s
             positions = torch.tensor([[group.seen] for group in segments], device=device)
             graphs.step(caches, ids, positions, moved)
         else:
-            joint = JointCache(caches)
-            model(input_ids=ids, position_ids=joint.positions(device), use_cache=True, **{keyword: joint})
+            joint_forward(model, caches, ids, JointCache(caches).positions(device))
         for group in (segments or ()):
             group.advance()
         sync(device)

@@ -78,26 +78,15 @@ class _Runner:
         return logits
 
     def _warm_up_and_capture(self) -> torch.Tensor:
-        """Run this step eagerly on the capture stream (Triton compiles, cuBLAS gets its workspace), then capture
-        the next one; capturing runs nothing, so the cache is unchanged by it."""
-        current = torch.cuda.current_stream(self.ids.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            logits = self._forward().clone()
-        current.wait_stream(self.stream)
-        seen = [layer.seen for layer in self.layers]
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                graph_logits = self._forward()
-        except Exception as error:  # noqa: BLE001  an unsupported model: stay eager, say why once
+        """Run this step eagerly, then capture the next one (`fastpath.run_then_capture`; `ids` and `positions`
+        are already the static inputs)."""
+        logits, graph, graph_logits, error = fastpath.run_then_capture(self.ids.device, self.stream, self.layers,
+                                                                       self._forward, self._forward)
+        if error is not None:
             warnings.warn(f"kvfold: CUDA graph capture failed, decoding eagerly ({error})", stacklevel=2)
             self.graphs = False
         else:
             self.graph, self.graph_logits, self.captured = graph, graph_logits, True
-        finally:
-            for layer, value in zip(self.layers, seen):
-                layer.seen = value
         return logits
 
     def close(self) -> None:

@@ -159,6 +159,30 @@ def joint_step(layers: list, keys: torch.Tensor, values: torch.Tensor, query: to
     return out.view(n, q_heads, 1, dim).transpose(1, 2)
 
 
+def run_then_capture(device: torch.device, stream: torch.cuda.Stream, layers: list, run, run_static
+                     ) -> tuple[torch.Tensor, torch.cuda.CUDAGraph | None, torch.Tensor | None, Exception | None]:
+    """Run a model step eagerly on `stream` (the step's real work; Triton compiles, cuBLAS gets its workspace),
+    then capture `run_static` (the same step on the static inputs a replay reads) into a CUDA graph. Capturing runs
+    nothing, but the captured forward advanced the layers' `seen` counters: they are put back. Returns the eager
+    step's logits, then the graph and its output, or (None, None, the error) when the capture failed."""
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        logits = run().clone()
+    current.wait_stream(stream)
+    seen = [layer.seen for layer in layers]
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            output = run_static()
+    except Exception as error:  # noqa: BLE001  an unsupported model: the caller decodes eagerly
+        return logits, None, None, error
+    finally:
+        for layer, value in zip(layers, seen):
+            layer.seen = value
+    return logits, graph, output, None
+
+
 def tail_bound(layer, max_steps: int) -> int:
     """The most full-precision tokens a row's tail will hold during `max_steps` more steps."""
     quantizer = layer.compressor.quantizer

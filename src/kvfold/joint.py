@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVFoldError
-from .fastpath import joint_key, joint_step
+from .fastpath import joint_key, joint_step, run_then_capture
 from .layer import KVFoldLayer, StagedKV
 
 
@@ -113,6 +113,14 @@ def layer_rows(cache) -> set[int]:
     return {layer.batch_size for layer in cache.layers if layer.is_initialized}
 
 
+def joint_forward(model, caches: Sequence, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, vocab] of one joint step: row i is `caches[i]`'s next token `tokens[i]` at `positions[i]`."""
+    from .models import cache_keyword
+
+    return model(input_ids=tokens, position_ids=positions, use_cache=True,
+                 **{cache_keyword(model): JointCache(caches)}).logits[:, -1]
+
+
 class JointGraphs:
     """Replays a server's joint decode step from a CUDA graph while the same requests keep decoding together.
 
@@ -121,19 +129,19 @@ class JointGraphs:
     it read: it is captured for one set of requests, once that set has run `calm` steps unchanged, and dropped when
     a request joins or leaves, or a segment or another request's prefill moved a table or pool. Positions come from
     the segments' clocks (`Segments.seen`), which replays keep, not from the layers' counters, which they skip.
+    A set of requests that cannot be captured (`applies`) runs eagerly.
     """
 
     def __init__(self, model, device: torch.device, calm: int = 2) -> None:
-        from .models import cache_keyword
-
-        self.model, self.device, self.calm, self.keyword = model, device, calm, cache_keyword(model)
+        self.model, self.device, self.calm = model, device, calm
         self.stream = torch.cuda.Stream(device)
         self.key: tuple | None = None
+        self.capturable = False  # whether the requests of `key` can be captured (`applies`)
         self.unchanged = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.ids = self.positions = self.logits = None
         self.captures = self.replays = 0
-        self.failed: str | None = None  # why a capture failed: the caller then decodes eagerly
+        self.failed: str | None = None  # why a capture failed: every step is eager from then on
 
     @staticmethod
     def applies(caches: Sequence) -> bool:
@@ -151,7 +159,8 @@ class JointGraphs:
         """Logits [batch, vocab] of one joint step of `caches` (fast segments begun) on `tokens` at `positions`
         ([batch, 1] each). `moved`: a segment began with new tables or a pool moved since the last step."""
         key = tuple(id(cache) for cache in caches)
-        if moved or key != self.key:
+        if moved or key != self.key:  # what decides `applies` is fixed for a set of requests: checked once
+            self.capturable = self.capturable if key == self.key else self.applies(caches)
             self.key, self.unchanged, self.graph = key, 0, None
         if self.graph is not None:
             self.ids.copy_(tokens)
@@ -160,34 +169,15 @@ class JointGraphs:
             self.replays += 1
             return self.logits
         self.unchanged += 1
-        if self.unchanged < self.calm:
-            return self._forward(caches, tokens, positions)
-        return self._run_and_capture(caches, tokens, positions)
-
-    def _forward(self, caches: Sequence, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, position_ids=positions, use_cache=True,
-                          **{self.keyword: JointCache(caches)}).logits[:, -1]
-
-    def _run_and_capture(self, caches: Sequence, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run this step on the capture stream (Triton compiles, cuBLAS gets its workspace), then capture the next
-        one into static inputs; capturing runs nothing, so the caches are unchanged by it."""
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            logits = self._forward(caches, tokens, positions).clone()
-        current.wait_stream(self.stream)
-        seen = [[layer.seen for layer in cache.layers] for cache in caches]
+        if self.failed or not self.capturable or self.unchanged < self.calm:
+            return joint_forward(self.model, caches, tokens, positions)
         self.ids, self.positions = tokens.clone(), positions.clone()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self.logits = self._forward(caches, self.ids, self.positions)
-            self.graph = graph
+        logits, self.graph, self.logits, error = run_then_capture(
+            self.device, self.stream, [layer for cache in caches for layer in cache.layers],
+            lambda: joint_forward(self.model, caches, tokens, positions),
+            lambda: joint_forward(self.model, caches, self.ids, self.positions))
+        if error is not None:
+            self.failed = f"{type(error).__name__}: {error}"
+        else:
             self.captures += 1
-        except Exception as error:  # noqa: BLE001  an unsupported model: the caller decodes eagerly from now on
-            self.graph, self.failed = None, f"{type(error).__name__}: {error}"
-        finally:
-            for cache, values in zip(caches, seen):
-                for layer, value in zip(cache.layers, values):
-                    layer.seen = value
         return logits

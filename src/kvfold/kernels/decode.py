@@ -301,7 +301,7 @@ def write_tokens(pool: dict[str, torch.Tensor], table: torch.Tensor, lengths: to
     if position.numel() not in (1, rows) or not position.is_contiguous():
         raise ValueError(f"write_tokens: position needs 1 or {rows} contiguous elements, got {position.numel()}")
     write_token_kernel[(rows,)](table, lengths, table.shape[1], k, v, pos, keys, values, keys.stride(0), position,
-                                int(position.numel() == rows and rows > 1), P=k.shape[1], D=dim, num_warps=1)
+                                int(position.numel() > 1), P=k.shape[1], D=dim, num_warps=1)
 
 
 @functools.cache

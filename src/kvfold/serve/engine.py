@@ -31,8 +31,8 @@ from ..api import prefill, stop_token_ids, use_kvfold_attention
 from ..cache import KVFoldCache
 from ..compressor import Compressor
 from ..fastpath import Segments
-from ..joint import JointCache, JointGraphs
-from ..models import cache_keyword, check_supported, context_limit
+from ..joint import JointGraphs, joint_forward
+from ..models import check_supported, context_limit
 from ..pages import PoolSet
 from .config import ServeConfig
 from .jobs import Event, GenerationRequest, Job, JobQueue, Running, ServeError, Usage, error_status
@@ -273,15 +273,11 @@ class Engine:
                 for running in going:  # the caches share pools: another's begin (or a prefill, or an eviction
                     moved |= running.segments.refresh()  # since the last step) may have moved them
                 positions = torch.tensor([[running.segments.seen] for running in going], device=self.device)
-                if self.graphs is not None and not self.graphs.failed and JointGraphs.applies(caches):
-                    logits = self.graphs.step(caches, ids, positions, moved).float().cpu()
-                else:
-                    logits = self.model(input_ids=ids, position_ids=positions, use_cache=True,
-                                        **{cache_keyword(self.model): JointCache(caches)}).logits[:, -1].float().cpu()
             else:
-                joint = JointCache(caches)
-                logits = self.model(input_ids=ids, position_ids=joint.positions(self.device), use_cache=True,
-                                    **{cache_keyword(self.model): joint}).logits[:, -1].float().cpu()
+                moved, positions = False, torch.tensor([[cache.get_seq_length()] for cache in caches],
+                                                       device=self.device)
+            logits = (self.graphs.step(caches, ids, positions, moved) if self.graphs is not None
+                      else joint_forward(self.model, caches, ids, positions)).float().cpu()
         except Exception:  # noqa: BLE001  a failed step fails every request in it (it cannot be retried: earlier
             # layers already stored the token); which request's method raised is unknown, so all get a 500
             logger.exception("a joint decode step of %d requests failed", len(going))
