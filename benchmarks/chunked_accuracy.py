@@ -28,16 +28,21 @@ from kvfold.bench.tasks import make_samples, score  # noqa: E402
 def settings(args) -> list[dict]:
     out = [{"study": "chunk-cost", "task": task, "length": args.length, "method": "none", "chunk": None}
            for task in args.tasks.split(",")]
-    for scorer in args.scorers.split(","):
+    for method in methods(args):
         for chunk in [None] + [int(c) for c in args.chunks.split(",")]:
             for task in args.tasks.split(","):
-                out.append({"study": "chunk-cost", "task": task, "length": args.length,
-                            "method": f"{scorer}:{args.ratio}", "chunk": chunk})
+                out.append({"study": "chunk-cost", "task": task, "length": args.length, "method": method,
+                            "chunk": chunk})
     for method, chunk in (("none", None), ("snapkv:budget=1024", None), ("snapkv:budget=1024", 1024)):
         if args.long_length:
             out.append({"study": "8k-needle", "task": "niah", "length": args.long_length, "method": method,
                         "chunk": chunk})
     return out
+
+
+def methods(args) -> list[str]:
+    """Each scorer at the ratio, once per `--compose` suffix (e.g. '+kivi:4')."""
+    return [f"{scorer}:{args.ratio}{suffix}" for scorer in args.scorers.split(",") for suffix in args.compose.split(";")]
 
 
 def key(setting: dict, sample: int) -> str:
@@ -72,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scorers", default="snapkv,streaming,knorm,h2o")
     parser.add_argument("--ratio", type=float, default=0.75)
+    parser.add_argument("--compose", default="", help="';'-separated suffixes each scorer also runs with, e.g. "
+                        "';+kivi:4;+kivi:4,defer=true' (the empty one: the scorer alone)")
     parser.add_argument("--chunks", default="512,1024,2048")
     parser.add_argument("--tasks", default="niah,multikey,multiturn")
     parser.add_argument("--length", type=int, default=4096)
@@ -122,8 +129,7 @@ def table(rows: list[dict], args) -> str:
         if got:
             lines.append(f"| none (uncompressed) | {task} | {statistics.mean(r['score'] for r in got):.2f} | "
                          + " | ".join("" for _ in chunks[1:]) + " |")
-    for scorer in args.scorers.split(","):
-        method = f"{scorer}:{args.ratio}"
+    for method in methods(args):
         for task in args.tasks.split(","):
             cells = []
             for chunk in chunks:

@@ -69,11 +69,13 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def random_model(config_name: str) -> torch.nn.Module:
-    """A randomly initialised model of a real shape (`CONFIGS`) on the GPU, in bfloat16, seeded."""
+def random_model(config_name: str, layers: int | None = None) -> torch.nn.Module:
+    """A randomly initialised model of a real shape (`CONFIGS`) on the GPU, in bfloat16, seeded; `layers` keeps
+    only the first that many (what costs per layer is measured on fewer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**CONFIGS[config_name], attn_implementation="sdpa")
+    shape = CONFIGS[config_name] | ({"num_hidden_layers": layers} if layers else {})
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # build in bf16: no float32 copy of 8B weights on the way
     try:

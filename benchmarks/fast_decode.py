@@ -164,6 +164,11 @@ def common_prefix(a: list[list[int]], b: list[list[int]]) -> int:
                for ra, rb in zip(a, b))
 
 
+def split_methods(text: str) -> list[str]:
+    """'a,b' or, when specs carry knobs, 'a;b,knob=1'."""
+    return [m for m in text.split(";" if ";" in text else ",") if m]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -172,7 +177,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--methods", default="none,kivi:4,kivi:2,snapkv:0.75,snapkv:0.75+kivi:4")
+    parser.add_argument("--methods", default="none,kivi:4,kivi:2,snapkv:0.75,snapkv:0.75+kivi:4",
+                        help="comma-separated, or ';'-separated when a spec has knobs (kivi:4,defer=true)")
     parser.add_argument("--normal", default="none,kivi:4,snapkv:0.75+kivi:4",
                         help="methods also run through the normal kvfold path (slow at long contexts)")
     parser.add_argument("--eager", default="none,kivi:4", help="methods also run fast without CUDA graphs")
@@ -192,11 +198,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(10, model.config.vocab_size, (args.batch, args.length), generator=gen).to(args.device)
     runs = [("transformers", None, False, False)]
-    for spec in args.methods.split(","):
+    for spec in split_methods(args.methods):
         runs.append(("kvfold", spec, True, True))
-        if spec in args.eager.split(",") and args.device == "cuda":
+        if spec in split_methods(args.eager) and args.device == "cuda":
             runs.append(("kvfold", spec, True, False))
-        if spec in args.normal.split(","):
+        if spec in split_methods(args.normal):
             runs.append(("kvfold", spec, False, False))
     rows, normal_tokens = [], {}
     for kind, spec, fast, graphs in runs:

@@ -36,8 +36,11 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
-    chunked) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4 --normal "" --eager "" \
-               --prefill-chunk 4096 --out "$OUT/fast_decode_chunked.json" 2>&1 | grep -v Warn | tail -8 ;;
+    chunked) for chunk in 2048 4096; do  # kept tokens packed as the chunks go, against defer=true (16-bit until the end)
+               timeout 280 python benchmarks/fast_decode.py --methods "snapkv:0.75+kivi:4;snapkv:0.75+kivi:4,defer=true" \
+                 --normal "" --eager "" --prefill-chunk $chunk --out "$OUT/fast_decode_chunk$chunk.json" 2>&1 \
+                 | grep -v Warn | tail -8
+             done ;;
     serve) carry_wheels
            python -c "import fastapi, uvicorn, openai; print('serve deps: fastapi', fastapi.__version__)"
            model=/tmp/kvfold_llama8b  # random weights of Llama-3.1-8B's shape, the embedded tokenizer (carried)

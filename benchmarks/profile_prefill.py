@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kvfold.api import make_cache, prefill, use_kvfold_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chunked_prefill import CONFIGS  # noqa: E402
+from chunked_prefill import CONFIGS, random_model  # noqa: E402
 
 
 def totals(prof, device: bool, top: int) -> tuple[float, list[dict]]:
@@ -54,14 +54,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        config = LlamaConfig(**{**CONFIGS[args.config], "num_hidden_layers": args.layers}, attn_implementation="sdpa")
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_model(args.config, args.layers)
     ids = torch.randint(10, model.config.vocab_size, (args.batch, args.length),
                         generator=torch.Generator().manual_seed(1)).cuda()
 

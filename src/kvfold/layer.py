@@ -17,7 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .compressor import Compressor
 from .errors import KVFoldError
-from .methods.base import ScoreInputs
+from .methods.base import COMMITTED, ScoreInputs, top_mask
 from .packing import Packer, gather_tokens
 from .pages import Field, PagedRows, PagePool, PoolSet
 from .reading import StoreReader
@@ -224,6 +224,8 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             self.lowrank_group.report(self)
         if evicts and self.chunking:
             self._recompress(*self._observation(query, query_positions))
+            if self.packed is not None and not self.compressor.quantizer.defer:
+                self._pack_chunk()
         if self.chunking:  # the chunk's pages that packing or eviction emptied go back to the allocator now, so a
             # chunked prefill's peak holds one chunk of one layer beyond what the layers keep, not one per layer
             self._give_back_free_pages()
@@ -278,17 +280,36 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             self._pack_full_groups()
         self._give_back_free_pages()
 
+    def _pack_chunk(self) -> None:
+        """After a chunk's eviction: pack what the tail holds beyond the residual (its first tokens to the sinks
+        first, once). Packed tokens are final: later chunks evict from the tail only (see `Quantizer`)."""
+        if self.sinks is not None and int(self.sinks.lengths.sum()) == 0:
+            self._sinks_from_full()
+        self._pack_full_groups()
+
     def _give_back_free_pages(self) -> None:
         for _, rows in self.stores() if self.is_initialized else ():
             rows.defragment()
             rows.pool.trim()
 
-    def _keep_mask(self, inputs: ScoreInputs, n_tokens: torch.Tensor) -> torch.Tensor:
-        """Which of `inputs`' valid tokens the method keeps, when `n_tokens` [batch] tokens have been read."""
+    def _keep_mask(self, inputs: ScoreInputs, n_tokens: torch.Tensor,
+                   committed: torch.Tensor | None = None) -> torch.Tensor:
+        """Which of `inputs`' valid tokens the method keeps, when `n_tokens` [batch] tokens have been read.
+
+        `committed` [batch, heads, tokens] marks tokens that stay whatever they score (packed ones). The budget
+        decides how many tokens each row keeps from everyone's scores, as without them; each row then keeps its
+        committed tokens first and its best others up to that count. A row whose committed tokens already pass its
+        count (a head whose share shrank: Ada-KV, Task-KV) keeps them all and nothing else."""
         scores = self.compressor.scorer.score(inputs)
         count = self.compressor.scorer.keep_count(n_tokens).to(scores.device)
         keep = self.compressor.budget.select(scores, count, self.layer_idx, self.num_layers, inputs)
-        return inputs.valid & keep & torch.isfinite(scores)
+        keep = inputs.valid & keep & torch.isfinite(scores)
+        if committed is None:
+            return keep
+        first = torch.where(committed, COMMITTED + inputs.positions.double(), scores)
+        rows = first.shape[0] * first.shape[1]
+        keep_first = top_mask(first.reshape(rows, -1), keep.sum(dim=-1).reshape(rows)).view_as(keep)
+        return inputs.valid & keep_first & torch.isfinite(scores)
 
     def _merge(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,20 +369,50 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
                 rows.pool.release(rows.pop_first_pages(candidates))
 
     def _recompress(self, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
-        """Score every stored (full-precision) token with `queries` and evict down to the budget of all tokens
-        seen so far (decode-time compression, and each chunk of a chunked prefill)."""
+        """Score every stored token with `queries` and evict full-precision ones down to the budget of all tokens
+        seen so far (decode-time compression, and each chunk of a chunked prefill). Tokens already packed (and
+        sinks) are scored with the rest, from their decoded pages, but stay: they take their part of the budget."""
         if int(self.full.lengths.max()) == 0:
             return
         rows, valid = self.full_rows()
         shape = (self.batch_size, self.kv_heads, valid.shape[1])
         flat = {n: t.reshape(*shape, *t.shape[2:]) for n, t in rows.items()}
         valid = valid.reshape(shape)
-        inputs = ScoreInputs(queries, query_positions, flat["k"], flat["v"], flat["pos"].long(), valid, self.scale,
-                             self.inv_freq)
-        keep = self._keep_mask(inputs, self.valid_seen)
+        committed_slots = sum(store.table.shape[1] * store.page_size for name, store in self.stores() if name != "full")
+        if committed_slots:
+            keys, values, positions, all_valid = self._candidates(flat, valid, committed_slots)
+            committed = torch.zeros_like(all_valid)
+            committed[..., :committed_slots] = all_valid[..., :committed_slots]
+        else:
+            keys, values, positions, all_valid, committed = flat["k"], flat["v"], flat["pos"].long(), valid, None
+        inputs = ScoreInputs(queries, query_positions, keys, values, positions, all_valid, self.scale, self.inv_freq)
+        keep = self._keep_mask(inputs, self.valid_seen, committed)[..., keys.shape[2] - valid.shape[2]:]
         flat["k"], flat["v"] = self._merge(flat["k"], flat["v"], keep, valid)
         kept, counts = compact(flat, keep)
         self.full.fill(kept, counts)
+
+    def _candidates(self, tail: dict[str, torch.Tensor], valid: torch.Tensor, committed_slots: int):
+        """The sinks' and packed pages' tokens (decoded, in the tail's dtype) followed by the tail's, as eviction
+        scores them: keys, values [batch, heads, slots, dim], positions, valid [batch, heads, slots]. Filled in
+        place one page chunk at a time, so the float32 decode never holds the whole store."""
+        batch, heads, width = valid.shape
+        slots = committed_slots + width
+        keys = tail["k"].new_empty(batch, heads, slots, self.head_dim)
+        values = tail["v"].new_empty(batch, heads, slots, self.head_dim)
+        positions = torch.empty(batch, heads, slots, dtype=torch.long, device=valid.device)
+        all_valid = torch.zeros(batch, heads, slots, dtype=torch.bool, device=valid.device)
+        at = 0
+        for chunk in self.chunks(only=("sinks", "packed")):
+            span = slice(at, at + chunk.keys.shape[1])
+            keys[:, :, span] = chunk.keys.view(batch, heads, -1, self.head_dim)
+            values[:, :, span] = chunk.values.view(batch, heads, -1, self.head_dim)
+            positions[:, :, span] = chunk.positions.view(batch, heads, -1)
+            all_valid[:, :, span] = chunk.valid.view(batch, heads, -1)
+            at = span.stop
+        assert at == committed_slots, (at, committed_slots)
+        keys[:, :, at:], values[:, :, at:] = tail["k"], tail["v"]
+        positions[:, :, at:], all_valid[:, :, at:] = tail["pos"], valid
+        return keys, values, positions, all_valid
 
     # ---- accounting and sharing --------------------------------------------------------------------------------
     def pools(self) -> list[PagePool]:

@@ -153,13 +153,16 @@ class StoreReader:
             return None
         return sum(rows.table.shape[1] * rows.page_size for _, rows in self.stores())
 
-    def chunks(self, latent: bool = False):
+    def chunks(self, latent: bool = False, only: tuple[str, ...] | None = None):
         """The stored K/V as decoded chunks, oldest first: low-rank latents (rebuilt, or with `latent` as a
-        `LatentChunk` that `paged_attention` reads in the latent space), sinks, packed pages, the tail."""
-        if self.lowrank is not None:
+        `LatentChunk` that `paged_attention` reads in the latent space), sinks, packed pages, the tail; `only`
+        names the stores to read (e.g. ("sinks", "packed")), leaving out the latents."""
+        if self.lowrank is not None and only is None:
             yield (self.lowrank.layer_latents(self.layer_idx, self.kv_heads) if latent
                    else KVChunk(*self.lowrank.layer_kv(self.layer_idx, self.kv_heads)))
         for name, rows in self.stores():
+            if only is not None and name not in only:
+                continue
             if name == "packed":
                 for fields, valid in rows.read(tuple(rows.pool.fields), PAGE_CHUNK):
                     k, v = self.compressor.quantizer.decode(fields)

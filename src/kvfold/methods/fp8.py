@@ -21,7 +21,7 @@ import torch
 from ..errors import KVFoldError
 from ..kernels.reference import SCALE_DTYPE
 from ..pages import Field
-from .base import Quantizer, check_int, register
+from .base import Quantizer, check_bool, check_int, register
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 SCALES = ("token", "page")
@@ -53,6 +53,7 @@ class FP8(Quantizer):
         check_int("fp8: group", self.group, 1, "tokens per page")
         check_int("fp8: residual", self.residual, 0, "newest tokens kept in full precision")
         check_int("fp8: sink", self.sink, 0, "first tokens of each row kept in full precision")
+        check_bool("fp8: defer", self.defer, "pack the kept tokens only once a chunked prefill ends")
 
     @property
     def dtype(self) -> torch.dtype:
