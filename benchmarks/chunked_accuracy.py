@@ -30,6 +30,8 @@ def settings(args) -> list[dict]:
            for task in args.tasks.split(",")]
     for method in methods(args):
         for chunk in [None] + [int(c) for c in args.chunks.split(",")]:
+            if chunk is None and "defer=true" in method:  # defer changes only a chunked prefill
+                continue
             for task in args.tasks.split(","):
                 out.append({"study": "chunk-cost", "task": task, "length": args.length, "method": method,
                             "chunk": chunk})

@@ -134,3 +134,23 @@ def test_packed_tokens_are_rounded_once(tiny_llama):
         assert (key_error <= 0.5 * key_step[row][ok] + 2e-3 * keys[row, pos].abs() + 1e-5).all()
         assert (value_error <= 0.5 * value_step[row][ok] + 2e-3 * values[row, pos].abs() + 1e-5).all()
         assert len(pos) == 224 and len(set(pos.tolist())) == 224
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_layers_pack_as_they_go(family):
+    """Sliding layers (window 64) drop whole packed pages that left the window, oldest first: packing after each
+    chunk keeps the pages in position order, so they still can."""
+    from .tiny_models import tiny_model
+
+    model = tiny_model(family)
+    ids = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(11))
+    spec = "snapkv:budget=96,window=8+kivi:4,group=16,residual=16"
+    cache, logits = run(model, spec, ids, chunk=64)
+    deferred, _ = run(model, spec.replace("residual=16", "residual=16,defer=true"), ids, chunk=64)
+    assert torch.isfinite(logits).all()
+    for layer, other in zip(cache.layers, deferred.layers):
+        assert all(int(p.max()) == 399 for row in layer.kept_positions() for p in row)
+        if layer.is_sliding:  # nothing older than the window's pages stays
+            assert all(int(p.min()) >= 399 - 64 - 16 for row in layer.kept_positions() for p in row)
+        else:
+            assert torch.equal(layer.row_lengths(), other.row_lengths())

@@ -34,7 +34,6 @@ def test_composition_builds_the_right_parts():
     ("kivi:2+kivi:4", "two quantizers"),
     ("kivi:2@adakv", "applies to an eviction method"),
     ("snapkv:0.5@kivi", "is not a budget"),
-    ("snapkv:0.5,every=4+kivi:4", "not supported yet"),
     ("snapkv:0.5,kernel=4", "kernel must be odd"),
     ("none:0.5", "needs a name"),
 ])

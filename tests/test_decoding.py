@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 PROMPTS = [list(range(5, 205)), list(range(30, 130)), [7] + list(range(9, 250))]
 SPECS = ["none", "snapkv:0.5", "snapkv:0.5@adakv", "kivi:4,group=16,residual=16,sink=3",
          "snapkv:0.5@adakv+kivi:2,group=16,residual=32", "snapkv:0.5,every=8", "streaming:0.5", "rotate+fp8",
-         "h2o:0.5,every=4"]
+         "h2o:0.5,every=4", "snapkv:0.5,every=8+kivi:4,group=16,residual=16"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_fast_loop_gives_the_tokens_and_cache_of_the_normal_path(model, spec):
     assert fast.forwards == slow.forwards
 
 
-@pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16", "snapkv:0.5,every=8", "snapkv:0.5+fp8:group=16"])
+@pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16", "snapkv:0.5,every=8", "snapkv:0.5+fp8:group=16",
+                                  "h2o:0.5,every=4+kivi:2,group=16,residual=32"])
 def test_fast_loop_stores_the_same_tokens_and_gives_its_reserve_back(model, spec):
     ids = torch.tensor([PROMPTS[0]], device=DEVICE)
     caches = []

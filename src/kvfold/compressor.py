@@ -99,9 +99,6 @@ class Compressor:
         if self.lowrank is not None and (self.evicts or self.quantizer is not None or self.merger is not None):
             raise KVFoldError(f"{self.lowrank.name} factors the whole prompt of groups of layers; it does not compose "
                               f"with eviction, merging or quantizers yet: use '{self.lowrank.spec()}' alone")
-        if self.scorer.every and self.quantizer is not None:
-            raise KVFoldError("decode-time eviction (every=) over quantized pages is not supported yet: "
-                              "drop every= or the quantizer")
 
     @property
     def evicts(self) -> bool:

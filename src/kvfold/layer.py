@@ -256,16 +256,17 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
                 "pos": position.to(torch.int32).expand(rows)}
 
     def after_decode(self, tokens: int) -> None:
-        """The clocked work of decoding, after the step(s) that brought `seen` to its value attended: pack the
-        tail's whole groups each time `seen` passes a multiple of the quantizer's `group`, and re-apply the budget
-        each time it passes a multiple of `every` (decode-time compression). On a clock shared by all rows, so
+        """The clocked work of decoding, after the step(s) that brought `seen` to its value attended: re-apply the
+        budget each time `seen` passes a multiple of `every` (decode-time compression, evicting from the
+        full-precision tail), then pack the tail's whole groups each time it passes a multiple of the quantizer's
+        `group`. On a clock shared by all rows, so
         the fast loop (`kvfold.decoding`) can run the steps in between without the host and do the same work."""
-        if self.packed is not None and self._ticked(self.compressor.quantizer.group, tokens):
-            self._pack_full_groups()
-        if self._ticked(self.compressor.scorer.every, tokens):
+        if self._ticked(self.compressor.scorer.every, tokens):  # before packing: packed tokens are final
             queries, positions = self.recent_queries
             window = max(1, self.compressor.scorer.window)
             self._recompress(queries[:, :, -window:], positions[-window:])
+        if self.packed is not None and self._ticked(self.compressor.quantizer.group, tokens):
+            self._pack_full_groups()
 
     def _ticked(self, period: int, tokens: int) -> bool:
         return bool(period) and self.seen // period > (self.seen - tokens) // period

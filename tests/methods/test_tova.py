@@ -95,6 +95,16 @@ def test_ratio_is_re_applied_after_every_decoded_token(tiny_llama):
     assert cache.nbytes() < none_bytes(tiny_llama, ids, steps=4)
 
 
+def test_with_a_quantizer_the_newest_tokens_are_evicted_before_they_are_packed(tiny_llama):
+    """Packed tokens are final: each step evicts from the float16 tail, within the budget less what is packed."""
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(24))
+    cache = run_spec(tiny_llama, "tova:0.5+kivi:4,group=16,residual=32", ids, steps=20)
+    for layer in cache.layers:
+        assert layer.row_lengths().flatten().tolist() == [ceil_half(320)] * layer.kv_heads
+        assert int(layer.packed.lengths.min()) > 0 and int(layer.full.lengths.max()) <= 32 + 15
+    assert cache.nbytes() < 0.5 * run_spec(tiny_llama, "tova:0.5", ids, steps=20).nbytes()
+
+
 def test_fixed_multi_state_size_while_decoding(tiny_llama):
     ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(23))
     cache = run_spec(tiny_llama, "tova:budget=40", ids, steps=6)
@@ -106,9 +116,7 @@ def test_fixed_multi_state_size_while_decoding(tiny_llama):
 def test_defaults_and_bad_knobs():
     scorer = Compressor.parse("tova:0.5").scorer
     assert (scorer.every, scorer.window, scorer.per_head) == (1, 1, False) and scorer.query_aware
-    with pytest.raises(KVFoldError, match="not supported yet"):
-        Compressor.parse("tova:0.5+kivi:4")  # decode-time eviction over packed pages
-    assert Compressor.parse("tova:0.5,every=0+kivi:4").quantizer is not None
+    assert Compressor.parse("tova:0.5+kivi:4").quantizer is not None  # decode-time eviction over the float16 tail
     with pytest.raises(KVFoldError, match="per_head must be true or false"):
         Compressor.parse("tova:0.5,per_head=2")
 
