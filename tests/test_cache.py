@@ -195,3 +195,23 @@ def test_compress_contexts_nest_and_restore_the_model(tiny_llama):
     assert inner.cache.compressor.quantizer is not None and outer.cache.compressor.spec == "snapkv:0.5"
     assert len(inner.caches) == 1 and len(outer.caches) == 1
     assert "generate" not in tiny_llama.__dict__ and tiny_llama.config._attn_implementation == before
+
+
+def test_remembered_queries_are_a_ring_written_in_place(tiny_llama):
+    """Decode-time compression reads the newest `window` queries: a fixed ring (so a CUDA graph's replays update
+    it), read oldest first; a fork gets its own."""
+    ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), use_kvfold_attention(tiny_llama):
+        cache = kvfold.make_cache(tiny_llama, "snapkv:0.5,window=8,every=64")
+        logits = tiny_llama(ids, past_key_values=cache).logits
+        layer = cache.layers[0]
+        ring = layer.recent_queries[0]
+        queries, positions = layer.recent_window()
+        assert positions.tolist() == list(range(32, 40)) and queries.shape[2] == 8
+        child = cache.fork()
+        for step in range(3):
+            token = logits[:, -1:].argmax(-1)
+            logits = tiny_llama(token, past_key_values=cache, position_ids=torch.tensor([[40 + step]])).logits
+        assert layer.recent_queries[0] is ring  # the same tensor, updated in place
+        assert layer.recent_window(5)[1].tolist() == [38, 39, 40, 41, 42]
+        assert child.layers[0].recent_window()[1].tolist() == list(range(32, 40))

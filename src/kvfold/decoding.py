@@ -48,11 +48,10 @@ class _Runner:
         self.layers = list(cache.layers)
         self.segments = fastpath.Segments(self.layers, ids.device, max_steps)
         self.fast = self.segments.fast
-        # A graph needs every layer on this one GPU, read by the kernel, and no eviction while decoding (its
-        # recent-query buffer is host-managed).
+        # A graph needs every layer on this one GPU, read by the kernel. Eviction while decoding runs on the host
+        # between segments; the queries it reads are kept in place (`KVFoldLayer._remember_queries`).
         self.graphs = (cuda_graphs and ids.device.type == "cuda" and all(f.use_kernel for f in self.fast)
-                       and all(layer.device == ids.device for layer in self.layers)
-                       and not any(layer.compressor.scorer.every for layer in self.layers))
+                       and all(layer.device == ids.device for layer in self.layers))
         self.stream = torch.cuda.Stream(ids.device) if self.graphs else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None

@@ -262,9 +262,7 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
         `group`. On a clock shared by all rows, so
         the fast loop (`kvfold.decoding`) can run the steps in between without the host and do the same work."""
         if self._ticked(self.compressor.scorer.every, tokens):  # before packing: packed tokens are final
-            queries, positions = self.recent_queries
-            window = max(1, self.compressor.scorer.window)
-            self._recompress(queries[:, :, -window:], positions[-window:])
+            self._recompress(*self.recent_window(max(1, self.compressor.scorer.window)))
         if self.packed is not None and self._ticked(self.compressor.quantizer.group, tokens):
             self._pack_full_groups()
 
@@ -326,14 +324,31 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
 
     def _remember_queries(self, query: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep the newest queries that decode-time compression (the scorer's window) or a token-ranking quantizer
-        (`remembered_queries`) reads later."""
+        (`remembered_queries`) reads later: a ring of fixed tensors, query position p in slot p % size, written in
+        place from device indices, so a captured CUDA graph's replays keep it up to date (`recent_window` reads it)."""
         scorer, quantizer = self.compressor.scorer, self.compressor.quantizer
-        window = max(max(1, scorer.window) if scorer.every else 0, quantizer.remembered_queries if quantizer else 0)
-        if not window:
+        size = max(max(1, scorer.window) if scorer.every else 0, quantizer.remembered_queries if quantizer else 0)
+        if not size:
             return
-        recent = query if self.recent_queries is None else torch.cat([self.recent_queries[0], query], dim=2)
-        pos = positions if self.recent_queries is None else torch.cat([self.recent_queries[1], positions])
-        self.recent_queries = (recent[:, :, -window:].clone(), pos[-window:].clone())
+        if self.recent_queries is None:
+            batch, heads, _, dim = query.shape
+            self.recent_queries = (query.new_zeros(batch, heads, size, dim),
+                                   torch.full((size,), -1, dtype=torch.long, device=query.device))
+        ring, ring_positions = self.recent_queries
+        taken = min(query.shape[2], size)
+        newest = positions[-taken:].to(ring_positions.device, torch.long)
+        slots = newest % size
+        ring.index_copy_(2, slots, query[:, :, -taken:].to(ring.dtype))
+        ring_positions.index_copy_(0, slots, newest)
+
+    def recent_window(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The newest `n` (default: all) remembered queries [batch, heads, n, dim] and their positions [n], oldest
+        first."""
+        ring, ring_positions = self.recent_queries
+        order = torch.argsort(ring_positions)
+        held = int((ring_positions >= 0).sum())
+        order = order[order.numel() - min(held, n or held):]
+        return ring[:, :, order], ring_positions[order]
 
     def _append_rows(self, keys, values, positions, keep, pack: bool = True, saliency=None) -> None:
         """Append kept tokens [batch, heads, tokens] to each row, then pack full groups (unless `pack` is False:
@@ -446,4 +461,6 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
             setattr(child, name, rows.fork() if rows is not None else None)
         if self.valid_seen is not None:
             child.valid_seen = self.valid_seen.clone()
+        if self.recent_queries is not None:  # written in place: each cache its own ring
+            child.recent_queries = tuple(t.clone() for t in self.recent_queries)
         return child

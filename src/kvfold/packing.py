@@ -126,7 +126,7 @@ class Packer:
 
     def _order_decoded_page(self, group: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Arrange pages packed from the tail [rows, group, ...] salient-first, ranked by the remembered queries."""
-        queries = self.recent_queries[0]
+        queries, _ = self.recent_window()
         batch, q_heads, n, dim = queries.shape
         per_row = queries.reshape(batch * self.kv_heads, q_heads // self.kv_heads * n, dim)[rows.to(queries.device)]
         order = self.compressor.quantizer.order_page(per_row, group["k"], self.scale)
