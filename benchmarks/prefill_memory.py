@@ -110,7 +110,8 @@ def main() -> None:
              "what the layers keep (`kept`).", "",
              "| method | kept | " + " | ".join(n[:-3] for n in names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in rows:
-        lines.append(f"| {row['method']} | {row['kept_MB']} | " + " | ".join(str(row.get(n, "—")) for n in names) + " |")
+        cells = " | ".join(str(row.get(n, "—")) for n in names)
+        lines.append(f"| {row['method']} | {row['kept_MB']} | {cells} |")
     print("\n".join(lines))
     if args.out:
         args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},

@@ -16,7 +16,7 @@ from ..pages import Field
 
 REGISTRY: dict[str, type["Method"]] = {}
 PROTECTED = 2.0**50  # scores at or above this mark protected tokens (sink, window); raw scores stay below it
-COMMITTED = 2.0**51  # packed tokens in a chunked prefill rank above every protected one (still exact in float64)
+COMMITTED = 2.0**51  # tokens eviction may no longer remove (packed ones) rank above every protected one (exact)
 
 
 def register(name: str):
@@ -287,7 +287,7 @@ class Quantizer(Method):
     are final: later chunks evict only from the full-precision tail (the new chunk plus the residual), within the
     budget less what is packed, so the prefill's peak holds the kept tokens packed. `defer=True` keeps every kept
     token in full precision until the prompt ends instead, so each chunk may still evict any of them, at a peak
-    that holds them at 16 bits."""
+    that holds them at 16 bits. Decode-time eviction (`every=`) likewise evicts from the tail before it packs."""
 
     kind: ClassVar[str] = "quantizer"
     query_aware: ClassVar[bool] = False
