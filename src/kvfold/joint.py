@@ -145,8 +145,9 @@ class JointGraphs:
 
     @staticmethod
     def applies(caches: Sequence) -> bool:
-        """Every layer of every cache in the fast loop on the kernel, all joinable as one group, and no host work
-        inside the step (decode-time eviction, remembered queries)."""
+        """Every layer of every cache in the fast loop on the kernel, all joinable as one group, and no decode-time
+        eviction or remembered queries: the single-cache loop captures those since the queries became a ring
+        written in place (`KVFoldLayer._remember_queries`), but the joint graph has not been tried with them."""
         for index in range(len(caches[0].layers)):
             keys = {joint_key(cache.layers[index]) for cache in caches}
             if len(keys) != 1 or None in keys:

@@ -225,7 +225,7 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
         if evicts and self.chunking:
             self._recompress(*self._observation(query, query_positions))
             if self.packed is not None and not self.compressor.quantizer.defer:
-                self._pack_chunk()
+                self._pack_kept()
         if self.chunking:  # the chunk's pages that packing or eviction emptied go back to the allocator now, so a
             # chunked prefill's peak holds one chunk of one layer beyond what the layers keep, not one per layer
             self._give_back_free_pages()
@@ -274,14 +274,13 @@ class KVFoldLayer(Packer, StoreReader, CacheLayerMixin):
         give the pool pages the chunks needed back to the allocator."""
         self.chunking, self.probe_tokens = False, 0
         if self.packed is not None and self.is_initialized:
-            if self.sinks is not None and int(self.sinks.lengths.sum()) == 0:
-                self._sinks_from_full()
-            self._pack_full_groups()
+            self._pack_kept()
         self._give_back_free_pages()
 
-    def _pack_chunk(self) -> None:
-        """After a chunk's eviction: pack what the tail holds beyond the residual (its first tokens to the sinks
-        first, once). Packed tokens are final: later chunks evict from the tail only (see `Quantizer`)."""
+    def _pack_kept(self) -> None:
+        """After a chunk's eviction (or the last chunk, with `defer`): pack what the tail holds beyond the residual,
+        each row's first tokens to the sinks first, once. Packed tokens are final: later chunks evict from the tail
+        only (see `Quantizer`)."""
         if self.sinks is not None and int(self.sinks.lengths.sum()) == 0:
             self._sinks_from_full()
         self._pack_full_groups()
