@@ -39,22 +39,36 @@ def timer(device: str):
     return cpu
 
 
-def launch_sweep(length: int, device: str, dtype: torch.dtype, time_ms) -> list[dict]:
-    """Every tile and launch choice of `LAUNCHES` timed on the whole call at `length` tokens (fastest first);
-    one that does not compile (shared memory) is recorded as failed."""
+def launch_sweep(length: int, device: str, dtype: torch.dtype, time_ms, launches: list[dict]) -> list[dict]:
+    """Every launch choice timed on the whole call at `length` tokens, P·V in 16 bits (fastest first) and in
+    float8 (`fp8_ms`); one that does not compile (shared memory, an unsupported option) is recorded as failed."""
     q, k, v, scale = inputs(length, device, dtype)
     rows = []
-    for block_m, block_n, warps, stages in LAUNCHES:
-        launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    for row in launches:
+        launch = {name: value for name, value in row.items() if name != "K_BLOCK"}
+        k_block = row.get("K_BLOCK", 64)
         try:
-            rows.append({**launch, "ms": time_ms(lambda: prefill.int8_prefill(q, k, v, scale, launch=launch))})
+            rows.append({**row, "ms": time_ms(lambda: prefill.int8_prefill(q, k, v, scale, k_block=k_block,
+                                                                           launch=launch)),
+                         "fp8_ms": time_ms(lambda: prefill.int8_prefill(q, k, v, scale, k_block=k_block,
+                                                                        launch=launch, pv_fp8=True))})
         except Exception as error:  # noqa: BLE001 - a launch the device refuses is a result, not a crash
-            rows.append({**launch, "ms": None, "error": type(error).__name__})
+            rows.append({**row, "ms": None, "error": f"{type(error).__name__}: {str(error)[:200]}"})
     return sorted(rows, key=lambda r: float("inf") if r["ms"] is None else r["ms"])
 
 
-# the six fastest of a 16-point grid (BLOCK_M, BLOCK_N in 64/128, 4/8 warps, 2/3 stages) on the H200 at 16k
-LAUNCHES = [(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3)]
+def parse_launches(text: str) -> list[dict]:
+    """'BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=3,TMA=1;...' -> launch dicts."""
+    return [{key: int(value) for key, value in (pair.split("=") for pair in item.split(","))}
+            for item in text.split(";") if item]
+
+
+# the H200 sweep of 2026-12-03 (benchmarks/results/prefill_kernel_h200.md): tiles, warps, stages, bulk copies
+# (TMA) and keys per int8 scale (K_BLOCK; a multiple of BLOCK_N folds the key tile's scale into the query's)
+LAUNCHES = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, TMA=tma, K_BLOCK=kb)
+            for m, n, w, st, tma, kb in ((64, 128, 4, 2, 1, 128), (64, 64, 4, 2, 1, 64), (128, 128, 8, 3, 1, 128),
+                                         (64, 128, 4, 3, 1, 128), (128, 128, 8, 3, 0, 64), (64, 128, 4, 2, 0, 128),
+                                         (64, 128, 8, 2, 1, 128))]
 
 
 def inputs(length: int, device: str, dtype: torch.dtype):
@@ -96,24 +110,26 @@ def sdpa_calls(q, k, v, scale: float) -> dict:
     return calls
 
 
-def case(length: int, device: str, dtype: torch.dtype, time_ms, launch: dict) -> dict:
+def case(length: int, device: str, dtype: torch.dtype, time_ms, launch: dict, k_block: int = 64) -> dict:
     q, k, v, scale = inputs(length, device, dtype)
     q_heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[-1]
     sdpa_variants = sdpa_calls(q, k, v, scale)
     sdpa = sdpa_variants["sdpa"]
-    ours = lambda: prefill.int8_prefill(q, k, v, scale, launch=launch)  # noqa: E731
-    ours_fp8 = lambda: prefill.int8_prefill(q, k, v, scale, launch=launch, pv_fp8=True)  # noqa: E731
-    quantize = lambda: (prefill.int8_codes(q, 64, False), prefill.int8_codes(k, 64, True))  # noqa: E731
+    ours = lambda: prefill.int8_prefill(q, k, v, scale, k_block=k_block, launch=launch)  # noqa: E731
+    ours_fp8 = lambda: prefill.int8_prefill(q, k, v, scale, k_block=k_block, launch=launch, pv_fp8=True)  # noqa: E731
+    quantize = lambda: (prefill.int8_codes(q, 64, False), prefill.int8_codes(k, k_block, True))  # noqa: E731
     (q_codes, q_scales), (k_codes, k_scales) = quantize()
     out = torch.empty_like(q)
     options = {**prefill.PREFILL_LAUNCH, **launch}
     interpreted = -(-length // options["BLOCK_N"]) if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    keys, values = prefill.tile_sources(k_codes, v.contiguous(), options, False)
 
     def kernel_only() -> None:
         prefill._int8_prefill_kernel[(-(-length // options["BLOCK_M"]), q_heads)](
-            q_codes, q_scales, k_codes, k_scales, v, k_scales, out, length, length, q_scales.shape[-1],
+            q_codes, q_scales, keys, k_scales, values, k_scales, out, length, length, q_scales.shape[-1],
             k_scales.shape[-1], length, scale * prefill.LOG2E, Q_HEADS=q_heads, GROUP=q_heads // kv_heads, D=dim,
-            Q_GROUP=64, K_GROUP=64, PV_FP8=False, INTERPRETED_BLOCKS=interpreted, **options)
+            Q_GROUP=64, K_GROUP=k_block, PV_FP8=False, INTERPRETED_BLOCKS=interpreted,
+            **{**options, "TMA": bool(options.get("TMA"))})
 
     exact = exact_attention(q, k, v, scale)
     got, base = ours().float(), sdpa().float()
@@ -135,17 +151,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="8192,16384,32768,65536")
     parser.add_argument("--sweep", type=int, default=16384, help="tokens at which launches are swept (0: none)")
+    parser.add_argument("--launches", default="", help="launches to sweep: key=value pairs separated by ',', "
+                        "launches by ';' (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA, WS, and K_BLOCK: keys per int8 "
+                        "scale); default: the seven of `LAUNCHES`")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16
-    sweep = launch_sweep(args.sweep, args.device, dtype, timer(args.device)) if args.sweep else []
+    launches = parse_launches(args.launches) if args.launches else LAUNCHES
+    sweep = launch_sweep(args.sweep, args.device, dtype, timer(args.device), launches) if args.sweep else []
     for r in sweep:
         print(f"  launch {r}", flush=True)
-    launch = {name: sweep[0][name] for name in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")} if sweep else {}
+    launch = {name: value for name, value in sweep[0].items() if name not in ("ms", "fp8_ms", "error")} if sweep else {}
+    k_block = launch.pop("K_BLOCK", 64)
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
-        rows.append(case(length, args.device, dtype, timer(args.device), launch))
+        rows.append(case(length, args.device, dtype, timer(args.device), launch, k_block))
         r = rows[-1]
         print(f"{length:6d} tokens: SDPA {r['sdpa_ms']:.3f} ms, flash {r['flash_ms']:.3f} ms, int8 {r['int8_ms']:.3f} ms ({r['speedup']:.2f}x; "
               f"kernel alone {r['kernel_ms']:.3f} ms, {r['kernel_speedup']:.2f}x), cosine {r['cosine']:.5f}; fp8 P·V "
@@ -153,13 +174,15 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter: not a speed)"
     report = {"device": device, "torch": torch.__version__, "kvfold": kvfold.__version__, "dtype": str(dtype),
               "shape": "batch 1, 32 q heads / 8 KV heads, head_dim 128, causal",
-              "launch": {**prefill.PREFILL_LAUNCH, **launch}, "sweep_tokens": args.sweep, "sweep": sweep, "rows": rows}
+              "launch": {**prefill.PREFILL_LAUNCH, **launch}, "k_block": k_block, "sweep_tokens": args.sweep,
+              "sweep": sweep, "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"# Low-bit (int8 Q·K) prefill attention vs SDPA ({device}, torch {torch.__version__})", "",
              f"{report['shape']}, {dtype}; `benchmarks/prefill_kernel.py`. int8: the whole call, quantization "
              "pre-pass included; SDPA: the backend PyTorch picks; SDPA flash: pinned to "
              "the flash backend (issue 7's baseline); kernel: the Triton kernel alone; quantize: the pre-pass alone. Launch "
-             f"{report['launch']} (fastest of {len(sweep)} swept at {args.sweep} tokens). Accuracy against float32 "
+             f"{report['launch']}, an int8 scale per 64 queries and per {k_block} keys (fastest of {len(sweep)} "
+             f"swept at {args.sweep} tokens). Accuracy against float32 "
              "exact attention; TFLOP/s count the causal half.", "",
              "| tokens | SDPA ms | SDPA flash ms | int8 ms | × flash | × SDPA | kernel ms | kernel × SDPA | quantize ms | SDPA TFLOP/s | int8 TFLOP/s "
              "| cosine | rel. error | SDPA rel. error | fp8 P·V ms | fp8 P·V × flash | fp8 P·V cosine |",

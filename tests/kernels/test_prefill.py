@@ -59,20 +59,42 @@ def test_int8_reference_is_close_to_exact_attention_because_keys_are_smoothed():
     (1, 2, 1, 1, 33, 32),  # one query
 ])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-@pytest.mark.parametrize("tiles", [(16, 16), (32, 16)] if DEVICE == "cpu" else [(64, 64), None])
-def test_int8_prefill_kernel_matches_reference(batch, q_heads, kv_heads, q_len, kv_len, dim, dtype, tiles):
+# key tiles of one int8 block (its scale folded into the query's) and of several (a scale per key)
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 32)] if DEVICE == "cpu" else [(64, 64), None])
+@pytest.mark.parametrize("tma", [False, True])
+def test_int8_prefill_kernel_matches_reference(batch, q_heads, kv_heads, q_len, kv_len, dim, dtype, tiles, tma):
     """Query tiles larger than the key tiles (and than the quantization blocks) included: the causal split into
-    unmasked and masked key tiles must hold for any of them."""
+    unmasked and masked key tiles must hold for any of them. tma: keys and values through tensor descriptors
+    over every head's rows (a tile past a head's end reads the next head's keys, which the mask must hide)."""
     from kvfold.kernels.prefill import int8_prefill
 
     query, key, value = qkv(batch, q_heads, kv_heads, q_len, kv_len, dim, dtype)
     block = 16 if DEVICE == "cpu" else 64
-    launch = None if tiles is None else {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    launch = ({} if tiles is None else {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}) | ({"TMA": True} if tma else {})
     got = int8_prefill(query, key, value, dim ** -0.5, block, block, launch).float()
     want = int8_prefill_attention(query, key, value, dim ** -0.5, block, block)
     error = ((got - want).norm() / want.norm()).item()
     assert error < (3e-3 if dtype == torch.float16 else 1.5e-2), error  # P and the output rounded to 16 bits
     assert cosine(got, exact(query, key, value, dim ** -0.5)) > 0.998
+
+
+def test_values_at_an_unaligned_offset_are_read_without_tensor_descriptors():
+    """Bulk copies need 16-byte aligned bases: a value view at an odd offset (a slice of a larger buffer) takes
+    pointer loads, and gives the same output as an aligned copy through descriptors."""
+    from kvfold.kernels.prefill import int8_codes, int8_prefill, use_tma
+
+    query, key, value = qkv(1, 4, 2, 48, 48, 32)
+    buffer = torch.empty(value.numel() + 1, device=DEVICE, dtype=value.dtype)
+    shifted = buffer[1:].view(value.shape)
+    shifted.copy_(value)
+    assert shifted.data_ptr() % 16 and shifted.is_contiguous()
+    launch = {"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True}
+    codes, _ = int8_codes(key, 16, smooth=True)
+    hopper = DEVICE != "cuda" or torch.cuda.get_device_capability()[0] >= 9  # the interpreter reads descriptors
+    assert use_tma(launch, False, codes, value) == hopper and not use_tma(launch, False, codes, shifted)
+    assert not use_tma(launch, True, codes, value)  # float8 values are stored transposed: pointer loads
+    aligned = int8_prefill(query, key, value, 0.2, 16, 16, launch)
+    assert torch.equal(int8_prefill(query, key, shifted, 0.2, 16, 16, launch), aligned)
 
 
 def test_int8_codes_pass_equals_the_reference_blocks():
@@ -100,14 +122,15 @@ def test_int8_prefill_refuses_bad_shapes():
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(100, 100), (40, 150)])
-def test_fp8_pv_kernel_stays_close_to_its_reference(q_len, kv_len):
+@pytest.mark.parametrize("tma", [False, True])
+def test_fp8_pv_kernel_stays_close_to_its_reference(q_len, kv_len, tma):
     """P·V in float8 (SageAttention2): P is rounded at the kernel's running maximum, the reference's at the final
     one, so they agree to float8's rounding, not bit for bit."""
     from kvfold.kernels.prefill import int8_prefill
 
     query, key, value = qkv(1, 4, 2, q_len, kv_len, 64)
     block = 16 if DEVICE == "cpu" else 64
-    launch = {"BLOCK_M": 32, "BLOCK_N": 16} if DEVICE == "cpu" else None
+    launch = ({"BLOCK_M": 32, "BLOCK_N": 16} if DEVICE == "cpu" else {}) | ({"TMA": True} if tma else {})
     got = int8_prefill(query, key, value, 0.125, block, block, launch, pv_fp8=True).float()
     want = int8_prefill_attention(query, key, value, 0.125, block, block, pv_fp8=True)
     assert ((got - want).norm() / want.norm()).item() < 0.08  # e4m3 keeps 3 mantissa bits: ~4% per product
