@@ -140,17 +140,25 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
     rows = []
     for spec in specs:
         parts = store(spec, k, v).kernel_parts()
-        for warps, stages, registers in launches:
-            for pages_per_split in (None, 16, 32):
+        for launch in launches:
+            if not isinstance(launch, dict):
+                warps, stages, registers = launch
                 launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
+            for pages_per_split in (None, 8, 16, 32):
                 call = lambda: paged_decode(q, parts, q_pos, dim ** -0.5, launch=launch,  # noqa: E731
                                             pages_per_split=pages_per_split)
                 ms = do_bench_cudagraph(call, rep=200, return_mode="median")
-                rows.append({"store": spec, "num_warps": warps, "num_stages": stages, "maxnreg": registers,
-                             "pages_per_split": pages_per_split, "graph_ms": ms})
-                print(f"sweep {spec:8s} warps {warps} stages {stages} maxnreg {registers} pages/split "
-                      f"{pages_per_split}: {ms:.3f} ms (graph)", flush=True)
+                rows.append({"store": spec, **launch, "pages_per_split": pages_per_split, "graph_ms": ms})
+                print(f"sweep {spec:8s} {launch} pages/split {pages_per_split}: {ms:.3f} ms (graph)", flush=True)
     return rows
+
+
+def parse_launch(item: str) -> tuple | dict:
+    """'warps,stages[,maxnreg]' or 'num_warps=1,num_stages=3,STEP=32' (any launch option or kernel constant)."""
+    if "=" in item:
+        return {key: int(value) for key, value in (pair.split("=") for pair in item.split(","))}
+    numbers = [int(x) for x in item.split(",")]
+    return tuple(numbers) + (None,) * (3 - len(numbers))
 
 
 def report(result: dict) -> None:
@@ -179,14 +187,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch options per store")
     parser.add_argument("--cases", default="", help="only the stores whose label contains one of these (comma-separated)")
-    parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs)")
-    parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] "
-                        "separated by ';' (default: eleven of them)")
+    parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs, "
+                        "or '|'-separated when a spec has knobs)")
+    parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] or "
+                        "key=value pairs (num_warps=1,num_stages=3,STEP=32), separated by ';' (default: eleven)")
     args = parser.parse_args()
     if args.sweep_only:
-        launches = tuple(tuple(int(x) for x in item.split(",")) + (None,) * (3 - len(item.split(",")))
-                         for item in args.launches.split(";")) if args.launches else LAUNCHES
-        rows = sweep(args.batch, args.tokens, tuple(args.sweep_only.split(",")), launches)
+        launches = tuple(parse_launch(item) for item in args.launches.split(";")) if args.launches else LAUNCHES
+        specs = args.sweep_only.split("|" if "|" in args.sweep_only else ",")
+        rows = sweep(args.batch, args.tokens, tuple(specs), launches)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                         "triton": triton.__version__, "batch": args.batch, "tokens": args.tokens,
                                         "sweep": rows}, indent=1))

@@ -89,10 +89,13 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR here")
     parser.add_argument("--tile-tokens", type=int, default=0, help="16-bit/float8 pages: tokens read per step "
                         "(`paged_decode(tile_tokens=)`; 0: one page)")
+    parser.add_argument("--only", default="", help="only the kernels whose label contains this")
     args = parser.parse_args()
     print(f"sm_90, triton {triton.__version__}; {args.page}-token pages, GQA {args.group}, head_dim {args.dim}"
           + (f", {args.tile_tokens} tokens per step" if args.tile_tokens else ""))
     for label, kernel, signature, constants, launch in cases(args.page, args.group, args.dim, args.tile_tokens):
+        if args.only not in label:
+            continue
         launch = {**launch, **({"num_warps": args.warps} if args.warps else {}),
                   **({"num_stages": args.stages} if args.stages else {})}
         compiled = compile_for_hopper(kernel, signature, constants, launch)

@@ -70,6 +70,27 @@ def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pa
     assert err < BOUND[torch.float16], f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("spec", ["kivi:8,group=16,residual=16", "kivi:4,group=64,residual=16",
+                                  "kivi:2,group=32,residual=16", "kv4:4,group=16,residual=16",
+                                  "rotate+kivi:4,group=16,residual=16"])
+def test_value_offsets_taken_off_per_row_match_reference(spec):
+    """FOLD (the default): value codes keep their float16 offset, taken off once per row of each dot product; the
+    same bound as taking it off each code (FOLD=False)."""
+    from kvfold.kernels.decode import PACKED_LAUNCH, paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 170, 64, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5)
+    for fold in (True, False):
+        got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
+                           launch={**PACKED_LAUNCH, "FOLD": fold})
+        assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+        err = ((got - expected).norm() / expected.norm()).item()
+        assert err < BOUND[torch.float16], f"relative error {err:.2e} (FOLD={fold})"
+
+
 @pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])
 def test_output_in_the_models_dtype_is_the_float32_output_rounded(spec):
     """`out_dtype` (the fast loop asks for the model's dtype) changes only the rounding of the merged output."""

@@ -152,6 +152,8 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     packed_rows = max(16, triton.next_power_of_2(group * dim // part.value_group)) if fast == "packed" else 0
     launch = launch or _default_launch(fast, part.scaled, packed_rows)
+    if fast != "packed" and "FOLD" in launch:  # a constant of the packed kernel alone
+        launch = {k: v for k, v in launch.items() if k != "FOLD"}
     if pages_per_split is None:  # enough programs to fill the GPU: about 4 per multiprocessor, 8 of one warp
         warps = launch.get("num_warps", 4)  # Triton's default for the general kernel
         target = triton.cdiv((8 if warps == 1 else 4) * _multiprocessors(query.device), rows)
