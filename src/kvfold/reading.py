@@ -267,7 +267,7 @@ class StoreReader:
             t = rows.pool.tensors
             table, lengths = mirrors[name] if mirrors else (rows.table.to(torch.int32).to(self.device),
                                                             rows.lengths.to(torch.int32).to(self.device))
-            meta = dict(table=table, lengths=lengths, positions=t["pos"])
+            meta = dict(table=table, lengths=lengths, positions=t["pos"], pages_used=int(rows.pages_per_row().sum()))
             if rows is self.packed:  # a quantizer gives one part, or one per kind of slot (ZipCache's mixed pages)
                 described = self.compressor.quantizer.kernel_part(t, self.head_dim)
                 parts += [PagedPart(**{**meta, **fields}, rotation=self.rotation, value_rotation=self.value_rotation)

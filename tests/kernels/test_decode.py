@@ -248,3 +248,19 @@ def test_a_batch_invariant_read_gives_each_row_the_same_bits_in_any_batch(spec, 
     expected = paged_attention(query.float(), torch.full((4,), 299, device=DEVICE), layer.chunks(), 0.125)
     torch.testing.assert_close(together.float(), expected, rtol=2e-3 if dtype == torch.float16 else 1e-4,
                                atol=2e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_splits_are_sized_by_the_pages_the_rows_hold():
+    """`split_pages`: the pages all rows hold make about 4 busy programs per multiprocessor (8 of one warp), so
+    ragged rows (per-head budgets) get smaller splits than the longest row alone would give; rows of equal length
+    get what a width-based split gives. Kernel parts carry the pages their rows hold."""
+    from kvfold.kernels.decode import split_pages
+
+    rows, width, sms = 64, 512, 132
+    assert split_pages(rows * width, 4, sms) == 64  # 64 rows x 512 pages over 528 programs
+    assert split_pages(rows * width, 1, sms) == 32  # one-warp programs: 8 per multiprocessor
+    assert split_pages(rows * width // 4, 4, sms) == 16  # a quarter of the pages held: a quarter of the split
+    assert split_pages(0, 4, sms) == 1 and split_pages(3, 4, sms) == 1
+    layer = filled_layer("kivi:4,group=16,residual=16", 2, 2, 32, 150, 16)
+    for part, (_, stored) in zip(layer.kernel_parts(), layer.stores()):
+        assert part.pages_used == int(stored.pages_per_row().sum()) > 0
