@@ -26,11 +26,12 @@ from kvfold.bench.tasks import make_samples, score  # noqa: E402
 
 
 def settings(args) -> list[dict]:
-    out = [{"study": "chunk-cost", "task": task, "length": args.length, "method": "none", "chunk": None}
-           for task in args.tasks.split(",")]
+    out = [] if args.skip_none else [
+        {"study": "chunk-cost", "task": task, "length": args.length, "method": "none", "chunk": None}
+        for task in args.tasks.split(",")]
     for method in methods(args):
         for chunk in [None] + [int(c) for c in args.chunks.split(",")]:
-            if chunk is None and "defer=true" in method:  # defer changes only a chunked prefill
+            if chunk is None and ("defer=true" in method or args.skip_one_pass):  # defer: a chunked prefill's knob
                 continue
             for task in args.tasks.split(","):
                 out.append({"study": "chunk-cost", "task": task, "length": args.length, "method": method,
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--long-length", type=int, default=8000, help="0 skips the long-needle study")
     parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--skip-none", action="store_true", help="no uncompressed rows (another run has them)")
+    parser.add_argument("--skip-one-pass", action="store_true", help="chunked rows only for compressed methods")
     parser.add_argument("--jsonl", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

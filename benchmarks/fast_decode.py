@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--methods", default="none,kivi:4,kivi:2,snapkv:0.75,snapkv:0.75+kivi:4",
-                        help="comma-separated, or ';'-separated when a spec has knobs (kivi:4,defer=true)")
+                        help="comma-separated, or ';'-separated when a spec has knobs (kivi:4,defer=false)")
     parser.add_argument("--normal", default="none,kivi:4,snapkv:0.75+kivi:4",
                         help="methods also run through the normal kvfold path (slow at long contexts)")
     parser.add_argument("--eager", default="none,kivi:4", help="methods also run fast without CUDA graphs")

@@ -38,8 +38,8 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
-    chunked) for chunk in 2048 4096; do  # kept tokens packed as the chunks go, against defer=true (16-bit until the end)
-               timeout 280 python benchmarks/fast_decode.py --methods "snapkv:0.75+kivi:4;snapkv:0.75+kivi:4,defer=true" \
+    chunked) for chunk in 2048 4096; do  # kept tokens 16-bit until the end (default), against packed as the chunks go
+               timeout 280 python benchmarks/fast_decode.py --methods "snapkv:0.75+kivi:4;snapkv:0.75+kivi:4,defer=false" \
                  --normal "" --eager "" --prefill-chunk $chunk --out "$OUT/fast_decode_chunk$chunk.json" 2>&1 \
                  | grep -v Warn | tail -8
              done ;;

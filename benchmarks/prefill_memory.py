@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="llama-3.1-8b", choices=sorted(CONFIGS))
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--methods", default="kivi:4;snapkv:0.75;snapkv:0.75+kivi:4;snapkv:0.75+kivi:4,defer=true")
+    parser.add_argument("--methods", default="kivi:4;snapkv:0.75;snapkv:0.75+kivi:4;snapkv:0.75+kivi:4,defer=false")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--chunk", type=int, default=2048)

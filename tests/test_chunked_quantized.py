@@ -1,5 +1,6 @@
-"""Chunked prefill with eviction and a quantizer: kept tokens are packed after each chunk and packed tokens are
-final, so the prefill's peak holds them packed (`defer=True`: in full precision until the prompt ends)."""
+"""Chunked prefill with eviction and a quantizer: with `defer=False` kept tokens are packed after each chunk and
+packed tokens are final, so the prefill's peak holds them packed; with `defer=True` (the default) they stay in full
+precision until the prompt ends, so every chunk's eviction may still drop any of them."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from .test_chunked import run
 
 torch.set_grad_enabled(False)
 
-SPEC = "snapkv:budget=256+kivi:4,group=32,residual=32"
+SPEC = "snapkv:budget=256+kivi:4,group=32,residual=32,defer=false"
 
 
 def watch_chunks(monkeypatch) -> list[dict]:
@@ -58,7 +59,7 @@ def test_packing_as_it_goes_lowers_the_peak(tiny_llama):
     whole kept set plus a chunk. Packed bytes are the same either way: the same number of tokens is packed."""
     ids = torch.randint(1, 256, (1, 900), generator=torch.Generator().manual_seed(7))
     cache, _ = run(tiny_llama, SPEC, ids, chunk=100)
-    deferred, _ = run(tiny_llama, SPEC.replace("residual=32", "residual=32,defer=true"), ids, chunk=100)
+    deferred, _ = run(tiny_llama, SPEC.replace("defer=false", "defer=true"), ids, chunk=100)
     rows, page = cache.layers[0].kv_heads, cache.layers[0].page_size
     fp_pages_per_row = -(-(100 + 32 + 31) // page) + 1
     for layer, other in zip(cache.layers, deferred.layers):
@@ -73,7 +74,7 @@ def test_packing_as_it_goes_lowers_the_peak(tiny_llama):
 def test_defer_keeps_every_kept_token_in_full_precision_until_the_end(tiny_llama, monkeypatch):
     seen = watch_chunks(monkeypatch)
     ids = torch.randint(1, 256, (2, 500), generator=torch.Generator().manual_seed(8))
-    deferred, _ = run(tiny_llama, SPEC.replace("residual=32", "residual=32,defer=true"), ids, chunk=90)
+    deferred, _ = run(tiny_llama, SPEC.replace("defer=false", "defer=true"), ids, chunk=90)
     assert len(seen) == 6 and all(not any(step["packed"]) for step in seen)
     assert [step["tail"][0] for step in seen] == [90, 180, 256, 256, 256, 256]  # the whole kept set, 16-bit
     layer = deferred.layers[0]
@@ -86,8 +87,8 @@ def test_defer_keeps_every_kept_token_in_full_precision_until_the_end(tiny_llama
                                   "streaming:budget=96+kivi:4,group=16,residual=16,sink=8"])
 def test_budgets_and_sinks_hold_with_packing_as_it_goes(tiny_llama, spec):
     ids = torch.randint(1, 256, (1, 500), generator=torch.Generator().manual_seed(9))
-    cache, logits = run(tiny_llama, spec, ids, chunk=64)
-    deferred, _ = run(tiny_llama, spec.replace("residual=", "defer=true,residual="), ids, chunk=64)
+    cache, logits = run(tiny_llama, spec.replace("residual=", "defer=false,residual="), ids, chunk=64)
+    deferred, _ = run(tiny_llama, spec, ids, chunk=64)  # the default
     assert torch.isfinite(logits).all()
     for layer, other in zip(cache.layers, deferred.layers):  # the budget gives every row the same count
         held, budget = layer.row_lengths(), other.row_lengths()
@@ -101,9 +102,10 @@ def test_budgets_and_sinks_hold_with_packing_as_it_goes(tiny_llama, spec):
                    for p in row)
 
 
-def test_defer_is_a_checked_knob():
-    assert kvfold.Compressor.parse("kivi:4,defer=true").quantizer.defer is True
-    assert "defer=True" in kvfold.Compressor.parse("snapkv:0.5+kivi:4,defer=true").spec
+def test_defer_is_a_checked_knob_on_by_default():
+    assert kvfold.Compressor.parse("kivi:4").quantizer.defer is True
+    assert kvfold.Compressor.parse("kivi:4,defer=false").quantizer.defer is False
+    assert "defer=False" in kvfold.Compressor.parse("snapkv:0.5+kivi:4,defer=false").spec
     with pytest.raises(KVFoldError, match="defer must be true or false"):
         kvfold.Compressor.parse("kivi:4,defer=2")
     with pytest.raises(KVFoldError, match="defer must be true or false"):
@@ -145,8 +147,8 @@ def test_sliding_window_layers_pack_as_they_go(family):
     model = tiny_model(family)
     ids = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(11))
     spec = "snapkv:budget=96,window=8+kivi:4,group=16,residual=16"
-    cache, logits = run(model, spec, ids, chunk=64)
-    deferred, _ = run(model, spec.replace("residual=16", "residual=16,defer=true"), ids, chunk=64)
+    cache, logits = run(model, spec + ",defer=false", ids, chunk=64)
+    deferred, _ = run(model, spec, ids, chunk=64)  # the default
     assert torch.isfinite(logits).all()
     for layer, other in zip(cache.layers, deferred.layers):
         assert all(int(p.max()) == 399 for row in layer.kept_positions() for p in row)

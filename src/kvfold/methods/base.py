@@ -283,11 +283,14 @@ class Quantizer(Method):
     """Packs K/V pages. A page is `group` tokens; the newest `residual` tokens stay in full precision, and so do the
     first `sink` tokens of each row (attention sinks, as OSCAR and IntactKV keep them: every query reads them).
 
-    In a chunked prefill with an evicting method, tokens are packed after each chunk's eviction and packed tokens
-    are final: later chunks evict only from the full-precision tail (the new chunk plus the residual), within the
-    budget less what is packed, so the prefill's peak holds the kept tokens packed. `defer=True` keeps every kept
-    token in full precision until the prompt ends instead, so each chunk may still evict any of them, at a peak
-    that holds them at 16 bits. Decode-time eviction (`every=`) likewise evicts from the tail before it packs."""
+    In a chunked prefill with an evicting method, every kept token stays in full precision until the prompt ends
+    (`defer=True`, the default), so each chunk may still evict any of them and the kept set is the scorer's own,
+    at a peak that holds them at 16 bits. `defer=False` packs them after each chunk's eviction instead, and packed
+    tokens are final: later chunks evict only from the full-precision tail (the new chunk plus the residual),
+    within the budget less what is packed, so the peak holds the kept tokens packed, at an accuracy cost: each
+    chunk's choice is final before later queries can weigh it (needle 1/12 against 5/12 on the embedded model,
+    `benchmarks/results/chunked_accuracy_cpu_commit.md`). Decode-time eviction (`every=`) evicts from the tail
+    before it packs."""
 
     kind: ClassVar[str] = "quantizer"
     query_aware: ClassVar[bool] = False
@@ -299,7 +302,7 @@ class Quantizer(Method):
     group: int = 64
     residual: int = 128
     sink: int = 0
-    defer: bool = False
+    defer: bool = True
 
     def __post_init__(self) -> None:
         check_bool(f"{self.name}: defer", self.defer, "pack the kept tokens only once a chunked prefill ends")
