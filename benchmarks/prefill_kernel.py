@@ -122,14 +122,14 @@ def case(length: int, device: str, dtype: torch.dtype, time_ms, launch: dict, k_
     out = torch.empty_like(q)
     options = {**prefill.PREFILL_LAUNCH, **launch}
     interpreted = -(-length // options["BLOCK_N"]) if os.environ.get("TRITON_INTERPRET") == "1" else 0
-    keys, values = prefill.tile_sources(k_codes, v.contiguous(), options, False)
+    keys, values, tma = prefill.tile_sources(k_codes, v.contiguous(), options, False)
 
     def kernel_only() -> None:
         prefill._int8_prefill_kernel[(-(-length // options["BLOCK_M"]), q_heads)](
             q_codes, q_scales, keys, k_scales, values, k_scales, out, length, length, q_scales.shape[-1],
             k_scales.shape[-1], length, scale * prefill.LOG2E, Q_HEADS=q_heads, GROUP=q_heads // kv_heads, D=dim,
             Q_GROUP=64, K_GROUP=k_block, PV_FP8=False, INTERPRETED_BLOCKS=interpreted,
-            **{**options, "TMA": bool(options.get("TMA"))})
+            **{**options, "TMA": tma})
 
     exact = exact_attention(q, k, v, scale)
     got, base = ours().float(), sdpa().float()

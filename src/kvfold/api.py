@@ -170,8 +170,8 @@ def prefill(model, cache: KVFoldCache, input_ids: torch.Tensor, *, chunk: int | 
 
     After each chunk the cache is evicted back to its budget (the ratio of all tokens read so far, or the token
     budget), so its memory never exceeds budget + one chunk; with a quantizer what it keeps is packed when the
-    prompt ends (or after each chunk, with `defer=false`: see `methods.base.Quantizer`). Each chunk attends to the compressed past plus
-    itself at its true positions. `probe_ids` (the question, when known) are appended to every chunk but the last
+    prompt ends (or after each chunk, with `defer=false`: see `methods.base.Quantizer`). Each chunk attends to
+    the compressed past plus itself at its true positions. `probe_ids` (the question, when known) are appended to every chunk but the last
     as the scorer's observation window, then dropped. `chunk=None` is one forward. `attention_mask` [batch, start + n]
     marks left padding as in `model.generate`.
     """

@@ -7,11 +7,11 @@ A Triton pre-pass (`_quantize_kernel`) writes the int8 codes and one scale per `
 `KEY_BLOCK` keys in one read of Q and of K (K minus its per-channel mean); the attention kernel then reads int8 Q
 and K (half the bytes of 16-bit) and 16-bit V, on Hopper through tensor descriptors (bulk copies). Key tiles every
 query of a tile sees run without the causal mask; only the tiles across the diagonal pay for it, and the longest
-query tiles start first. With one key scale per key tile, both scales ride on the exponent's multiply-add. Approximate: Q and K are rounded to 127 levels per
-block (half away from zero, the reference to even: they differ on exact ties only); P is rounded to the value
-dtype before P·V (accumulated in float32), or with `pv_fp8` P × 448 and V per channel to float8 e4m3 (3 mantissa
-bits: cosine 0.9994 against exact attention on an H200, `benchmarks/results/prefill_kernel_h200.md`); the output
-is in the value dtype.
+query tiles start first. With one key scale per key tile, both scales ride on the exponent's multiply-add.
+Approximate: Q and K are rounded to 127 levels per block (half away from zero, the reference to even: they differ
+on exact ties only); P is rounded to the value dtype before P·V (accumulated in float32), or with `pv_fp8` P × 448
+and V per channel to float8 e4m3 (3 mantissa bits: cosine 0.9994 against exact attention on an H200,
+`benchmarks/results/prefill_kernel_h200.md`); the output is in the value dtype.
 """
 
 from __future__ import annotations
@@ -172,15 +172,15 @@ def use_tma(options: dict, pv_fp8: bool, k_codes: torch.Tensor, values: torch.Te
 
 
 def tile_sources(k_codes: torch.Tensor, values: torch.Tensor, options: dict, pv_fp8: bool) -> tuple:
-    """The kernel's key and value arguments: the tensors, or with `TMA` (16-bit values only) tensor descriptors
-    over every head's rows, read by Hopper's bulk copies."""
+    """The kernel's key and value arguments and its TMA flag: the tensors, or where `use_tma` allows, tensor
+    descriptors over every head's rows, read by Hopper's bulk copies."""
     if not use_tma(options, pv_fp8, k_codes, values):
-        return k_codes, values
+        return k_codes, values, False
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     dim, block_n = k_codes.shape[-1], options["BLOCK_N"]
     return (TensorDescriptor.from_tensor(k_codes.view(-1, dim), [block_n, dim]),
-            TensorDescriptor.from_tensor(values.view(-1, dim), [block_n, dim]))
+            TensorDescriptor.from_tensor(values.view(-1, dim), [block_n, dim]), True)
 
 
 def int8_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -204,8 +204,7 @@ def int8_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
     v_stride = values.shape[-1]
     out = torch.empty(batch, q_heads, q_len, dim, device=query.device, dtype=value.dtype)
     grid = (triton.cdiv(q_len, options["BLOCK_M"]), batch * q_heads)
-    tma = use_tma(options, pv_fp8, k_codes, values)
-    keys, values = tile_sources(k_codes, values, options, pv_fp8)
+    keys, values, tma = tile_sources(k_codes, values, options, pv_fp8)
     interpreted = triton.cdiv(kv_len, options["BLOCK_N"]) if os.environ.get("TRITON_INTERPRET") == "1" else 0
     _int8_prefill_kernel[grid](q_codes, q_scales, keys, k_scales, values, value_scales, out, q_len, kv_len,
                                q_scales.shape[-1], k_scales.shape[-1], v_stride, scale * LOG2E,
