@@ -133,9 +133,10 @@ LAUNCHES = ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None)
 
 
 def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "kivi:2"),
-          launches: tuple = LAUNCHES) -> list[dict]:
+          launches: tuple = LAUNCHES, splits: tuple = (None, 8, 16, 32)) -> list[dict]:
     """Time per call of each store under Triton launch options (num_warps, num_stages, maxnreg) and split sizes
-    (pages per program; None: the default, about 4 programs per multiprocessor), to pick the defaults."""
+    (pages per program; None: the default, about 4 programs per multiprocessor), to pick the defaults. A spec
+    `ragged25:<spec>` keeps 5% to 45% of each row's tokens by head."""
     kv_heads, group, dim = 8, 4, 128
     k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -143,12 +144,16 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
     q_pos = torch.full((1,), tokens - 1, dtype=torch.int32, device="cuda")
     rows = []
     for spec in specs:
-        parts = store(spec, k, v).kernel_parts()
+        keep = None
+        if spec.startswith("ragged25:"):  # heads keeping 5% to 45% of the tokens (a quarter on average)
+            share = torch.linspace(0.05, 0.45, kv_heads, device="cuda").view(1, kv_heads, 1)
+            keep = torch.rand(batch, kv_heads, tokens, device="cuda") < share
+        parts = store(spec.removeprefix("ragged25:"), k, v, keep).kernel_parts()
         for launch in launches:
             if not isinstance(launch, dict):
                 warps, stages, registers = launch
                 launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
-            for pages_per_split in (None, 8, 16, 32):
+            for pages_per_split in splits:
                 call = lambda: paged_decode(q, parts, q_pos, dim ** -0.5, launch=launch,  # noqa: E731
                                             pages_per_split=pages_per_split)
                 ms = do_bench_cudagraph(call, rep=200, return_mode="median")
@@ -158,7 +163,7 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
 
 
 def parse_launch(item: str) -> tuple | dict:
-    """'warps,stages[,maxnreg]' or 'num_warps=1,num_stages=3,STEP=32' (any launch option or kernel constant)."""
+    """'warps,stages[,maxnreg]' or 'num_warps=1,num_stages=3,COLUMNS=0' (any launch option or kernel constant)."""
     if "=" in item:
         return {key: int(value) for key, value in (pair.split("=") for pair in item.split(","))}
     numbers = [int(x) for x in item.split(",")]
@@ -195,12 +200,15 @@ def main() -> None:
     parser.add_argument("--sweep-only", default="", help="only the sweep, for these stores (comma-separated specs, "
                         "or '|'-separated when a spec has knobs)")
     parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] or "
-                        "key=value pairs (num_warps=1,num_stages=3,STEP=32), separated by ';' (default: eleven)")
+                        "key=value pairs (num_warps=1,num_stages=3,COLUMNS=0), separated by ';' (default: eleven)")
+    parser.add_argument("--splits", default="default,8,16,32", help="the sweep's pages per program, comma-separated "
+                        "('default': paged_decode's own choice)")
     args = parser.parse_args()
     if args.sweep_only:
         launches = tuple(parse_launch(item) for item in args.launches.split(";")) if args.launches else LAUNCHES
         specs = args.sweep_only.split("|" if "|" in args.sweep_only else ",")
-        rows = sweep(args.batch, args.tokens, tuple(specs), launches)
+        splits = tuple(None if item == "default" else int(item) for item in args.splits.split(","))
+        rows = sweep(args.batch, args.tokens, tuple(specs), launches, splits)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                         "triton": triton.__version__, "batch": args.batch, "tokens": args.tokens,
                                         "sweep": rows}, indent=1))

@@ -1,12 +1,14 @@
 """Compile the decode kernels for an H100/H200 (sm_90) on a machine without a GPU and report what the profiler would
-start from: registers per thread and spills (ptxas), shared memory per block, and whether the page loads are
-asynchronous copies (pipelined through shared memory). Triton's wheel ships ptxas, so this needs no CUDA device.
+start from: registers per thread and spills (ptxas), shared memory per block, whether the page loads are
+asynchronous copies (pipelined through shared memory), and the SASS instructions of the page loop (nvdisasm).
+Triton's wheel ships ptxas and nvdisasm, so this needs no CUDA device.
 
     python benchmarks/inspect_kernel.py                      # every fast kernel at Llama-3.1-8B decode shapes
     python benchmarks/inspect_kernel.py --warps 4 --stages 2 --dump /tmp/ttgir   # other launch; keep the TTGIR
 
-Registers are not times: compare launches on a GPU (`benchmarks/ncu_decode.py --sweep`). This is for reading the
-compiler's choices between device sessions (e.g. a float16 tile stored to shared memory and read back per page).
+Registers and instruction counts are not times: compare launches on a GPU (`benchmarks/decode_kernel.py
+--sweep-only`). This is for reading the compiler's choices between device sessions (e.g. a float16 tile stored to
+shared memory and read back per page).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from kvfold.kernels.decode import FAST_LAUNCH, PACKED_LAUNCH, SCALED_LAUNCH  # noqa: E402
-from kvfold.kernels.fast_decode import full_pages_kernel, kivi_pages_kernel  # noqa: E402
+from kvfold.kernels.decode import COLUMNS_UP_TO, FAST_LAUNCH, PACKED_LAUNCH, SCALED_LAUNCH  # noqa: E402
+from kvfold.kernels.fast_decode import full_pages_kernel  # noqa: E402
+from kvfold.kernels.packed_decode import kivi_columns_kernel, kivi_pages_kernel  # noqa: E402
 
 COMMON = dict(q_ptr="*bf16", table_ptr="*i32", len_ptr="*i32", pos_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
               acc_ptr="*fp32", width="i32", splits="i32", qpos_ptr="*i32", window="i32", scale="fp32")
@@ -53,6 +56,27 @@ def ptxas_report(compiled) -> str:
     return f"{used:>4s} registers, {spilled:>4s} B spilled"
 
 
+def loop_instructions(compiled) -> int:
+    """SASS instructions in the kernel's longest loop (the page loop), from ptxas and nvdisasm (Triton's wheel)."""
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "k.ptx").write_text(compiled.asm["ptx"])
+        subprocess.run([str(tools / "ptxas"), "--gpu-name", "sm_90a", f"{folder}/k.ptx", "-o", f"{folder}/k.cubin"],
+                       check=True, capture_output=True)
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", f"{folder}/k.cubin"], capture_output=True,
+                              text=True, check=True).stdout
+    labels, lines = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(lines)
+        elif re.search(r"/\*[0-9a-f]{4}\*/", line):
+            lines.append(line)
+    spans = [i - labels[m.group(1)] + 1 for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    return max(spans, default=0)
+
+
 def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
     """(label, kernel, signature, constants, default launch) for each fast kernel's store kind."""
     shape = dict(G=group, D=dim, PAGES_PER_SPLIT=64, WINDOWED=False)
@@ -73,10 +97,13 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
             signature = {**COMMON, "k_ptr": word, "v_ptr": word, "ks_ptr": "*fp16", "kz_ptr": "*fp16",
                          "ksm_ptr": "*fp16" if key_token else "*i32", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
                          "vch_ptr": "*i32"}
-            rows = max(16, triton.next_power_of_2(group * dim // value_group))
-            yield (label, kivi_pages_kernel, signature,
-                   {**shape, "BLOCK_G": rows, "P": page, "BITS": bits, "VG": value_group, "KEY_TOKEN": key_token,
-                    "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False, "ASM": True}, PACKED_LAUNCH)
+            pairs = triton.next_power_of_2(group * dim // value_group)
+            constants = {**shape, "P": page, "BITS": bits, "VG": value_group, "KEY_TOKEN": key_token,
+                         "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False, "ASM": True, "FOLD": True}
+            if pairs <= COLUMNS_UP_TO:  # what `paged_decode` picks at these shapes
+                yield label, kivi_columns_kernel, signature, {**constants, "BLOCK_G": max(8, pairs)}, PACKED_LAUNCH
+            yield (f"{label} (rows)", kivi_pages_kernel, signature, {**constants, "BLOCK_G": max(16, pairs)},
+                   PACKED_LAUNCH)
 
 
 def main() -> None:
@@ -101,7 +128,8 @@ def main() -> None:
         compiled = compile_for_hopper(kernel, signature, constants, launch)
         ttgir = compiled.asm["ttgir"]
         print(f"{label:18s} {launch['num_warps']} warps, {launch['num_stages']} stages: {ptxas_report(compiled)}, "
-              f"{compiled.metadata.shared:6d} B shared, {ttgir.count('async_copy_global_to_local')} async copies")
+              f"{compiled.metadata.shared:6d} B shared, {ttgir.count('async_copy_global_to_local')} async copies, "
+              f"{loop_instructions(compiled)} instructions in the page loop")
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")

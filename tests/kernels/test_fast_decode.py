@@ -84,11 +84,37 @@ def test_value_offsets_taken_off_per_row_match_reference(spec):
     expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
                                dim ** -0.5)
     for fold in (True, False):
-        got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
-                           launch={**PACKED_LAUNCH, "FOLD": fold})
+        for columns in (0, 1):
+            got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
+                               launch={**PACKED_LAUNCH, "FOLD": fold, "COLUMNS": columns})
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+            err = ((got - expected).norm() / expected.norm()).item()
+            assert err < BOUND[torch.float16], f"relative error {err:.2e} (FOLD={fold}, columns {columns})"
+
+
+@pytest.mark.parametrize("spec, window", [("kivi:4,group=16,residual=16", None), ("kivi:2,group=32,residual=16", 23),
+                                          ("kv4:4,group=16,residual=16", None), ("kv4:2,group=32,residual=16", 23),
+                                          ("zipcache:group=32,residual=16", None)])
+@pytest.mark.parametrize("columns", [0, 1])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_both_packed_kernels_match_reference(spec, window, columns, group):
+    """`kivi_pages_kernel` (queries as the tile's rows) and `kivi_columns_kernel` (as its columns; the key scales
+    on the query) read the same pages alike, whatever `paged_decode` picks for the group. Splits of 1, 2 and 3
+    pages: rows end mid-split and mid-page."""
+    from kvfold.kernels.decode import PACKED_LAUNCH, TALL_PACKED_LAUNCH, paged_decode
+
+    batch, kv_heads, tokens, dim = 2, 2, 170, 64
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    launch = PACKED_LAUNCH if group < 8 or columns else TALL_PACKED_LAUNCH
+    for pages_per_split in (1, 2, 3):
+        got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                           pages_per_split=pages_per_split, launch={**launch, "COLUMNS": columns})
         assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
         err = ((got - expected).norm() / expected.norm()).item()
-        assert err < BOUND[torch.float16], f"relative error {err:.2e} (FOLD={fold})"
+        assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
 
 
 @pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])

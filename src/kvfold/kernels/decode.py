@@ -4,8 +4,9 @@ One program handles one row (a batch element's KV head, with all its GQA query h
 it loads each page, de-quantizes packed KIVI pages (or scaled float8 pages) in registers (codes never expand in
 HBM), and keeps an online softmax. Splits and the store's parts (packed pages, full-precision tail) are merged by
 `combine`. The meaning is `reference.paged_attention`; tests compare the two under TRITON_INTERPRET=1 on the CPU
-and at full size on a GPU. 16-bit queries over 16-bit, float8, KIVI or KV4 pages go to the faster kernels of `fast_decode`;
-this general kernel reads the rest (float32 queries; packed rows narrower than 16 bytes on a GPU).
+and at full size on a GPU. 16-bit queries over 16-bit or float8 pages go to the faster kernels of `fast_decode`,
+over KIVI or KV4 pages to `packed_decode`; this general kernel reads the rest (float32 queries; packed rows
+narrower than 16 bytes on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import triton.language as tl
 
 from .common import (combine_kernel, empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask,
                      write_token_kernel)
-from .fast_decode import full_pages_kernel, kivi_pages_kernel
+from .fast_decode import full_pages_kernel
+from .packed_decode import kivi_columns_kernel, kivi_pages_kernel
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,11 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if pages_per_split is None and query.device.type != "cuda":  # Triton's interpreter runs a grid's programs one
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
-    packed_rows = max(16, triton.next_power_of_2(group * dim // part.value_group)) if fast == "packed" else 0
-    launch = launch or _default_launch(fast, part.scaled, packed_rows)
-    if fast != "packed" and "FOLD" in launch:  # a constant of the packed kernel alone
+    pairs = triton.next_power_of_2(group * dim // part.value_group)  # (query, value group) pairs of a row
+    columns = launch.get("COLUMNS", pairs <= COLUMNS_UP_TO) if fast == "packed" else False
+    packed_rows = max(8 if columns else 16, pairs) if fast == "packed" else 0
+    launch = {k: v for k, v in (launch or _default_launch(fast, part.scaled, packed_rows)).items() if k != "COLUMNS"}
+    if fast != "packed" and "FOLD" in launch:  # a constant of the packed kernels alone
         launch = {k: v for k, v in launch.items() if k != "FOLD"}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
@@ -177,14 +181,15 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     elif fast == "packed":
         smooth = part.key_smooth
         keys, values = packed_words(part.keys, dim, part.bits), packed_words(part.values, dim, part.bits)
-        kivi_pages_kernel[grid](query, table, part.lengths, keys, values, part.positions, part.key_scale,
-                                part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
-                                part.value_zero, part.value_channel if part.value_channel is not None else dummy,
-                                m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
-                                VG=part.value_group, KEY_TOKEN=smooth is not None, PAGE_TOKENS=part.page_tokens,
-                                P_PAD=max(16, triton.next_power_of_2(page)) if part.page_tokens else 0,  # dots: K >= 16
-                                VALUE_CHANNEL=part.value_channel is not None, ASM=query.device.type == "cuda",
-                                **{**shape, "BLOCK_G": packed_rows}, **launch)
+        kernel = kivi_columns_kernel if columns else kivi_pages_kernel
+        kernel[grid](query, table, part.lengths, keys, values, part.positions, part.key_scale,
+                     part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
+                     part.value_zero, part.value_channel if part.value_channel is not None else dummy,
+                     m, l, acc, width, splits, q_pos, window, scale, BITS=part.bits,
+                     VG=part.value_group, KEY_TOKEN=smooth is not None, PAGE_TOKENS=part.page_tokens,
+                     P_PAD=max(16, triton.next_power_of_2(page)) if part.page_tokens else 0,  # dots: K >= 16
+                     VALUE_CHANNEL=part.value_channel is not None, ASM=query.device.type == "cuda",
+                     **{**shape, "BLOCK_G": packed_rows}, **launch)
     else:  # packed rows narrower than 16 bytes get float32 dots: on an H200, Triton's tensor-core lowering of their
         # tiny tiles gave wrong results (kivi:2, head_dim 32, 16-token pages: relative error 1.0)
         narrow = part.bits and dim * part.bits // 8 < 16
@@ -236,6 +241,8 @@ PACKED_LAUNCH = dict(num_warps=1, num_stages=3)  # KIVI and KV4 pages, with 8 pr
 # so the probabilities become the second dot product's operand in registers and the row reductions need no
 # shared memory
 TALL_PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # more than 16 tile rows (a few-token turn): one warp spills
+COLUMNS_UP_TO = 8  # packed rows of at most this many (query, value group) pairs: `kivi_columns_kernel` (measured
+# at 8, GQA 4 with two value groups: kivi:4 0.173 -> 0.151 ms; 16 and taller tiles keep `kivi_pages_kernel`)
 INVARIANT_SPLIT_TOKENS = 512  # tokens per split of a batch-invariant read (`paged_decode(batch_invariant=True)`)
 TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
 
@@ -337,7 +344,9 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     captured CUDA graph replays with the value of each step.
     A float32 query gets float32 dot products (matching the reference to ~1e-6); 16-bit queries get bfloat16
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
-    `launch` overrides Triton's launch options (num_warps, num_stages), for `benchmarks/decode_kernel.py --sweep`.
+    `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
+    `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
+    `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs).
     `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at
     once, a power of two of them that divides the split; 0: one page per step).
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not
