@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kvfold.kernels.decode import COLUMNS_UP_TO, FAST_LAUNCH, PACKED_LAUNCH, SCALED_LAUNCH  # noqa: E402
 from kvfold.kernels.fast_decode import full_pages_kernel  # noqa: E402
-from kvfold.kernels.packed_decode import kivi_columns_kernel, kivi_pages_kernel  # noqa: E402
+from kvfold.kernels.packed_decode import float8_columns_kernel, kivi_columns_kernel, kivi_pages_kernel  # noqa: E402
 
 COMMON = dict(q_ptr="*bf16", table_ptr="*i32", len_ptr="*i32", pos_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
               acc_ptr="*fp32", width="i32", splits="i32", qpos_ptr="*i32", window="i32", scale="fp32")
@@ -89,6 +89,11 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                                           "vs_ptr": scales},
                {**shape, "BLOCK_G": block_g, "P": page, "SCALED": scaled, "TILE": tile},
                SCALED_LAUNCH if scaled else FAST_LAUNCH)
+        if scaled:  # `paged_decode(launch={"COLUMNS": 1})`
+            yield (f"{label} (columns)", float8_columns_kernel,
+                   {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*u16", "ks_ptr": scales, "vs_ptr": scales},
+                   {**shape, "BLOCK_G": max(8, triton.next_power_of_2(group)), "P": page, "SCALED": scaled,
+                    "E5M2": False, "ASM": True}, PACKED_LAUNCH)
     value_group = min(64, dim)
     for bits in (4, 2):
         for key_token in (False, True):

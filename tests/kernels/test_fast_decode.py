@@ -117,6 +117,27 @@ def test_both_packed_kernels_match_reference(spec, window, columns, group):
         assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
 
 
+@pytest.mark.parametrize("spec", ["fp8", "fp8:e5m2,scale=page,group=32,residual=16", "fp8:scale=page,group=16"])
+@pytest.mark.parametrize("window", [None, 23])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_float8_pages_read_as_columns_match_reference(spec, window, group):
+    """`float8_columns_kernel` (`launch={"COLUMNS": 1}`): float8 pages read as 16-bit words of two codes, the queries
+    as the tiles' columns; splits of 1 and 3 pages, rows ending mid-page, the empty row."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim = 2, 2, 150, 64
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    for pages_per_split in (1, 3):
+        got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                           pages_per_split=pages_per_split, launch={"COLUMNS": 1})
+        assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+        err = ((got - expected).norm() / expected.norm()).item()
+        assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
+
+
 @pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])
 def test_output_in_the_models_dtype_is_the_float32_output_rounded(spec):
     """`out_dtype` (the fast loop asks for the model's dtype) changes only the rounding of the merged output."""

@@ -23,7 +23,7 @@ import triton.language as tl
 from .common import (combine_kernel, empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask,
                      write_token_kernel)
 from .fast_decode import full_pages_kernel
-from .packed_decode import kivi_columns_kernel, kivi_pages_kernel
+from .packed_decode import float8_columns_kernel, kivi_columns_kernel, kivi_pages_kernel
 
 
 @dataclass(frozen=True)
@@ -154,9 +154,14 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
     pairs = triton.next_power_of_2(group * dim // part.value_group)  # (query, value group) pairs of a row
-    columns = launch.get("COLUMNS", pairs <= COLUMNS_UP_TO) if fast == "packed" else False
+    if fast == "packed":
+        columns = launch.get("COLUMNS", pairs <= COLUMNS_UP_TO)
+    else:  # float8 pages: the columns kernel only when asked (not yet timed on a GPU)
+        columns = fast == "full" and part.scaled and launch.get("COLUMNS", 0) and dim >= 32
     packed_rows = max(8 if columns else 16, pairs) if fast == "packed" else 0
     launch = {k: v for k, v in (launch or _default_launch(fast, part.scaled, packed_rows)).items() if k != "COLUMNS"}
+    if columns and fast == "full":
+        launch = {**PACKED_LAUNCH, **launch}
     if fast != "packed" and "FOLD" in launch:  # a constant of the packed kernels alone
         launch = {k: v for k, v in launch.items() if k != "FOLD"}
     if pages_per_split is None:
@@ -172,7 +177,13 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, P=page, PAGES_PER_SPLIT=pages_per_split,
                  WINDOWED=window > 0)
     dummy = part.positions  # unused pointers
-    if fast == "full":
+    if fast == "full" and columns:
+        float8_columns_kernel[grid](query, table, part.lengths, part.keys,
+                                    part.values.view(torch.uint16), part.positions, part.key_scale, part.value_scale,
+                                    m, l, acc, width, splits, q_pos, window, scale, SCALED=part.scaled,
+                                    E5M2=part.keys.dtype == torch.float8_e5m2, ASM=query.device.type == "cuda",
+                                    **{**shape, "BLOCK_G": max(8, triton.next_power_of_2(group))}, **launch)
+    elif fast == "full":
         tile = math.gcd(max(1, tile_tokens // page), pages_per_split)
         full_pages_kernel[grid](query, table, part.lengths, part.keys, part.values, part.positions,
                                 part.key_scale if part.scaled else dummy, part.value_scale if part.scaled else dummy,
@@ -346,7 +357,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
     `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
-    `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs).
+    `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs); for
+    float8 pages `COLUMNS` 1 picks `packed_decode.float8_columns_kernel` (not the default: not yet timed).
     `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at
     once, a power of two of them that divides the split; 0: one page per step).
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not

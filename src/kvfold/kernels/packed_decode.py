@@ -319,6 +319,17 @@ def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.c
 
 
 @triton.jit
+def _column_softmax(s, m_i, l_i):
+    """`common.softmax_update` (base 2) for scores whose keys are the rows: [P, BLOCK_G] into the columns' running
+    max and sum; returns p, the rescale factor alpha, and the new m, l."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[None, :])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=0)
+
+
+@triton.jit
 def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
                         vch_ptr, m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -357,12 +368,7 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
             s = _column_scores(kc, qs, page, offs_p, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
                                KEY_TOKEN, ASM)
             s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[None, :])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
+            p, alpha, m_i, l_i = _column_softmax(s, m_i, l_i)
             weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + offs_p * NVG,
                                                                     valid, group, NVG)
             updated = ()
@@ -382,3 +388,75 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     for r in tl.static_range(FIELDS):  # each channel from its group's columns
         mine = columns_ok[None, :] & (group[None, :] == ((channels + r) // VG)[:, None])
         tl.store(out + r, accs[r], mask=mine)
+
+
+@triton.jit
+def _float8_field(words, r: tl.constexpr, E5M2: tl.constexpr, ASM: tl.constexpr):
+    """Byte r of each 16-bit word of float8 codes as float16, exactly. ASM: the two words of a register (two tokens'
+    codes of one channel pair) give their byte r to one paired conversion (prmt gathers them, cvt widens both)."""
+    if ASM:
+        FORMAT: tl.constexpr = "e5m2x2" if E5M2 else "e4m3x2"
+        SELECT: tl.constexpr = "0x20" if r == 0 else "0x31"
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $1, 0, {SELECT}; mov.b32 {{lo, hi}}, t; "
+            f"cvt.rn.f16x2.{FORMAT} $0, lo; }}", "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
+    byte = ((words >> (8 * r)) & 0xFF).to(tl.uint8)
+    if E5M2:
+        return byte.to(tl.float8e5, bitcast=True).to(tl.float16)
+    return byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+
+
+@triton.jit
+def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, vs_ptr, m_ptr, l_ptr, acc_ptr,
+                          width, splits, qpos_ptr, window, scale,
+                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                          PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr,
+                          E5M2: tl.constexpr = False, ASM: tl.constexpr = False):
+    """Float8 pages (`fast_decode.full_pages_kernel`'s, SCALED 1: a scale per token, 2: per page) read the way
+    `kivi_columns_kernel` reads packed ones, the G queries as BLOCK_G (>= 8) columns: scores [P, BLOCK_G] = keys
+    [P, D] (widened by Triton, as loaded) · queries [D, BLOCK_G]; outputs [D / 2, BLOCK_G] per byte r of the
+    values read as 16-bit words (channels 2w + r; loaded transposed, as the dot takes them) · weights. The key
+    scales go on the scores' rows, the value scales on the probabilities (over the page's largest, as there).
+    Offline for sm_90 (`inspect_kernel.py`, 64-token pages, GQA 4, one warp): a scale per page 184 registers and
+    1138 instructions in the page loop, a scale per token 255 and 1242, against 255 and 2 × 1299 (two warps) for
+    `full_pages_kernel`; keys read as words too cost 255 registers. Not yet timed on a GPU."""
+    W: tl.constexpr = D // 2
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    length, query, _, columns_ok, offs_p = _packed_row(len_ptr, row, G, BLOCK_G, P, P, 0, 1)
+    words = tl.arange(0, W)
+    channels = words * 2
+    queries = tl.load(q_ptr + row * G * D + query[None, :] * D + tl.arange(0, D)[:, None], mask=columns_ok[None, :],
+                      other=0.0).to(tl.float16)
+    scale_log2 = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc_even = tl.zeros([W, BLOCK_G], tl.float32)
+    acc_odd = tl.zeros([W, BLOCK_G], tl.float32)
+    first = split * PAGES_PER_SPLIT
+    if first * P < length:
+        for i in range(PAGES_PER_SPLIT):
+            page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P, 0,
+                                       WINDOWED)
+            keys = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
+                           other=0.0)
+            vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)
+            s = tl.dot(keys.to(tl.float16), queries)
+            if SCALED == 1:
+                key_scale = tl.load(ks_ptr + page * P + offs_p, mask=valid, other=0.0).to(tl.float32)
+                value_scale = tl.load(vs_ptr + page * P + offs_p, mask=valid, other=0.0).to(tl.float32)
+            else:  # a free page's scale may be anything (and 0 * inf is NaN): 0 where invalid
+                key_scale = tl.where(valid, tl.load(ks_ptr + page).to(tl.float32), 0.0)
+                value_scale = tl.where(valid, tl.load(vs_ptr + page).to(tl.float32), 0.0)
+            s = tl.where(valid[:, None], s * (key_scale * scale_log2)[:, None], float("-inf"))
+            p, alpha, m_i, l_i = _column_softmax(s, m_i, l_i)
+            top = tl.max(value_scale, axis=0)
+            top = tl.where(top > 0, top, 1.0)
+            weights = (p * (value_scale / top)[:, None]).to(tl.float16)
+            acc_even = acc_even * alpha[None, :] + top * tl.dot(_float8_field(vc, 0, E5M2, ASM), weights)
+            acc_odd = acc_odd * alpha[None, :] + top * tl.dot(_float8_field(vc, 1, E5M2, ASM), weights)
+    m_i = m_i * 0.6931471805599453  # back to natural-log units for `combine`
+    store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
+    out = acc_ptr + ((row * splits + split) * G + query)[None, :] * D + channels[:, None]
+    tl.store(out, acc_even, mask=columns_ok[None, :])
+    tl.store(out + 1, acc_odd, mask=columns_ok[None, :])
