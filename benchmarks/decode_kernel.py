@@ -133,11 +133,12 @@ LAUNCHES = ((4, 1, None), (4, 2, None), (4, 3, None), (8, 2, None), (2, 2, None)
 
 
 def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "kivi:2"),
-          launches: tuple = LAUNCHES, splits: tuple = (None, 8, 16, 32)) -> list[dict]:
+          launches: tuple = LAUNCHES, splits: tuple = (None, 8, 16, 32), group: int = 4) -> list[dict]:
     """Time per call of each store under Triton launch options (num_warps, num_stages, maxnreg) and split sizes
     (pages per program; None: the default, about 4 programs per multiprocessor), to pick the defaults. A spec
-    `ragged25:<spec>` keeps 5% to 45% of each row's tokens by head."""
-    kv_heads, group, dim = 8, 4, 128
+    `ragged25:<spec>` keeps 5% to 45% of each row's tokens by head. `group`: query heads per KV head (GQA 8, or a
+    few-token turn's n x 4 queries, gives the packed kernels taller tiles)."""
+    kv_heads, dim = 8, 128
     k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(batch * kv_heads, group, dim, device="cuda", dtype=torch.bfloat16)
@@ -201,6 +202,7 @@ def main() -> None:
                         "or '|'-separated when a spec has knobs)")
     parser.add_argument("--launches", default="", help="the sweep's launch options as warps,stages[,maxnreg] or "
                         "key=value pairs (num_warps=1,num_stages=3,COLUMNS=0), separated by ';' (default: eleven)")
+    parser.add_argument("--group", type=int, default=4, help="the sweep's query heads per KV head")
     parser.add_argument("--splits", default="default,8,16,32", help="the sweep's pages per program, comma-separated "
                         "('default': paged_decode's own choice)")
     args = parser.parse_args()
@@ -208,10 +210,10 @@ def main() -> None:
         launches = tuple(parse_launch(item) for item in args.launches.split(";")) if args.launches else LAUNCHES
         specs = args.sweep_only.split("|" if "|" in args.sweep_only else ",")
         splits = tuple(None if item == "default" else int(item) for item in args.splits.split(","))
-        rows = sweep(args.batch, args.tokens, tuple(specs), launches, splits)
+        rows = sweep(args.batch, args.tokens, tuple(specs), launches, splits, args.group)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                         "triton": triton.__version__, "batch": args.batch, "tokens": args.tokens,
-                                        "sweep": rows}, indent=1))
+                                        "group": args.group, "sweep": rows}, indent=1))
         return
     peak = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

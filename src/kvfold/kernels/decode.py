@@ -271,8 +271,8 @@ def packed_words(codes: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
 
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:
-    """Which kernel of `fast_decode` reads this part for a 16-bit query: "full" (16-bit or scaled float8 pages),
-    "packed" (KIVI's or KV4's packed pages), or None (the general kernel: float32 pages, other formats, value
+    """Which fast kernel reads this part for a 16-bit query: "full" (16-bit or scaled float8 pages,
+    `fast_decode`), "packed" (KIVI's or KV4's packed pages, `packed_decode`), or None (the general kernel: float32 pages, other formats, value
     groups under 16 channels). On a GPU each bit field's dot product needs >= 16 channels."""
     if part.page_tokens:  # mixed pages: only the packed kernel reads them (float16 dots, whatever the query)
         return "packed" if dim * part.bits // 8 >= 16 and part.value_group >= 16 else None

@@ -1,8 +1,10 @@
 """Decode kernels for 16-bit queries over packed pages (KIVI's and QServe's KV4: 2/4/8-bit codes with scales).
 
-`decode.paged_decode` sends a packed part here when the query is 16-bit; both kernels compute
-`reference.paged_attention`. `kivi_columns_kernel` reads a decode step's query group (the usual case);
-`kivi_pages_kernel` reads taller groups (a few-token turn's queries, more than 16 (query, value group) pairs).
+`decode.paged_decode` sends a packed part here when the query is 16-bit; the kernels compute
+`reference.paged_attention`. `kivi_columns_kernel` reads a decode step's query group (up to
+`decode.COLUMNS_UP_TO` (query, value group) pairs: GQA 4 with two value groups is 8); `kivi_pages_kernel` reads
+taller groups (GQA 8, a few-token turn's queries). `float8_columns_kernel` reads float8 pages the columns' way
+(opt-in, not yet timed).
 
 What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_kernel.py`):
 - Packed pages are never re-laid out in registers: the words hold channels `w * FIELDS + r` in bit field r, so the
