@@ -1,5 +1,5 @@
-"""The 16-bit-query kernels (`kernels.fast_decode`: 16-bit, float8, KIVI and KV4 pages) equal the reference paged
-attention within 16-bit rounding.
+"""The 16-bit-query kernels (`kernels.fast_decode`: 16-bit and float8 pages; `kernels.packed_decode`: KIVI and KV4
+pages, float8 pages as columns) equal the reference paged attention within 16-bit rounding.
 
 On the CPU (TRITON_INTERPRET=1) float16 only: the interpreter's bfloat16 arithmetic is not faithful, so bfloat16
 runs where the GPU is (TRITON_INTERPRET=0 on a CUDA machine).
