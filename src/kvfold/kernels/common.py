@@ -41,19 +41,24 @@ def padded_page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr,
 
 
 @triton.jit
-def softmax_update(s, m_i, l_i, BASE2: tl.constexpr = False):
+def softmax_update(s, m_i, l_i, BASE2: tl.constexpr = False, KEYS_AXIS: tl.constexpr = 1):
     """One tile of scaled scores [queries, keys] (-inf where hidden) into the running softmax: returns p, the
     rescale factor alpha, and the new m, l. BASE2: the scores are already times log2(e) and exponentiate in base
-    2 (one multiply less per score; m is then in base 2 too)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    2 (one multiply less per score; m is then in base 2 too). KEYS_AXIS 0: the tile is [keys, queries] (the packed
+    kernels that hold the queries as columns)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=KEYS_AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if KEYS_AXIS == 1:
+        shifted = s - m_safe[:, None]
+    else:
+        shifted = s - m_safe[None, :]
     if BASE2:
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(shifted)
         alpha = tl.math.exp2(m_i - m_safe)
     else:
-        p = tl.exp(s - m_safe[:, None])
+        p = tl.exp(shifted)
         alpha = tl.exp(m_i - m_safe)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=KEYS_AXIS)
 
 
 @triton.jit

@@ -153,17 +153,18 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if pages_per_split is None and query.device.type != "cuda":  # Triton's interpreter runs a grid's programs one
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
-    pairs = triton.next_power_of_2(group * dim // part.value_group)  # (query, value group) pairs of a row
+    columns, packed_rows = False, 0
     if fast == "packed":
+        pairs = triton.next_power_of_2(group * dim // part.value_group)  # (query, value group) pairs of a row
         columns = launch.get("COLUMNS", pairs <= COLUMNS_UP_TO)
-    else:  # float8 pages: the columns kernel only when asked (not yet timed on a GPU)
-        columns = fast == "full" and part.scaled and launch.get("COLUMNS", 0) and dim >= 32
-    packed_rows = max(8 if columns else 16, pairs) if fast == "packed" else 0
-    launch = {k: v for k, v in (launch or _default_launch(fast, part.scaled, packed_rows)).items() if k != "COLUMNS"}
+        packed_rows = max(8 if columns else 16, pairs)
+    elif fast == "full" and part.scaled:  # float8 pages: the columns kernel only when asked (not yet timed)
+        columns = bool(launch.get("COLUMNS", 0)) and dim >= 32
+    options = launch or _default_launch(fast, part.scaled, packed_rows)
     if columns and fast == "full":
-        launch = {**PACKED_LAUNCH, **launch}
-    if fast != "packed" and "FOLD" in launch:  # a constant of the packed kernels alone
-        launch = {k: v for k, v in launch.items() if k != "FOLD"}
+        options = {**PACKED_LAUNCH, **options}
+    # COLUMNS picks the kernel; FOLD is a constant of the packed kernels alone
+    launch = {k: v for k, v in options.items() if k != "COLUMNS" and (fast == "packed" or k != "FOLD")}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
                                       _multiprocessors(query.device))
@@ -272,8 +273,9 @@ def packed_words(codes: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
 
 def fast_kind(part: PagedPart, dim: int, device) -> str | None:
     """Which fast kernel reads this part for a 16-bit query: "full" (16-bit or scaled float8 pages,
-    `fast_decode`), "packed" (KIVI's or KV4's packed pages, `packed_decode`), or None (the general kernel: float32 pages, other formats, value
-    groups under 16 channels). On a GPU each bit field's dot product needs >= 16 channels."""
+    `fast_decode`), "packed" (KIVI's or KV4's packed pages, `packed_decode`), or None (the general kernel:
+    float32 pages, other formats, value groups under 16 channels). On a GPU each bit field's dot product needs
+    >= 16 channels."""
     if part.page_tokens:  # mixed pages: only the packed kernel reads them (float16 dots, whatever the query)
         return "packed" if dim * part.bits // 8 >= 16 and part.value_group >= 16 else None
     if part.bits == 0:

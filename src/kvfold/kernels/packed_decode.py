@@ -321,17 +321,6 @@ def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.c
 
 
 @triton.jit
-def _column_softmax(s, m_i, l_i):
-    """`common.softmax_update` (base 2) for scores whose keys are the rows: [P, BLOCK_G] into the columns' running
-    max and sum; returns p, the rescale factor alpha, and the new m, l."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[None, :])
-    alpha = tl.math.exp2(m_i - m_safe)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=0)
-
-
-@triton.jit
 def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
                         vch_ptr, m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -370,7 +359,7 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
             s = _column_scores(kc, qs, page, offs_p, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
                                KEY_TOKEN, ASM)
             s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
-            p, alpha, m_i, l_i = _column_softmax(s, m_i, l_i)
+            p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
             weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + offs_p * NVG,
                                                                     valid, group, NVG)
             updated = ()
@@ -451,7 +440,7 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
                 key_scale = tl.where(valid, tl.load(ks_ptr + page).to(tl.float32), 0.0)
                 value_scale = tl.where(valid, tl.load(vs_ptr + page).to(tl.float32), 0.0)
             s = tl.where(valid[:, None], s * (key_scale * scale_log2)[:, None], float("-inf"))
-            p, alpha, m_i, l_i = _column_softmax(s, m_i, l_i)
+            p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
             top = tl.max(value_scale, axis=0)
             top = tl.where(top > 0, top, 1.0)
             weights = (p * (value_scale / top)[:, None]).to(tl.float16)
