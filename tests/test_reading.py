@@ -116,6 +116,10 @@ def test_chunked_prefill_through_gathered_sdpa_equals_the_reference(tiny_llama, 
     mask = torch.ones_like(ids)
     mask[1, :25] = 0
     ref_cache, ref = _run(tiny_llama, spec, ids, 60, attention_mask=mask)
+    # The paths agree to float32 rounding; fp8's per-token rounding can turn such a difference in one layer's
+    # output into one float8 step of a stored element in the next (on one AMD EPYC: logits 1.5e-3 apart, their
+    # std 1.6), so its bound is looser: a causal mask off by one moves them by 1.7, a scale 1% off by 0.2.
+    tolerance = dict(atol=1e-2, rtol=1e-2) if spec == "fp8" else dict(atol=2e-4, rtol=1e-4)
     monkeypatch.setattr(reading, "use_gathered_sdpa", lambda device: True)
     monkeypatch.setattr(reading, "SDPA_MASK_ELEMENTS", 2**14)  # several masked blocks: where one call is chosen
     calls = []
@@ -126,7 +130,7 @@ def test_chunked_prefill_through_gathered_sdpa_equals_the_reference(tiny_llama, 
         calls.clear()
         cache, logits = _run(tiny_llama, spec, ids, 60, attention_mask=mask)
         assert bool(calls) == one_call
-        torch.testing.assert_close(logits, ref, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, ref, **tolerance)
         for a, b in zip(cache.layers, ref_cache.layers):
             assert all(torch.equal(x, y) for x, y in zip(a.kept_positions()[0], b.kept_positions()[0]))
             assert a.stored_slots() == sum(c.keys.shape[1] for c in a.chunks())  # what sdpa_after_store allocates

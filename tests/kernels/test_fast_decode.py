@@ -138,6 +138,22 @@ def test_float8_pages_read_as_columns_match_reference(spec, window, group):
         assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float8_pages_by_default_keep_the_querys_precision(dtype):
+    """By default 64-token float8 pages go to the columns kernel (float16 dots) for 16-bit queries only: a float32
+    query keeps float32 dots, so its output matches the reference to float32 rounding."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
+    layer = filled_layer("fp8:scale=page", batch, kv_heads, dim, tokens, 64, None, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).to(dtype)
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5)
+    got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5)
+    err = ((got - expected).norm() / expected.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else BOUND[dtype]), f"relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])
 def test_output_in_the_models_dtype_is_the_float32_output_rounded(spec):
     """`out_dtype` (the fast loop asks for the model's dtype) changes only the rounding of the merged output."""

@@ -158,11 +158,13 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         pairs = triton.next_power_of_2(group * dim // part.value_group)  # (query, value group) pairs of a row
         columns = launch.get("COLUMNS", pairs <= COLUMNS_UP_TO)
         packed_rows = max(8 if columns else 16, pairs)
-    elif fast == "full" and part.scaled:  # float8 pages: the columns kernel only when asked (not yet timed)
-        columns = bool(launch.get("COLUMNS", 0)) and dim >= 32
-    options = launch or _default_launch(fast, part.scaled, packed_rows)
-    if columns and fast == "full":
-        options = {**PACKED_LAUNCH, **options}
+    elif fast == "full" and part.scaled and query.dtype != torch.float32:  # its dots are float16: a float32 query
+        # keeps full_pages_kernel's float32 ones; columns as timed (GQA <= 8, pages of >= TILE_TOKENS)
+        columns = bool(launch.get("COLUMNS", group <= COLUMNS_UP_TO and page >= TILE_TOKENS)) and dim >= 32
+    if columns and fast == "full":  # one warp: 0.142 against 0.153 ms with two (scale per page)
+        options = {**PACKED_LAUNCH, **launch}
+    else:
+        options = launch or _default_launch(fast, part.scaled, packed_rows)
     # COLUMNS picks the kernel; FOLD is a constant of the packed kernels alone
     launch = {k: v for k, v in options.items() if k != "COLUMNS" and (fast == "packed" or k != "FOLD")}
     if pages_per_split is None:
@@ -254,7 +256,10 @@ PACKED_LAUNCH = dict(num_warps=1, num_stages=3)  # KIVI and KV4 pages, with 8 pr
 # shared memory
 TALL_PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # more than 16 tile rows (a few-token turn): one warp spills
 COLUMNS_UP_TO = 8  # packed rows of at most this many (query, value group) pairs: `kivi_columns_kernel` (measured
-# at 8, GQA 4 with two value groups: kivi:4 0.173 -> 0.151 ms; 16 and taller tiles keep `kivi_pages_kernel`)
+# at 8, GQA 4 with two value groups: kivi:4 0.173 -> 0.151 ms; at 16 and 32 pairs `kivi_pages_kernel` is faster,
+# kivi:4 0.180 against 0.201 and 0.324 against 0.445 ms: decode_kernel_h200_sweep_columns_group{8,16}.json).
+# Float8 pages at GQA 4 with `float8_columns_kernel`: a scale per page 0.216 -> 0.142 ms, per token 0.259 -> 0.173
+# (decode_kernel_h200_sweep_fp8_columns.json)
 INVARIANT_SPLIT_TOKENS = 512  # tokens per split of a batch-invariant read (`paged_decode(batch_invariant=True)`)
 TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
 
@@ -360,7 +365,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
     `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs); for
-    float8 pages `COLUMNS` 1 picks `packed_decode.float8_columns_kernel` (not the default: not yet timed).
+    scaled float8 pages `COLUMNS` 1 or 0 picks `packed_decode.float8_columns_kernel` or `full_pages_kernel`
+    (default: columns for at most `COLUMNS_UP_TO` query heads per KV head and pages of at least `TILE_TOKENS`).
     `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at
     once, a power of two of them that divides the split; 0: one page per step).
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not

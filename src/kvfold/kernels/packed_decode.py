@@ -410,7 +410,8 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     scales go on the scores' rows, the value scales on the probabilities (over the page's largest, as there).
     Offline for sm_90 (`inspect_kernel.py`, 64-token pages, GQA 4, one warp): a scale per page 184 registers and
     1138 instructions in the page loop, a scale per token 255 and 1242, against 255 and 2 × 1299 (two warps) for
-    `full_pages_kernel`; keys read as words too cost 255 registers. Not yet timed on a GPU."""
+    `full_pages_kernel`; keys read as words too cost 255 registers. On an H200 (batch 8, 32k, GQA 4) 0.142 ms against
+    0.216 (scale per page), 0.173 against 0.259 (per token): the default for scaled float8 pages."""
     W: tl.constexpr = D // 2
     row = tl.program_id(0)
     split = tl.program_id(1)
