@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -40,6 +40,11 @@ for step in "${steps[@]}"; do
                       --splits default --launches "num_warps=1,num_stages=3,COLUMNS=0;num_warps=2,num_stages=3,COLUMNS=0;num_warps=1,num_stages=3,COLUMNS=1;num_warps=2,num_stages=3,COLUMNS=1" \
                       --out "$OUT/decode_kernel_sweep_columns_group$group.json" 2>&1 | grep -v Warn | tail -14
                   done ;;
+    async-scales) timeout 200 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2|kv4:4|kv4:2|fp8|fp8:scale=page" \
+                    --splits default --launches "COLUMNS=1,num_warps=1,num_stages=3,KEY_FOLD=0,ASYNC_SCALES=0;COLUMNS=1,num_warps=1,num_stages=3,KEY_FOLD=1,ASYNC_SCALES=0;COLUMNS=1,num_warps=1,num_stages=3,KEY_FOLD=0,ASYNC_SCALES=2;COLUMNS=1,num_warps=1,num_stages=3,KEY_FOLD=1,ASYNC_SCALES=2" \
+                    --out "$OUT/decode_kernel_sweep_async_scales.json" 2>&1 | grep -v Warn | tail -26  # scales copied ahead, key offsets folded
+                  timeout 170 python -m pytest -q -x tests/kernels/test_fast_decode.py -p no:cacheprovider \
+                    -k "scales_copied or offsets or both_packed or float8" 2>&1 | tail -3 ;;
     few) timeout 300 python benchmarks/few_token_decode.py --out "$OUT/few_token_decode.json" 2>&1 | grep -v Warn | tail -24 ;;
     prefill) timeout 240 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -24 ;;
     sparse) timeout 200 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8
@@ -62,6 +67,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
   esac
 done

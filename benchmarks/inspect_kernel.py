@@ -27,7 +27,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kvfold.kernels.decode import COLUMNS_UP_TO, FAST_LAUNCH, PACKED_LAUNCH, SCALED_LAUNCH  # noqa: E402
 from kvfold.kernels.fast_decode import full_pages_kernel  # noqa: E402
-from kvfold.kernels.packed_decode import float8_columns_kernel, kivi_columns_kernel, kivi_pages_kernel  # noqa: E402
+from kvfold.kernels.float8_decode import float8_columns_kernel  # noqa: E402
+from kvfold.kernels.packed_decode import kivi_columns_kernel, kivi_pages_kernel  # noqa: E402
 
 COMMON = dict(q_ptr="*bf16", table_ptr="*i32", len_ptr="*i32", pos_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
               acc_ptr="*fp32", width="i32", splits="i32", qpos_ptr="*i32", window="i32", scale="fp32")
@@ -89,11 +90,11 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                                           "vs_ptr": scales},
                {**shape, "BLOCK_G": block_g, "P": page, "SCALED": scaled, "TILE": tile},
                SCALED_LAUNCH if scaled else FAST_LAUNCH)
-        if scaled:  # `paged_decode(launch={"COLUMNS": 1})`
+        if scaled:  # what `paged_decode` picks for float8 pages at GQA <= 8
             yield (f"{label} (columns)", float8_columns_kernel,
                    {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*u16", "ks_ptr": scales, "vs_ptr": scales},
                    {**shape, "BLOCK_G": max(8, triton.next_power_of_2(group)), "P": page, "SCALED": scaled,
-                    "E5M2": False, "ASM": True}, PACKED_LAUNCH)
+                    "E5M2": False, "ASM": True, "ASYNC_SCALES": 1}, PACKED_LAUNCH)  # ASTSource applies no defaults
     value_group = min(64, dim)
     for bits in (4, 2):
         for key_token in (False, True):
@@ -106,7 +107,9 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
             constants = {**shape, "P": page, "BITS": bits, "VG": value_group, "KEY_TOKEN": key_token,
                          "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False, "ASM": True, "FOLD": True}
             if pairs <= COLUMNS_UP_TO:  # what `paged_decode` picks at these shapes
-                yield label, kivi_columns_kernel, signature, {**constants, "BLOCK_G": max(8, pairs)}, PACKED_LAUNCH
+                columns = {**constants, "BLOCK_G": max(8, pairs), "KEY_FOLD": True,
+                           "ASYNC_SCALES": 0 if key_token and bits == 2 else 2}  # as `decode._partials` launches it
+                yield label, kivi_columns_kernel, signature, columns, PACKED_LAUNCH
             yield (f"{label} (rows)", kivi_pages_kernel, signature, {**constants, "BLOCK_G": max(16, pairs)},
                    PACKED_LAUNCH)
 

@@ -75,7 +75,8 @@ def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pa
                                   "rotate+kivi:4,group=16,residual=16"])
 def test_value_offsets_taken_off_per_row_match_reference(spec):
     """FOLD (the default): value codes keep their float16 offset, taken off once per row of each dot product; the
-    same bound as taking it off each code (FOLD=False)."""
+    same bound as taking it off each code (FOLD=False). KEY_FOLD (the columns kernel's default): KIVI's key codes
+    too, their offset taken off with the page's q·z."""
     from kvfold.kernels.decode import PACKED_LAUNCH, paged_decode
 
     batch, kv_heads, tokens, dim, group = 2, 2, 170, 64, 4
@@ -84,9 +85,9 @@ def test_value_offsets_taken_off_per_row_match_reference(spec):
     expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
                                dim ** -0.5)
     for fold in (True, False):
-        for columns in (0, 1):
+        for columns, key_fold in ((0, False), (1, False), (1, True)):
             got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
-                               launch={**PACKED_LAUNCH, "FOLD": fold, "COLUMNS": columns})
+                               launch={**PACKED_LAUNCH, "FOLD": fold, "COLUMNS": columns, "KEY_FOLD": key_fold})
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
             err = ((got - expected).norm() / expected.norm()).item()
             assert err < BOUND[torch.float16], f"relative error {err:.2e} (FOLD={fold}, columns {columns})"
@@ -136,6 +137,27 @@ def test_float8_pages_read_as_columns_match_reference(spec, window, group):
         assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
         err = ((got - expected).norm() / expected.norm()).item()
         assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
+
+
+@pytest.mark.parametrize("spec", ["kivi:4,group=64,residual=16", "kivi:2,group=32,residual=16",
+                                  "kv4:4,group=16,residual=16", "fp8", "fp8:scale=page,group=16"])
+def test_scales_copied_ahead_read_as_loaded_one_at_a_time(spec):
+    """ASYNC_SCALES (the columns kernels' default): a page's scales and zeros loaded as contiguous blocks (copied
+    ahead by the loop's pipeline) give what loading them field by field gives, rows ending mid-page included."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5)
+    outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
+                            launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "ASYNC_SCALES": level})
+               for level in (0, 1, 2)]
+    for level, got in enumerate(outputs):
+        err = ((got - expected).norm() / expected.norm()).item()
+        assert err < BOUND[torch.float16], f"relative error {err:.2e} (ASYNC_SCALES={level})"
+        torch.testing.assert_close(got, outputs[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

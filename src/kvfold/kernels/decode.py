@@ -23,7 +23,8 @@ import triton.language as tl
 from .common import (combine_kernel, empty_state, page_rows, query_tile, softmax_step, store_stats, window_mask,
                      write_token_kernel)
 from .fast_decode import full_pages_kernel
-from .packed_decode import float8_columns_kernel, kivi_columns_kernel, kivi_pages_kernel
+from .float8_decode import float8_columns_kernel
+from .packed_decode import kivi_columns_kernel, kivi_pages_kernel
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,14 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         options = {**PACKED_LAUNCH, **launch}
     else:
         options = launch or _default_launch(fast, part.scaled, packed_rows)
-    # COLUMNS picks the kernel; FOLD is a constant of the packed kernels alone
-    launch = {k: v for k, v in options.items() if k != "COLUMNS" and (fast == "packed" or k != "FOLD")}
+    if columns and fast == "packed" and part.key_smooth is not None and part.bits == 2:
+        options = {"ASYNC_SCALES": 0, **options}  # kv4:2: 0.122 ms loaded field by field, 0.130 copied ahead
+    if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
+        options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
+    # COLUMNS picks the kernel; FOLD is a constant of the packed kernels, KEY_FOLD of the packed columns one,
+    # ASYNC_SCALES of both columns kernels
+    own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns}
+    launch = {k: v for k, v in options.items() if k != "COLUMNS" and own.get(k, True)}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
                                       _multiprocessors(query.device))
@@ -365,7 +372,7 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
     `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs); for
-    scaled float8 pages `COLUMNS` 1 or 0 picks `packed_decode.float8_columns_kernel` or `full_pages_kernel`
+    scaled float8 pages `COLUMNS` 1 or 0 picks `float8_decode.float8_columns_kernel` or `full_pages_kernel`
     (default: columns for at most `COLUMNS_UP_TO` query heads per KV head and pages of at least `TILE_TOKENS`).
     `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at
     once, a power of two of them that divides the split; 0: one page per step).

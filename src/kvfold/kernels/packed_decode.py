@@ -3,8 +3,8 @@
 `decode.paged_decode` sends a packed part here when the query is 16-bit; the kernels compute
 `reference.paged_attention`. `kivi_columns_kernel` reads a decode step's query group (up to
 `decode.COLUMNS_UP_TO` (query, value group) pairs: GQA 4 with two value groups is 8); `kivi_pages_kernel` reads
-taller groups (GQA 8, a few-token turn's queries). `float8_columns_kernel` reads float8 pages the columns' way
-(opt-in, not yet timed).
+taller groups (GQA 8, a few-token turn's queries). `float8_decode.float8_columns_kernel` reads float8 pages the
+columns' way.
 
 What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_kernel.py`):
 - Packed pages are never re-laid out in registers: the words hold channels `w * FIELDS + r` in bit field r, so the
@@ -26,6 +26,10 @@ What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_k
   key scales go onto the query once per page, (q∘s)·c + q·z, so key codes go into the dot product as they unpack.
   kivi:4 0.173 -> 0.151 ms, kivi:2 0.185 -> 0.136, kv4:4 0.200 -> 0.141, kv4:2 0.235 -> 0.122
   (`benchmarks/results/decode_kernel_h200_sweep_swap.json`).
+- A page's scales and zeros load as contiguous blocks (`ASYNC_SCALES`), which Triton's pipeline copies into shared
+  memory pages ahead; loaded a bit field or value group at a time (2 bytes a thread) they were synchronous loads,
+  and every page waited out their latency: kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111
+  (`decode_kernel_h200_sweep_async_scales.json`).
 
 Scores use float16 dot products whatever the query's 16-bit type (the scales are float16): queries beyond
 float16's range (|q| > 65504) are not supported.
@@ -273,28 +277,50 @@ def _query_columns(q_ptr, row, query, columns_ok, channels, FIELDS: tl.constexpr
 
 
 @triton.jit
-def _column_scores(kc, qs, page, offs_p, channels, ks_ptr, kz_ptr, ksm_ptr, P: tl.constexpr, D: tl.constexpr,
-                   FIELDS: tl.constexpr, BITS: tl.constexpr, KEY_TOKEN: tl.constexpr, ASM: tl.constexpr):
+def _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_ptr, P: tl.constexpr, D: tl.constexpr,
+                   FIELDS: tl.constexpr, BITS: tl.constexpr, KEY_TOKEN: tl.constexpr, ASM: tl.constexpr,
+                   FOLD: tl.constexpr = False, ASYNC: tl.constexpr = False):
     """A page's scores [P, BLOCK_N], the key codes as the dot products' left operand. The page's per-channel
     factor goes onto the query columns, so the codes go into the dots as they unpack: KIVI's scale,
     q·(c s + z) = (q∘s)·c + q·z; KV4's λ, q·((c s_t + z_t) λ) = s_t (qλ)·c + z_t Σ qλ. The per-column sums
-    (q·z or Σ qλ) add up over the fields first: one reduction a page."""
+    (q·z or Σ qλ) add up over the fields first: one reduction a page. FOLD (KIVI): the codes keep their float16
+    offset b, (q∘s)·(b + c) - b Σ q∘s, and b Σ q∘s joins q·z in that one reduction (one subtraction per two codes
+    less, one multiply-add per query channel more)."""
     s = tl.zeros([kc.shape[0], qs[0].shape[1]], tl.float32)
     sums = tl.zeros(qs[0].shape, tl.float32)
+    # a page's factors as one [W, FIELDS] block: contiguous, so the loop's pipeline copies them ahead (loaded a
+    # field at a time, 2 bytes a thread, they were synchronous loads inside the page step)
     key_channel = page * D + channels
+    block = key_channel[:, None] + tl.arange(0, FIELDS)[None, :]
+    if ASYNC:
+        factors = tl.load((ksm_ptr if KEY_TOKEN else ks_ptr) + block)
+        if not KEY_TOKEN:
+            zeros = tl.load(kz_ptr + block)
     for r in tl.static_range(FIELDS):
-        if KEY_TOKEN:
-            factor = tl.load(ksm_ptr + key_channel + r).to(tl.float32)
+        if ASYNC:  # column r, inline (each thread holds whole rows of the block: no data moves)
+            factor = tl.sum(tl.where(tl.arange(0, FIELDS)[None, :] == r, factors, 0.0), axis=1).to(tl.float32)
+            if not KEY_TOKEN:
+                zero = tl.sum(tl.where(tl.arange(0, FIELDS)[None, :] == r, zeros, 0.0), axis=1).to(tl.float32)
         else:
-            factor = tl.load(ks_ptr + key_channel + r).to(tl.float32)
+            factor = tl.load((ksm_ptr if KEY_TOKEN else ks_ptr) + key_channel + r).to(tl.float32)
+            if not KEY_TOKEN:
+                zero = tl.load(kz_ptr + key_channel + r).to(tl.float32)
         query = qs[r].to(tl.float32)
         scaled = (query * factor[:, None]).to(tl.float16)
-        s = tl.dot(_field(kc, r, BITS, ASM), scaled, s)
         if KEY_TOKEN:
+            s = tl.dot(_field(kc, r, BITS, ASM), scaled, s)
             sums += scaled.to(tl.float32)
+        elif FOLD:
+            s = tl.dot(_field(kc, r, BITS, ASM, True), scaled, s)
+            offset = (1024 >> (r * BITS % 8)) if ASM else 1024  # `_field_offset`, inline
+            sums += query * zero[:, None] - offset * scaled.to(tl.float32)
         else:
-            sums += query * tl.load(kz_ptr + key_channel + r).to(tl.float32)[:, None]
-    if KEY_TOKEN:
+            s = tl.dot(_field(kc, r, BITS, ASM), scaled, s)
+            sums += query * zero[:, None]
+    if KEY_TOKEN and ASYNC:
+        s = s * _token_stats(ks_ptr, page * P, valid, P, True)[:, None] \
+            + _token_stats(kz_ptr, page * P, valid, P, True)[:, None] * tl.sum(sums, axis=0)[None, :]
+    elif KEY_TOKEN:
         token = page * P + offs_p
         s = s * tl.load(ks_ptr + token).to(tl.float32)[:, None] \
             + tl.load(kz_ptr + token).to(tl.float32)[:, None] * tl.sum(sums, axis=0)[None, :]
@@ -304,16 +330,36 @@ def _column_scores(kc, qs, page, offs_p, channels, ks_ptr, kz_ptr, ksm_ptr, P: t
 
 
 @triton.jit
-def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.constexpr):
+def _token_stats(ptr, first, valid, P: tl.constexpr, ASYNC: tl.constexpr):
+    """P consecutive 16-bit statistics of a page's slots from ptr + first as float32 [P], 0 where not `valid`.
+    ASYNC: loaded whole (the page is real, its free slots may hold anything) as a [P / 2, 2] block, 4 bytes a
+    thread, which the loop's pipeline copies ahead; a masked [P] load is 2 bytes a thread, synchronous."""
+    if ASYNC:
+        pairs = first + tl.arange(0, P // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]
+        stats = tl.reshape(tl.load(ptr + pairs), [P]).to(tl.float32)
+        return tl.where(valid, stats, 0.0)
+    return tl.load(ptr + first + tl.arange(0, P), mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.constexpr, G: tl.constexpr,
+                          ASYNC: tl.constexpr):
     """`_value_weights` for columns: p [P, BLOCK_N], column n serving value group `group[n]`. Returns the weights
     (float16), the column's largest scale, the zeros' share and the weights' sum (for FOLD) [BLOCK_N]."""
-    v_scale = tl.zeros_like(p)
-    v_zero = tl.zeros_like(p)
-    for g in tl.static_range(NVG):
-        scale_g = tl.load(vs_ptr + token_stat + g, mask=valid, other=0.0).to(tl.float32)
-        zero_g = tl.load(vz_ptr + token_stat + g, mask=valid, other=0.0).to(tl.float32)
-        v_scale = tl.where(group[None, :] == g, scale_g[:, None], v_scale)
-        v_zero = tl.where(group[None, :] == g, zero_g[:, None], v_zero)
+    if ASYNC and p.shape[1] == G * NVG:  # [P, NVG] blocks, contiguous (copied ahead), spread to the G columns each
+        block = token_stat[:, None] + tl.arange(0, NVG)[None, :]
+        scales = tl.load(vs_ptr + block, mask=valid[:, None], other=0.0)
+        zeros = tl.load(vz_ptr + block, mask=valid[:, None], other=0.0)
+        v_scale = tl.reshape(tl.broadcast_to(scales[:, :, None], [p.shape[0], NVG, G]), p.shape).to(tl.float32)
+        v_zero = tl.reshape(tl.broadcast_to(zeros[:, :, None], [p.shape[0], NVG, G]), p.shape).to(tl.float32)
+    else:
+        v_scale = tl.zeros_like(p)
+        v_zero = tl.zeros_like(p)
+        for g in tl.static_range(NVG):
+            scale_g = tl.load(vs_ptr + token_stat + g, mask=valid, other=0.0).to(tl.float32)
+            zero_g = tl.load(vz_ptr + token_stat + g, mask=valid, other=0.0).to(tl.float32)
+            v_scale = tl.where(group[None, :] == g, scale_g[:, None], v_scale)
+            v_zero = tl.where(group[None, :] == g, zero_g[:, None], v_zero)
     top = tl.max(v_scale, axis=0)
     top = tl.where(top > 0, top, 1.0)
     weights = (p * v_scale * (1.0 / top)[None, :]).to(tl.float16)
@@ -327,10 +373,18 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
                         BITS: tl.constexpr, VG: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
                         WINDOWED: tl.constexpr, KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0,
                         P_PAD: tl.constexpr = 0, VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False,
-                        FOLD: tl.constexpr = True):
+                        FOLD: tl.constexpr = True, KEY_FOLD: tl.constexpr = True,
+                        ASYNC_SCALES: tl.constexpr = 2):
     """`kivi_pages_kernel` with the dot products' operands swapped: scores [P, BLOCK_G] = codes [P, W] · query
     columns [W, BLOCK_G] per bit field, outputs [W, BLOCK_G] = value codes [W, P] (loaded transposed, as the dot
-    takes them) · weights [P, BLOCK_G]. BLOCK_G columns (>= 8): G queries × D / VG value groups. Same arguments."""
+    takes them) · weights [P, BLOCK_G]. BLOCK_G columns (>= 8): G queries × D / VG value groups. Same arguments,
+    and KEY_FOLD: KIVI's key codes keep their float16 offset too (`_column_scores`); ASYNC_SCALES 1: a page's key
+    scales and zeros load as [W, FIELDS] blocks, 2: the values' as [P, NVG] blocks too. Loaded a field or group at
+    a time they were 2 bytes a thread, which Triton's pipeline does not copy ahead: synchronous loads (16 LDG in
+    the page loop, SASS) whose latency every page waited out. On an H200 (batch 8 × 32k, GQA 4;
+    decode_kernel_h200_sweep_async_scales.json) level 2 took kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111,
+    kv4:4 0.142 -> 0.135, but kv4:2 0.122 -> 0.130 (`decode._partials` keeps it at 0 there); KEY_FOLD alone
+    changed nothing measurable (kivi:4 0.123 -> 0.121)."""
     FIELDS: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // BITS
     W: tl.constexpr = D // FIELDS  # words per token
     NVG: tl.constexpr = D // VG
@@ -356,12 +410,12 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
             vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)
             if ASM and FIELDS * BITS == 8:
                 kc, vc = _spread_bytes(kc), _spread_bytes(vc)
-            s = _column_scores(kc, qs, page, offs_p, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
-                               KEY_TOKEN, ASM)
+            s = _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
+                               KEY_TOKEN, ASM, KEY_FOLD, ASYNC_SCALES > 0)
             s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
             weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + offs_p * NVG,
-                                                                    valid, group, NVG)
+                                                                    valid, group, NVG, G, ASYNC_SCALES > 1)
             updated = ()
             for r in tl.static_range(FIELDS):
                 if FOLD:  # the codes keep their float16 offset b: Σ w (b + c) - b Σ w
@@ -379,76 +433,3 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     for r in tl.static_range(FIELDS):  # each channel from its group's columns
         mine = columns_ok[None, :] & (group[None, :] == ((channels + r) // VG)[:, None])
         tl.store(out + r, accs[r], mask=mine)
-
-
-@triton.jit
-def _float8_field(words, r: tl.constexpr, E5M2: tl.constexpr, ASM: tl.constexpr):
-    """Byte r of each 16-bit word of float8 codes as float16, exactly. ASM: the two words of a register (two tokens'
-    codes of one channel pair) give their byte r to one paired conversion (prmt gathers them, cvt widens both)."""
-    if ASM:
-        FORMAT: tl.constexpr = "e5m2x2" if E5M2 else "e4m3x2"
-        SELECT: tl.constexpr = "0x20" if r == 0 else "0x31"
-        return tl.inline_asm_elementwise(
-            f"{{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $1, 0, {SELECT}; mov.b32 {{lo, hi}}, t; "
-            f"cvt.rn.f16x2.{FORMAT} $0, lo; }}", "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
-    byte = ((words >> (8 * r)) & 0xFF).to(tl.uint8)
-    if E5M2:
-        return byte.to(tl.float8e5, bitcast=True).to(tl.float16)
-    return byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-
-
-@triton.jit
-def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, vs_ptr, m_ptr, l_ptr, acc_ptr,
-                          width, splits, qpos_ptr, window, scale,
-                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                          PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr,
-                          E5M2: tl.constexpr = False, ASM: tl.constexpr = False):
-    """Float8 pages (`fast_decode.full_pages_kernel`'s, SCALED 1: a scale per token, 2: per page) read the way
-    `kivi_columns_kernel` reads packed ones, the G queries as BLOCK_G (>= 8) columns: scores [P, BLOCK_G] = keys
-    [P, D] (widened by Triton, as loaded) · queries [D, BLOCK_G]; outputs [D / 2, BLOCK_G] per byte r of the
-    values read as 16-bit words (channels 2w + r; loaded transposed, as the dot takes them) · weights. The key
-    scales go on the scores' rows, the value scales on the probabilities (over the page's largest, as there).
-    Offline for sm_90 (`inspect_kernel.py`, 64-token pages, GQA 4, one warp): a scale per page 184 registers and
-    1138 instructions in the page loop, a scale per token 255 and 1242, against 255 and 2 × 1299 (two warps) for
-    `full_pages_kernel`; keys read as words too cost 255 registers. On an H200 (batch 8, 32k, GQA 4) 0.142 ms against
-    0.216 (scale per page), 0.173 against 0.259 (per token): the default for scaled float8 pages."""
-    W: tl.constexpr = D // 2
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    length, query, _, columns_ok, offs_p = _packed_row(len_ptr, row, G, BLOCK_G, P, P, 0, 1)
-    words = tl.arange(0, W)
-    channels = words * 2
-    queries = tl.load(q_ptr + row * G * D + query[None, :] * D + tl.arange(0, D)[:, None], mask=columns_ok[None, :],
-                      other=0.0).to(tl.float16)
-    scale_log2 = scale * 1.4426950408889634
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc_even = tl.zeros([W, BLOCK_G], tl.float32)
-    acc_odd = tl.zeros([W, BLOCK_G], tl.float32)
-    first = split * PAGES_PER_SPLIT
-    if first * P < length:
-        for i in range(PAGES_PER_SPLIT):
-            page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P, 0,
-                                       WINDOWED)
-            keys = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
-                           other=0.0)
-            vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)
-            s = tl.dot(keys.to(tl.float16), queries)
-            if SCALED == 1:
-                key_scale = tl.load(ks_ptr + page * P + offs_p, mask=valid, other=0.0).to(tl.float32)
-                value_scale = tl.load(vs_ptr + page * P + offs_p, mask=valid, other=0.0).to(tl.float32)
-            else:  # a free page's scale may be anything (and 0 * inf is NaN): 0 where invalid
-                key_scale = tl.where(valid, tl.load(ks_ptr + page).to(tl.float32), 0.0)
-                value_scale = tl.where(valid, tl.load(vs_ptr + page).to(tl.float32), 0.0)
-            s = tl.where(valid[:, None], s * (key_scale * scale_log2)[:, None], float("-inf"))
-            p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
-            top = tl.max(value_scale, axis=0)
-            top = tl.where(top > 0, top, 1.0)
-            weights = (p * (value_scale / top)[:, None]).to(tl.float16)
-            acc_even = acc_even * alpha[None, :] + top * tl.dot(_float8_field(vc, 0, E5M2, ASM), weights)
-            acc_odd = acc_odd * alpha[None, :] + top * tl.dot(_float8_field(vc, 1, E5M2, ASM), weights)
-    m_i = m_i * 0.6931471805599453  # back to natural-log units for `combine`
-    store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)
-    out = acc_ptr + ((row * splits + split) * G + query)[None, :] * D + channels[:, None]
-    tl.store(out, acc_even, mask=columns_ok[None, :])
-    tl.store(out + 1, acc_odd, mask=columns_ok[None, :])
