@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -24,10 +24,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 for step in "${steps[@]}"; do
   echo "== $step ($(date +%T))"
   case $step in
-    tests) timeout 300 python -m pytest -q -x tests/kernels tests/test_reading.py -p no:cacheprovider 2>&1 | tail -4 ;;  # over 150 s on a fresh machine (empty compile cache)
+    tests) timeout 420 python -m pytest -q -x tests/kernels tests/test_reading.py -p no:cacheprovider 2>&1 | tail -4 ;;  # 270 s warm, over 300 s on a fresh machine (empty compile cache)
     prefill-tests) timeout 150 python -m pytest -q --tb=line tests/kernels/test_prefill.py tests/kernels/test_sparse.py \
                      -p no:cacheprovider 2>&1 | tail -12 ;;
-    decode) timeout 240 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
+    decode) timeout 330 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
     agreement) timeout 200 python benchmarks/path_agreement.py --invariant --out "$OUT/path_agreement_invariant.json" \
                  2>&1 | grep -v Warn | tail -8 ;;  # fast loop vs normal path, teacher-forced, bit for bit
     ragged) timeout 200 python benchmarks/decode_kernel.py --skip-accuracy --cases "none (bf16,uniform,ragged" \
@@ -45,6 +45,9 @@ for step in "${steps[@]}"; do
                     --out "$OUT/decode_kernel_sweep_async_scales.json" 2>&1 | grep -v Warn | tail -26  # scales copied ahead, key offsets folded
                   timeout 170 python -m pytest -q -x tests/kernels/test_fast_decode.py -p no:cacheprovider \
                     -k "scales_copied or offsets or both_packed or float8" 2>&1 | tail -3 ;;
+    fp8-page-scales) timeout 150 python benchmarks/decode_kernel.py --sweep-only "fp8:scale=page|fp8:e5m2,scale=page" --splits default,16 \
+                       --launches "ASYNC_SCALES=1,num_warps=1,num_stages=3;ASYNC_SCALES=2,num_warps=1,num_stages=3" \
+                       --out "$OUT/decode_kernel_sweep_fp8_page_scales.json" 2>&1 | grep -v Warn | tail -10 ;;  # page scales before the loop
     few) timeout 300 python benchmarks/few_token_decode.py --out "$OUT/few_token_decode.json" 2>&1 | grep -v Warn | tail -24 ;;
     prefill) timeout 240 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -24 ;;
     sparse) timeout 200 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8
@@ -67,6 +70,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
   esac
 done
