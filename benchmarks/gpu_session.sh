@@ -47,7 +47,10 @@ for step in "${steps[@]}"; do
                     -k "scales_copied or offsets or both_packed or float8" 2>&1 | tail -3 ;;
     fp8-page-scales) timeout 150 python benchmarks/decode_kernel.py --sweep-only "fp8:scale=page|fp8:e5m2,scale=page" --splits default,16 \
                        --launches "ASYNC_SCALES=1,num_warps=1,num_stages=3;ASYNC_SCALES=2,num_warps=1,num_stages=3" \
-                       --out "$OUT/decode_kernel_sweep_fp8_page_scales.json" 2>&1 | grep -v Warn | tail -10 ;;  # page scales before the loop
+                       --out "$OUT/decode_kernel_sweep_fp8_page_scales.json" 2>&1 | grep -v Warn | tail -10  # page scales before the loop
+                     timeout 150 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2|kv4:4" --splits default \
+                       --launches "ASYNC_SCALES=2,num_warps=1,num_stages=3;ASYNC_SCALES=3,num_warps=1,num_stages=3" \
+                       --out "$OUT/decode_kernel_sweep_tied_zeros.json" 2>&1 | grep -v Warn | tail -8 ;;  # value zeros tied to the dot
     few) timeout 300 python benchmarks/few_token_decode.py --out "$OUT/few_token_decode.json" 2>&1 | grep -v Warn | tail -24 ;;
     prefill) timeout 240 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -24 ;;
     sparse) timeout 200 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8

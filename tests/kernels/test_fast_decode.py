@@ -153,7 +153,7 @@ def test_scales_copied_ahead_read_as_loaded_one_at_a_time(spec):
                                dim ** -0.5)
     outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
                             launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "ASYNC_SCALES": level})
-               for level in (0, 1, 2)]
+               for level in (0, 1, 2, 3)]
     for level, got in enumerate(outputs):
         err = ((got - expected).norm() / expected.norm()).item()
         assert err < BOUND[torch.float16], f"relative error {err:.2e} (ASYNC_SCALES={level})"

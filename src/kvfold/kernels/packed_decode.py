@@ -343,9 +343,12 @@ def _token_stats(ptr, first, valid, P: tl.constexpr, ASYNC: tl.constexpr):
 
 @triton.jit
 def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.constexpr, G: tl.constexpr,
-                          ASYNC: tl.constexpr):
+                          ASYNC: tl.constexpr, TIE: tl.constexpr = False):
     """`_value_weights` for columns: p [P, BLOCK_N], column n serving value group `group[n]`. Returns the weights
-    (float16), the column's largest scale, the zeros' share and the weights' sum (for FOLD) [BLOCK_N]."""
+    (float16), the column's largest scale, the zeros' share and the weights' sum (for FOLD) [BLOCK_N].
+    TIE: the zeros enter the weights as + 0 × zero (exact: masked slots load 0, stored zeros are finite), so their
+    load feeds a dot product: Triton's pipeline copies ahead only the loads that do (offline, sm_90: the page
+    loop's last 2 synchronous loads go; not yet timed)."""
     if ASYNC and p.shape[1] == G * NVG:  # [P, NVG] blocks, contiguous (copied ahead), spread to the G columns each
         block = token_stat[:, None] + tl.arange(0, NVG)[None, :]
         scales = tl.load(vs_ptr + block, mask=valid[:, None], other=0.0)
@@ -362,6 +365,8 @@ def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.c
             v_zero = tl.where(group[None, :] == g, zero_g[:, None], v_zero)
     top = tl.max(v_scale, axis=0)
     top = tl.where(top > 0, top, 1.0)
+    if TIE:
+        v_scale = v_scale + v_zero * 0.0
     weights = (p * v_scale * (1.0 / top)[None, :]).to(tl.float16)
     return weights, top, tl.sum(p * v_zero, axis=0), tl.sum(weights.to(tl.float32), axis=0)
 
@@ -379,7 +384,8 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     columns [W, BLOCK_G] per bit field, outputs [W, BLOCK_G] = value codes [W, P] (loaded transposed, as the dot
     takes them) · weights [P, BLOCK_G]. BLOCK_G columns (>= 8): G queries × D / VG value groups. Same arguments,
     and KEY_FOLD: KIVI's key codes keep their float16 offset too (`_column_scores`); ASYNC_SCALES 1: a page's key
-    scales and zeros load as [W, FIELDS] blocks, 2: the values' as [P, NVG] blocks too. Loaded a field or group at
+    scales and zeros load as [W, FIELDS] blocks, 2: the values' as [P, NVG] blocks too, 3: and the value zeros
+    are tied to the dot product (`_column_value_weights`' TIE; untimed). Loaded a field or group at
     a time they were 2 bytes a thread, which Triton's pipeline does not copy ahead: synchronous loads (16 LDG in
     the page loop, SASS) whose latency every page waited out. On an H200 (batch 8 × 32k, GQA 4;
     decode_kernel_h200_sweep_async_scales.json) level 2 took kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111,
@@ -415,7 +421,8 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
             s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
             weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + offs_p * NVG,
-                                                                    valid, group, NVG, G, ASYNC_SCALES > 1)
+                                                                    valid, group, NVG, G, ASYNC_SCALES > 1,
+                                                                    ASYNC_SCALES > 2)
             updated = ()
             for r in tl.static_range(FIELDS):
                 if FOLD:  # the codes keep their float16 offset b: Σ w (b + c) - b Σ w
