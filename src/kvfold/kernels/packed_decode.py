@@ -288,19 +288,19 @@ def _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_pt
     less, one multiply-add per query channel more)."""
     s = tl.zeros([kc.shape[0], qs[0].shape[1]], tl.float32)
     sums = tl.zeros(qs[0].shape, tl.float32)
-    # a page's factors as one [W, FIELDS] block: contiguous, so the loop's pipeline copies them ahead (loaded a
-    # field at a time, 2 bytes a thread, they were synchronous loads inside the page step)
     key_channel = page * D + channels
-    block = key_channel[:, None] + tl.arange(0, FIELDS)[None, :]
-    if ASYNC:
+    if ASYNC:  # a page's factors as one [W, FIELDS] block: contiguous, so the loop's pipeline copies them ahead
+        # (loaded a field at a time, 2 bytes a thread, they were synchronous loads inside the page step)
+        block = key_channel[:, None] + tl.arange(0, FIELDS)[None, :]
         factors = tl.load((ksm_ptr if KEY_TOKEN else ks_ptr) + block)
         if not KEY_TOKEN:
             zeros = tl.load(kz_ptr + block)
     for r in tl.static_range(FIELDS):
-        if ASYNC:  # column r, inline (each thread holds whole rows of the block: no data moves)
-            factor = tl.sum(tl.where(tl.arange(0, FIELDS)[None, :] == r, factors, 0.0), axis=1).to(tl.float32)
+        if ASYNC:  # column r (each thread holds whole rows of the block: no data moves)
+            this = tl.arange(0, FIELDS)[None, :] == r
+            factor = tl.sum(tl.where(this, factors, 0.0), axis=1).to(tl.float32)
             if not KEY_TOKEN:
-                zero = tl.sum(tl.where(tl.arange(0, FIELDS)[None, :] == r, zeros, 0.0), axis=1).to(tl.float32)
+                zero = tl.sum(tl.where(this, zeros, 0.0), axis=1).to(tl.float32)
         else:
             factor = tl.load((ksm_ptr if KEY_TOKEN else ks_ptr) + key_channel + r).to(tl.float32)
             if not KEY_TOKEN:
@@ -312,15 +312,14 @@ def _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_pt
             sums += scaled.to(tl.float32)
         elif FOLD:
             s = tl.dot(_field(kc, r, BITS, ASM, True), scaled, s)
-            offset = (1024 >> (r * BITS % 8)) if ASM else 1024  # `_field_offset`, inline
-            sums += query * zero[:, None] - offset * scaled.to(tl.float32)
+            sums += query * zero[:, None] - _field_offset(r, BITS, ASM) * scaled.to(tl.float32)
         else:
             s = tl.dot(_field(kc, r, BITS, ASM), scaled, s)
             sums += query * zero[:, None]
     if KEY_TOKEN and ASYNC:
         s = s * _token_stats(ks_ptr, page * P, valid, P, True)[:, None] \
             + _token_stats(kz_ptr, page * P, valid, P, True)[:, None] * tl.sum(sums, axis=0)[None, :]
-    elif KEY_TOKEN:
+    elif KEY_TOKEN:  # unmasked (free slots' scores become -inf after this): the pipeline copies it ahead as it is
         token = page * P + offs_p
         s = s * tl.load(ks_ptr + token).to(tl.float32)[:, None] \
             + tl.load(kz_ptr + token).to(tl.float32)[:, None] * tl.sum(sums, axis=0)[None, :]
