@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|profile|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 for step in "${steps[@]}"; do
   echo "== $step ($(date +%T))"
   case $step in
-    tests) timeout 420 python -m pytest -q -x tests/kernels tests/test_reading.py -p no:cacheprovider 2>&1 | tail -4 ;;  # 270 s warm, over 300 s on a fresh machine (empty compile cache)
+    tests) timeout 420 python -m pytest -q -x -n 8 tests/kernels tests/test_reading.py -p no:cacheprovider 2>&1 | tail -4 ;;  # one process: 270 s warm, over 420 s fresh (compiles are CPU-bound: 8 workers)
     prefill-tests) timeout 150 python -m pytest -q --tb=line tests/kernels/test_prefill.py tests/kernels/test_sparse.py \
                      -p no:cacheprovider 2>&1 | tail -12 ;;
     decode) timeout 330 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
@@ -51,6 +51,22 @@ for step in "${steps[@]}"; do
                      timeout 150 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2|kv4:4" --splits default \
                        --launches "ASYNC_SCALES=2,num_warps=1,num_stages=3;ASYNC_SCALES=3,num_warps=1,num_stages=3" \
                        --out "$OUT/decode_kernel_sweep_tied_zeros.json" 2>&1 | grep -v Warn | tail -8 ;;  # value zeros tied to the dot
+    registers) timeout 240 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2|kv4:4|fp8" --splits default,16 \
+                 --launches "num_warps=1,num_stages=3;num_warps=1,num_stages=3,maxnreg=168;num_warps=1,num_stages=3,maxnreg=128" \
+                 --out "$OUT/decode_kernel_sweep_registers.json" 2>&1 | grep -v Warn | tail -26 ;;  # one-warp programs: 8 resident at 235 registers, 12 at 168, 16 at 128
+    page-ids) timeout 240 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2|kv4:4|kv4:2|fp8|fp8:scale=page" \
+                --splits default --launches "num_warps=1,num_stages=3,PAGE_IDS=0;num_warps=1,num_stages=3,PAGE_IDS=1;num_warps=1,num_stages=4,PAGE_IDS=1" \
+                --out "$OUT/decode_kernel_sweep_page_ids.json" 2>&1 | grep -v Warn | tail -20 ;;  # the split's page ids before the loop: two code buffers
+    profile) for spec in kivi:4 kivi:2 fp8; do  # where the page loop stalls: Nsight Compute's warp states and source counters
+               timeout 120 ncu --clock-control none --kernel-name regex:columns --launch-skip 2 --launch-count 1 \
+                 --section WarpStateStats --section SchedulerStats --section SourceCounters --section Occupancy \
+                 --metrics regex:smsp__pcsamp_warps_issue_stalled_.*$ --print-details all python benchmarks/ncu_decode.py $spec > "$OUT/ncu_${spec/:/}.txt" 2>&1
+               { grep -E "issue_stalled|Issued Warp|Eligible Warps|Achieved Active" "$OUT/ncu_${spec/:/}.txt" | grep -v not_issued \
+                   || tail -8 "$OUT/ncu_${spec/:/}.txt"; } | head -30
+               timeout 120 ncu --clock-control none --kernel-name regex:columns --launch-skip 2 --launch-count 1 \
+                 --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+                 python benchmarks/ncu_decode.py $spec > "$OUT/ncu_${spec/:/}_sass.csv" 2>&1  # stalls per instruction
+             done ;;
     few) timeout 300 python benchmarks/few_token_decode.py --out "$OUT/few_token_decode.json" 2>&1 | grep -v Warn | tail -24 ;;
     prefill) timeout 240 python benchmarks/prefill_kernel.py --out "$OUT/prefill_kernel" 2>&1 | grep -v Warn | tail -24 ;;
     sparse) timeout 200 python benchmarks/sparse_prefill.py --out "$OUT/sparse_prefill" 2>&1 | grep -v Warn | tail -8
@@ -73,6 +89,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, profile, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
   esac
 done

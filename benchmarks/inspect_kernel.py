@@ -94,7 +94,7 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
             yield (f"{label} (columns)", float8_columns_kernel,
                    {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*u16", "ks_ptr": scales, "vs_ptr": scales},
                    {**shape, "BLOCK_G": max(8, triton.next_power_of_2(group)), "P": page, "SCALED": scaled,
-                    "E5M2": False, "ASM": True, "ASYNC_SCALES": 1}, PACKED_LAUNCH)  # ASTSource applies no defaults
+                    "E5M2": False, "ASM": True, "ASYNC_SCALES": 1, "PAGE_IDS": False}, PACKED_LAUNCH)  # ASTSource applies no defaults
     value_group = min(64, dim)
     for bits in (4, 2):
         for key_token in (False, True):
@@ -108,7 +108,7 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                          "PAGE_TOKENS": 0, "P_PAD": 0, "VALUE_CHANNEL": False, "ASM": True, "FOLD": True}
             if pairs <= COLUMNS_UP_TO:  # what `paged_decode` picks at these shapes
                 columns = {**constants, "BLOCK_G": max(8, pairs), "KEY_FOLD": True,
-                           "ASYNC_SCALES": 0 if key_token and bits == 2 else 2}  # as `decode._partials` launches it
+                           "ASYNC_SCALES": 0 if key_token and bits == 2 else 3, "PAGE_IDS": True}  # as `decode._partials` launches it
                 yield label, kivi_columns_kernel, signature, columns, PACKED_LAUNCH
             yield (f"{label} (rows)", kivi_pages_kernel, signature, {**constants, "BLOCK_G": max(16, pairs)},
                    PACKED_LAUNCH)

@@ -1,9 +1,10 @@
 """A few calls of the decode kernel over one store, for Nsight Compute (batch 8 x 32k, Llama-3.1-8B heads):
 
-    ncu --clock-control none --kernel-name regex:pages_kernel --launch-skip 2 --launch-count 1 \
+    ncu --clock-control none --kernel-name regex:kernel --launch-skip 2 --launch-count 1 \
         python benchmarks/ncu_decode.py fp8
 (`python benchmarks/decode_kernel.py --out F --sweep-only fp8,kivi:4` times each store under launch options and
-split sizes.)
+split sizes; `gpu_session.sh profile` writes warp-state reports and per-instruction stall samples, which
+`benchmarks/ncu_stalls.py` sums by opcode.)
 """
 
 import sys

@@ -160,6 +160,31 @@ def test_scales_copied_ahead_read_as_loaded_one_at_a_time(spec):
         torch.testing.assert_close(got, outputs[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("spec, window", [("kivi:4,group=64,residual=16", None), ("kv4:2,group=16,residual=16", 23),
+                                          ("zipcache:group=32,residual=16", None), ("fp8", 23),
+                                          ("fp8:scale=page,group=16", None)])
+def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window):
+    """PAGE_IDS (the columns kernels' default on a GPU): the split's page ids loaded as one vector before the page
+    loop give what loading each page's id in its step gives: splits of 2 and 4 pages, rows ending mid-split and
+    mid-page, the empty row, a sliding window and ZipCache's mixed pages."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    for pages_per_split in (2, 4):
+        outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                                pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids})
+                   for ids in (0, 1) for launch in [{"num_warps": 1, "num_stages": 3, "COLUMNS": 1}]]
+        for ids, got in enumerate(outputs):
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+            err = ((got - expected).norm() / expected.norm()).item()
+            assert err < BOUND[torch.float16], f"relative error {err:.2e} (PAGE_IDS={ids}, {pages_per_split} a split)"
+        torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float8_pages_by_default_keep_the_querys_precision(dtype):
     """By default 64-token float8 pages go to the columns kernel (float16 dots) for 16-bit queries only: a float32

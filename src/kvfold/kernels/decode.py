@@ -171,12 +171,17 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
     # COLUMNS picks the kernel; FOLD is a constant of the packed kernels, KEY_FOLD of the packed columns one,
-    # ASYNC_SCALES of both columns kernels
-    own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns}
+    # ASYNC_SCALES and PAGE_IDS of both columns kernels
+    own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns,
+           "PAGE_IDS": columns}
     launch = {k: v for k, v in options.items() if k != "COLUMNS" and own.get(k, True)}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
                                       _multiprocessors(query.device))
+    if columns and fast == "packed" and query.device.type == "cuda" and "PAGE_IDS" not in launch:  # the split's
+        # page ids as one vector before the loop (a power of two of them): the code loads get two buffers (H200, batch
+        # 8 x 32k: kivi:4 0.112 -> 0.104 ms). Float8 pages: no faster (their two buffers leave 6 programs a multiprocessor)
+        launch["PAGE_IDS"] = pages_per_split & (pages_per_split - 1) == 0 and pages_per_split <= PAGE_IDS_UP_TO
     splits = triton.cdiv(width, pages_per_split)
     m = torch.empty(rows, splits, group, device=query.device, dtype=torch.float32)
     l, acc = torch.empty_like(m), torch.empty(rows, splits, group, dim, device=query.device, dtype=torch.float32)
@@ -262,6 +267,7 @@ PACKED_LAUNCH = dict(num_warps=1, num_stages=3)  # KIVI and KV4 pages, with 8 pr
 # so the probabilities become the second dot product's operand in registers and the row reductions need no
 # shared memory
 TALL_PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # more than 16 tile rows (a few-token turn): one warp spills
+PAGE_IDS_UP_TO = 256  # the columns kernels load at most this many page ids of a split ahead (8 registers a thread)
 COLUMNS_UP_TO = 8  # packed rows of at most this many (query, value group) pairs: `kivi_columns_kernel` (measured
 # at 8, GQA 4 with two value groups: kivi:4 0.173 -> 0.151 ms; at 16 and 32 pairs `kivi_pages_kernel` is faster,
 # kivi:4 0.180 against 0.201 and 0.324 against 0.445 ms: decode_kernel_h200_sweep_columns_group{8,16}.json).

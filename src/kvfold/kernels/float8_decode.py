@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .common import softmax_update, store_stats
-from .packed_decode import _packed_page, _packed_row, _token_stats
+from .packed_decode import _packed_page, _packed_row, _split_pages, _token_stats
 
 
 @triton.jit
@@ -33,7 +33,8 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
                           width, splits, qpos_ptr, window, scale,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                           PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr,
-                          E5M2: tl.constexpr = False, ASM: tl.constexpr = False, ASYNC_SCALES: tl.constexpr = 1):
+                          E5M2: tl.constexpr = False, ASM: tl.constexpr = False, ASYNC_SCALES: tl.constexpr = 1,
+                          PAGE_IDS: tl.constexpr = False):
     """Float8 pages (`fast_decode.full_pages_kernel`'s, SCALED 1: a scale per token, 2: per page) read the way
     `kivi_columns_kernel` reads packed ones, the G queries as BLOCK_G (>= 8) columns: scores [P, BLOCK_G] = keys
     [P, D] (widened by Triton, as loaded) · queries [D, BLOCK_G]; outputs [D / 2, BLOCK_G] per byte r of the
@@ -45,7 +46,9 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     0.216 (scale per page), 0.173 against 0.259 (per token): the default for scaled float8 pages.
     ASYNC_SCALES 1 (default): per-token scales load as [P / 2, 2] blocks, which the pipeline copies ahead (0.175 ->
     0.152 ms; 184 registers, no synchronous load left in the loop); 2: page scales for the whole split load before
-    the loop and each step picks its own (no load in the loop; not yet timed)."""
+    the loop and each step picks its own (0.151 -> 0.150 ms: not the default). PAGE_IDS (`_split_pages`): as in
+    `kivi_columns_kernel`; off by default here: the second buffer of a page's 16 KB of codes leaves 6 programs a
+    multiprocessor, 0.152 -> 0.176 ms (3 stages; 0.152 with 4)."""
     W: tl.constexpr = D // 2
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,9 +69,10 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
             ids = tl.load(table_ptr + row * width + indices, mask=indices * P < length, other=0).to(tl.int64)
             split_key_scales = tl.load(ks_ptr + ids).to(tl.float32)
             split_value_scales = tl.load(vs_ptr + ids).to(tl.float32)
+        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT):
             page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P, 0,
-                                       WINDOWED)
+                                       WINDOWED, ids, i, PAGE_IDS)
             keys = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
                            other=0.0)
             vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)

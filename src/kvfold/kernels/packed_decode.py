@@ -29,7 +29,11 @@ What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_k
 - A page's scales and zeros load as contiguous blocks (`ASYNC_SCALES`), which Triton's pipeline copies into shared
   memory pages ahead; loaded a bit field or value group at a time (2 bytes a thread) they were synchronous loads,
   and every page waited out their latency: kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111
-  (`decode_kernel_h200_sweep_async_scales.json`).
+  (`decode_kernel_h200_sweep_async_scales.json`); the value zeros too, tied to the dot: 0.121 -> 0.111, 0.112 -> 0.104.
+- The split's page ids load as one vector before the page loop (`PAGE_IDS`, `_split_pages`): a page id loaded in
+  the loop left every code buffer single (the next page's copies waited for at once; Nsight Compute: 22% of kivi:4's
+  stall samples on that wait). kivi:4 0.112 -> 0.104 ms, kivi:2 0.104 -> 0.097, kv4:4 0.135 -> 0.122
+  (`decode_kernel_h200_sweep_page_ids.json`).
 
 Scores use float16 dot products whatever the query's 16-bit type (the scales are float16): queries beyond
 float16's range (|q| > 65504) are not supported.
@@ -183,14 +187,38 @@ def _packed_row(len_ptr, row, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.cons
 
 @triton.jit
 def _packed_page(table_ptr, row, width, index, length, pos_ptr, qpos_ptr, window, P: tl.constexpr,
-                 P_PAD: tl.constexpr, PAGE_TOKENS: tl.constexpr, WINDOWED: tl.constexpr):
-    """The row's page at `index` and its valid slots (mixed pages: padded to P_PAD; no sliding window there)."""
+                 P_PAD: tl.constexpr, PAGE_TOKENS: tl.constexpr, WINDOWED: tl.constexpr, ids=0, i=0,
+                 PAGE_IDS: tl.constexpr = False):
+    """The row's page at `index` and its valid slots (mixed pages: padded to P_PAD; no sliding window there).
+    PAGE_IDS: picked from `ids`, the split's page ids already loaded (`_split_pages`); index is the split's first
+    page + i."""
+    if PAGE_IDS:
+        page = tl.sum(tl.where(tl.arange(0, ids.shape[0]) == i, ids, 0)).to(tl.int64)
+        slots = tl.arange(0, P_PAD if PAGE_TOKENS else P)
+        valid = index * P + slots < length
+        if PAGE_TOKENS:
+            return page, valid & (slots < P)
+        return page, window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
     if PAGE_TOKENS:
         page, valid = padded_page_rows(table_ptr, row, width, index, length, P, P_PAD)
     else:
         page, valid = page_rows(table_ptr, row, width, index, length, P)
         valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
     return page, valid
+
+
+@triton.jit
+def _split_pages(table_ptr, row, width, first, length, P: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
+                 PAGE_IDS: tl.constexpr):
+    """The split's page ids as one vector, loaded before the page loop (PAGE_IDS; else a placeholder). A page id loaded
+    inside the loop feeds the addresses of the same step's loads, and Triton's pipeline then allots the code
+    buffers a single stage: each step waited for its own page (`async_wait num = 0`, Nsight Compute: a fifth of
+    kivi:4's stall samples on that wait). With the ids loaded ahead the loads' addresses hang on no load in the loop."""
+    ids = first
+    if PAGE_IDS:
+        indices = first + tl.arange(0, PAGES_PER_SPLIT)
+        ids = tl.load(table_ptr + row * width + indices, mask=indices * P < length, other=0)
+    return ids
 
 
 @triton.jit
@@ -378,13 +406,15 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
                         WINDOWED: tl.constexpr, KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0,
                         P_PAD: tl.constexpr = 0, VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False,
                         FOLD: tl.constexpr = True, KEY_FOLD: tl.constexpr = True,
-                        ASYNC_SCALES: tl.constexpr = 2):
+                        ASYNC_SCALES: tl.constexpr = 3, PAGE_IDS: tl.constexpr = False):
     """`kivi_pages_kernel` with the dot products' operands swapped: scores [P, BLOCK_G] = codes [P, W] · query
     columns [W, BLOCK_G] per bit field, outputs [W, BLOCK_G] = value codes [W, P] (loaded transposed, as the dot
     takes them) · weights [P, BLOCK_G]. BLOCK_G columns (>= 8): G queries × D / VG value groups. Same arguments,
     and KEY_FOLD: KIVI's key codes keep their float16 offset too (`_column_scores`); ASYNC_SCALES 1: a page's key
-    scales and zeros load as [W, FIELDS] blocks, 2: the values' as [P, NVG] blocks too, 3: and the value zeros
-    are tied to the dot product (`_column_value_weights`' TIE; untimed). Loaded a field or group at
+    scales and zeros load as [W, FIELDS] blocks, 2: the values' as [P, NVG] blocks too, 3 (default): and the value
+    zeros are tied to the dot product (`_column_value_weights`' TIE; kivi:4 0.121 -> 0.111 ms, kv4:4 unchanged);
+    PAGE_IDS: the split's page ids loaded before the loop (`_split_pages`; `decode._partials` sets it on a GPU
+    when PAGES_PER_SPLIT is a power of two). Loaded a field or group at
     a time they were 2 bytes a thread, which Triton's pipeline does not copy ahead: synchronous loads (16 LDG in
     the page loop, SASS) whose latency every page waited out. On an H200 (batch 8 × 32k, GQA 4;
     decode_kernel_h200_sweep_async_scales.json) level 2 took kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111,
@@ -408,9 +438,10 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
         accs = accs + (tl.zeros([W, BLOCK_G], tl.float32),)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
+        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT):
             page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P_PAD,
-                                       PAGE_TOKENS, WINDOWED)
+                                       PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
             kc = tl.load(k_ptr + page * P * W + offs_p[:, None] * W + words[None, :], mask=valid[:, None], other=0)
             vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)
             if ASM and FIELDS * BITS == 8:
