@@ -160,13 +160,16 @@ def test_scales_copied_ahead_read_as_loaded_one_at_a_time(spec):
         torch.testing.assert_close(got, outputs[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec, window", [("kivi:4,group=64,residual=16", None), ("kv4:2,group=16,residual=16", 23),
-                                          ("zipcache:group=32,residual=16", None), ("fp8", 23),
-                                          ("fp8:scale=page,group=16", None)])
-def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window):
-    """PAGE_IDS (the columns kernels' default on a GPU): the split's page ids loaded as one vector before the page
-    loop give what loading each page's id in its step gives: splits of 2 and 4 pages, rows ending mid-split and
-    mid-page, the empty row, a sliding window and ZipCache's mixed pages."""
+@pytest.mark.parametrize("spec, window, columns", [
+    ("kivi:4,group=64,residual=16", None, 1), ("kv4:2,group=16,residual=16", 23, 1),
+    ("zipcache:group=32,residual=16", None, 1), ("fp8", 23, 1), ("fp8:scale=page,group=16", None, 1),
+    ("kivi:2,group=32,residual=16", 23, 0), ("kv4:4,group=16,residual=16", None, 0),
+    ("zipcache:group=32,residual=16", None, 0)])
+def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns):
+    """PAGE_IDS (the packed columns kernel's default on a GPU; the other columns kernel and the packed rows kernel
+    take it too): the split's page ids loaded as one vector before the page loop give what loading each page's id
+    in its step gives: splits of 2 and 4 pages, rows ending mid-split and mid-page, the empty row, a sliding window
+    and ZipCache's mixed pages."""
     from kvfold.kernels.decode import paged_decode
 
     batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
@@ -177,7 +180,7 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window):
     for pages_per_split in (2, 4):
         outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                                 pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids})
-                   for ids in (0, 1) for launch in [{"num_warps": 1, "num_stages": 3, "COLUMNS": 1}]]
+                   for ids in (0, 1) for launch in [{"num_warps": 1, "num_stages": 3, "COLUMNS": columns}]]
         for ids, got in enumerate(outputs):
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
             err = ((got - expected).norm() / expected.norm()).item()

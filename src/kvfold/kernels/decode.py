@@ -171,9 +171,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
     # COLUMNS picks the kernel; FOLD is a constant of the packed kernels, KEY_FOLD of the packed columns one,
-    # ASYNC_SCALES and PAGE_IDS of both columns kernels
+    # ASYNC_SCALES of both columns kernels, PAGE_IDS of those and the packed rows kernel
     own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns,
-           "PAGE_IDS": columns}
+           "PAGE_IDS": columns or fast == "packed"}
     launch = {k: v for k, v in options.items() if k != "COLUMNS" and own.get(k, True)}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),

@@ -227,7 +227,8 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BITS: tl.constexpr, VG: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr,
                       KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0, P_PAD: tl.constexpr = 0,
-                      VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False, FOLD: tl.constexpr = True):
+                      VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False, FOLD: tl.constexpr = True,
+                      PAGE_IDS: tl.constexpr = False):
     """Packed pages: codes [P, D * BITS / 8] bytes, read as 16-bit words where a word's fields give each dot >= 16
     channels (`packed_words`), else bytes; values with a scale and zero per token per VG channels. Keys with a
     scale and zero per channel per page (KIVI), or (KEY_TOKEN, QServe's KV4) per token, times the page's channel
@@ -236,6 +237,8 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
     PAGE_TOKENS (ZipCache's mixed pages): each page of the store holds PAGE_TOKENS tokens, of which this part reads
     P slots (any P, padded to the power of two P_PAD): row lengths count the store's tokens (whole pages), and the value
     scales hold PAGE_TOKENS slots a page; VALUE_CHANNEL: the values also have a factor per page and channel.
+    PAGE_IDS: the split's page ids loaded before the loop (`_split_pages`; double-buffers the pages offline for
+    sm_90 as in `kivi_columns_kernel`; not yet timed here, so off by default).
     ASM: unpack with inline PTX (GPU only; Triton's interpreter runs the plain operations). FOLD: value codes keep
     their float16 offset, taken off once per row of each dot product (`_value_update`; on an H200 at batch 8 x
     32k: kivi:4 0.176 -> 0.174 ms, kivi:2 0.191 -> 0.187, kv4:4 0.205 -> 0.201). The query rows fill the tile's rows
@@ -257,9 +260,10 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
         accs = accs + (tl.zeros([BLOCK_G, W], tl.float32),)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
+        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT):
             page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P_PAD,
-                                       PAGE_TOKENS, WINDOWED)
+                                       PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
             code_off = page * P * W + offs_p[:, None] * W + tl.arange(0, W)[None, :]
             kc = tl.load(k_ptr + code_off, mask=valid[:, None], other=0)
             vc = tl.load(v_ptr + code_off, mask=valid[:, None], other=0)
