@@ -188,6 +188,16 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns
         torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
 
 
+def test_page_ids_need_a_power_of_two_pages_a_split():
+    from kvfold.kernels.decode import paged_decode
+
+    layer = filled_layer("kivi:4,group=16,residual=16", 1, 1, 64, 90, 16, None, dtype=torch.float16)
+    query = torch.randn(1, 4, 64, device=DEVICE).half()
+    with pytest.raises(ValueError, match="power of two, not 3"):
+        paged_decode(query, layer.kernel_parts(), 89, 0.125, pages_per_split=3,
+                     launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "PAGE_IDS": 1})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float8_pages_by_default_keep_the_querys_precision(dtype):
     """By default 64-token float8 pages go to the columns kernel (float16 dots) for 16-bit queries only: a float32

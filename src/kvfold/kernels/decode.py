@@ -182,6 +182,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         # page ids as one vector before the loop (a power of two of them): the code loads get two buffers (H200, batch
         # 8 x 32k: kivi:4 0.112 -> 0.104 ms). Float8 pages: no faster (their two buffers leave 6 programs a multiprocessor)
         launch["PAGE_IDS"] = pages_per_split & (pages_per_split - 1) == 0 and pages_per_split <= PAGE_IDS_UP_TO
+    if launch.get("PAGE_IDS") and pages_per_split & (pages_per_split - 1):
+        raise ValueError(f"launch PAGE_IDS loads a split's page ids as one vector: pages_per_split must be a power "
+                         f"of two, not {pages_per_split}")
     splits = triton.cdiv(width, pages_per_split)
     m = torch.empty(rows, splits, group, device=query.device, dtype=torch.float32)
     l, acc = torch.empty_like(m), torch.empty(rows, splits, group, dim, device=query.device, dtype=torch.float32)

@@ -64,12 +64,11 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     acc_odd = tl.zeros([W, BLOCK_G], tl.float32)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
-        if SCALED == 2 and ASYNC_SCALES > 1:  # the split's page scales up front: a scalar load in the loop waits
-            indices = first + tl.arange(0, PAGES_PER_SPLIT)
-            ids = tl.load(table_ptr + row * width + indices, mask=indices * P < length, other=0).to(tl.int64)
+        SPLIT_SCALES: tl.constexpr = SCALED == 2 and ASYNC_SCALES > 1
+        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS or SPLIT_SCALES)
+        if SPLIT_SCALES:  # the split's page scales up front: a scalar load in the loop waits
             split_key_scales = tl.load(ks_ptr + ids).to(tl.float32)
             split_value_scales = tl.load(vs_ptr + ids).to(tl.float32)
-        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT):
             page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P, 0,
                                        WINDOWED, ids, i, PAGE_IDS)
