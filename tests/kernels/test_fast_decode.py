@@ -177,10 +177,11 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns
     query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
     expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
                                dim ** -0.5, window)
+    launch = {"num_warps": 1, "num_stages": 3, "COLUMNS": columns}
     for pages_per_split in (2, 4):
         outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                                 pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids})
-                   for ids in (0, 1) for launch in [{"num_warps": 1, "num_stages": 3, "COLUMNS": columns}]]
+                   for ids in (0, 1)]
         for ids, got in enumerate(outputs):
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
             err = ((got - expected).norm() / expected.norm()).item()

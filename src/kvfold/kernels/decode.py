@@ -178,11 +178,12 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
                                       _multiprocessors(query.device))
+    power_of_two = pages_per_split & (pages_per_split - 1) == 0
     if columns and fast == "packed" and query.device.type == "cuda" and "PAGE_IDS" not in launch:  # the split's
         # page ids as one vector before the loop (a power of two of them): the code loads get two buffers (H200, batch
         # 8 x 32k: kivi:4 0.112 -> 0.104 ms). Float8 pages: no faster (their two buffers leave 6 programs a multiprocessor)
-        launch["PAGE_IDS"] = pages_per_split & (pages_per_split - 1) == 0 and pages_per_split <= PAGE_IDS_UP_TO
-    if launch.get("PAGE_IDS") and pages_per_split & (pages_per_split - 1):
+        launch["PAGE_IDS"] = power_of_two and pages_per_split <= PAGE_IDS_UP_TO
+    if launch.get("PAGE_IDS") and not power_of_two:
         raise ValueError(f"launch PAGE_IDS loads a split's page ids as one vector: pages_per_split must be a power "
                          f"of two, not {pages_per_split}")
     splits = triton.cdiv(width, pages_per_split)

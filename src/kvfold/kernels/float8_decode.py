@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .common import softmax_update, store_stats
-from .packed_decode import _packed_page, _packed_row, _split_pages, _token_stats
+from .packed_decode import _packed_page, _packed_row, _split_item, _split_pages, _token_stats
 
 
 @triton.jit
@@ -80,9 +80,8 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
                 key_scale = _token_stats(ks_ptr, page * P, valid, P, ASYNC_SCALES > 0)
                 value_scale = _token_stats(vs_ptr, page * P, valid, P, ASYNC_SCALES > 0)
             elif ASYNC_SCALES > 1:  # a free page's scale may be anything (and 0 * inf is NaN): 0 where invalid
-                this = tl.arange(0, PAGES_PER_SPLIT) == i
-                key_scale = tl.where(valid, tl.sum(tl.where(this, split_key_scales, 0.0)), 0.0)
-                value_scale = tl.where(valid, tl.sum(tl.where(this, split_value_scales, 0.0)), 0.0)
+                key_scale = tl.where(valid, _split_item(split_key_scales, i), 0.0)
+                value_scale = tl.where(valid, _split_item(split_value_scales, i), 0.0)
             else:
                 key_scale = tl.where(valid, tl.load(ks_ptr + page).to(tl.float32), 0.0)
                 value_scale = tl.where(valid, tl.load(vs_ptr + page).to(tl.float32), 0.0)
