@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|profile|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|profile|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -64,7 +64,17 @@ for step in "${steps[@]}"; do
                    done  # float8 pages: two or three buffers leave 4-6 programs a multiprocessor, so fewer, longer splits
                    timeout 150 python benchmarks/decode_kernel.py --sweep-only "fp8|fp8:scale=page" --splits default,64 \
                      --launches "num_warps=1,num_stages=3,PAGE_IDS=0;num_warps=1,num_stages=3,PAGE_IDS=1;num_warps=1,num_stages=4,PAGE_IDS=1" \
-                     --out "$OUT/decode_kernel_sweep_page_ids_fp8.json" 2>&1 | grep -v Warn | tail -12 ;;
+                     --out "$OUT/decode_kernel_sweep_page_ids_fp8.json" 2>&1 | grep -v Warn | tail -12
+                   # full_pages_kernel: 16-token float8 pages (4 a step) and 16-bit pages (offline: 1 -> 2 buffers at 3 stages)
+                   timeout 120 python benchmarks/decode_kernel.py --sweep-only "fp8:group=16|fp8:scale=page,group=16" --splits default \
+                     --launches "num_warps=2,num_stages=3,PAGE_IDS=0;num_warps=2,num_stages=3,PAGE_IDS=1;num_warps=4,num_stages=3,PAGE_IDS=1" \
+                     --out "$OUT/decode_kernel_sweep_page_ids_full_fp8.json" 2>&1 | grep -v Warn | tail -8
+                   timeout 120 python benchmarks/decode_kernel.py --sweep-only "none" --splits default \
+                     --launches "num_warps=4,num_stages=2,PAGE_IDS=0;num_warps=4,num_stages=2,PAGE_IDS=1;num_warps=4,num_stages=3,PAGE_IDS=1" \
+                     --out "$OUT/decode_kernel_sweep_page_ids_full_bf16.json" 2>&1 | grep -v Warn | tail -6 ;;
+    words) timeout 150 python benchmarks/decode_kernel.py --sweep-only "kivi:2|kv4:2" --splits default \
+             --launches "num_warps=1,num_stages=3,WORDS=0;num_warps=1,num_stages=3,WORDS=1;num_warps=1,num_stages=4,WORDS=1" \
+             --out "$OUT/decode_kernel_sweep_words.json" 2>&1 | grep -v Warn | tail -10 ;;  # 2-bit codes as 16-bit words (offline: 1426 -> 1204 loop instructions)
     profile) for spec in kivi:4 kivi:2 fp8; do  # where the page loop stalls: Nsight Compute's warp states and source counters
                timeout 120 ncu --clock-control none --kernel-name regex:columns --launch-skip 2 --launch-count 1 \
                  --section WarpStateStats --section SchedulerStats --section SourceCounters --section Occupancy \
@@ -97,6 +107,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, profile, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, profile, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
   esac
 done

@@ -110,6 +110,9 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                 columns = {**constants, "BLOCK_G": max(8, pairs), "KEY_FOLD": True,
                            "ASYNC_SCALES": 0 if key_token and bits == 2 else 3, "PAGE_IDS": True}  # as `decode._partials` launches it
                 yield label, kivi_columns_kernel, signature, columns, PACKED_LAUNCH
+                if bits == 2 and dim * bits // 16 >= 16:  # launch WORDS: 16-bit words of 8 fields
+                    yield (f"{label} (words)", kivi_columns_kernel, {**signature, "k_ptr": "*u16", "v_ptr": "*u16"},
+                           columns, PACKED_LAUNCH)
             yield (f"{label} (rows)", kivi_pages_kernel, signature,
                    {**constants, "BLOCK_G": max(16, pairs), "PAGE_IDS": False}, PACKED_LAUNCH)
 

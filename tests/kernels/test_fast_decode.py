@@ -189,6 +189,59 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns
         torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("spec, window", [("none", 23), ("fp8", None), ("fp8:scale=page,group=16", 23)])
+@pytest.mark.parametrize("tile_tokens", [0, 64])
+def test_page_ids_loaded_ahead_in_the_full_pages_kernel(spec, window, tile_tokens):
+    """PAGE_IDS in `full_pages_kernel` (16-bit and float8 pages): one page a step (the id picked from the split's)
+    or several (a tile's ids spread over its slots) give what loading the ids in each step gives."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    for pages_per_split in (2, 4):
+        outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                                pages_per_split=pages_per_split, tile_tokens=tile_tokens,
+                                launch={"num_warps": 2, "num_stages": 3, "COLUMNS": 0, "PAGE_IDS": ids})
+                   for ids in (0, 1)]
+        for ids, got in enumerate(outputs):
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+            err = ((got - expected).norm() / expected.norm()).item()
+            assert err < BOUND[torch.float16], f"relative error {err:.2e} (PAGE_IDS={ids}, {pages_per_split} a split)"
+        torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec, window", [("kivi:2,group=32,residual=16", 23), ("kv4:2,group=16,residual=16", None),
+                                          ("zipcache:group=32,residual=16", None)])
+def test_two_bit_codes_read_as_words_read_as_bytes(spec, window):
+    """WORDS (the packed columns kernel, head_dim 128): 2-bit codes read as 16-bit words of 8 bit fields give what
+    reading them as bytes (4 fields) gives: splits of 1 and 3 pages, rows ending mid-split and mid-page, the empty
+    row, a sliding window and ZipCache's mixed pages (their 2-bit part)."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 110, 128, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    assert any(part.bits == 2 for part in layer.kernel_parts())
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    for pages_per_split in (1, 3):
+        outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                                pages_per_split=pages_per_split,
+                                launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "WORDS": words})
+                   for words in (0, 1)]
+        for words, got in enumerate(outputs):
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+            err = ((got - expected).norm() / expected.norm()).item()
+            assert err < BOUND[torch.float16], f"relative error {err:.2e} (WORDS={words}, {pages_per_split} a split)"
+        # the same float16 products; the dots group channels differently, and FOLD's float16 offsets (~1000x a
+        # code) make float32 rounding show at ~1e-4 of the output (words against bytes without FOLD: equal)
+        apart = ((outputs[1] - outputs[0]).norm() / expected.norm()).item()
+        assert apart < 5e-4, f"words and bytes {apart:.2e} apart"
+
+
 def test_page_ids_need_a_power_of_two_pages_a_split():
     from kvfold.kernels.decode import paged_decode
 
@@ -351,16 +404,19 @@ def test_pages_of_a_size_triton_cannot_tile_are_left_to_the_reference():
     assert supports(filled_layer("kivi:4,group=64,residual=64", 2, 2, 64, 300).kernel_parts(), 64)
 
 
-@pytest.mark.parametrize("bits, dim", [(4, 64), (4, 128), (8, 32), (8, 64), (2, 128)])
-def test_packed_words_hold_channels_in_the_order_the_kernel_reads(bits, dim):
-    """The packed kernel reads 16-bit words (4- and 8-bit codes wide enough) or bytes; in either, bit field r of
-    word w must be channel w * fields + r of the codes `reference.pack` wrote."""
+@pytest.mark.parametrize("bits, dim, two_bit_words", [(4, 64, False), (4, 128, False), (8, 32, False),
+                                                      (8, 64, False), (2, 128, False), (2, 128, True),
+                                                      (2, 64, True)])
+def test_packed_words_hold_channels_in_the_order_the_kernel_reads(bits, dim, two_bit_words):
+    """The packed kernel reads 16-bit words (4- and 8-bit codes wide enough; 2-bit ones too with `two_bit_words`)
+    or bytes; in either, bit field r of word w must be channel w * fields + r of the codes `reference.pack` wrote."""
     from kvfold.kernels.decode import packed_words
     from kvfold.kernels.reference import pack
 
     codes = torch.randint(0, 2 ** bits, (3, 16, dim))
-    words = packed_words(pack(codes, bits), dim, bits)
-    assert words.dtype == (torch.uint16 if bits >= 4 and dim * bits >= 256 else torch.uint8)
+    words = packed_words(pack(codes, bits), dim, bits, two_bit_words)
+    wide = (bits >= 4 or two_bit_words) and dim * bits >= 256
+    assert words.dtype == (torch.uint16 if wide else torch.uint8)
     width = words.element_size() * 8
     fields = width // bits
     as_int = words.view(torch.int16).int() & 0xFFFF if width == 16 else words.int()

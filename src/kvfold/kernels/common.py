@@ -41,6 +41,26 @@ def padded_page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr,
 
 
 @triton.jit
+def split_page_ids(table_ptr, row, width, first, length, P: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
+                   PAGE_IDS: tl.constexpr):
+    """The split's page ids as one vector, loaded before the page loop (PAGE_IDS; else a placeholder). A page id loaded
+    inside the loop feeds the addresses of the same step's loads, and Triton's pipeline then allots the code
+    buffers a single stage: each step waited for its own page (`async_wait num = 0`, Nsight Compute: a fifth of
+    kivi:4's stall samples on that wait). With the ids loaded ahead the loads' addresses hang on no load in the loop."""
+    ids = first
+    if PAGE_IDS:
+        indices = first + tl.arange(0, PAGES_PER_SPLIT)
+        ids = tl.load(table_ptr + row * width + indices, mask=indices * P < length, other=0)
+    return ids
+
+
+@triton.jit
+def split_item(values, i):
+    """Item i of a vector of the split's per-page values (page ids, page scales) held in registers: no load."""
+    return tl.sum(tl.where(tl.arange(0, values.shape[0]) == i, values, 0))
+
+
+@triton.jit
 def softmax_update(s, m_i, l_i, BASE2: tl.constexpr = False, KEYS_AXIS: tl.constexpr = 1):
     """One tile of scaled scores [queries, keys] (-inf where hidden) into the running softmax: returns p, the
     rescale factor alpha, and the new m, l. BASE2: the scores are already times log2(e) and exponentiate in base

@@ -170,11 +170,13 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         options = {"ASYNC_SCALES": 0, **options}  # kv4:2: 0.122 ms loaded field by field, 0.130 copied ahead
     if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
-    # COLUMNS picks the kernel; FOLD is a constant of the packed kernels, KEY_FOLD of the packed columns one,
-    # ASYNC_SCALES of both columns kernels, PAGE_IDS of those and the packed rows kernel
+    # COLUMNS picks the kernel, WORDS how the packed columns one reads 2-bit codes (`packed_words`); FOLD is a
+    # constant of the packed kernels, KEY_FOLD of the packed columns one, ASYNC_SCALES of both columns kernels,
+    # PAGE_IDS of every fast kernel
+    two_bit_words = bool(options.get("WORDS", False)) and columns and fast == "packed"
     own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns,
-           "PAGE_IDS": columns or fast == "packed"}
-    launch = {k: v for k, v in options.items() if k != "COLUMNS" and own.get(k, True)}
+           "PAGE_IDS": fast is not None}
+    launch = {k: v for k, v in options.items() if k not in ("COLUMNS", "WORDS") and own.get(k, True)}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
                                       _multiprocessors(query.device))
@@ -210,7 +212,8 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
                                 **shape, **launch)
     elif fast == "packed":
         smooth = part.key_smooth
-        keys, values = packed_words(part.keys, dim, part.bits), packed_words(part.values, dim, part.bits)
+        keys = packed_words(part.keys, dim, part.bits, two_bit_words)
+        values = packed_words(part.values, dim, part.bits, two_bit_words)
         kernel = kivi_columns_kernel if columns else kivi_pages_kernel
         kernel[grid](query, table, part.lengths, keys, values, part.positions, part.key_scale,
                      part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
@@ -281,14 +284,15 @@ INVARIANT_SPLIT_TOKENS = 512  # tokens per split of a batch-invariant read (`pag
 TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
 
 
-def packed_words(codes: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+def packed_words(codes: torch.Tensor, dim: int, bits: int, two_bit_words: bool = False) -> torch.Tensor:
     """Packed codes as the packed kernel reads them: 16-bit words of 4- and 8-bit codes where each word's bit
     fields still give every dot product >= 16 channels (head_dim * bits >= 256), else bytes. Two words pair up in
     one 32-bit register as the dot product's operand holds them, so one paired float16 instruction unpacks two
-    codes with no widening (bytes are spread first). 2-bit codes stay bytes: 8 fields a word made 8 narrow dot
-    products and their accumulators (spills). A view: the pages' bytes are the same (little-endian: word w holds
-    bytes 2w and 2w + 1, channels w * 16 / bits + r)."""
-    if bits >= 4 and dim * bits % 16 == 0 and dim * bits // 16 >= 16:
+    codes with no widening (bytes are spread first). 2-bit codes stay bytes in the rows kernel: 8 fields a word made
+    8 narrow dot products and their accumulators (spills); `two_bit_words` (the columns kernel's `WORDS`): words
+    too. A view: the pages' bytes are the same (little-endian: word w holds bytes 2w and 2w + 1, channels
+    w * 16 / bits + r)."""
+    if (bits >= 4 or two_bit_words) and dim * bits % 16 == 0 and dim * bits // 16 >= 16:
         return codes.view(torch.uint16)
     return codes
 
@@ -381,7 +385,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     tensor-core dot products with float32 accumulation (relative error ~1e-3, stated by the GPU tests).
     `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
-    `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs); for
+    `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs), and
+    `WORDS` 1 has the columns kernel read 2-bit codes as 16-bit words (`packed_words`; off: not yet timed); for
     scaled float8 pages `COLUMNS` 1 or 0 picks `float8_decode.float8_columns_kernel` or `full_pages_kernel`
     (default: columns for at most `COLUMNS_UP_TO` query heads per KV head and pages of at least `TILE_TOKENS`).
     `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at

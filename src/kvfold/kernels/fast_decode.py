@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import empty_state, page_rows, query_tile, softmax_step, store_stats
+from .common import empty_state, page_rows, query_tile, softmax_step, split_item, split_page_ids, store_stats
 
 
 @triton.jit
@@ -39,17 +39,28 @@ def _token_scale(ptr, token, page, valid, P: tl.constexpr, SCALED: tl.constexpr,
 
 
 @triton.jit
-def _tile_slots(table_ptr, row, width, first_page, length, P: tl.constexpr, TILE: tl.constexpr):
+def _tile_slots(table_ptr, row, width, first_page, length, P: tl.constexpr, TILE: tl.constexpr, ids=0, i=0,
+                PAGE_IDS: tl.constexpr = False):
     """TILE consecutive pages of the row as one tile of TILE * P slots: each slot's page id (one scalar for one
     page), its token index in the pool (page * P + offset), and whether it holds one of the row's tokens (a row's
-    pages are full but its last)."""
+    pages are full but its last). PAGE_IDS: the ids come from `ids`, the split's (`common.split_page_ids`), this
+    being the split's step i, not from a load."""
     if TILE == 1:
-        page, valid = page_rows(table_ptr, row, width, first_page, length, P)
+        if PAGE_IDS:
+            page = split_item(ids, i).to(tl.int64)
+            valid = first_page * P + tl.arange(0, P) < length
+        else:
+            page, valid = page_rows(table_ptr, row, width, first_page, length, P)
         token = page * P + tl.arange(0, P)
     else:
         slots = tl.arange(0, TILE * P)
-        index = first_page + slots // P
-        page = tl.load(table_ptr + row * width + index, mask=index * P < length, other=0).to(tl.int64)
+        if PAGE_IDS:  # step i's TILE ids, each spread over its page's P slots
+            steps = tl.reshape(ids, [ids.shape[0] // TILE, TILE])
+            mine = tl.sum(tl.where(tl.arange(0, ids.shape[0] // TILE)[:, None] == i, steps, 0), axis=0)
+            page = tl.reshape(tl.broadcast_to(mine[:, None], [TILE, P]), [TILE * P]).to(tl.int64)
+        else:
+            index = first_page + slots // P
+            page = tl.load(table_ptr + row * width + index, mask=index * P < length, other=0).to(tl.int64)
         token = page * P + slots % P
         valid = first_page * P + slots < length
     return page, token, valid
@@ -60,11 +71,13 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
                       width, splits, qpos_ptr, window, scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr,
-                      TILE: tl.constexpr = 1):
+                      TILE: tl.constexpr = 1, PAGE_IDS: tl.constexpr = False):
     """Pages of 16-bit K and V, read in their dtype (the query is cast to it); or float8 pages (SCALED 1: a scale
     per token, 2: per page), widened to float16 exactly, with the key scales applied to the scores' columns and the
     value scales to the probabilities: k·q = scale_t (k8·q), Σ p_t v_t = top Σ (p_t scale_t / top) v8_t, top the
-    tile's largest value scale. TILE pages are read per step (small pages: fewer, larger steps)."""
+    tile's largest value scale. TILE pages are read per step (small pages: fewer, larger steps). PAGE_IDS: the
+    split's page ids load before the loop (`common.split_page_ids`; offline for sm_90 the pages' buffers go from
+    one to two, as in the packed kernels; not yet timed here, so off by default)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(len_ptr + row)
@@ -76,8 +89,10 @@ def full_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
     m_i, l_i, acc = empty_state(BLOCK_G, D)
     first = split * PAGES_PER_SPLIT
     if first * P < length:  # the loop itself has no branch, so the compiler pipelines its loads
+        ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT // TILE):
-            page, token, valid = _tile_slots(table_ptr, row, width, first + i * TILE, length, P, TILE)
+            page, token, valid = _tile_slots(table_ptr, row, width, first + i * TILE, length, P, TILE, ids, i,
+                                             PAGE_IDS)
             if WINDOWED:
                 valid = valid & (tl.load(pos_ptr + token) > tl.load(qpos_ptr) - window)
             if TILE == 1:  # a scalar base and 32-bit offsets: fewer registers than an address per slot

@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import softmax_update, store_stats
-from .packed_decode import _packed_page, _packed_row, _split_item, _split_pages, _token_stats
+from .common import softmax_update, split_item, split_page_ids, store_stats
+from .packed_decode import _packed_page, _packed_row, _token_stats
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     0.216 (scale per page), 0.173 against 0.259 (per token): the default for scaled float8 pages.
     ASYNC_SCALES 1 (default): per-token scales load as [P / 2, 2] blocks, which the pipeline copies ahead (0.175 ->
     0.152 ms; 184 registers, no synchronous load left in the loop); 2: page scales for the whole split load before
-    the loop and each step picks its own (0.151 -> 0.150 ms: not the default). PAGE_IDS (`_split_pages`): as in
+    the loop and each step picks its own (0.151 -> 0.150 ms: not the default). PAGE_IDS (`split_page_ids`): as in
     `kivi_columns_kernel`; off by default here: the second buffer of a page's 16 KB of codes leaves 6 programs a
     multiprocessor, 0.152 -> 0.176 ms (3 stages; 0.152 with 4)."""
     W: tl.constexpr = D // 2
@@ -65,7 +65,7 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     first = split * PAGES_PER_SPLIT
     if first * P < length:
         SPLIT_SCALES: tl.constexpr = SCALED == 2 and ASYNC_SCALES > 1
-        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS or SPLIT_SCALES)
+        ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS or SPLIT_SCALES)
         if SPLIT_SCALES:  # the split's page scales up front: a scalar load in the loop waits
             split_key_scales = tl.load(ks_ptr + ids).to(tl.float32)
             split_value_scales = tl.load(vs_ptr + ids).to(tl.float32)
@@ -80,8 +80,8 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
                 key_scale = _token_stats(ks_ptr, page * P, valid, P, ASYNC_SCALES > 0)
                 value_scale = _token_stats(vs_ptr, page * P, valid, P, ASYNC_SCALES > 0)
             elif ASYNC_SCALES > 1:  # a free page's scale may be anything (and 0 * inf is NaN): 0 where invalid
-                key_scale = tl.where(valid, _split_item(split_key_scales, i), 0.0)
-                value_scale = tl.where(valid, _split_item(split_value_scales, i), 0.0)
+                key_scale = tl.where(valid, split_item(split_key_scales, i), 0.0)
+                value_scale = tl.where(valid, split_item(split_value_scales, i), 0.0)
             else:
                 key_scale = tl.where(valid, tl.load(ks_ptr + page).to(tl.float32), 0.0)
                 value_scale = tl.where(valid, tl.load(vs_ptr + page).to(tl.float32), 0.0)

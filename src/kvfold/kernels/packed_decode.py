@@ -14,7 +14,9 @@ What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_k
 - Codes become float16 by a bit trick, not a conversion: 0x6400 | c is the float16 1024 + c, exact for c < 1024.
   4- and 8-bit codes are read as 16-bit words (`decode.packed_words`) and unpacked by inline PTX two per
   instruction, as the dot product's operand pairs them in a register; 2-bit bytes are spread to 16-bit lanes first.
-  kivi:4 0.339 -> 0.232 ms at 2 warps, 0.191 ms at one warp (`PACKED_LAUNCH`).
+  kivi:4 0.339 -> 0.232 ms at 2 warps, 0.191 ms at one warp (`PACKED_LAUNCH`). The columns kernel can read 2-bit
+  codes as words too (launch `WORDS`: no byte spreading, and the transposed value codes load by ldmatrix, not byte
+  by byte; offline for sm_90, kivi:2 1426 -> 1204 page-loop instructions, kv4:2 1508 -> 1244; not yet timed).
 - Values never pass through shared memory as float16: the value scales and zeros ride on the probabilities
   (Σ_t p_t (c_t s_t + z_t) = top Σ_t (p_t s_t / top) c_t + Σ_t p_t z_t), so the codes go from shared memory into
   the dot product as they are, like the keys. Values have a scale per group of channels; the queries are repeated
@@ -30,7 +32,7 @@ What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_k
   memory pages ahead; loaded a bit field or value group at a time (2 bytes a thread) they were synchronous loads,
   and every page waited out their latency: kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111
   (`decode_kernel_h200_sweep_async_scales.json`); the value zeros too, tied to the dot: 0.121 -> 0.111, 0.112 -> 0.104.
-- The split's page ids load as one vector before the page loop (`PAGE_IDS`, `_split_pages`): a page id loaded in
+- The split's page ids load as one vector before the page loop (`PAGE_IDS`, `split_page_ids`): a page id loaded in
   the loop left every code buffer single (the next page's copies waited for at once; Nsight Compute: 22% of kivi:4's
   stall samples on that wait). kivi:4 0.112 -> 0.104 ms, kivi:2 0.104 -> 0.097, kv4:4 0.135 -> 0.122
   (`decode_kernel_h200_sweep_page_ids.json`).
@@ -44,7 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import padded_page_rows, page_rows, softmax_update, store_stats, window_mask
+from .common import (padded_page_rows, page_rows, softmax_update, split_item, split_page_ids, store_stats,
+                     window_mask)
 
 
 @triton.jit
@@ -190,10 +193,10 @@ def _packed_page(table_ptr, row, width, index, length, pos_ptr, qpos_ptr, window
                  P_PAD: tl.constexpr, PAGE_TOKENS: tl.constexpr, WINDOWED: tl.constexpr, ids=0, i=0,
                  PAGE_IDS: tl.constexpr = False):
     """The row's page at `index` and its valid slots (mixed pages: padded to P_PAD; no sliding window there).
-    PAGE_IDS: picked from `ids`, the split's page ids already loaded (`_split_pages`); index is the split's first
+    PAGE_IDS: picked from `ids`, the split's page ids already loaded (`split_page_ids`); index is the split's first
     page + i."""
     if PAGE_IDS:
-        page = _split_item(ids, i).to(tl.int64)
+        page = split_item(ids, i).to(tl.int64)
         slots = tl.arange(0, P_PAD if PAGE_TOKENS else P)
         valid = index * P + slots < length
         if PAGE_TOKENS:
@@ -205,26 +208,6 @@ def _packed_page(table_ptr, row, width, index, length, pos_ptr, qpos_ptr, window
         page, valid = page_rows(table_ptr, row, width, index, length, P)
         valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
     return page, valid
-
-
-@triton.jit
-def _split_pages(table_ptr, row, width, first, length, P: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
-                 PAGE_IDS: tl.constexpr):
-    """The split's page ids as one vector, loaded before the page loop (PAGE_IDS; else a placeholder). A page id loaded
-    inside the loop feeds the addresses of the same step's loads, and Triton's pipeline then allots the code
-    buffers a single stage: each step waited for its own page (`async_wait num = 0`, Nsight Compute: a fifth of
-    kivi:4's stall samples on that wait). With the ids loaded ahead the loads' addresses hang on no load in the loop."""
-    ids = first
-    if PAGE_IDS:
-        indices = first + tl.arange(0, PAGES_PER_SPLIT)
-        ids = tl.load(table_ptr + row * width + indices, mask=indices * P < length, other=0)
-    return ids
-
-
-@triton.jit
-def _split_item(values, i):
-    """Item i of a vector of the split's per-page values (page ids, page scales) held in registers: no load."""
-    return tl.sum(tl.where(tl.arange(0, values.shape[0]) == i, values, 0))
 
 
 @triton.jit
@@ -243,7 +226,7 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
     PAGE_TOKENS (ZipCache's mixed pages): each page of the store holds PAGE_TOKENS tokens, of which this part reads
     P slots (any P, padded to the power of two P_PAD): row lengths count the store's tokens (whole pages), and the value
     scales hold PAGE_TOKENS slots a page; VALUE_CHANNEL: the values also have a factor per page and channel.
-    PAGE_IDS: the split's page ids loaded before the loop (`_split_pages`; double-buffers the pages offline for
+    PAGE_IDS: the split's page ids loaded before the loop (`split_page_ids`; double-buffers the pages offline for
     sm_90 as in `kivi_columns_kernel`; not yet timed here, so off by default).
     ASM: unpack with inline PTX (GPU only; Triton's interpreter runs the plain operations). FOLD: value codes keep
     their float16 offset, taken off once per row of each dot product (`_value_update`; on an H200 at batch 8 x
@@ -266,7 +249,7 @@ def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, 
         accs = accs + (tl.zeros([BLOCK_G, W], tl.float32),)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
-        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
+        ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT):
             page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P_PAD,
                                        PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
@@ -423,7 +406,7 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     and KEY_FOLD: KIVI's key codes keep their float16 offset too (`_column_scores`); ASYNC_SCALES 1: a page's key
     scales and zeros load as [W, FIELDS] blocks, 2: the values' as [P, NVG] blocks too, 3 (default): and the value
     zeros are tied to the dot product (`_column_value_weights`' TIE; kivi:4 0.121 -> 0.111 ms, kv4:4 unchanged);
-    PAGE_IDS: the split's page ids loaded before the loop (`_split_pages`; `decode._partials` sets it on a GPU
+    PAGE_IDS: the split's page ids loaded before the loop (`split_page_ids`; `decode._partials` sets it on a GPU
     when PAGES_PER_SPLIT is a power of two). Loaded a field or group at
     a time they were 2 bytes a thread, which Triton's pipeline does not copy ahead: synchronous loads (16 LDG in
     the page loop, SASS) whose latency every page waited out. On an H200 (batch 8 × 32k, GQA 4;
@@ -448,7 +431,7 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
         accs = accs + (tl.zeros([W, BLOCK_G], tl.float32),)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
-        ids = _split_pages(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
+        ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         for i in range(PAGES_PER_SPLIT):
             page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P_PAD,
                                        PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
