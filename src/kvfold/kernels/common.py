@@ -26,16 +26,28 @@ def empty_state(BLOCK_G: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr):
-    """This row's page id at `page_index` (0 past the row's end: its loads are masked) and its valid slots."""
-    page = tl.load(table_ptr + row * width + page_index, mask=page_index * P < length, other=0).to(tl.int64)
+def page_id(table_ptr, row, width, page_index, length, P: tl.constexpr, ids=0, i=0, PAGE_IDS: tl.constexpr = False):
+    """This row's page id at `page_index` (0 past the row's end: its loads are masked), loaded from the table; or
+    (PAGE_IDS) item i of `ids`, the split's ids loaded before the page loop (`split_page_ids`)."""
+    if PAGE_IDS:
+        page = split_item(ids, i)
+    else:
+        page = tl.load(table_ptr + row * width + page_index, mask=page_index * P < length, other=0)
+    return page.to(tl.int64)
+
+
+@triton.jit
+def page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr, ids=0, i=0, PAGE_IDS: tl.constexpr = False):
+    """This row's page id at `page_index` (`page_id`) and its valid slots."""
+    page = page_id(table_ptr, row, width, page_index, length, P, ids, i, PAGE_IDS)
     return page, page_index * P + tl.arange(0, P) < length
 
 
 @triton.jit
-def padded_page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr, P_PAD: tl.constexpr):
+def padded_page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr, P_PAD: tl.constexpr, ids=0, i=0,
+                     PAGE_IDS: tl.constexpr = False):
     """`page_rows` for P slots of any number, padded to the power of two P_PAD (the padding is never valid)."""
-    page = tl.load(table_ptr + row * width + page_index, mask=page_index * P < length, other=0).to(tl.int64)
+    page = page_id(table_ptr, row, width, page_index, length, P, ids, i, PAGE_IDS)
     slots = tl.arange(0, P_PAD)
     return page, (page_index * P + slots < length) & (slots < P)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import empty_state, page_rows, query_tile, softmax_step, split_item, split_page_ids, store_stats
+from .common import empty_state, page_rows, query_tile, softmax_step, split_page_ids, store_stats
 
 
 @triton.jit
@@ -46,11 +46,7 @@ def _tile_slots(table_ptr, row, width, first_page, length, P: tl.constexpr, TILE
     pages are full but its last). PAGE_IDS: the ids come from `ids`, the split's (`common.split_page_ids`), this
     being the split's step i, not from a load."""
     if TILE == 1:
-        if PAGE_IDS:
-            page = split_item(ids, i).to(tl.int64)
-            valid = first_page * P + tl.arange(0, P) < length
-        else:
-            page, valid = page_rows(table_ptr, row, width, first_page, length, P)
+        page, valid = page_rows(table_ptr, row, width, first_page, length, P, ids, i, PAGE_IDS)
         token = page * P + tl.arange(0, P)
     else:
         slots = tl.arange(0, TILE * P)

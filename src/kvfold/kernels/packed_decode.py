@@ -46,8 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (padded_page_rows, page_rows, softmax_update, split_item, split_page_ids, store_stats,
-                     window_mask)
+from .common import padded_page_rows, page_rows, softmax_update, split_page_ids, store_stats, window_mask
 
 
 @triton.jit
@@ -195,17 +194,10 @@ def _packed_page(table_ptr, row, width, index, length, pos_ptr, qpos_ptr, window
     """The row's page at `index` and its valid slots (mixed pages: padded to P_PAD; no sliding window there).
     PAGE_IDS: picked from `ids`, the split's page ids already loaded (`split_page_ids`); index is the split's first
     page + i."""
-    if PAGE_IDS:
-        page = split_item(ids, i).to(tl.int64)
-        slots = tl.arange(0, P_PAD if PAGE_TOKENS else P)
-        valid = index * P + slots < length
-        if PAGE_TOKENS:
-            return page, valid & (slots < P)
-        return page, window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
     if PAGE_TOKENS:
-        page, valid = padded_page_rows(table_ptr, row, width, index, length, P, P_PAD)
+        page, valid = padded_page_rows(table_ptr, row, width, index, length, P, P_PAD, ids, i, PAGE_IDS)
     else:
-        page, valid = page_rows(table_ptr, row, width, index, length, P)
+        page, valid = page_rows(table_ptr, row, width, index, length, P, ids, i, PAGE_IDS)
         valid = window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED)
     return page, valid
 
