@@ -160,16 +160,18 @@ def test_scales_copied_ahead_read_as_loaded_one_at_a_time(spec):
         torch.testing.assert_close(got, outputs[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec, window, columns", [
-    ("kivi:4,group=64,residual=16", None, 1), ("kv4:2,group=16,residual=16", 23, 1),
-    ("zipcache:group=32,residual=16", None, 1), ("fp8", 23, 1), ("fp8:scale=page,group=16", None, 1),
-    ("kivi:2,group=32,residual=16", 23, 0), ("kv4:4,group=16,residual=16", None, 0),
-    ("zipcache:group=32,residual=16", None, 0)])
-def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns):
-    """PAGE_IDS (the packed columns kernel's default on a GPU; the other columns kernel and the packed rows kernel
-    take it too): the split's page ids loaded as one vector before the page loop give what loading each page's id
-    in its step gives: splits of 2 and 4 pages, rows ending mid-split and mid-page, the empty row, a sliding window
-    and ZipCache's mixed pages."""
+@pytest.mark.parametrize("spec, window, columns, tile_tokens", [
+    ("kivi:4,group=64,residual=16", None, 1, 64), ("kv4:2,group=16,residual=16", 23, 1, 64),
+    ("zipcache:group=32,residual=16", None, 1, 64), ("fp8", 23, 1, 64), ("fp8:scale=page,group=16", None, 1, 64),
+    ("kivi:2,group=32,residual=16", 23, 0, 64), ("kv4:4,group=16,residual=16", None, 0, 64),
+    ("zipcache:group=32,residual=16", None, 0, 64), ("none", 23, 0, 0), ("none", None, 0, 64), ("fp8", None, 0, 64),
+    ("fp8:scale=page,group=16", 23, 0, 0)])
+def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns, tile_tokens):
+    """PAGE_IDS (the packed columns kernel's default on a GPU; every other fast kernel takes it too): the split's
+    page ids loaded as one vector before the page loop give what loading each page's id in its step gives: splits
+    of 2 and 4 pages, rows ending mid-split and mid-page, the empty row, a sliding window, ZipCache's mixed pages,
+    and 16-bit and float8 pages in `full_pages_kernel` (COLUMNS 0) one page a step (tile_tokens 0) or several (a
+    tile's ids spread over its slots)."""
     from kvfold.kernels.decode import paged_decode
 
     batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
@@ -180,31 +182,8 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns
     launch = {"num_warps": 1, "num_stages": 3, "COLUMNS": columns}
     for pages_per_split in (2, 4):
         outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
-                                pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids})
-                   for ids in (0, 1)]
-        for ids, got in enumerate(outputs):
-            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-            err = ((got - expected).norm() / expected.norm()).item()
-            assert err < BOUND[torch.float16], f"relative error {err:.2e} (PAGE_IDS={ids}, {pages_per_split} a split)"
-        torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("spec, window", [("none", 23), ("fp8", None), ("fp8:scale=page,group=16", 23)])
-@pytest.mark.parametrize("tile_tokens", [0, 64])
-def test_page_ids_loaded_ahead_in_the_full_pages_kernel(spec, window, tile_tokens):
-    """PAGE_IDS in `full_pages_kernel` (16-bit and float8 pages): one page a step (the id picked from the split's)
-    or several (a tile's ids spread over its slots) give what loading the ids in each step gives."""
-    from kvfold.kernels.decode import paged_decode
-
-    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
-    for pages_per_split in (2, 4):
-        outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                                 pages_per_split=pages_per_split, tile_tokens=tile_tokens,
-                                launch={"num_warps": 2, "num_stages": 3, "COLUMNS": 0, "PAGE_IDS": ids})
+                                launch={**launch, "PAGE_IDS": ids})
                    for ids in (0, 1)]
         for ids, got in enumerate(outputs):
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
