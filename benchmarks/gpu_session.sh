@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|profile|few|prefill|sparse|e2e|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|profile|few|prefill|sparse|e2e|e2e8|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -95,6 +95,8 @@ for step in "${steps[@]}"; do
               --out "$OUT/sparse_prefill_captured" 2>&1 | grep -v Warn | tail -8 ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
+    e2e8) timeout 420 python benchmarks/fast_decode.py --batch 8 --methods none,kivi:4,kivi:2,kv4:4,snapkv:0.75+kivi:4 \
+            --normal "" --eager "" --out "$OUT/fast_decode_batch8.json" 2>&1 | grep -v Warn | tail -12 ;;  # the batch 8 (e2e: 4)
     chunked) for chunk in 2048 4096; do  # kept tokens 16-bit until the end (default), against packed as the chunks go
                timeout 280 python benchmarks/fast_decode.py --methods "snapkv:0.75+kivi:4;snapkv:0.75+kivi:4,defer=false" \
                  --normal "" --eager "" --prefill-chunk $chunk --out "$OUT/fast_decode_chunk$chunk.json" 2>&1 \
@@ -109,6 +111,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, profile, few, prefill, sparse, e2e, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, profile, few, prefill, sparse, e2e, e2e8, chunked, agreement, serve, peer)" ;;
   esac
 done
