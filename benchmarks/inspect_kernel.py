@@ -94,7 +94,12 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
             yield (f"{label} (columns)", float8_columns_kernel,
                    {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*u16", "ks_ptr": scales, "vs_ptr": scales},
                    {**shape, "BLOCK_G": max(8, triton.next_power_of_2(group)), "P": page, "SCALED": scaled,
-                    "E5M2": False, "ASM": True, "ASYNC_SCALES": 1, "PAGE_IDS": False}, PACKED_LAUNCH)  # ASTSource applies no defaults
+                    "E5M2": False, "ASM": True, "ASYNC_SCALES": 1, "PAGE_IDS": False, "STEP": 0}, PACKED_LAUNCH)  # ASTSource applies no defaults
+            if page > 32:  # launch STEP=32, PAGE_IDS=1: half a page a step, two buffers in one page's shared memory
+                yield (f"{label} (columns, 32 a step)", float8_columns_kernel,
+                       {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*u16", "ks_ptr": scales, "vs_ptr": scales},
+                       {**shape, "BLOCK_G": max(8, triton.next_power_of_2(group)), "P": page, "SCALED": scaled,
+                        "E5M2": False, "ASM": True, "ASYNC_SCALES": 1, "PAGE_IDS": True, "STEP": 32}, PACKED_LAUNCH)
     value_group = min(64, dim)
     for bits in (4, 2):
         for key_token in (False, True):

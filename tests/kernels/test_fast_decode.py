@@ -221,6 +221,37 @@ def test_two_bit_codes_read_as_words_read_as_bytes(spec, window):
         assert apart < 5e-4, f"words and bytes {apart:.2e} apart"
 
 
+@pytest.mark.parametrize("spec, window", [("fp8", None), ("fp8:scale=page", 23), ("fp8:e5m2", 23)])
+def test_float8_pages_read_part_of_a_page_a_step_read_as_whole_pages(spec, window):
+    """STEP (the float8 columns kernel): 64-token pages read 16 or 32 tokens a step, with and without PAGE_IDS, give
+    what reading a page a step gives: splits of 1, 2 and 3 pages, rows ending mid-page and mid-step, the empty row,
+    a sliding window, scales per token and per page. The steps' softmax and value-scale maxima differ, so the
+    outputs agree to float16 rounding, not bit for bit."""
+    from kvfold.kernels.decode import paged_decode
+
+    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
+    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 64, window, dtype=torch.float16)
+    assert {part.positions.shape[1] for part in layer.kernel_parts() if part.scaled} == {64}
+    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    launch = {"num_warps": 1, "num_stages": 3, "COLUMNS": 1}
+    for pages_per_split, ids in ((1, 0), (3, 0), (2, 1)):
+        whole = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                             pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids})
+        for step in (16, 32):
+            got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                               pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids, "STEP": step})
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+            err = ((got - expected).norm() / expected.norm()).item()
+            assert err < BOUND[torch.float16], f"relative error {err:.2e} (STEP={step}, {pages_per_split} a split)"
+            apart = ((got - whole).norm() / expected.norm()).item()
+            assert apart < 1e-3, f"STEP={step} and whole pages {apart:.2e} apart"
+    with pytest.raises(ValueError, match="power of two from 16"):
+        paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window, pages_per_split=2,
+                     launch={**launch, "STEP": 24})
+
+
 def test_page_ids_need_a_power_of_two_pages_a_split():
     from kvfold.kernels.decode import paged_decode
 

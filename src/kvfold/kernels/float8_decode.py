@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import softmax_update, split_item, split_page_ids, store_stats
+from .common import page_id, softmax_update, split_item, split_page_ids, store_stats
 from .packed_decode import _packed_page, _packed_row, _token_stats
 
 
@@ -29,12 +29,28 @@ def _float8_field(words, r: tl.constexpr, E5M2: tl.constexpr, ASM: tl.constexpr)
 
 
 @triton.jit
+def _step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr, window, P: tl.constexpr,
+                STEP: tl.constexpr, WINDOWED: tl.constexpr, ids, PAGE_IDS: tl.constexpr):
+    """Step i of a split read STEP tokens a step (P // STEP steps a page): the split's page index, its page id,
+    the step's first slot in the page, its slots and which of them are valid."""
+    SUB: tl.constexpr = P // STEP
+    index = i // SUB
+    page = page_id(table_ptr, row, width, first + index, length, P, ids, index, PAGE_IDS)
+    start = (i % SUB) * STEP
+    slots = start + tl.arange(0, STEP)
+    valid = (first + index) * P + slots < length
+    if WINDOWED:
+        valid = valid & (tl.load(pos_ptr + page * P + slots) > tl.load(qpos_ptr) - window)
+    return index, page, start, slots, valid
+
+
+@triton.jit
 def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, vs_ptr, m_ptr, l_ptr, acc_ptr,
                           width, splits, qpos_ptr, window, scale,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                           PAGES_PER_SPLIT: tl.constexpr, WINDOWED: tl.constexpr, SCALED: tl.constexpr,
                           E5M2: tl.constexpr = False, ASM: tl.constexpr = False, ASYNC_SCALES: tl.constexpr = 1,
-                          PAGE_IDS: tl.constexpr = False):
+                          PAGE_IDS: tl.constexpr = False, STEP: tl.constexpr = 0):
     """Float8 pages (`fast_decode.full_pages_kernel`'s, SCALED 1: a scale per token, 2: per page) read the way
     `kivi_columns_kernel` reads packed ones, the G queries as BLOCK_G (>= 8) columns: scores [P, BLOCK_G] = keys
     [P, D] (widened by Triton, as loaded) · queries [D, BLOCK_G]; outputs [D / 2, BLOCK_G] per byte r of the
@@ -48,7 +64,10 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     0.152 ms; 184 registers, no synchronous load left in the loop); 2: page scales for the whole split load before
     the loop and each step picks its own (0.151 -> 0.150 ms: not the default). PAGE_IDS (`split_page_ids`): as in
     `kivi_columns_kernel`; off by default here: the second buffer of a page's 16 KB of codes leaves 6 programs a
-    multiprocessor, 0.152 -> 0.176 ms (3 stages; 0.152 with 4)."""
+    multiprocessor, 0.152 -> 0.176 ms (3 stages; 0.152 with 4). STEP (< P, a power of two): read STEP tokens a
+    step, so a pipeline stage holds part of a page: with PAGE_IDS two 32-token buffers take the shared memory one
+    64-token buffer takes now (offline, sm_90; not yet timed: Nsight Compute puts 54% of the stall samples on the
+    single buffer's wait)."""
     W: tl.constexpr = D // 2
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -69,19 +88,26 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
         if SPLIT_SCALES:  # the split's page scales up front: a scalar load in the loop waits
             split_key_scales = tl.load(ks_ptr + ids).to(tl.float32)
             split_value_scales = tl.load(vs_ptr + ids).to(tl.float32)
-        for i in range(PAGES_PER_SPLIT):
-            page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P, 0,
-                                       WINDOWED, ids, i, PAGE_IDS)
-            keys = tl.load(k_ptr + page * P * D + offs_p[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
+        TOKENS: tl.constexpr = STEP if STEP else P  # a step's tokens
+        for i in range(PAGES_PER_SPLIT * (P // TOKENS)):
+            if TOKENS == P:
+                index, start = i, 0
+                page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P,
+                                           0, WINDOWED, ids, i, PAGE_IDS)
+                slots = offs_p
+            else:
+                index, page, start, slots, valid = _step_slots(table_ptr, row, width, first, i, length, pos_ptr,
+                                                               qpos_ptr, window, P, TOKENS, WINDOWED, ids, PAGE_IDS)
+            keys = tl.load(k_ptr + page * P * D + slots[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
                            other=0.0)
-            vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)
+            vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)
             s = tl.dot(keys.to(tl.float16), queries)
             if SCALED == 1:
-                key_scale = _token_stats(ks_ptr, page * P, valid, P, ASYNC_SCALES > 0)
-                value_scale = _token_stats(vs_ptr, page * P, valid, P, ASYNC_SCALES > 0)
+                key_scale = _token_stats(ks_ptr, page * P + start, valid, TOKENS, ASYNC_SCALES > 0)
+                value_scale = _token_stats(vs_ptr, page * P + start, valid, TOKENS, ASYNC_SCALES > 0)
             elif ASYNC_SCALES > 1:  # a free page's scale may be anything (and 0 * inf is NaN): 0 where invalid
-                key_scale = tl.where(valid, split_item(split_key_scales, i), 0.0)
-                value_scale = tl.where(valid, split_item(split_value_scales, i), 0.0)
+                key_scale = tl.where(valid, split_item(split_key_scales, index), 0.0)
+                value_scale = tl.where(valid, split_item(split_value_scales, index), 0.0)
             else:
                 key_scale = tl.where(valid, tl.load(ks_ptr + page).to(tl.float32), 0.0)
                 value_scale = tl.where(valid, tl.load(vs_ptr + page).to(tl.float32), 0.0)
