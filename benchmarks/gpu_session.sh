@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|fp8-steps|profile|few|prefill|sparse|e2e|e2e8|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|e2e|e2e8|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -74,9 +74,12 @@ for step in "${steps[@]}"; do
                    timeout 120 python benchmarks/decode_kernel.py --sweep-only "none" --splits default \
                      --launches "num_warps=4,num_stages=2,PAGE_IDS=0;num_warps=4,num_stages=2,PAGE_IDS=1;num_warps=4,num_stages=3,PAGE_IDS=1" \
                      --out "$OUT/decode_kernel_sweep_page_ids_full_bf16.json" 2>&1 | grep -v Warn | tail -6 ;;
-    fp8-steps) timeout 240 python benchmarks/decode_kernel.py --sweep-only "fp8|fp8:scale=page" --splits default,16 \
-                 --launches "num_warps=1,num_stages=3;num_warps=1,num_stages=3,STEP=32,PAGE_IDS=1;num_warps=1,num_stages=4,STEP=32,PAGE_IDS=1;num_warps=1,num_stages=3,STEP=16,PAGE_IDS=1;num_warps=1,num_stages=4,STEP=16,PAGE_IDS=1" \
-                 --out "$OUT/decode_kernel_sweep_fp8_steps.json" 2>&1 | grep -v Warn | tail -22 ;;  # float8 pages part of a page a step: two buffers, fewer registers
+    steps) timeout 240 python benchmarks/decode_kernel.py --sweep-only "fp8|fp8:scale=page" --splits default,16 \
+             --launches "num_warps=1,num_stages=3;num_warps=1,num_stages=3,STEP=32,PAGE_IDS=1;num_warps=1,num_stages=4,STEP=32,PAGE_IDS=1;num_warps=1,num_stages=3,STEP=16,PAGE_IDS=1;num_warps=1,num_stages=4,STEP=16,PAGE_IDS=1" \
+             --out "$OUT/decode_kernel_sweep_fp8_steps.json" 2>&1 | grep -v Warn | tail -22  # float8 pages part of a page a step: two buffers, fewer registers
+           timeout 300 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2|kv4:4" --splits default,16 \
+             --launches "num_warps=1,num_stages=3,WORDS=1;num_warps=1,num_stages=3,STEP=32,WORDS=1;num_warps=1,num_stages=3,STEP=16,WORDS=1" \
+             --out "$OUT/decode_kernel_sweep_packed_steps.json" 2>&1 | grep -v Warn | tail -20 ;;  # packed: 248 -> 168 registers at 32 a step (8 -> 12 programs a multiprocessor), +34% instructions
     words) timeout 150 python benchmarks/decode_kernel.py --sweep-only "kivi:2|kv4:2" --splits default \
              --launches "num_warps=1,num_stages=3,WORDS=0;num_warps=1,num_stages=3,WORDS=1;num_warps=1,num_stages=4,WORDS=1" \
              --out "$OUT/decode_kernel_sweep_words.json" 2>&1 | grep -v Warn | tail -10 ;;  # 2-bit codes as 16-bit words (offline: 1426 -> 1204 loop instructions)
@@ -114,6 +117,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, fp8-steps, profile, few, prefill, sparse, e2e, e2e8, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, e2e, e2e8, chunked, agreement, serve, peer)" ;;
   esac
 done

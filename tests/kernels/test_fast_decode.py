@@ -221,17 +221,19 @@ def test_two_bit_codes_read_as_words_read_as_bytes(spec, window):
         assert apart < 5e-4, f"words and bytes {apart:.2e} apart"
 
 
-@pytest.mark.parametrize("spec, window", [("fp8", None), ("fp8:scale=page", 23), ("fp8:e5m2", 23)])
-def test_float8_pages_read_part_of_a_page_a_step_read_as_whole_pages(spec, window):
-    """STEP (the float8 columns kernel): 64-token pages read 16 or 32 tokens a step, with and without PAGE_IDS, give
-    what reading a page a step gives: splits of 1, 2 and 3 pages, rows ending mid-page and mid-step, the empty row,
-    a sliding window, scales per token and per page. The steps' softmax and value-scale maxima differ, so the
-    outputs agree to float16 rounding, not bit for bit."""
+@pytest.mark.parametrize("spec, window", [("fp8", None), ("fp8:scale=page", 23), ("fp8:e5m2", 23),
+                                          ("kivi:4,group=64,residual=16", 23), ("kivi:2,group=64,residual=16", None),
+                                          ("kv4:4,group=32,residual=16", None), ("kv4:2,group=64,residual=16", 23)])
+def test_columns_kernels_read_part_of_a_page_a_step_as_whole_pages(spec, window):
+    """STEP (both columns kernels): pages read 16 or 32 tokens a step (below the page's 32 or 64), with and without
+    PAGE_IDS, give what reading a page a step gives: splits of 1, 2 and 3 pages, rows ending mid-page and mid-step,
+    the empty row, a sliding window; float8 scales per token and per page, KIVI's and KV4's key statistics. The
+    steps' softmax and value-scale maxima differ, so the outputs agree to float16 rounding, not bit for bit."""
     from kvfold.kernels.decode import paged_decode
 
     batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
     layer = filled_layer(spec, batch, kv_heads, dim, tokens, 64, window, dtype=torch.float16)
-    assert {part.positions.shape[1] for part in layer.kernel_parts() if part.scaled} == {64}
+    page = max(part.positions.shape[1] for part in layer.kernel_parts() if part.scaled or part.bits)
     query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
     expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
                                dim ** -0.5, window)
@@ -239,7 +241,7 @@ def test_float8_pages_read_part_of_a_page_a_step_read_as_whole_pages(spec, windo
     for pages_per_split, ids in ((1, 0), (3, 0), (2, 1)):
         whole = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                              pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids})
-        for step in (16, 32):
+        for step in (16, 32)[:2 if page > 32 else 1]:
             got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                                pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids, "STEP": step})
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
@@ -247,9 +249,19 @@ def test_float8_pages_read_part_of_a_page_a_step_read_as_whole_pages(spec, windo
             assert err < BOUND[torch.float16], f"relative error {err:.2e} (STEP={step}, {pages_per_split} a split)"
             apart = ((got - whole).norm() / expected.norm()).item()
             assert apart < 1e-3, f"STEP={step} and whole pages {apart:.2e} apart"
+            assert apart > 0 or window, "STEP changed nothing: was it read at all?"  # a window leaves one step
     with pytest.raises(ValueError, match="power of two from 16"):
         paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window, pages_per_split=2,
                      launch={**launch, "STEP": 24})
+
+
+def test_mixed_pages_are_not_read_part_of_a_page_a_step():
+    from kvfold.kernels.decode import paged_decode
+
+    layer = filled_layer("zipcache:group=32,residual=16", 1, 1, 64, 90, 16, None, dtype=torch.float16)
+    with pytest.raises(ValueError, match="not mixed pages"):
+        paged_decode(torch.randn(1, 4, 64, device=DEVICE).half(), layer.kernel_parts(), 89, 0.125, pages_per_split=2,
+                     launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "STEP": 16})
 
 
 def test_page_ids_need_a_power_of_two_pages_a_split():

@@ -53,6 +53,22 @@ def padded_page_rows(table_ptr, row, width, page_index, length, P: tl.constexpr,
 
 
 @triton.jit
+def step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr, window, P: tl.constexpr,
+               STEP: tl.constexpr, WINDOWED: tl.constexpr, ids, PAGE_IDS: tl.constexpr):
+    """Step i of a split read STEP tokens a step (P // STEP steps a page): the split's page index, its page id,
+    the step's first slot in the page, its slots and which of them are valid."""
+    SUB: tl.constexpr = P // STEP
+    index = i // SUB
+    page = page_id(table_ptr, row, width, first + index, length, P, ids, index, PAGE_IDS)
+    start = (i % SUB) * STEP
+    slots = start + tl.arange(0, STEP)
+    valid = (first + index) * P + slots < length
+    if WINDOWED:
+        valid = valid & (tl.load(pos_ptr + page * P + slots) > tl.load(qpos_ptr) - window)
+    return index, page, start, slots, valid
+
+
+@triton.jit
 def split_page_ids(table_ptr, row, width, first, length, P: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
                    PAGE_IDS: tl.constexpr):
     """The split's page ids as one vector, loaded before the page loop (PAGE_IDS; else a placeholder). A page id loaded

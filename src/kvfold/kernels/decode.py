@@ -172,10 +172,10 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
     # COLUMNS picks the kernel, WORDS how the packed columns one reads 2-bit codes (`packed_words`); FOLD is a
     # constant of the packed kernels, KEY_FOLD of the packed columns one, ASYNC_SCALES of both columns kernels,
-    # PAGE_IDS of every fast kernel, STEP of the float8 columns one
+    # PAGE_IDS of every fast kernel, STEP of the columns ones
     two_bit_words = bool(options.get("WORDS", False)) and columns and fast == "packed"
     own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns,
-           "PAGE_IDS": fast is not None, "STEP": fast == "full" and columns}
+           "PAGE_IDS": fast is not None, "STEP": columns}
     launch = {k: v for k, v in options.items() if k not in ("COLUMNS", "WORDS") and own.get(k, True)}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
@@ -186,9 +186,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         # 8 x 32k: kivi:4 0.112 -> 0.104 ms). Float8 pages: no faster (their two buffers leave 6 programs a multiprocessor)
         launch["PAGE_IDS"] = power_of_two and pages_per_split <= PAGE_IDS_UP_TO
     step = launch.get("STEP", 0)
-    if step and (step & (step - 1) or not 16 <= step <= page):
-        raise ValueError(f"launch STEP reads float8 pages STEP tokens a step: a power of two from 16 to the page's "
-                         f"{page} tokens, not {step}")
+    if step and (step & (step - 1) or not 16 <= step <= page or part.page_tokens):
+        raise ValueError(f"launch STEP reads a page STEP tokens a step: a power of two from 16 to the page's {page} "
+                         f"tokens (not mixed pages), not {step}")
     if launch.get("PAGE_IDS") and not power_of_two:
         raise ValueError(f"launch PAGE_IDS loads a split's page ids as one vector: pages_per_split must be a power "
                          f"of two, not {pages_per_split}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import page_id, softmax_update, split_item, split_page_ids, store_stats
+from .common import softmax_update, split_item, split_page_ids, step_slots, store_stats
 from .packed_decode import _packed_page, _packed_row, _token_stats
 
 
@@ -26,22 +26,6 @@ def _float8_field(words, r: tl.constexpr, E5M2: tl.constexpr, ASM: tl.constexpr)
     if E5M2:
         return byte.to(tl.float8e5, bitcast=True).to(tl.float16)
     return byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-
-
-@triton.jit
-def _step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr, window, P: tl.constexpr,
-                STEP: tl.constexpr, WINDOWED: tl.constexpr, ids, PAGE_IDS: tl.constexpr):
-    """Step i of a split read STEP tokens a step (P // STEP steps a page): the split's page index, its page id,
-    the step's first slot in the page, its slots and which of them are valid."""
-    SUB: tl.constexpr = P // STEP
-    index = i // SUB
-    page = page_id(table_ptr, row, width, first + index, length, P, ids, index, PAGE_IDS)
-    start = (i % SUB) * STEP
-    slots = start + tl.arange(0, STEP)
-    valid = (first + index) * P + slots < length
-    if WINDOWED:
-        valid = valid & (tl.load(pos_ptr + page * P + slots) > tl.load(qpos_ptr) - window)
-    return index, page, start, slots, valid
 
 
 @triton.jit
@@ -96,7 +80,7 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
                                            0, WINDOWED, ids, i, PAGE_IDS)
                 slots = offs_p
             else:
-                index, page, start, slots, valid = _step_slots(table_ptr, row, width, first, i, length, pos_ptr,
+                index, page, start, slots, valid = step_slots(table_ptr, row, width, first, i, length, pos_ptr,
                                                                qpos_ptr, window, P, TOKENS, WINDOWED, ids, PAGE_IDS)
             keys = tl.load(k_ptr + page * P * D + slots[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
                            other=0.0)

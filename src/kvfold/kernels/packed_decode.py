@@ -46,7 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import padded_page_rows, page_rows, softmax_update, split_page_ids, store_stats, window_mask
+from .common import (padded_page_rows, page_rows, softmax_update, split_page_ids, step_slots, store_stats,
+                     window_mask)
 
 
 @triton.jit
@@ -292,13 +293,13 @@ def _query_columns(q_ptr, row, query, columns_ok, channels, FIELDS: tl.constexpr
 @triton.jit
 def _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_ptr, P: tl.constexpr, D: tl.constexpr,
                    FIELDS: tl.constexpr, BITS: tl.constexpr, KEY_TOKEN: tl.constexpr, ASM: tl.constexpr,
-                   FOLD: tl.constexpr = False, ASYNC: tl.constexpr = False):
+                   FOLD: tl.constexpr = False, ASYNC: tl.constexpr = False, start=0):
     """A page's scores [P, BLOCK_N], the key codes as the dot products' left operand. The page's per-channel
     factor goes onto the query columns, so the codes go into the dots as they unpack: KIVI's scale,
     q·(c s + z) = (q∘s)·c + q·z; KV4's λ, q·((c s_t + z_t) λ) = s_t (qλ)·c + z_t Σ qλ. The per-column sums
     (q·z or Σ qλ) add up over the fields first: one reduction a page. FOLD (KIVI): the codes keep their float16
     offset b, (q∘s)·(b + c) - b Σ q∘s, and b Σ q∘s joins q·z in that one reduction (one subtraction per two codes
-    less, one multiply-add per query channel more)."""
+    less, one multiply-add per query channel more). `offs_p` are the codes' slots in the page, from `start`."""
     s = tl.zeros([kc.shape[0], qs[0].shape[1]], tl.float32)
     sums = tl.zeros(qs[0].shape, tl.float32)
     key_channel = page * D + channels
@@ -330,8 +331,8 @@ def _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_pt
             s = tl.dot(_field(kc, r, BITS, ASM), scaled, s)
             sums += query * zero[:, None]
     if KEY_TOKEN and ASYNC:
-        s = s * _token_stats(ks_ptr, page * P, valid, P, True)[:, None] \
-            + _token_stats(kz_ptr, page * P, valid, P, True)[:, None] * tl.sum(sums, axis=0)[None, :]
+        s = s * _token_stats(ks_ptr, page * P + start, valid, kc.shape[0], True)[:, None] \
+            + _token_stats(kz_ptr, page * P + start, valid, kc.shape[0], True)[:, None] * tl.sum(sums, axis=0)[None, :]
     elif KEY_TOKEN:  # unmasked (free slots' scores become -inf after this): the pipeline copies it ahead as it is
         token = page * P + offs_p
         s = s * tl.load(ks_ptr + token).to(tl.float32)[:, None] \
@@ -391,7 +392,7 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
                         WINDOWED: tl.constexpr, KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0,
                         P_PAD: tl.constexpr = 0, VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False,
                         FOLD: tl.constexpr = True, KEY_FOLD: tl.constexpr = True,
-                        ASYNC_SCALES: tl.constexpr = 3, PAGE_IDS: tl.constexpr = False):
+                        ASYNC_SCALES: tl.constexpr = 3, PAGE_IDS: tl.constexpr = False, STEP: tl.constexpr = 0):
     """`kivi_pages_kernel` with the dot products' operands swapped: scores [P, BLOCK_G] = codes [P, W] · query
     columns [W, BLOCK_G] per bit field, outputs [W, BLOCK_G] = value codes [W, P] (loaded transposed, as the dot
     takes them) · weights [P, BLOCK_G]. BLOCK_G columns (>= 8): G queries × D / VG value groups. Same arguments,
@@ -404,7 +405,8 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     the page loop, SASS) whose latency every page waited out. On an H200 (batch 8 × 32k, GQA 4;
     decode_kernel_h200_sweep_async_scales.json) level 2 took kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111,
     kv4:4 0.142 -> 0.135, but kv4:2 0.122 -> 0.130 (`decode._partials` keeps it at 0 there); KEY_FOLD alone
-    changed nothing measurable (kivi:4 0.123 -> 0.121)."""
+    changed nothing measurable (kivi:4 0.123 -> 0.121). STEP (< P, a power of two >= 16; not mixed pages): read
+    STEP tokens a step, part of a page (`common.step_slots`; fewer codes in registers at a time; not yet timed)."""
     FIELDS: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // BITS
     W: tl.constexpr = D // FIELDS  # words per token
     NVG: tl.constexpr = D // VG
@@ -424,18 +426,25 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     first = split * PAGES_PER_SPLIT
     if first * P < length:
         ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
-        for i in range(PAGES_PER_SPLIT):
-            page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P_PAD,
-                                       PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
-            kc = tl.load(k_ptr + page * P * W + offs_p[:, None] * W + words[None, :], mask=valid[:, None], other=0)
-            vc = tl.load(v_ptr + page * P * W + offs_p[None, :] * W + words[:, None], mask=valid[None, :], other=0)
+        TOKENS: tl.constexpr = STEP if STEP else P  # a step's tokens
+        for i in range(PAGES_PER_SPLIT * (P // TOKENS)):
+            if TOKENS == P:
+                start = 0
+                page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P,
+                                           P_PAD, PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
+                slots = offs_p
+            else:
+                _, page, start, slots, valid = step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr,
+                                                          window, P, TOKENS, WINDOWED, ids, PAGE_IDS)
+            kc = tl.load(k_ptr + page * P * W + slots[:, None] * W + words[None, :], mask=valid[:, None], other=0)
+            vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)
             if ASM and FIELDS * BITS == 8:
                 kc, vc = _spread_bytes(kc), _spread_bytes(vc)
-            s = _column_scores(kc, qs, page, offs_p, valid, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
-                               KEY_TOKEN, ASM, KEY_FOLD, ASYNC_SCALES > 0)
+            s = _column_scores(kc, qs, page, slots, valid, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
+                               KEY_TOKEN, ASM, KEY_FOLD, ASYNC_SCALES > 0, start)
             s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
-            weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + offs_p * NVG,
+            weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + slots * NVG,
                                                                     valid, group, NVG, G, ASYNC_SCALES > 1,
                                                                     ASYNC_SCALES > 2)
             updated = ()
