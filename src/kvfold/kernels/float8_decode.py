@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import softmax_update, split_item, split_page_ids, step_slots, store_stats
-from .packed_decode import _packed_page, _packed_row, _token_stats
+from .common import softmax_update, split_item, split_page_ids, store_stats
+from .packed_decode import _packed_row, _page_step, _token_stats
 
 
 @triton.jit
@@ -74,14 +74,8 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
             split_value_scales = tl.load(vs_ptr + ids).to(tl.float32)
         TOKENS: tl.constexpr = STEP if STEP else P  # a step's tokens
         for i in range(PAGES_PER_SPLIT * (P // TOKENS)):
-            if TOKENS == P:
-                index, start = i, 0
-                page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P,
-                                           0, WINDOWED, ids, i, PAGE_IDS)
-                slots = offs_p
-            else:
-                index, page, start, slots, valid = step_slots(table_ptr, row, width, first, i, length, pos_ptr,
-                                                               qpos_ptr, window, P, TOKENS, WINDOWED, ids, PAGE_IDS)
+            index, page, start, slots, valid = _page_step(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr,
+                                                          window, offs_p, P, P, 0, WINDOWED, TOKENS, ids, PAGE_IDS)
             keys = tl.load(k_ptr + page * P * D + slots[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
                            other=0.0)
             vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)

@@ -204,6 +204,25 @@ def _packed_page(table_ptr, row, width, index, length, pos_ptr, qpos_ptr, window
 
 
 @triton.jit
+def _page_step(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr, window, offs_p, P: tl.constexpr,
+               P_PAD: tl.constexpr, PAGE_TOKENS: tl.constexpr, WINDOWED: tl.constexpr, TOKENS: tl.constexpr, ids,
+               PAGE_IDS: tl.constexpr):
+    """Step i of a split of the columns kernels, TOKENS tokens a step: a whole page (`_packed_page`, slots
+    `offs_p`) or part of one (`common.step_slots`). Returns the split's page index, the page id, the step's first
+    slot in the page, its slots and which are valid."""
+    if TOKENS == P:
+        index = i
+        start = 0
+        page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P, P_PAD,
+                                   PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
+        slots = offs_p
+    else:
+        index, page, start, slots, valid = step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr,
+                                                      window, P, TOKENS, WINDOWED, ids, PAGE_IDS)
+    return index, page, start, slots, valid
+
+
+@triton.jit
 def kivi_pages_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
                       vch_ptr, m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -428,14 +447,9 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
         ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
         TOKENS: tl.constexpr = STEP if STEP else P  # a step's tokens
         for i in range(PAGES_PER_SPLIT * (P // TOKENS)):
-            if TOKENS == P:
-                start = 0
-                page, valid = _packed_page(table_ptr, row, width, first + i, length, pos_ptr, qpos_ptr, window, P,
-                                           P_PAD, PAGE_TOKENS, WINDOWED, ids, i, PAGE_IDS)
-                slots = offs_p
-            else:
-                _, page, start, slots, valid = step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr,
-                                                          window, P, TOKENS, WINDOWED, ids, PAGE_IDS)
+            _, page, start, slots, valid = _page_step(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr,
+                                                      window, offs_p, P, P_PAD, PAGE_TOKENS, WINDOWED, TOKENS, ids,
+                                                      PAGE_IDS)
             kc = tl.load(k_ptr + page * P * W + slots[:, None] * W + words[None, :], mask=valid[:, None], other=0)
             vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)
             if ASM and FIELDS * BITS == 8:
