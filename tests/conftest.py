@@ -24,9 +24,14 @@ def _patch_the_interpreter_once_a_kernel() -> None:
         from triton.runtime import interpreter
     except ImportError:
         return
+    import inspect
+
     original = getattr(interpreter, "_patch_lang", None)
     if original is None or getattr(original, "patches_once", False):
         return
+    helper_call = inspect.getsource(interpreter.InterpretedFunction.__call__)
+    if "        _patch_lang(self.fn)\n" not in helper_call:  # written for Triton 3.6, where a helper call drops the
+        return  # scope it gets: another version keeps its own behaviour
     patched: set[int] = set()  # the language modules patched in the running launch
     langs_of: dict[int, frozenset[int]] = {}
 
