@@ -12,7 +12,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-
 def _patch_the_interpreter_once_a_kernel() -> None:
     """Triton's interpreter re-patches `triton.language` at every @triton.jit helper call inside a kernel (an
     `inspect.getmembers` scan, ~0.2 ms a call: 30-40% of an interpreted fast-loop test), although the kernel's launch

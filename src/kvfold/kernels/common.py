@@ -63,9 +63,7 @@ def step_slots(table_ptr, row, width, first, i, length, pos_ptr, qpos_ptr, windo
     start = (i % SUB) * STEP
     slots = start + tl.arange(0, STEP)
     valid = (first + index) * P + slots < length
-    if WINDOWED:
-        valid = valid & (tl.load(pos_ptr + page * P + slots) > tl.load(qpos_ptr) - window)
-    return index, page, start, slots, valid
+    return index, page, start, slots, window_mask(valid, pos_ptr, page, qpos_ptr, window, P, WINDOWED, start)
 
 
 @triton.jit
@@ -116,9 +114,10 @@ def softmax_step(s, visible, m_i, l_i, scale):
 
 
 @triton.jit
-def window_mask(valid, pos_ptr, page, qpos_ptr, window, P: tl.constexpr, WINDOWED: tl.constexpr):
+def window_mask(valid, pos_ptr, page, qpos_ptr, window, P: tl.constexpr, WINDOWED: tl.constexpr, start=0):
+    """WINDOWED: `valid` [n] (the page's slots from `start`) and within the sliding window of the query."""
     if WINDOWED:
-        pos = tl.load(pos_ptr + page * P + tl.arange(0, P))
+        pos = tl.load(pos_ptr + page * P + start + tl.arange(0, valid.shape[0]))
         valid = valid & (pos > tl.load(qpos_ptr) - window)
     return valid
 
