@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
-from kvfold.kernels.sparse import flexprefill_mask, sparse_prefill  # noqa: E402
+from kvfold.kernels.pattern import flexprefill_mask  # noqa: E402
+from kvfold.kernels.sparse import sparse_prefill  # noqa: E402
 from prefill_kernel import timer  # noqa: E402  (beside this script)
 
 

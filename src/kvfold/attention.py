@@ -3,7 +3,8 @@
 The attention module calls `cache.update(k, v, layer_idx)`, which for a `KVFoldCache` returns a `StagedKV`
 handle instead of concatenated tensors; this function then sees queries, keys and values together:
 - first forward of a layer (prefill): exact SDPA over the new tokens (or, with `KVFOLD_PREFILL=int8|sparse`, the
-  int8 or sparse attention of `kernels.prefill` / `kernels.sparse`), then the method compresses and stores them;
+  int8 or sparse attention of `kernels.prefill` / `kernels.sparse`, or their references where the kernels do not
+  run), then the method compresses and stores them;
 - decoding: the token is stored, then attention reads the compressed store page by page (the Triton kernel on
   CUDA, `kernels.reference.paged_attention` elsewhere), never rebuilding the whole context in full precision;
 - a multi-token turn on a filled cache: attention over the store plus the new tokens, then the new tokens are
@@ -89,7 +90,7 @@ def kvfold_attention(
     if layer.stored_tokens == 0 and staged.start == 0:
         valid = _valid_new_keys(attention_mask, query.shape[0], staged.keys.shape[2], query.device)
         how = PrefillAttention.from_env()
-        if how.applies(query, bool(valid.all()), kwargs):
+        if how.applies(bool(valid.all()), kwargs):
             out = how.attend(query, staged.keys, staged.values, scale)
         else:
             out, _ = sdpa_attention_forward(module, query, staged.keys, staged.values, attention_mask,

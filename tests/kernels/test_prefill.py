@@ -146,6 +146,11 @@ def test_kvfold_prefill_runs_the_model_prefill_through_the_kernel(monkeypatch, c
     import importlib
 
     from kvfold.api import prefill, use_kvfold_attention
+    from kvfold.kernels import INT8_BLOCKS
+    from kvfold.kernels.prefill import KEY_BLOCK, QUANT_BLOCK
+
+    assert INT8_BLOCKS == {"block_m": QUANT_BLOCK, "block_n": KEY_BLOCK}  # the reference path reads the same blocks
+    monkeypatch.setenv("KVFOLD_KERNELS", "triton")  # on the CPU: interpreted, small and short
     from kvfold.cache import KVFoldCache
 
     from ..conftest import make_tiny_llama

@@ -50,7 +50,7 @@ def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
 
 
 def test_flexprefill_mask_keeps_the_attention_mass_it_promises():
-    from kvfold.kernels.sparse import flexprefill_mask
+    from kvfold.kernels.pattern import flexprefill_mask
 
     q, k, v = structured_qkv()
     scale = 32 ** -0.5
@@ -75,7 +75,7 @@ def test_flexprefill_mask_keeps_the_attention_mass_it_promises():
 def test_flexprefill_mask_reads_gqa_keys_like_repeated_ones():
     """The pattern choice multiplies each KV head's keys with its group's queries in place (no per-query-head copy
     of the keys): the same masks as with the keys repeated to every query head, lengths not a multiple of blocks."""
-    from kvfold.kernels.sparse import flexprefill_mask
+    from kvfold.kernels.pattern import flexprefill_mask
 
     q, k, _ = structured_qkv(tokens=250, q_heads=6, kv_heads=2)
     for gamma in (0.8, 0.95):
@@ -95,7 +95,7 @@ def test_sparse_prefill_refuses_a_mask_of_the_wrong_shape():
 def test_heads_whose_pooled_estimate_is_faithful_go_query_aware():
     """Near-uniform attention: the pooled queries and keys predict the last block's distribution, so every head
     uses the query-aware pattern (and the vertical-slash one for the structured heads above)."""
-    from kvfold.kernels.sparse import flexprefill_mask
+    from kvfold.kernels.pattern import flexprefill_mask
 
     q, k, _ = structured_qkv()
     _, aware = flexprefill_mask(q * 0.01, k * 0.01, 32 ** -0.5, gamma=0.9, block=32)

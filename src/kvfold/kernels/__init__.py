@@ -14,7 +14,7 @@ from ..errors import KVFoldError
 
 
 def use_triton(device: torch.device) -> bool:
-    """Whether decode attention on `device` should run the Triton kernel."""
+    """Whether attention on `device` should run the Triton kernels (decode, and the prefill choices)."""
     choice = os.environ.get("KVFOLD_KERNELS", "auto")
     if choice == "reference" or importlib.util.find_spec("triton") is None:
         return False
@@ -23,11 +23,16 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+INT8_BLOCKS = {"block_m": 64, "block_n": 128}  # queries, keys per int8 scale: kernels.prefill's QUANT_BLOCK, KEY_BLOCK
+
+
 @dataclass(frozen=True)
 class PrefillAttention:
     """How a model's first prefill attends, from `KVFOLD_PREFILL`: `sdpa` (default, exact), `int8[:pv=fp8]`
     (SageAttention-style int8 scores, P·V in 16 bits or float8, `kernels.prefill`) or
-    `sparse[:gamma=0.95,tau=0.1,block=64]` (FlexPrefill, `kernels.sparse`)."""
+    `sparse[:gamma=0.95,tau=0.1,block=64]` (FlexPrefill, `kernels.sparse`). The choice sets the math: where the
+    kernel does not run (`kernel_fits`: the CPU, float32 activations) its reference computes the same, in float32
+    and row chunks, so the approximation is the same on every machine (and measurable on the CPU)."""
 
     kind: str = "sdpa"
     gamma: float = 0.95
@@ -60,27 +65,39 @@ class PrefillAttention:
                 raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
         return cls(kind, **values)
 
-    def applies(self, query: torch.Tensor, unpadded: bool, kwargs: dict) -> bool:
-        """Whether this prefill can take the kernel: Triton present (compiled on CUDA, interpreted elsewhere),
-        16-bit activations, a plain causal pattern (`unpadded`, no sliding window or soft-capping), and a
-        power-of-two head_dim for Triton's tiles. Else the prefill runs SDPA."""
-        if self.kind == "sdpa" or importlib.util.find_spec("triton") is None:
-            return False
+    def applies(self, unpadded: bool, kwargs: dict) -> bool:
+        """Whether this prefill takes the chosen attention: a plain causal pattern (`unpadded`, no sliding window or
+        soft-capping). Else it runs SDPA (exact)."""
         plain = kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+        return self.kind != "sdpa" and plain and unpadded
+
+    def kernel_fits(self, query: torch.Tensor) -> bool:
+        """Whether the Triton kernel computes it here (`use_triton`: CUDA, or forced), with 16-bit activations and a
+        power-of-two head_dim for Triton's tiles; else the reference does (same math, float32, row chunks)."""
         dim = query.shape[-1]
         tiles = dim >= (32 if self.kind == "int8" else 16) and not dim & (dim - 1)  # int8 dots reduce over >= 32
-        return query.dtype in (torch.float16, torch.bfloat16) and plain and unpadded and tiles
+        return use_triton(query.device) and query.dtype in (torch.float16, torch.bfloat16) and tiles
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention [batch, tokens, q_heads, dim] in the query's dtype (the layout attention functions
-        return), by the chosen kernel."""
-        if self.kind == "int8":
+        return), by the chosen kernel or its reference."""
+        from . import reference
+
+        kernel = self.kernel_fits(query)
+        if self.kind == "int8" and kernel:
             from .prefill import int8_prefill
 
             out = int8_prefill(query, key, value, scale, pv_fp8=self.pv == "fp8")
+        elif self.kind == "int8":
+            out = reference.int8_prefill_attention(query, key, value, scale, **INT8_BLOCKS, pv_fp8=self.pv == "fp8")
         else:
-            from .sparse import flexprefill_mask, sparse_prefill
+            from .pattern import flexprefill_mask
 
             mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
-            out = sparse_prefill(query, key, value, mask, scale, self.block)
+            if kernel:
+                from .sparse import sparse_prefill
+
+                out = sparse_prefill(query, key, value, mask, scale, self.block)
+            else:
+                out = reference.block_sparse_attention(query, key, value, mask, scale, self.block)
         return out.transpose(1, 2).contiguous().to(query.dtype)

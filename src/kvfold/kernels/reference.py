@@ -12,7 +12,7 @@ ground truth that every Triton kernel is tested against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -184,18 +184,31 @@ def int8_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     q_len, kv_len = query.shape[2], key.shape[2]
     q_scale = q_scales.repeat_interleave(block_m, dim=-1)[..., :q_len]
     k_scale = k_scales.repeat_interleave(block_n, dim=-1)[..., :kv_len].repeat_interleave(group, dim=1)
-    k_codes = k_codes.repeat_interleave(group, dim=1)
-    scores = q_codes.float() @ k_codes.float().transpose(-1, -2)
-    scores = scores * q_scale[..., :, None] * k_scale[..., None, :] * scale
-    causal = torch.arange(kv_len, device=query.device)[None, :] <= (
-        torch.arange(q_len, device=query.device)[:, None] + kv_len - q_len)
-    scores = scores.masked_fill(~causal, float("-inf"))
-    weights, values = torch.softmax(scores, dim=-1), value.float()
+    keys = k_codes.float().repeat_interleave(group, dim=1)
+    values = value.float()
     if pv_fp8:
         value_scales = values.abs().amax(dim=-2, keepdim=True).clamp_min(1e-8) / 448
         values = (values / value_scales).to(torch.float8_e4m3fn).float() * value_scales
-        weights = (weights * 448).to(torch.float8_e4m3fn).float() / 448
-    return weights @ values.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    out = torch.empty(*query.shape[:3], value.shape[-1], device=query.device)
+    for rows in _row_chunks(q_len, kv_len, query.shape[0] * query.shape[1]):
+        seen = slice(0, rows.stop + kv_len - q_len)  # the keys up to the chunk's last query
+        scores = q_codes[:, :, rows].float() @ keys[:, :, seen].transpose(-1, -2)
+        scores = scores * q_scale[..., rows, None] * k_scale[..., None, seen] * scale
+        causal = torch.arange(seen.stop, device=query.device)[None, :] <= (
+            torch.arange(rows.start, rows.stop, device=query.device)[:, None] + kv_len - q_len)
+        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        if pv_fp8:
+            weights = (weights * 448).to(torch.float8_e4m3fn).float() / 448
+        out[:, :, rows] = weights @ values[:, :, seen]
+    return out
+
+
+def _row_chunks(rows: int, columns: int, heads: int, elements: int = 1 << 25) -> Iterator[slice]:
+    """Slices of `rows` query rows whose [heads, chunk, columns] float32 scores stay near `elements` (128 MiB): the
+    references' memory stays bounded at long contexts."""
+    step = max(1, elements // max(1, heads * columns))
+    return (slice(first, min(first + step, rows)) for first in range(0, rows, step))
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
@@ -205,10 +218,16 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     selected blocks hold no visible key gets zeros."""
     group = query.shape[1] // key.shape[1]
     tokens = query.shape[2]
-    blocks = torch.arange(tokens, device=query.device) // block
-    visible = block_mask[..., blocks[:, None], blocks[None, :]]
-    visible = visible & (torch.arange(tokens, device=query.device)[None, :] <= torch.arange(tokens, device=query.device)[:, None])
-    scores = (query.float() @ key.float().repeat_interleave(group, 1).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return weights @ value.float().repeat_interleave(group, 1)
+    positions = torch.arange(tokens, device=query.device)
+    blocks = positions // block
+    keys = key.float().repeat_interleave(group, 1)
+    values = value.float().repeat_interleave(group, 1)
+    out = torch.empty(*query.shape[:3], value.shape[-1], device=query.device)
+    for rows in _row_chunks(tokens, tokens, query.shape[0] * query.shape[1]):
+        seen = slice(0, rows.stop)  # the keys up to the chunk's last query: the rest are masked for every row
+        picked = block_mask[..., blocks[rows], :].repeat_interleave(block, dim=-1)[..., seen]
+        visible = picked & (positions[seen][None, :] <= positions[rows, None])
+        scores = (query[:, :, rows].float() @ keys[:, :, seen].transpose(-1, -2)) * scale
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[:, :, rows] = weights @ values[:, :, seen]
+    return out
