@@ -1,0 +1,154 @@
+"""How sparse is a real model's prefill attention, and how close does FlexPrefill's pattern come to the sparsest
+block set with the same recall? Every layer and head of the embedded model (SmolLM2-135M, CPU) at ~8k tokens of
+offline prose, exact attention computed head by head.
+
+Per head: the block attention mass M[query block, key block] (each query row's softmax summed over the block's
+rows and keys), then
+- FlexPrefill (`kernels.pattern.flexprefill_mask` at each of --gammas, --tau, --block): selected share of the causal
+  blocks (density) and the mean attention mass of every query row inside the selection (recall);
+- the oracle: per query block, the fewest key blocks that hold gamma of that block's mass (the least any selection
+  that covers gamma of every query block can read: what a perfect estimate of the pattern would pick).
+The sparse kernel's time follows density (benchmarks/sparse_prefill.py), so a layer's best speed-up is about
+1 / oracle density and FlexPrefill's about 1 / its density. Writes OUT.json and OUT.md.
+
+    python benchmarks/sparse_density.py --out benchmarks/results/sparse_density_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import kvfold  # noqa: E402
+from kvfold.bench.haystack import build_haystack  # noqa: E402
+from kvfold.inspection.capture import routed_attention  # noqa: E402
+from kvfold.kernels.pattern import flexprefill_mask  # noqa: E402
+from kvfold.models import load_model  # noqa: E402
+
+
+def capture_all(tokens: int, seed: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, int]:
+    """Post-RoPE (query, key) of every layer for `tokens` tokens of prose; the attention scale; the token count."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model, tokenizer = load_model()
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    scale = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        captured[module.layer_idx] = (query.contiguous(), key.contiguous())
+        scale["value"] = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    ids = tokenizer(build_haystack(tokenizer, tokens, seed), return_tensors="pt").input_ids
+    with torch.inference_mode(), routed_attention(model, "kvfold_density", capture, "_kvfold_density", None):
+        model(ids, use_cache=False, logits_to_keep=1)
+    return [captured[i] for i in sorted(captured)], scale["value"], ids.shape[1]
+
+
+def block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int, chunk: int = 1024) -> torch.Tensor:
+    """One head's causal attention [tokens, dim] x [tokens, dim] -> [blocks, blocks]: each query row's softmax summed
+    over the rows of its query block and the keys of each key block (so query block b's row sums to its row count)."""
+    tokens = query.shape[0]
+    blocks = -(-tokens // block)
+    keys = torch.arange(tokens)
+    mass = torch.zeros(blocks, blocks)
+    for first in range(0, tokens, chunk):  # query rows a chunk at a time: [chunk, tokens] float32 at most
+        rows = torch.arange(first, min(first + chunk, tokens))
+        scores = (query[rows].float() @ key.float().T) * scale
+        weights = torch.softmax(scores.masked_fill(keys[None, :] > rows[:, None], float("-inf")), dim=-1)
+        per_key_block = torch.zeros(len(rows), blocks).index_add_(1, keys // block, weights)
+        mass.index_add_(0, rows // block, per_key_block)
+    return mass
+
+
+def oracle_pick(mass: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[blocks, blocks] block mass -> bool: per query block the fewest key blocks holding `gamma` of its mass."""
+    ordered, order = mass.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered
+    keep = before < gamma * mass.sum(-1, keepdim=True)
+    return torch.zeros_like(keep).scatter(-1, order, keep & (ordered > 0))
+
+
+def layer_rows(query: torch.Tensor, key: torch.Tensor, scale: float, gammas: list[float], tau: float,
+               block: int) -> list[dict]:
+    """Per head and gamma: FlexPrefill's and the oracle's density and recall (exact block masses, computed once)."""
+    group = query.shape[1] // key.shape[1]
+    masses = [block_mass(query[0, head], key[0, head // group], scale, block) for head in range(query.shape[1])]
+    blocks = masses[0].shape[0]
+    causal = blocks * (blocks + 1) / 2
+    rows = []
+    for gamma in gammas:
+        mask, aware = flexprefill_mask(query, key, scale, gamma, tau, block)
+        for head, mass in enumerate(masses):
+            tokens = mass.sum()
+            oracle = oracle_pick(mass, gamma)
+            rows.append({"gamma": gamma, "head": head, "query_aware": bool(aware[0, head]),
+                         "density": mask[0, head].sum().item() / causal,
+                         "recall": ((mass * mask[0, head]).sum() / tokens).item(),
+                         "oracle_density": oracle.sum().item() / causal,
+                         "oracle_recall": ((mass * oracle).sum() / tokens).item()})
+    return rows
+
+
+METRICS = ("density", "recall", "oracle_density", "oracle_recall")
+
+
+def summary(heads: list[dict], gamma: float) -> dict:
+    chosen = [h for h in heads if h["gamma"] == gamma]
+    return {"gamma": gamma, **{name: statistics.mean(h[name] for h in chosen) for name in METRICS},
+            "min_recall": min(h["recall"] for h in chosen), "query_aware_heads": sum(h["query_aware"] for h in chosen)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gammas", default="0.9,0.95", help="comma-separated coverage thresholds")
+    parser.add_argument("--tau", type=float, default=0.1)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    gammas = [float(g) for g in args.gammas.split(",")]
+    start = time.perf_counter()
+    layers, scale, tokens = capture_all(args.tokens, args.seed)
+    chosen = [int(i) for i in args.layers.split(",")] if args.layers else range(len(layers))
+    results, every_head = [], []
+    for index in chosen:
+        heads = layer_rows(*layers[index], scale, gammas, args.tau, args.block)
+        every_head += heads
+        results.append({"layer": index, "heads": heads, "summary": [summary(heads, g) for g in gammas]})
+        print(f"layer {index:2d}: " + " | ".join(
+            f"gamma {r['gamma']}: FlexPrefill density {r['density']:.2f} recall {r['recall']:.3f}, oracle density "
+            f"{r['oracle_density']:.2f}" for r in results[-1]["summary"]), flush=True)
+    meta = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "tokens": tokens, "seed": args.seed,
+            "gammas": gammas, "tau": args.tau, "block": args.block, "torch": torch.__version__,
+            "kvfold": kvfold.__version__, "seconds": round(time.perf_counter() - start)}
+    average = [summary(every_head, g) for g in gammas]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "average": average, "layers": results},
+                                                        indent=1))
+    lines = [f"# Prefill attention density per layer: FlexPrefill vs the oracle ({tokens} tokens)", "",
+             f"{meta['model']}, {tokens} tokens of prose (seed {args.seed}), tau {args.tau}, blocks of {args.block}; "
+             "`benchmarks/sparse_density.py`. Density: selected share of the causal blocks; recall: mean attention "
+             "mass of every query row inside the selection (all rows, exact attention); oracle: per query block the "
+             "fewest key blocks holding gamma of its mass (what a perfect estimate of the pattern would pick).", "",
+             "| layer | " + " | ".join(f"γ {g}: FlexPrefill density / recall | oracle density / recall"
+                                       for g in gammas) + " |",
+             "|---|" + "---|---|" * len(gammas)]
+    cell = lambda r: (f"{r['density']:.2f} / {r['recall']:.3f} | "  # noqa: E731
+                      f"{r['oracle_density']:.2f} / {r['oracle_recall']:.3f}")
+    lines += [f"| {r['layer']} | " + " | ".join(cell(x) for x in r["summary"]) + " |" for r in results]
+    lines.append("| all heads | " + " | ".join(cell(x) for x in average) + " |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
