@@ -21,6 +21,23 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
+def decode_case(spec, tokens, dim, group, page, window=None, dtype=torch.float16, query_dtype=None):
+    """A layer of 2 x 2 ragged rows (`filled_layer`: the first row empty), a query [4, group, dim] for the last
+    position, and the reference's output for it."""
+    layer = filled_layer(spec, 2, 2, dim, tokens, page, window, dtype=dtype)
+    query = (torch.randn(4, group, dim, device=DEVICE) * 2).to(query_dtype or dtype)
+    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
+                               dim ** -0.5, window)
+    return layer, query, expected
+
+
+def assert_near(got, expected, bound=BOUND[torch.float16], what=""):
+    """The empty row stays zeros; the output is within `bound` relative error of the reference."""
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
+    err = ((got - expected).norm() / expected.norm()).item()
+    assert err < bound, f"relative error {err:.2e} {what}"
+
+
 @pytest.mark.parametrize("spec", ["none", "kivi:8,group=16,residual=16", "kivi:4,group=16,residual=32",
                                   "kivi:2,group=32,residual=16", "kivi:4,group=64,residual=64",
                                   "rotate+kivi:4,group=16,residual=16", "kivi:2,group=16,residual=16,sink=5",
@@ -32,20 +49,14 @@ BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 def test_fast_kernels_match_reference(spec, dim, group, window, dtype):
     from kvfold.kernels.decode import fast_kind, paged_decode
 
-    batch, kv_heads, tokens = 2, 2, 150
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 64 if spec == "none" else 16, window, dtype=dtype)
+    tokens = 150
+    layer, query, expected = decode_case(spec, tokens, dim, group, 64 if spec == "none" else 16, window, dtype)
     parts = layer.kernel_parts()
     kinds = {fast_kind(part, dim, torch.device(DEVICE)) for part in parts}
     assert kinds & {"full", "packed"}, "no part went to a fast kernel: the test would not test them"
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).to(dtype)
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(), dim ** -0.5,
-                               window)
     got = paged_decode(query, parts, tokens - 1, dim ** -0.5, window, pages_per_split=2)
-    assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-    err = ((got - expected).norm() / expected.norm()).item()
     # a part too narrow for the fast kernel's dot products on a GPU goes to the general kernel: bfloat16 dots
-    bound = BOUND[dtype] if kinds <= {"full", "packed"} else BOUND[torch.bfloat16]
-    assert err < bound, f"relative error {err:.2e}"
+    assert_near(got, expected, BOUND[dtype] if kinds <= {"full", "packed"} else BOUND[torch.bfloat16])
 
 
 @pytest.mark.parametrize("spec", ["none", "fp8:group=16", "fp8:scale=page,group=16"])
@@ -56,18 +67,13 @@ def test_small_pages_read_several_per_step_match_reference(spec, tile_tokens, pa
     of pages that the tile does not divide reads fewer pages per step)."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 170, 64, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    tokens, dim, group = 170, 64, 4
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, window)
     parts = layer.kernel_parts()
     assert {part.positions.shape[1] for part in parts} == {16}
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
     got = paged_decode(query, parts, tokens - 1, dim ** -0.5, window, pages_per_split=pages_per_split,
                        tile_tokens=tile_tokens)
-    assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-    err = ((got - expected).norm() / expected.norm()).item()
-    assert err < BOUND[torch.float16], f"relative error {err:.2e}"
+    assert_near(got, expected)
 
 
 @pytest.mark.parametrize("spec", ["kivi:8,group=16,residual=16", "kivi:4,group=64,residual=16",
@@ -79,18 +85,13 @@ def test_value_offsets_taken_off_per_row_match_reference(spec):
     too, their offset taken off with the page's q·z."""
     from kvfold.kernels.decode import PACKED_LAUNCH, paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 170, 64, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5)
+    tokens, dim, group = 170, 64, 4
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16)
     for fold in (True, False):
         for columns, key_fold in ((0, False), (1, False), (1, True)):
             got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
                                launch={**PACKED_LAUNCH, "FOLD": fold, "COLUMNS": columns, "KEY_FOLD": key_fold})
-            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-            err = ((got - expected).norm() / expected.norm()).item()
-            assert err < BOUND[torch.float16], f"relative error {err:.2e} (FOLD={fold}, columns {columns})"
+            assert_near(got, expected, what=f"(FOLD={fold}, columns {columns})")
 
 
 @pytest.mark.parametrize("spec, window", [("kivi:4,group=16,residual=16", None), ("kivi:2,group=32,residual=16", 23),
@@ -104,18 +105,13 @@ def test_both_packed_kernels_match_reference(spec, window, columns, group):
     pages: rows end mid-split and mid-page."""
     from kvfold.kernels.decode import PACKED_LAUNCH, TALL_PACKED_LAUNCH, paged_decode
 
-    batch, kv_heads, tokens, dim = 2, 2, 170, 64
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
+    tokens, dim = 170, 64
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, window)
     launch = PACKED_LAUNCH if group < 8 or columns else TALL_PACKED_LAUNCH
     for pages_per_split in (1, 2, 3):
         got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                            pages_per_split=pages_per_split, launch={**launch, "COLUMNS": columns})
-        assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-        err = ((got - expected).norm() / expected.norm()).item()
-        assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
+        assert_near(got, expected, what=f"({pages_per_split} pages a split)")
 
 
 @pytest.mark.parametrize("spec", ["fp8", "fp8:e5m2,scale=page,group=32,residual=16", "fp8:scale=page,group=16"])
@@ -126,17 +122,12 @@ def test_float8_pages_read_as_columns_match_reference(spec, window, group):
     as the tiles' columns; splits of 1 and 3 pages, rows ending mid-page, the empty row."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim = 2, 2, 150, 64
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
+    tokens, dim = 150, 64
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, window)
     for pages_per_split in (1, 3):
         got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                            pages_per_split=pages_per_split, launch={"COLUMNS": 1})
-        assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-        err = ((got - expected).norm() / expected.norm()).item()
-        assert err < BOUND[torch.float16], f"relative error {err:.2e} ({pages_per_split} pages a split)"
+        assert_near(got, expected, what=f"({pages_per_split} pages a split)")
 
 
 @pytest.mark.parametrize("spec", ["kivi:4,group=64,residual=16", "kivi:2,group=32,residual=16",
@@ -146,17 +137,13 @@ def test_scales_copied_ahead_read_as_loaded_one_at_a_time(spec):
     ahead by the loop's pipeline) give what loading them field by field gives, rows ending mid-page included."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5)
+    tokens, dim, group = 150, 64, 4
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16)
     outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, pages_per_split=2,
                             launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "ASYNC_SCALES": level})
                for level in (0, 1, 2, 3)]
     for level, got in enumerate(outputs):
-        err = ((got - expected).norm() / expected.norm()).item()
-        assert err < BOUND[torch.float16], f"relative error {err:.2e} (ASYNC_SCALES={level})"
+        assert_near(got, expected, what=f"(ASYNC_SCALES={level})")
         torch.testing.assert_close(got, outputs[0], atol=1e-5, rtol=1e-4)
 
 
@@ -174,11 +161,8 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns
     tile's ids spread over its slots)."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
+    tokens, dim, group = 150, 64, 4
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, window)
     launch = {"num_warps": 1, "num_stages": 3, "COLUMNS": columns}
     for pages_per_split in (2, 4):
         outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
@@ -186,9 +170,7 @@ def test_page_ids_loaded_ahead_read_as_loaded_page_by_page(spec, window, columns
                                 launch={**launch, "PAGE_IDS": ids})
                    for ids in (0, 1)]
         for ids, got in enumerate(outputs):
-            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-            err = ((got - expected).norm() / expected.norm()).item()
-            assert err < BOUND[torch.float16], f"relative error {err:.2e} (PAGE_IDS={ids}, {pages_per_split} a split)"
+            assert_near(got, expected, what=f"(PAGE_IDS={ids}, {pages_per_split} a split)")
         torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
 
 
@@ -200,21 +182,16 @@ def test_two_bit_codes_read_as_words_read_as_bytes(spec, window):
     row, a sliding window and ZipCache's mixed pages (their 2-bit part)."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 110, 128, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, window, dtype=torch.float16)
+    tokens, dim, group = 110, 128, 4
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, window)
     assert any(part.bits == 2 for part in layer.kernel_parts())
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
     for pages_per_split in (1, 3):
         outputs = [paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                                 pages_per_split=pages_per_split,
                                 launch={"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "WORDS": words})
                    for words in (0, 1)]
         for words, got in enumerate(outputs):
-            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-            err = ((got - expected).norm() / expected.norm()).item()
-            assert err < BOUND[torch.float16], f"relative error {err:.2e} (WORDS={words}, {pages_per_split} a split)"
+            assert_near(got, expected, what=f"(WORDS={words}, {pages_per_split} a split)")
         # the same float16 products; the dots group channels differently, and FOLD's float16 offsets (~1000x a
         # code) make float32 rounding show at ~1e-4 of the output (words against bytes without FOLD: equal)
         apart = ((outputs[1] - outputs[0]).norm() / expected.norm()).item()
@@ -231,12 +208,9 @@ def test_columns_kernels_read_part_of_a_page_a_step_as_whole_pages(spec, window)
     steps' softmax and value-scale maxima differ, so the outputs agree to float16 rounding, not bit for bit."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 64, window, dtype=torch.float16)
+    tokens, dim, group = 150, 64, 4
+    layer, query, expected = decode_case(spec, tokens, dim, group, 64, window)
     page = max(part.positions.shape[1] for part in layer.kernel_parts() if part.scaled or part.bits)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).half()
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5, window)
     launch = {"num_warps": 1, "num_stages": 3, "COLUMNS": 1}
     for pages_per_split, ids in ((1, 0), (3, 0), (2, 1)):
         whole = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
@@ -244,9 +218,7 @@ def test_columns_kernels_read_part_of_a_page_a_step_as_whole_pages(spec, window)
         for step in (16, 32)[:2 if page > 32 else 1]:
             got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
                                pages_per_split=pages_per_split, launch={**launch, "PAGE_IDS": ids, "STEP": step})
-            assert torch.equal(got[0], torch.zeros_like(got[0]))  # the empty row
-            err = ((got - expected).norm() / expected.norm()).item()
-            assert err < BOUND[torch.float16], f"relative error {err:.2e} (STEP={step}, {pages_per_split} a split)"
+            assert_near(got, expected, what=f"(STEP={step}, {pages_per_split} a split)")
             apart = ((got - whole).norm() / expected.norm()).item()
             assert apart < 1e-3, f"STEP={step} and whole pages {apart:.2e} apart"
             assert apart > 0 or window, "STEP changed nothing: was it read at all?"  # a window leaves one step
@@ -280,14 +252,10 @@ def test_float8_pages_by_default_keep_the_querys_precision(dtype):
     query keeps float32 dots, so its output matches the reference to float32 rounding."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens, dim, group = 2, 2, 150, 64, 4
-    layer = filled_layer("fp8:scale=page", batch, kv_heads, dim, tokens, 64, None, dtype=torch.float16)
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).to(dtype)
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5)
+    tokens, dim, group = 150, 64, 4
+    layer, query, expected = decode_case("fp8:scale=page", tokens, dim, group, 64, query_dtype=dtype)
     got = paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5)
-    err = ((got - expected).norm() / expected.norm()).item()
-    assert err < (1e-5 if dtype == torch.float32 else BOUND[dtype]), f"relative error {err:.2e}"
+    assert_near(got, expected, 1e-5 if dtype == torch.float32 else BOUND[dtype])
 
 
 @pytest.mark.parametrize("spec", ["none", "kivi:4,group=16,residual=16"])
@@ -321,17 +289,13 @@ def test_zipcache_mixed_pages_match_reference(spec, dim, group, dtype):
     parts of one page table, any number of slots per part; float32 queries too (float16 dots)."""
     from kvfold.kernels.decode import paged_decode
 
-    batch, kv_heads, tokens = 2, 2, 150
-    layer = filled_layer(spec, batch, kv_heads, dim, tokens, 16, None, dtype=dtype)
+    tokens = 150
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, dtype=dtype)
     parts = layer.kernel_parts()
     mixed = [part for part in parts if part.page_tokens]
     assert len(mixed) == 2 and {part.positions.shape[1] for part in mixed} & {13, 19, 5, 11}  # not powers of two
-    query = (torch.randn(batch * kv_heads, group, dim, device=DEVICE) * 2).to(dtype)
-    expected = paged_attention(query.float(), torch.full((group,), tokens - 1, device=DEVICE), layer.chunks(),
-                               dim ** -0.5)
     got = paged_decode(query, parts, tokens - 1, dim ** -0.5, pages_per_split=2)
-    err = ((got - expected).norm() / expected.norm()).item()
-    assert err < BOUND[torch.bfloat16 if dtype == torch.bfloat16 else torch.float16], f"relative error {err:.2e}"
+    assert_near(got, expected, BOUND[torch.bfloat16 if dtype == torch.bfloat16 else torch.float16])
 
 
 def test_zipcache_pages_the_kernel_cannot_read_go_to_the_reference():
