@@ -137,7 +137,8 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
     """Time per call of each store under Triton launch options (num_warps, num_stages, maxnreg) and split sizes
     (pages per program; None: the default, about 4 programs per multiprocessor), to pick the defaults. A spec
     `ragged25:<spec>` keeps 5% to 45% of each row's tokens by head. `group`: query heads per KV head (GQA 8, or a
-    few-token turn's n x 4 queries, gives the packed kernels taller tiles)."""
+    few-token turn's n x 4 queries, gives the packed kernels taller tiles). Each launch's output is compared with
+    the default launch's (relative difference): an option timed is an option that computes the same."""
     kv_heads, dim = 8, 128
     k = torch.randn(batch, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -150,6 +151,7 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
             share = torch.linspace(0.05, 0.45, kv_heads, device="cuda").view(1, kv_heads, 1)
             keep = torch.rand(batch, kv_heads, tokens, device="cuda") < share
         parts = store(spec.removeprefix("ragged25:"), k, v, keep).kernel_parts()
+        default = paged_decode(q, parts, q_pos, dim ** -0.5)  # each launch's output is checked against it
         for launch in launches:
             if not isinstance(launch, dict):
                 warps, stages, registers = launch
@@ -158,8 +160,11 @@ def sweep(batch: int, tokens: int, specs: tuple[str, ...] = ("none", "kivi:4", "
                 call = lambda: paged_decode(q, parts, q_pos, dim ** -0.5, launch=launch,  # noqa: E731
                                             pages_per_split=pages_per_split)
                 ms = do_bench_cudagraph(call, rep=200, return_mode="median")
-                rows.append({"store": spec, **launch, "pages_per_split": pages_per_split, "graph_ms": ms})
-                print(f"sweep {spec:8s} {launch} pages/split {pages_per_split}: {ms:.3f} ms (graph)", flush=True)
+                apart = ((call() - default).norm() / default.norm()).item()
+                rows.append({"store": spec, **launch, "pages_per_split": pages_per_split, "graph_ms": ms,
+                             "rel_diff_vs_default": apart})
+                print(f"sweep {spec:8s} {launch} pages/split {pages_per_split}: {ms:.3f} ms (graph), "
+                      f"{apart:.1e} from the default launch", flush=True)
     return rows
 
 
