@@ -161,13 +161,15 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         packed_rows = max(8 if columns else 16, pairs)
     elif fast == "full" and part.scaled and query.dtype != torch.float32:  # its dots are float16: a float32 query
         # keeps full_pages_kernel's float32 ones; columns as timed (GQA <= 8, pages of >= TILE_TOKENS)
-        columns = bool(launch.get("COLUMNS", group <= COLUMNS_UP_TO and page >= TILE_TOKENS)) and dim >= 32
+        columns = bool(launch.get("COLUMNS", group <= FLOAT8_COLUMNS_UP_TO and page >= TILE_TOKENS)) and dim >= 32
     if columns and fast == "full":  # one warp: 0.142 against 0.153 ms with two (scale per page)
         options = {**PACKED_LAUNCH, **launch}
     else:
         options = launch or _default_launch(fast, part.scaled, packed_rows)
     if columns and fast == "packed" and part.key_smooth is not None and part.bits == 2:
         options = {"ASYNC_SCALES": 0, **options}  # kv4:2: 0.122 ms loaded field by field, 0.130 copied ahead
+    if columns and fast == "packed" and part.bits == 2 and query.device.type == "cuda":  # 2-bit codes as 16-bit
+        options = {"WORDS": 1, **options}  # words (H200, batch 8 x 32k: kivi:2 0.097 -> 0.086 ms, kv4:2 0.112 -> 0.107)
     if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
     # COLUMNS picks the kernel, WORDS how the packed columns one reads 2-bit codes (`packed_words`); FOLD is a
@@ -279,11 +281,12 @@ PACKED_LAUNCH = dict(num_warps=1, num_stages=3)  # KIVI and KV4 pages, with 8 pr
 # shared memory
 TALL_PACKED_LAUNCH = dict(num_warps=2, num_stages=3)  # more than 16 tile rows (a few-token turn): one warp spills
 PAGE_IDS_UP_TO = 256  # the columns kernels load at most this many page ids of a split ahead (8 registers a thread)
-COLUMNS_UP_TO = 8  # packed rows of at most this many (query, value group) pairs: `kivi_columns_kernel` (measured
-# at 8, GQA 4 with two value groups: kivi:4 0.173 -> 0.151 ms; at 16 and 32 pairs `kivi_pages_kernel` is faster,
-# kivi:4 0.180 against 0.201 and 0.324 against 0.445 ms: decode_kernel_h200_sweep_columns_group{8,16}.json).
-# Float8 pages at GQA 4 with `float8_columns_kernel`: a scale per page 0.216 -> 0.142 ms, per token 0.259 -> 0.173
-# (decode_kernel_h200_sweep_fp8_columns.json)
+COLUMNS_UP_TO = 16  # packed rows of at most this many (query, value group) pairs: `kivi_columns_kernel`. H200,
+# batch 8 x 32k (decode_kernel_h200_sweep_rows_group{8,16}.json, 2026-12-05): at 16 pairs (GQA 8, two value groups)
+# kivi:4 0.181 -> 0.161 ms, kivi:2 0.189 -> 0.134 against `kivi_pages_kernel`; at 32 (GQA 16) the rows kernel stays
+# ahead for kivi:4 (0.316 against 0.350) and level for kivi:2 (0.336 against 0.327)
+FLOAT8_COLUMNS_UP_TO = 8  # float8 pages read by `float8_columns_kernel` up to this GQA (timed at 4: a scale per page
+# 0.216 -> 0.142 ms, per token 0.259 -> 0.173, decode_kernel_h200_sweep_fp8_columns.json; above 8 untimed)
 INVARIANT_SPLIT_TOKENS = 512  # tokens per split of a batch-invariant read (`paged_decode(batch_invariant=True)`)
 TILE_TOKENS = 64  # 16-bit and float8 pages smaller than this are read several per step: 16-token pages 0.42 -> 0.28 ms
 
@@ -390,9 +393,10 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
     `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs), and
-    `WORDS` 1 has the columns kernel read 2-bit codes as 16-bit words (`packed_words`; off: not yet timed); for
+    `WORDS` 1 (the default on CUDA) has the columns kernel read 2-bit codes as 16-bit words (`packed_words`); for
     scaled float8 pages `COLUMNS` 1 or 0 picks `float8_decode.float8_columns_kernel` or `full_pages_kernel`
-    (default: columns for at most `COLUMNS_UP_TO` query heads per KV head and pages of at least `TILE_TOKENS`).
+    (default: columns for at most `FLOAT8_COLUMNS_UP_TO` query heads per KV head and pages of at least
+    `TILE_TOKENS`).
     `tile_tokens`: 16-bit and float8 pages smaller than this are read this many tokens per step (several pages at
     once, a power of two of them that divides the split; 0: one page per step).
     Mixed pages (ZipCache's, `page_tokens`) are read with float16 dot products whatever the query's dtype, and not

@@ -1,6 +1,6 @@
 """Decode attention over scaled float8 pages read the way `packed_decode.kivi_columns_kernel` reads packed ones:
 the GQA group's queries as the tensor-core tiles' columns (`float8_columns_kernel`, the default for float8 pages
-with a scale per token or per page at GQA <= `decode.COLUMNS_UP_TO`; `fast_decode.full_pages_kernel` reads the
+with a scale per token or per page at GQA <= `decode.FLOAT8_COLUMNS_UP_TO`; `fast_decode.full_pages_kernel` reads the
 rest). Its meaning is `reference.paged_attention` over the dequantized pages."""
 
 from __future__ import annotations

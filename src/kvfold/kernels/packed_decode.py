@@ -2,8 +2,8 @@
 
 `decode.paged_decode` sends a packed part here when the query is 16-bit; the kernels compute
 `reference.paged_attention`. `kivi_columns_kernel` reads a decode step's query group (up to
-`decode.COLUMNS_UP_TO` (query, value group) pairs: GQA 4 with two value groups is 8); `kivi_pages_kernel` reads
-taller groups (GQA 8, a few-token turn's queries). `float8_decode.float8_columns_kernel` reads float8 pages the
+`decode.COLUMNS_UP_TO` (query, value group) pairs: GQA 8 with two value groups is 16); `kivi_pages_kernel` reads
+taller groups (GQA 16, a few-token turn's queries). `float8_decode.float8_columns_kernel` reads float8 pages the
 columns' way.
 
 What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_kernel.py`):
