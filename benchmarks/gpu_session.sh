@@ -102,7 +102,7 @@ for step in "${steps[@]}"; do
             # gamma 0.9: recall 0.960 at 40% of the blocks on all 30 layers at 8k (sparse_density_cpu.md)
             for gamma in 0.95 0.9; do
               [ -f $capture ] && timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture \
-                --gamma $gamma --out "$OUT/sparse_prefill_captured_g$gamma" 2>&1 | grep -v Warn | tail -8
+                --gamma $gamma --out "$OUT/sparse_prefill_captured_g${gamma/./}" 2>&1 | grep -v Warn | tail -8
             done ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
