@@ -114,12 +114,13 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
             if pairs <= COLUMNS_UP_TO:  # what `paged_decode` picks at these shapes
                 columns = {**constants, "BLOCK_G": max(8, pairs), "KEY_FOLD": True,
                            "ASYNC_SCALES": 0 if key_token and bits == 2 else 3, "PAGE_IDS": True}  # as `decode._partials` launches it
-                yield label, kivi_columns_kernel, signature, columns, PACKED_LAUNCH
+                words = bits == 2 and dim * bits // 16 >= 16  # on CUDA 2-bit codes are read as 16-bit words
+                read = {**signature, "k_ptr": "*u16", "v_ptr": "*u16"} if words else signature
+                yield label, kivi_columns_kernel, read, columns, PACKED_LAUNCH
                 if page > 32:  # launch STEP=32: half a page a step
-                    yield f"{label} (32 a step)", kivi_columns_kernel, signature, {**columns, "STEP": 32}, PACKED_LAUNCH
-                if bits == 2 and dim * bits // 16 >= 16:  # launch WORDS: 16-bit words of 8 fields
-                    yield (f"{label} (words)", kivi_columns_kernel, {**signature, "k_ptr": "*u16", "v_ptr": "*u16"},
-                           columns, PACKED_LAUNCH)
+                    yield f"{label} (32 a step)", kivi_columns_kernel, read, {**columns, "STEP": 32}, PACKED_LAUNCH
+                if words:  # launch WORDS=0: bytes of 4 fields
+                    yield f"{label} (bytes)", kivi_columns_kernel, signature, columns, PACKED_LAUNCH
             yield (f"{label} (rows)", kivi_pages_kernel, signature,
                    {**constants, "BLOCK_G": max(16, pairs), "PAGE_IDS": False}, PACKED_LAUNCH)
 

@@ -23,7 +23,7 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-INT8_BLOCKS = {"block_m": 64, "block_n": 128}  # queries, keys per int8 scale: kernels.prefill's QUANT_BLOCK, KEY_BLOCK
+INT8_BLOCKS = {"block_m": 64, "block_n": 128}  # queries, keys per int8 scale of the int8 prefill (kernel and reference)
 
 
 @dataclass(frozen=True)

@@ -166,10 +166,11 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         options = {**PACKED_LAUNCH, **launch}
     else:
         options = launch or _default_launch(fast, part.scaled, packed_rows)
-    if columns and fast == "packed" and part.key_smooth is not None and part.bits == 2:
-        options = {"ASYNC_SCALES": 0, **options}  # kv4:2: 0.122 ms loaded field by field, 0.130 copied ahead
-    if columns and fast == "packed" and part.bits == 2 and query.device.type == "cuda":  # 2-bit codes as 16-bit
-        options = {"WORDS": 1, **options}  # words (H200, batch 8 x 32k: kivi:2 0.097 -> 0.086 ms, kv4:2 0.112 -> 0.107)
+    if columns and fast == "packed" and part.bits == 2:
+        if part.key_smooth is not None:  # kv4:2: 0.122 ms loaded field by field, 0.130 copied ahead
+            options = {"ASYNC_SCALES": 0, **options}
+        if query.device.type == "cuda":  # codes as 16-bit words (H200, batch 8 x 32k: kivi:2 0.097 -> 0.086 ms,
+            options = {"WORDS": 1, **options}  # kv4:2 0.112 -> 0.107)
     if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
     # COLUMNS picks the kernel, WORDS how the packed columns one reads 2-bit codes (`packed_words`); FOLD is a

@@ -50,8 +50,8 @@ def float8_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_p
     `kivi_columns_kernel`; off by default here: the second buffer of a page's 16 KB of codes leaves 6 programs a
     multiprocessor, 0.152 -> 0.176 ms (3 stages; 0.152 with 4). STEP (< P, a power of two): read STEP tokens a
     step, so a pipeline stage holds part of a page: with PAGE_IDS two 32-token buffers take the shared memory one
-    64-token buffer takes now (offline, sm_90; not yet timed: Nsight Compute puts 54% of the stall samples on the
-    single buffer's wait)."""
+    64-token buffer takes (offline, sm_90). Off by default: slower on an H200 (a scale per token 0.146 -> 0.163 ms
+    at 32 a step, per page 0.142 -> 0.140; decode_kernel_h200_sweep_fp8_steps.json)."""
     W: tl.constexpr = D // 2
     row = tl.program_id(0)
     split = tl.program_id(1)

@@ -425,7 +425,9 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     decode_kernel_h200_sweep_async_scales.json) level 2 took kivi:4 0.151 -> 0.121 ms, kivi:2 0.137 -> 0.111,
     kv4:4 0.142 -> 0.135, but kv4:2 0.122 -> 0.130 (`decode._partials` keeps it at 0 there); KEY_FOLD alone
     changed nothing measurable (kivi:4 0.123 -> 0.121). STEP (< P, a power of two >= 16; not mixed pages): read
-    STEP tokens a step, part of a page (`common.step_slots`; fewer codes in registers at a time; not yet timed)."""
+    STEP tokens a step, part of a page (`common.step_slots`; fewer codes in registers at a time). Off by default:
+    slower on an H200 (kivi:4 0.101 -> 0.123 ms at 32 a step, kv4:4 0.122 -> 0.178;
+    decode_kernel_h200_sweep_packed_steps.json)."""
     FIELDS: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // BITS
     W: tl.constexpr = D // FIELDS  # words per token
     NVG: tl.constexpr = D // VG

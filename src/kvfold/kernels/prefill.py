@@ -22,10 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INT8_BLOCKS
+
 
 LOG2E = 1.4426950408889634  # scores are kept in base 2: exp2 is the hardware's exponential
-QUANT_BLOCK = 64  # queries per int8 scale (the reference's default blocks)
-KEY_BLOCK = 128  # keys per int8 scale: one per key tile of BLOCK_N, folded into the query's scale
+QUANT_BLOCK = INT8_BLOCKS["block_m"]  # queries per int8 scale
+KEY_BLOCK = INT8_BLOCKS["block_n"]  # keys per int8 scale: one per key tile of BLOCK_N, folded into the query's scale
 # fastest of the H200 sweep at 16k (benchmarks/results/prefill_kernel_h200.md): 3.69 ms against 4.78 for 128 x 128
 # tiles of 8 warps with a scale per 64 keys and pointer loads
 PREFILL_LAUNCH = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "TMA": True}
