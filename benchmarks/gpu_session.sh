@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|e2e|e2e8|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|lowbit|e2e|e2e8|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -104,6 +104,18 @@ for step in "${steps[@]}"; do
               [ -f $capture ] && timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture \
                 --gamma $gamma --out "$OUT/sparse_prefill_captured_g${gamma/./}" 2>&1 | grep -v Warn | tail -8
             done ;;
+    lowbit) timeout 200 python -m pytest -q -x -n 8 tests/kernels/test_estimate.py tests/kernels/test_sparse.py \
+              tests/kernels/test_prefill.py -k "estimate or sparse or through_the_kernel" -p no:cacheprovider 2>&1 \
+              | tail -3  # the low-bit estimate compiled
+            capture=benchmarks/captured/smollm2_layer15_8k.safetensors
+            # low-bit (SALE-style) pattern: gamma 0.95 recalls ~0.95 at a third of the blocks on the model at 8k
+            for run in int4:0.95 int4:0.9 int8:0.95 pooled:0.95; do
+              timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate ${run%:*} \
+                --gamma ${run#*:} --estimate-launches "num_warps=4,num_stages=3;num_warps=2,num_stages=3;num_warps=8,num_stages=2" \
+                --out "$OUT/sparse_prefill_captured_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -14
+            done
+            timeout 150 python benchmarks/sparse_prefill.py --estimate int4 --out "$OUT/sparse_prefill_int4" 2>&1 \
+              | grep -v Warn | tail -4 ;;  # Llama-3.1-8B shapes (head_dim 128), synthetic pattern
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
     e2e8) timeout 420 python benchmarks/fast_decode.py --batch 8 --methods none,kivi:4,kivi:2,kv4:4,snapkv:0.75+kivi:4 \
@@ -122,6 +134,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, e2e, e2e8, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, lowbit, e2e, e2e8, chunked, agreement, serve, peer)" ;;
   esac
 done

@@ -35,13 +35,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8000, help="context + continuation")
     parser.add_argument("--eval", type=int, default=256, help="continuation tokens scored")
     parser.add_argument("--texts", type=int, default=3, help="texts (haystack seeds 0..N-1)")
-    parser.add_argument("--choices", default="sdpa,sparse:gamma=0.95,sparse:gamma=0.9,sparse:gamma=0.8,int8,int8:pv=fp8")
+    parser.add_argument("--choices", help="';'-separated KVFOLD_PREFILL values (a choice's knobs take commas)",
+                        default="sdpa;sparse:gamma=0.95;sparse:gamma=0.9;sparse:gamma=0.8;int8;int8:pv=fp8")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model, tokenizer = load_model()
     texts = [build_haystack(tokenizer, args.tokens, seed) for seed in range(args.texts)]
     rows = []
-    for choice in args.choices.split(","):
+    for choice in args.choices.split(";"):
         os.environ["KVFOLD_PREFILL"] = choice
         runs = [teacher_forced(model, tokenizer, text, eval_tokens=args.eval) for text in texts]
         rows.append({"choice": choice, "nll": [r.nll for r in runs], "accuracy": [r.accuracy for r in runs],

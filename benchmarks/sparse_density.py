@@ -6,8 +6,11 @@ Per head: the block attention mass M[query block, key block] (each query row's s
 rows and keys), then
 - FlexPrefill (`kernels.pattern.flexprefill_mask` at each of --gammas, --tau, --block): selected share of the causal
   blocks (density) and the mean attention mass of every query row inside the selection (recall);
+- the low-bit estimate (`kernels.pattern.lowbit_mask`, SALE-style: --rows sampled queries per block scored at
+  --bits against every key, then per query block the fewest key blocks holding gamma of the estimate);
 - the oracle: per query block, the fewest key blocks that hold gamma of that block's mass (the least any selection
   that covers gamma of every query block can read: what a perfect estimate of the pattern would pick).
+Every selection keeps the diagonal blocks.
 The sparse kernel's time follows density (benchmarks/sparse_prefill.py), so a layer's best speed-up is about
 1 / oracle density and FlexPrefill's about 1 / its density. Writes OUT.json and OUT.md.
 
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
 from kvfold.bench.haystack import build_haystack  # noqa: E402
 from kvfold.inspection.capture import routed_attention  # noqa: E402
-from kvfold.kernels.pattern import flexprefill_mask  # noqa: E402
+from kvfold.kernels.pattern import flexprefill_mask, lowbit_block_mass, pick_blocks  # noqa: E402
 from kvfold.models import load_model  # noqa: E402
 
 
@@ -68,42 +71,36 @@ def block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int,
     return mass
 
 
-def oracle_pick(mass: torch.Tensor, gamma: float) -> torch.Tensor:
-    """[blocks, blocks] block mass -> bool: per query block the fewest key blocks holding `gamma` of its mass."""
-    ordered, order = mass.sort(dim=-1, descending=True)
-    before = ordered.cumsum(-1) - ordered
-    keep = before < gamma * mass.sum(-1, keepdim=True)
-    return torch.zeros_like(keep).scatter(-1, order, keep & (ordered > 0))
-
-
 def layer_rows(query: torch.Tensor, key: torch.Tensor, scale: float, gammas: list[float], tau: float,
-               block: int) -> list[dict]:
-    """Per head and gamma: FlexPrefill's and the oracle's density and recall (exact block masses, computed once)."""
+               block: int, bits: int, sample: int) -> list[dict]:
+    """Per head and gamma: FlexPrefill's, the low-bit estimate's and the oracle's density and recall (exact block
+    masses and the estimate computed once)."""
     group = query.shape[1] // key.shape[1]
     masses = [block_mass(query[0, head], key[0, head // group], scale, block) for head in range(query.shape[1])]
+    estimate = lowbit_block_mass(query, key, scale, block, bits, sample)[0]
     blocks = masses[0].shape[0]
     causal = blocks * (blocks + 1) / 2
     rows = []
     for gamma in gammas:
         mask, aware = flexprefill_mask(query, key, scale, gamma, tau, block)
+        lowbit = pick_blocks(estimate, gamma)
         for head, mass in enumerate(masses):
             tokens = mass.sum()
-            oracle = oracle_pick(mass, gamma)
-            rows.append({"gamma": gamma, "head": head, "query_aware": bool(aware[0, head]),
-                         "density": mask[0, head].sum().item() / causal,
-                         "recall": ((mass * mask[0, head]).sum() / tokens).item(),
-                         "oracle_density": oracle.sum().item() / causal,
-                         "oracle_recall": ((mass * oracle).sum() / tokens).item()})
+            selections = {"": mask[0, head], "lowbit_": lowbit[head], "oracle_": pick_blocks(mass, gamma)}
+            rows.append({"gamma": gamma, "head": head, "query_aware": bool(aware[0, head]), **{
+                f"{name}{metric}": value for name, chosen in selections.items() for metric, value in (
+                    ("density", chosen.sum().item() / causal), ("recall", ((mass * chosen).sum() / tokens).item()))}})
     return rows
 
 
-METRICS = ("density", "recall", "oracle_density", "oracle_recall")
+METRICS = ("density", "recall", "lowbit_density", "lowbit_recall", "oracle_density", "oracle_recall")
 
 
 def summary(heads: list[dict], gamma: float) -> dict:
     chosen = [h for h in heads if h["gamma"] == gamma]
     return {"gamma": gamma, **{name: statistics.mean(h[name] for h in chosen) for name in METRICS},
-            "min_recall": min(h["recall"] for h in chosen), "query_aware_heads": sum(h["query_aware"] for h in chosen)}
+            "min_recall": min(h["recall"] for h in chosen),
+            "lowbit_min_recall": min(h["lowbit_recall"] for h in chosen), "query_aware_heads": sum(h["query_aware"] for h in chosen)}
 
 
 def main() -> None:
@@ -113,6 +110,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="0.9,0.95", help="comma-separated coverage thresholds")
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--bits", type=int, default=4, help="the low-bit estimate's bits (4 or 8)")
+    parser.add_argument("--rows", type=int, default=8, help="the low-bit estimate's sampled queries per block")
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -122,29 +121,34 @@ def main() -> None:
     chosen = [int(i) for i in args.layers.split(",")] if args.layers else range(len(layers))
     results, every_head = [], []
     for index in chosen:
-        heads = layer_rows(*layers[index], scale, gammas, args.tau, args.block)
+        heads = layer_rows(*layers[index], scale, gammas, args.tau, args.block, args.bits, args.rows)
         every_head += heads
         results.append({"layer": index, "heads": heads, "summary": [summary(heads, g) for g in gammas]})
         print(f"layer {index:2d}: " + " | ".join(
-            f"gamma {r['gamma']}: FlexPrefill density {r['density']:.2f} recall {r['recall']:.3f}, oracle density "
-            f"{r['oracle_density']:.2f}" for r in results[-1]["summary"]), flush=True)
+            f"gamma {r['gamma']}: FlexPrefill density {r['density']:.2f} recall {r['recall']:.3f}, low-bit "
+            f"{r['lowbit_density']:.2f} / {r['lowbit_recall']:.3f}, oracle density {r['oracle_density']:.2f}"
+            for r in results[-1]["summary"]), flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "tokens": tokens, "seed": args.seed,
-            "gammas": gammas, "tau": args.tau, "block": args.block, "torch": torch.__version__,
+            "gammas": gammas, "tau": args.tau, "block": args.block,
+            "lowbit_bits": args.bits, "lowbit_rows": args.rows, "torch": torch.__version__,
             "kvfold": kvfold.__version__, "seconds": round(time.perf_counter() - start)}
     average = [summary(every_head, g) for g in gammas]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "average": average, "layers": results},
                                                         indent=1))
-    lines = [f"# Prefill attention density per layer: FlexPrefill vs the oracle ({tokens} tokens)", "",
+    lines = [f"# Prefill attention density per layer: FlexPrefill and the low-bit estimate vs the oracle ({tokens} "
+             "tokens)", "",
              f"{meta['model']}, {tokens} tokens of prose (seed {args.seed}), tau {args.tau}, blocks of {args.block}; "
              "`benchmarks/sparse_density.py`. Density: selected share of the causal blocks; recall: mean attention "
-             "mass of every query row inside the selection (all rows, exact attention); oracle: per query block the "
-             "fewest key blocks holding gamma of its mass (what a perfect estimate of the pattern would pick).", "",
-             "| layer | " + " | ".join(f"γ {g}: FlexPrefill density / recall | oracle density / recall"
+             "mass of every query row inside the selection (all rows, exact attention); low-bit: "
+             f"`lowbit_mask` ({args.rows} sampled queries per block, {args.bits}-bit Q and smoothed K); oracle: per "
+             "query block the fewest key blocks holding gamma of its mass (what a perfect estimate of the pattern "
+             "would pick). Every selection keeps the diagonal blocks.", "",
+             "| layer | " + " | ".join(f"γ {g}: FlexPrefill density / recall | low-bit | oracle"
                                        for g in gammas) + " |",
-             "|---|" + "---|---|" * len(gammas)]
-    cell = lambda r: (f"{r['density']:.2f} / {r['recall']:.3f} | "  # noqa: E731
-                      f"{r['oracle_density']:.2f} / {r['oracle_recall']:.3f}")
+             "|---|" + "---|---|---|" * len(gammas)]
+    cell = lambda r: " | ".join(f"{r[f'{name}density']:.2f} / {r[f'{name}recall']:.3f}"  # noqa: E731
+                                for name in ("", "lowbit_", "oracle_"))
     lines += [f"| {r['layer']} | " + " | ".join(cell(x) for x in r["summary"]) + " |" for r in results]
     lines.append("| all heads | " + " | ".join(cell(x) for x in average) + " |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -5,7 +5,8 @@ Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), batch 
 diagonal, noise elsewhere), built synthetically; or (--captured FILE, from `benchmarks/capture_qkv.py`) the embedded
 model's own post-RoPE Q/K/V of one layer at 8k tokens, tiled to each length (its shapes: 9 query heads, 3 KV
 heads, head_dim 64). Timed: the
-pattern choice (`flexprefill_mask`), the kernel, and their sum, against `scaled_dot_product_attention`; accuracy:
+pattern choice (`flexprefill_mask`, or with --estimate int4|int8 the low-bit estimate `lowbit_mask` and its Triton
+kernel), the kernel, and their sum, against `scaled_dot_product_attention`; accuracy:
 the cosine similarity to SDPA's output and the recall (attention mass inside the selected blocks) of 64 sampled
 query rows per head. Issue 7's aim: >= 3x at 128k with recall >= 0.95. Writes OUT.json and OUT.md.
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
-from kvfold.kernels.pattern import flexprefill_mask  # noqa: E402
+from kvfold.kernels.pattern import flexprefill_mask, lowbit_mask  # noqa: E402
 from kvfold.kernels.sparse import sparse_prefill  # noqa: E402
 from prefill_kernel import timer  # noqa: E402  (beside this script)
 
@@ -65,21 +66,41 @@ def recall(q, k, mask, scale, block, rows=64) -> float:
 
 
 def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float, block: int, time_ms,
-         source: Path | None) -> dict:
+         source: Path | None, estimate: str = "pooled", sample: int = 8) -> dict:
     q, k, v = structured(length, device, dtype) if source is None else captured(source, length, device, dtype)
     scale = q.shape[-1] ** -0.5
-    mask, aware = flexprefill_mask(q, k, scale, gamma, tau, block)
+    if estimate == "pooled":
+        pattern = lambda: flexprefill_mask(q, k, scale, gamma, tau, block)  # noqa: E731
+        mask, aware = pattern()
+    else:  # the low-bit estimate's masses by its Triton kernel (interpreted on the CPU)
+        pattern = lambda: lowbit_mask(q, k, scale, gamma, block, int(estimate[3:]), sample, kernel=True)  # noqa: E731
+        mask, aware = pattern(), None
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # noqa: E731
     kernel = lambda: sparse_prefill(q, k, v, mask, scale, block)  # noqa: E731
-    pattern = lambda: flexprefill_mask(q, k, scale, gamma, tau, block)  # noqa: E731
     sdpa_ms, kernel_ms, pattern_ms = time_ms(sdpa), time_ms(kernel), time_ms(pattern)
     out, base = kernel(), sdpa().float()
     causal_blocks = mask.shape[-1] * (mask.shape[-1] + 1) / 2
     return {"length": length, "sdpa_ms": sdpa_ms, "kernel_ms": kernel_ms, "pattern_ms": pattern_ms,
             "speedup": sdpa_ms / (kernel_ms + pattern_ms), "kernel_speedup": sdpa_ms / kernel_ms,
             "density": mask.sum().item() / (mask.shape[0] * mask.shape[1] * causal_blocks),
-            "query_aware_heads": int(aware.sum()), "recall": recall(q, k, mask, scale, block),
+            "query_aware_heads": None if aware is None else int(aware.sum()), "recall": recall(q, k, mask, scale, block),
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item()}
+
+
+def estimate_launches(length: int, args, dtype: torch.dtype) -> dict:
+    """The low-bit estimate's kernel alone (`lowbit_block_mass_triton`), ms at each launch of --estimate-launches."""
+    from kvfold.kernels.estimate import lowbit_block_mass_triton
+
+    q, k, _ = (structured(length, args.device, dtype) if args.captured is None
+               else captured(args.captured, length, args.device, dtype))
+    bits = int(args.estimate[3:]) if args.estimate != "pooled" else 4
+    times = {}
+    for launch in filter(None, args.estimate_launches.split(";")):
+        options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
+        times[launch] = timer(args.device)(lambda: lowbit_block_mass_triton(
+            q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, launch=options))
+        print(f"  estimate kernel at {launch}: {times[launch]:.2f} ms", flush=True)
+    return times
 
 
 def main() -> None:
@@ -88,6 +109,12 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--estimate", default="pooled", choices=["pooled", "int4", "int8"],
+                        help="the pattern's estimate: FlexPrefill's pooled one, or the low-bit (SALE-style) one")
+    parser.add_argument("--rows", type=int, default=8, help="the low-bit estimate's sampled queries per block")
+    parser.add_argument("--estimate-launches", default="",
+                        help="also time the low-bit estimate's kernel alone at each of these ';'-separated launches "
+                             "(e.g. 'num_warps=4,num_stages=3;num_warps=8,num_stages=2')")
     parser.add_argument("--captured", type=Path, help="a capture_qkv.py file: its real Q/K/V, tiled")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
@@ -95,21 +122,28 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
-        rows.append(case(length, args.device, dtype, args.gamma, args.tau, args.block, timer(args.device), args.captured))
+        rows.append(case(length, args.device, dtype, args.gamma, args.tau, args.block, timer(args.device),
+                         args.captured, args.estimate, args.rows))
+        if args.estimate_launches:
+            rows[-1]["estimate_kernel_ms"] = estimate_launches(length, args, dtype)
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "
               f"cosine {r['cosine']:.4f}", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter: not a speed)"
     report = {"device": device, "torch": torch.__version__, "kvfold": kvfold.__version__, "dtype": str(dtype),
-              "gamma": args.gamma, "tau": args.tau, "block": args.block,
+              "gamma": args.gamma, "tau": args.tau, "block": args.block, "estimate": args.estimate,
+              "estimate_rows": args.rows if args.estimate != "pooled" else None,
               "shape": ("batch 1, 32 q heads / 8 KV heads, head_dim 128, causal, synthetic column + diagonal pattern"
                         if args.captured is None else f"batch 1, 9 q heads / 3 KV heads, head_dim 64, causal, "
                         f"SmolLM2 layer Q/K/V captured at 8k ({args.captured.name}), tiled"),
               "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Sparse prefill (FlexPrefill pattern + block-sparse kernel) vs SDPA ({device})", "",
-             f"{report['shape']}; gamma {args.gamma}, tau {args.tau}, blocks of {args.block}; "
+    pattern = ("FlexPrefill pattern" if args.estimate == "pooled" else
+               f"low-bit pattern ({args.estimate}, {args.rows} sampled queries per block)")
+    lines = [f"# Sparse prefill ({pattern} + block-sparse kernel) vs SDPA ({device})", "",
+             f"{report['shape']}; gamma {args.gamma}" + (f", tau {args.tau}" if args.estimate == "pooled" else "")
+             + f", blocks of {args.block}; "
              "`benchmarks/sparse_prefill.py`. Density: selected share of the causal blocks; recall: attention mass "
              "inside them (64 sampled rows per head).", "",
              "| tokens | SDPA ms | kernel ms | pattern ms | × SDPA (both) | kernel × SDPA | density | recall | cosine |",

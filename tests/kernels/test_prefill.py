@@ -139,7 +139,9 @@ def test_fp8_pv_kernel_stays_close_to_its_reference(q_len, kv_len, tma):
 
 @pytest.mark.parametrize("choice, module, kernel", [("int8", "prefill", "int8_prefill"),
                                                     ("int8:pv=fp8", "prefill", "int8_prefill"),
-                                                    ("sparse:gamma=0.9,block=32", "sparse", "sparse_prefill")])
+                                                    ("sparse:gamma=0.9,block=32", "sparse", "sparse_prefill"),
+                                                    ("sparse:gamma=0.95,block=32,estimate=int4", "estimate",
+                                                     "lowbit_block_mass_triton")])
 def test_kvfold_prefill_runs_the_model_prefill_through_the_kernel(monkeypatch, choice, module, kernel):
     """`KVFOLD_PREFILL=int8|sparse`: every layer's first prefill goes through the kernel, and the model's logits
     stay close to the SDPA prefill's."""
@@ -177,7 +179,11 @@ def test_kvfold_prefill_runs_the_model_prefill_through_the_kernel(monkeypatch, c
 @pytest.mark.parametrize("value, message", [("int4", "use sdpa, int8 or sparse"), ("sparse:gamma=2", "gamma"),
                                             ("sparse:block=48", "power of two"), ("sparse:gama=0.9", "unknown knob"),
                                             ("int8:block=64", "unknown knob"), ("sparse:tau=x", "not a number"),
-                                            ("int8:pv=fp4", "pv must be 16 or fp8"), ("sparse:pv=fp8", "unknown knob")])
+                                            ("int8:pv=fp4", "pv must be 16 or fp8"), ("sparse:pv=fp8", "unknown knob"),
+                                            ("sparse:estimate=int2", "estimate must be pooled, int4 or int8"),
+                                            ("sparse:estimate=int4,rows=6", "rows must be a power of two"),
+                                            ("sparse:rows=128", "rows must be a power of two <= block"),
+                                            ("int8:estimate=int4", "unknown knob")])
 def test_bad_kvfold_prefill_values_name_the_fix(monkeypatch, value, message):
     from kvfold.errors import KVFoldError
     from kvfold.kernels import PrefillAttention

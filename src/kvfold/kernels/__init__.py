@@ -30,7 +30,9 @@ INT8_BLOCKS = {"block_m": 64, "block_n": 128}  # queries, keys per int8 scale of
 class PrefillAttention:
     """How a model's first prefill attends, from `KVFOLD_PREFILL`: `sdpa` (default, exact), `int8[:pv=fp8]`
     (SageAttention-style int8 scores, P·V in 16 bits or float8, `kernels.prefill`) or
-    `sparse[:gamma=0.95,tau=0.1,block=64]` (FlexPrefill, `kernels.sparse`). The choice sets the math: where the
+    `sparse[:gamma=0.95,tau=0.1,block=64,estimate=pooled,rows=8]` (FlexPrefill, `kernels.sparse`; `estimate=int4`
+    or `int8`: the pattern from SALE-style low-bit scores of `rows` sampled queries per block,
+    `pattern.lowbit_mask`, in place of FlexPrefill's pooled estimate). The choice sets the math: where the
     kernel does not run (`kernel_fits`: the CPU, float32 activations) its reference computes the same, in float32
     and row chunks, so the approximation is the same on every machine (and measurable on the CPU)."""
 
@@ -39,6 +41,8 @@ class PrefillAttention:
     tau: float = 0.1
     block: int = 64
     pv: str = "16"
+    estimate: str = "pooled"
+    rows: int = 8
 
     def __post_init__(self) -> None:
         if self.kind not in ("sdpa", "int8", "sparse"):
@@ -49,6 +53,10 @@ class PrefillAttention:
             raise KVFoldError(f"KVFOLD_PREFILL: block must be a power of two >= 16, got {self.block}")
         if self.pv not in ("16", "fp8"):
             raise KVFoldError(f"KVFOLD_PREFILL: pv must be 16 or fp8, got {self.pv!r}")
+        if self.estimate not in ("pooled", "int4", "int8"):
+            raise KVFoldError(f"KVFOLD_PREFILL: estimate must be pooled, int4 or int8, got {self.estimate!r}")
+        if self.rows < 1 or self.rows & (self.rows - 1) or self.rows > self.block:
+            raise KVFoldError(f"KVFOLD_PREFILL: rows must be a power of two <= block ({self.block}), got {self.rows}")
 
     @classmethod
     def from_env(cls) -> "PrefillAttention":
@@ -56,11 +64,13 @@ class PrefillAttention:
         values: dict = {}
         for knob in filter(None, knobs.split(",")):
             name, _, value = knob.partition("=")
-            if (kind, name) not in (("sparse", "gamma"), ("sparse", "tau"), ("sparse", "block"), ("int8", "pv")):
-                raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes gamma, tau, "
-                                  "block; int8 takes pv)")
+            sparse_knobs = ("gamma", "tau", "block", "estimate", "rows")
+            if not (kind == "sparse" and name in sparse_knobs or (kind, name) == ("int8", "pv")):
+                raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes "
+                                  f"{', '.join(sparse_knobs)}; int8 takes pv)")
             try:
-                values[name] = value if name == "pv" else int(value) if name == "block" else float(value)
+                values[name] = (value if name in ("pv", "estimate") else int(value) if name in ("block", "rows")
+                                else float(value))
             except ValueError:
                 raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
         return cls(kind, **values)
@@ -91,9 +101,13 @@ class PrefillAttention:
         elif self.kind == "int8":
             out = reference.int8_prefill_attention(query, key, value, scale, **INT8_BLOCKS, pv_fp8=self.pv == "fp8")
         else:
-            from .pattern import flexprefill_mask
+            from .pattern import flexprefill_mask, lowbit_mask
 
-            mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
+            if self.estimate == "pooled":
+                mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
+            else:  # the estimate's int8 dot products reduce over >= 32 channels
+                mask = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]), self.rows,
+                                   kernel=kernel and query.shape[-1] >= 32)
             if kernel:
                 from .sparse import sparse_prefill
 

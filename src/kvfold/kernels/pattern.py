@@ -14,11 +14,22 @@ of a causal prefill reads, per head. `kernels.sparse` computes attention over th
    turned into the blocks they cross. Every query block also keeps its diagonal block.
 The mask approximates full attention; its recall of the attention mass is measured, not assumed
 (`tests/kernels/test_sparse.py`, `benchmarks/sparse_prefill.py`, `benchmarks/sparse_density.py`).
+
+`lowbit_mask(query, key, scale, gamma, block, bits, rows)`: the low-bit estimate (SALE, Ji et al. 2025,
+arXiv:2505.24179: the pattern from 4-bit query-key products, token by token, not from pooled blocks). Per query
+block, `rows` of its queries (evenly spaced) are scored against every visible key with Q and smoothed K rounded to
+`bits`-bit integers per token; their softmax, summed per key block, estimates the block's attention mass; each
+query block keeps the fewest key blocks holding `gamma` of its estimate (and its diagonal block). Unlike SALE's
+relative score against sink and local blocks (thresholds calibrated per head), gamma keeps FlexPrefill's meaning;
+the row sample is this library's: 8 of 64 rows cost an eighth of SALE's estimate and, on the embedded model at
+8k, select as well (`benchmarks/sparse_density.py`). `kernels.estimate` computes `lowbit_block_mass` in Triton.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .reference import smooth_keys
 
 
 def _cumulative_pick(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -90,3 +101,82 @@ def flexprefill_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma
     vs_mask = (vertical_blocks[..., None, :] & block_causal) | slash_mask
     mask = torch.where(query_aware[..., None, None], aware_mask, vs_mask)
     return mask | torch.eye(blocks, dtype=torch.bool, device=query.device), query_aware
+
+
+def sampled_rows(tokens: int, block: int, rows: int) -> torch.Tensor:
+    """The `rows` query positions of each query block the low-bit estimate scores: the last of each of `rows`
+    equal parts of the block (a short last block repeats its last token). int64 [blocks * rows]."""
+    blocks = -(-tokens // block)
+    stride = block // rows
+    positions = torch.arange(blocks)[:, None] * block + (torch.arange(rows)[None, :] + 1) * stride - 1
+    return positions.flatten().clamp_max(tokens - 1)
+
+
+def lowbit_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric `bits`-bit integer codes of x [..., tokens, dim] per token: int8 codes in [-(2^(bits-1) - 1),
+    2^(bits-1) - 1] and float32 scales [..., tokens], x ≈ codes * scale."""
+    top = 2 ** (bits - 1) - 1
+    scales = x.float().abs().amax(dim=-1).clamp_min(1e-8) / top
+    codes = torch.round(x.float() / scales[..., None]).clamp(-top, top).to(torch.int8)
+    return codes, scales
+
+
+def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: int, rows: int):
+    """What the low-bit estimate reads: the sampled queries' codes and scales [batch, q_heads, blocks * rows, ...],
+    the smoothed keys' codes and scales, and the sampled positions."""
+    if bits not in (4, 8) or rows < 1 or rows & (rows - 1) or block % rows:
+        raise ValueError(f"low-bit estimate: bits must be 4 or 8 and rows a power of two dividing the block "
+                         f"({block}), got bits={bits}, rows={rows}")
+    positions = sampled_rows(query.shape[2], block, rows).to(query.device)
+    q_codes, q_scales = lowbit_codes(query[:, :, positions], bits)
+    k_codes, k_scales = lowbit_codes(smooth_keys(key.float()), bits)
+    return q_codes, q_scales, k_codes, k_scales, positions
+
+
+def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
+                      rows: int = 8, chunk: int = 1 << 24) -> torch.Tensor:
+    """The low-bit estimate of each query block's attention mass per key block, float32 [batch, q_heads, blocks,
+    blocks] (row b: the softmax of query block b's sampled rows summed per key block; it sums to `rows`). In float32
+    over the dequantized codes, a chunk of sampled rows at a time (scores [.., rows, tokens] near `chunk`
+    elements)."""
+    batch, q_heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    blocks = -(-tokens // block)
+    q_codes, q_scales, k_codes, k_scales, positions = lowbit_operands(query, key, block, bits, rows)
+    queries = q_codes.float() * q_scales[..., None]
+    keys_t = (k_codes.float() * k_scales[..., None]).transpose(-1, -2)  # [batch, kv_heads, dim, tokens]
+    key_block = torch.arange(tokens, device=query.device) // block
+    mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
+    step = max(1, chunk // (batch * q_heads * tokens))
+    for first in range(0, len(positions), step):
+        picked = slice(first, min(first + step, len(positions)))
+        grouped = queries[:, :, picked].reshape(batch, kv_heads, -1, dim) @ keys_t  # each KV head with its group
+        scores = grouped.view(batch, q_heads, -1, tokens) * scale
+        hidden = torch.arange(tokens, device=query.device)[None, :] > positions[picked, None]
+        weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        per_block = torch.zeros(batch, q_heads, weights.shape[2], blocks, device=query.device).index_add_(
+            3, key_block, weights)
+        mass.index_add_(2, positions[picked] // block, per_block)
+    return mass
+
+
+def pick_blocks(mass: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Block masses [..., blocks, blocks] -> causal block mask: per query block the fewest key blocks holding
+    `gamma` of its mass, and its diagonal block."""
+    blocks = mass.shape[-1]
+    causal = torch.ones(blocks, blocks, dtype=torch.bool, device=mass.device).tril()
+    diagonal = torch.eye(blocks, dtype=torch.bool, device=mass.device)
+    return (_cumulative_pick(mass.masked_fill(~causal, 0.0), gamma) & causal) | diagonal
+
+
+def lowbit_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma: float = 0.95, block: int = 64,
+                bits: int = 4, rows: int = 8, kernel: bool = False) -> torch.Tensor:
+    """Block mask [batch, q_heads, blocks, blocks] for a causal prefill of query/key [batch, heads, tokens, dim]
+    (GQA) from the low-bit estimate (see the module doc); `kernel`: its masses by `kernels.estimate` (Triton)."""
+    if kernel:
+        from .estimate import lowbit_block_mass_triton
+
+        mass = lowbit_block_mass_triton(query, key, scale, block, bits, rows)
+    else:
+        mass = lowbit_block_mass(query, key, scale, block, bits, rows)
+    return pick_blocks(mass, gamma)

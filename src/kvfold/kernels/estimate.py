@@ -1,0 +1,112 @@
+"""The low-bit estimate of a causal prefill's block attention mass (`pattern.lowbit_block_mass`) in Triton.
+
+One program per (query block, KV head): the sampled rows of the block's GQA group of query heads form one tile
+(head g's rows r at tile row g * rows + r, padded to a power of two >= 16), so every key block is loaded once for the
+group. Two passes over the visible key blocks with integer dot products of the codes (int8 tensor cores; 4-bit
+codes are held in int8: Hopper has no int4 MMA): the first finds each row's softmax maximum and sum, the second
+sums each head's probabilities per key block into the mass. Nothing of size tokens × tokens is written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .pattern import lowbit_operands
+from .prefill import LOG2E
+
+
+@triton.jit
+def _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Scores (log2 units) of the tile's rows against key block j; keys after a row's position are -inf."""
+    keys = j * BLOCK + tl.arange(0, BLOCK)
+    inside = keys < tokens
+    codes = tl.load(kc_ptr + (kv * tokens + keys[:, None]) * D + tl.arange(0, D)[None, :], mask=inside[:, None],
+                    other=0)
+    key_scale = tl.load(ks_ptr + kv * tokens + keys, mask=inside, other=0.0)
+    scores = tl.dot(q, tl.trans(codes)).to(tl.float32) * q_scale[:, None] * key_scale[None, :]
+    return tl.where(keys[None, :] <= positions[:, None], scores, float("-inf"))
+
+
+@triton.jit
+def _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """First pass: key block j into each row's softmax maximum and sum."""
+    scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(scores - m_new[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, heads, GROUP: tl.constexpr,
+                ROWS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass: each head's probabilities in key block j, summed over its rows, stored at out + j."""
+    scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
+    row_mass = tl.sum(tl.exp2(scores - m_i[:, None]), axis=1) / l_i
+    tl.store(out + j, tl.sum(tl.reshape(row_mass, [G_PAD, ROWS]), axis=1), mask=heads < GROUP)
+
+
+@triton.jit
+def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks, scale_log2,
+                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, G_PAD: tl.constexpr,
+                        D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr):
+    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
+    kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
+    tile = tl.arange(0, G_PAD * ROWS)
+    head, row = tile // ROWS, tile % ROWS
+    real = head < GROUP
+    positions = tl.minimum(block * BLOCK + (row + 1) * (BLOCK // ROWS) - 1, tokens - 1)
+    sampled = (kv * blocks + block) * GROUP * ROWS + head * ROWS + row  # [batch, kv_heads, blocks, group, rows]
+    q = tl.load(qc_ptr + sampled[:, None] * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0)
+    q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
+    m_i = tl.full([G_PAD * ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD * ROWS], tl.float32)
+    if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
+        for j in range(0, INTERPRETED_BLOCKS):
+            if j <= block:
+                m_i, l_i = _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D, BLOCK)
+    else:
+        for j in range(0, block + 1):
+            m_i, l_i = _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D, BLOCK)
+    heads = tl.arange(0, G_PAD)
+    q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + heads
+    out = mass_ptr + (q_head * blocks + block) * blocks
+    if INTERPRETED_BLOCKS:
+        for j in range(0, INTERPRETED_BLOCKS):
+            if j <= block:
+                _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, heads, GROUP, ROWS,
+                            G_PAD, D, BLOCK)
+    else:
+        for j in range(0, block + 1):
+            _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, heads, GROUP, ROWS,
+                        G_PAD, D, BLOCK)
+
+def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
+                             rows: int = 8, launch: dict | None = None) -> torch.Tensor:
+    """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
+    >= 32: int8 dot products reduce over >= 32), float32 masses [batch, q_heads, blocks, blocks] (zero above the
+    diagonal)."""
+    batch, q_heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    blocks = -(-tokens // block)
+    if q_heads % kv_heads or dim < 32 or dim & (dim - 1):
+        raise ValueError(f"low-bit estimate kernel: q_heads must be a multiple of kv_heads and head_dim a power of "
+                         f"two >= 32, got {q_heads}, {kv_heads}, {dim}")
+    q_codes, q_scales, k_codes, k_scales, _ = lowbit_operands(query, key, block, bits, rows)
+    # [batch, q_heads, blocks * rows] -> [batch, kv_heads, blocks, group, rows]: a program's tile is contiguous
+    regroup = lambda x: x.unflatten(1, (kv_heads, group)).unflatten(3, (blocks, rows)).transpose(2, 3)  # noqa: E731
+    q_codes, q_scales = regroup(q_codes).contiguous(), regroup(q_scales).contiguous()
+    mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
+    g_pad = max(triton.next_power_of_2(group), 16 // rows)
+    interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    options = {"num_warps": 4, "num_stages": 3, **(launch or {})}
+    _lowbit_mass_kernel[(blocks, batch * kv_heads)](
+        q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, tokens, blocks, scale * LOG2E,
+        KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim, BLOCK=block,
+        INTERPRETED_BLOCKS=interpreted, **options)
+    return mass
