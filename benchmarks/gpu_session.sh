@@ -109,10 +109,12 @@ for step in "${steps[@]}"; do
               | tail -3  # the low-bit estimate compiled
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern: gamma 0.95 recalls ~0.95 at a third of the blocks on the model at 8k
-            for run in int4:0.95 int4:0.9 int8:0.95 pooled:0.95; do
+            launches="num_warps=4,num_stages=3;num_warps=2,num_stages=3;num_warps=4,num_stages=3,QUERY_BLOCKS=2;num_warps=8,num_stages=2,QUERY_BLOCKS=2;num_warps=4,num_stages=3,QUERY_BLOCKS=4"
+            for run in int4:0.95 int4:0.9 int8:0.95 pooled:0.95; do  # the estimate kernel's launches timed on the first
               timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate ${run%:*} \
-                --gamma ${run#*:} --estimate-launches "num_warps=4,num_stages=3;num_warps=2,num_stages=3;num_warps=8,num_stages=2" \
-                --out "$OUT/sparse_prefill_captured_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -14
+                --gamma ${run#*:} --estimate-launches "$launches" \
+                --out "$OUT/sparse_prefill_captured_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -20
+              launches=""
             done
             timeout 150 python benchmarks/sparse_prefill.py --estimate int4 --out "$OUT/sparse_prefill_int4" 2>&1 \
               | grep -v Warn | tail -4 ;;  # Llama-3.1-8B shapes (head_dim 128), synthetic pattern

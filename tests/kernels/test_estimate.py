@@ -48,6 +48,19 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
     assert torch.equal(pick_blocks(got, 0.9), pick_blocks(want, 0.9))
 
 
+@pytest.mark.parametrize("query_blocks", [2, 4])
+def test_the_estimate_kernel_reads_several_query_blocks_a_program(query_blocks):
+    """Launch QUERY_BLOCKS: consecutive query blocks share a program (13 blocks: the last program is partly past
+    the end); the masses stay the reference's."""
+    from kvfold.kernels.estimate import lowbit_block_mass_triton
+
+    torch.manual_seed(3)
+    query = torch.randn(1, 6, 200, 32, device=DEVICE).half()
+    key = torch.randn(1, 2, 200, 32, device=DEVICE).half()
+    got = lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch={"QUERY_BLOCKS": query_blocks})
+    torch.testing.assert_close(got, lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, 4), rtol=1e-4, atol=1e-5)
+
+
 def test_the_estimate_approaches_exact_block_mass_with_every_row_and_8_bits():
     """With every row sampled (rows = block) the only approximation is rounding Q and smoothed K per token: at 8
     bits each query block's estimated mass is within 2% of exact attention's (at 4 bits, within 15%); with 4 of 32

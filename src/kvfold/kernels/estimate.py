@@ -2,7 +2,7 @@
 
 One program per (query block, KV head): the sampled rows of the block's GQA group of query heads form one tile
 (head g's rows r at tile row g * rows + r, padded to a power of two >= 16), so every key block is loaded once for the
-group. Two passes over the visible key blocks with integer dot products of the codes (int8 tensor cores; 4-bit
+group (launch `QUERY_BLOCKS`: for several consecutive query blocks). Two passes over the visible key blocks with integer dot products of the codes (int8 tensor cores; 4-bit
 codes are held in int8: Hopper has no int4 MMA): the first finds each row's softmax maximum and sum, the second
 sums each head's probabilities per key block into the mass. Nothing of size tokens × tokens is written.
 """
@@ -42,48 +42,54 @@ def _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D
 
 
 @triton.jit
-def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, heads, GROUP: tl.constexpr,
-                ROWS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass: each head's probabilities in key block j, summed over its rows, stored at out + j."""
+def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS: tl.constexpr,
+                D: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass: each (query block, head)'s probabilities in key block j, summed over its rows, at out + j."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
     row_mass = tl.sum(tl.exp2(scores - m_i[:, None]), axis=1) / l_i
-    tl.store(out + j, tl.sum(tl.reshape(row_mass, [G_PAD, ROWS]), axis=1), mask=heads < GROUP)
+    tl.store(out + j, tl.sum(tl.reshape(row_mass, [stored.shape[0], ROWS]), axis=1), mask=stored)
 
 
 @triton.jit
 def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks, scale_log2,
                         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, G_PAD: tl.constexpr,
-                        D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr):
-    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
+                        D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
+                        QUERY_BLOCKS: tl.constexpr = 1):
+    """QUERY_BLOCKS consecutive query blocks a program (their rows one tile): each key block is loaded once for
+    all of them (the earlier blocks' rows see its keys masked where they come after them)."""
+    first = (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest (last) query blocks first
     kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
-    tile = tl.arange(0, G_PAD * ROWS)
-    head, row = tile // ROWS, tile % ROWS
-    real = head < GROUP
+    tile = tl.arange(0, QUERY_BLOCKS * G_PAD * ROWS)
+    block, head, row = first + tile // (G_PAD * ROWS), tile // ROWS % G_PAD, tile % ROWS
+    real = (head < GROUP) & (block < blocks)
     positions = tl.minimum(block * BLOCK + (row + 1) * (BLOCK // ROWS) - 1, tokens - 1)
     sampled = (kv * blocks + block) * GROUP * ROWS + head * ROWS + row  # [batch, kv_heads, blocks, group, rows]
     q = tl.load(qc_ptr + sampled[:, None] * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0)
     q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
-    m_i = tl.full([G_PAD * ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD * ROWS], tl.float32)
+    m_i = tl.full([QUERY_BLOCKS * G_PAD * ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([QUERY_BLOCKS * G_PAD * ROWS], tl.float32)
+    end = tl.minimum(first + QUERY_BLOCKS, blocks)  # key blocks [0, end) are visible to some row
     if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for j in range(0, INTERPRETED_BLOCKS):
-            if j <= block:
+            if j < end:
                 m_i, l_i = _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D, BLOCK)
     else:
-        for j in range(0, block + 1):
+        for j in range(0, end):
             m_i, l_i = _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D, BLOCK)
-    heads = tl.arange(0, G_PAD)
-    q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + heads
-    out = mass_ptr + (q_head * blocks + block) * blocks
+    pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)  # (query block, head) pairs
+    pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
+    q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + pair_head
+    out = mass_ptr + (q_head * blocks + pair_block) * blocks
+    stored = (pair_head < GROUP) & (pair_block < blocks)
     if INTERPRETED_BLOCKS:
         for j in range(0, INTERPRETED_BLOCKS):
-            if j <= block:
-                _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, heads, GROUP, ROWS,
-                            G_PAD, D, BLOCK)
+            if j < end:
+                _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D,
+                            BLOCK)
     else:
-        for j in range(0, block + 1):
-            _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, heads, GROUP, ROWS,
-                        G_PAD, D, BLOCK)
+        for j in range(0, end):
+            _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D, BLOCK)
+
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                              rows: int = 8, launch: dict | None = None) -> torch.Tensor:
@@ -105,7 +111,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     g_pad = max(triton.next_power_of_2(group), 16 // rows)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
     options = {"num_warps": 4, "num_stages": 3, **(launch or {})}
-    _lowbit_mass_kernel[(blocks, batch * kv_heads)](
+    _lowbit_mass_kernel[(triton.cdiv(blocks, options.get("QUERY_BLOCKS", 1)), batch * kv_heads)](
         q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, tokens, blocks, scale * LOG2E,
         KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim, BLOCK=block,
         INTERPRETED_BLOCKS=interpreted, **options)
