@@ -109,8 +109,8 @@ for step in "${steps[@]}"; do
               | tail -3  # the low-bit estimate compiled
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern: gamma 0.95 recalls ~0.95 at a third of the blocks on the model at 8k
-            launches="num_warps=4,num_stages=3;num_warps=2,num_stages=3;num_warps=4,num_stages=3,QUERY_BLOCKS=2;num_warps=8,num_stages=2,QUERY_BLOCKS=2;num_warps=4,num_stages=3,QUERY_BLOCKS=4"
-            for run in int4:0.95 int4:0.9 int8:0.95 pooled:0.95; do  # the estimate kernel's launches timed on the first
+            launches="QUERY_BLOCKS=2;QUERY_BLOCKS=2,UNROLL=2;QUERY_BLOCKS=4;QUERY_BLOCKS=4,num_warps=8;QUERY_BLOCKS=1,num_warps=2"
+            for run in int4:0.95 int4:0.97 int4:0.9 pooled:0.95; do  # the estimate kernel's launches timed on the first
               timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate ${run%:*} \
                 --gamma ${run#*:} --estimate-launches "$launches" \
                 --out "$OUT/sparse_prefill_captured_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -20

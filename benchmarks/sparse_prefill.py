@@ -150,6 +150,14 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['length']} | {r['sdpa_ms']:.2f} | {r['kernel_ms']:.2f} | {r['pattern_ms']:.2f} | {r['speedup']:.2f} "
               f"| {r['kernel_speedup']:.2f} | {r['density']:.2f} | {r['recall']:.3f} | {r['cosine']:.4f} |" for r in rows]
+    launched = [r for r in rows if r.get("estimate_kernel_ms")]
+    if launched:
+        launches = list(launched[0]["estimate_kernel_ms"])
+        lines += ["", "The low-bit estimate's kernel alone (`lowbit_block_mass_triton`), ms per launch:", "",
+                  "| tokens | " + " | ".join(f"`{launch}`" for launch in launches) + " |",
+                  "|---|" + "---|" * len(launches)]
+        lines += [f"| {r['length']} | " + " | ".join(f"{r['estimate_kernel_ms'][launch]:.2f}" for launch in launches)
+                  + " |" for r in launched]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

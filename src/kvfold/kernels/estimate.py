@@ -1,10 +1,12 @@
-"""The low-bit estimate of a causal prefill's block attention mass (`pattern.lowbit_block_mass`) in Triton.
+"""The low-bit estimate of a causal prefill's block attention (`pattern.lowbit_block_mass`) in Triton.
 
-One program per (query block, KV head): the sampled rows of the block's GQA group of query heads form one tile
-(head g's rows r at tile row g * rows + r, padded to a power of two >= 16), so every key block is loaded once for the
-group (launch `QUERY_BLOCKS`: for several consecutive query blocks). Two passes over the visible key blocks with integer dot products of the codes (int8 tensor cores; 4-bit
-codes are held in int8: Hopper has no int4 MMA): the first finds each row's softmax maximum and sum, the second
-sums each head's probabilities per key block into the mass. Nothing of size tokens × tokens is written.
+One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query blocks (default 2): the sampled rows
+of the blocks' GQA group of query heads form one tile (block q, head g, row r at tile row (q * G_PAD + g) * rows +
+r, heads padded to a power of two, the tile to >= 16 rows), so every key block is loaded once for all of them.
+Integer dot products of the codes (int8 tensor cores; 4-bit codes are held in int8: Hopper has no int4 MMA). The
+anchors come first (the sink block, then each row's own block): their maximum and sum; then one pass over the
+visible key blocks sums each (query block, head)'s relative weights per key block into the mass. Nothing of size
+tokens × tokens is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import triton.language as tl
 
 from .pattern import lowbit_operands
 from .prefill import LOG2E
+
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2}  # a 64-row tile: one warp's 16 rows each
 
 
 @triton.jit
@@ -32,21 +36,22 @@ def _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.co
 
 
 @triton.jit
-def _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """First pass: key block j into each row's softmax maximum and sum."""
+def _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, anchor, m_i, l_i, D: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Key block j into the maximum and sum of the rows it anchors (`anchor` [rows])."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(scores - m_new[:, None]), axis=1)
-    return m_new, l_i
+    scores = tl.where(anchor[:, None], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the sink block comes first, key 0 is always visible
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(scores - m_new[:, None]), axis=1)
 
 
 @triton.jit
 def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS: tl.constexpr,
                 D: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass: each (query block, head)'s probabilities in key block j, summed over its rows, at out + j."""
+    """Each (query block, head)'s weights in key block j relative to its rows' anchors, summed over its rows, at
+    out + j (exponents capped at 64 above the anchors' maximum: no overflow)."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
-    row_mass = tl.sum(tl.exp2(scores - m_i[:, None]), axis=1) / l_i
+    row_mass = tl.sum(tl.exp2(tl.minimum(scores - m_i[:, None], 64.0)), axis=1) / l_i
     tl.store(out + j, tl.sum(tl.reshape(row_mass, [stored.shape[0], ROWS]), axis=1), mask=stored)
 
 
@@ -54,9 +59,8 @@ def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, 
 def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks, scale_log2,
                         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, G_PAD: tl.constexpr,
                         D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
-                        QUERY_BLOCKS: tl.constexpr = 1):
-    """QUERY_BLOCKS consecutive query blocks a program (their rows one tile): each key block is loaded once for
-    all of them (the earlier blocks' rows see its keys masked where they come after them)."""
+                        QUERY_BLOCKS: tl.constexpr = 1, UNROLL: tl.constexpr = 1):
+    """UNROLL: key blocks a step of the main pass (independent work for the scheduler to interleave)."""
     first = (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest (last) query blocks first
     kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
     tile = tl.arange(0, QUERY_BLOCKS * G_PAD * ROWS)
@@ -68,34 +72,34 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks
     q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
     m_i = tl.full([QUERY_BLOCKS * G_PAD * ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([QUERY_BLOCKS * G_PAD * ROWS], tl.float32)
-    end = tl.minimum(first + QUERY_BLOCKS, blocks)  # key blocks [0, end) are visible to some row
-    if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
-        for j in range(0, INTERPRETED_BLOCKS):
-            if j < end:
-                m_i, l_i = _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D, BLOCK)
-    else:
-        for j in range(0, end):
-            m_i, l_i = _row_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, D, BLOCK)
+    m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, l_i, D, BLOCK)
+    for d in tl.static_range(QUERY_BLOCKS):  # each row's own block (block 0's is the sink, already in)
+        if (first + d > 0) & (first + d < blocks):
+            m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d,
+                                     m_i, l_i, D, BLOCK)
     pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)  # (query block, head) pairs
     pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
     q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + pair_head
     out = mass_ptr + (q_head * blocks + pair_block) * blocks
     stored = (pair_head < GROUP) & (pair_block < blocks)
-    if INTERPRETED_BLOCKS:
+    end = tl.minimum(first + QUERY_BLOCKS, blocks)  # key blocks [0, end) are visible to some row
+    if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for j in range(0, INTERPRETED_BLOCKS):
             if j < end:
                 _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D,
                             BLOCK)
     else:
-        for j in range(0, end):
-            _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D, BLOCK)
+        for step in range(0, end, UNROLL):
+            for u in tl.static_range(UNROLL):  # a block past `end` is hidden from every row: store nothing past
+                _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, step + u, m_i, l_i, out,  # the rows
+                            stored & (step + u < blocks), ROWS, D, BLOCK)
 
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                              rows: int = 8, launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
-    >= 32: int8 dot products reduce over >= 32), float32 masses [batch, q_heads, blocks, blocks] (zero above the
-    diagonal)."""
+    >= 32: int8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
+    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, QUERY_BLOCKS)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -110,7 +114,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
     g_pad = max(triton.next_power_of_2(group), 16 // rows)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
-    options = {"num_warps": 4, "num_stages": 3, **(launch or {})}
+    options = {**ESTIMATE_LAUNCH, **(launch or {})}
     _lowbit_mass_kernel[(triton.cdiv(blocks, options.get("QUERY_BLOCKS", 1)), batch * kv_heads)](
         q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, tokens, blocks, scale * LOG2E,
         KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim, BLOCK=block,

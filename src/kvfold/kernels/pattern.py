@@ -18,14 +18,19 @@ The mask approximates full attention; its recall of the attention mass is measur
 `lowbit_mask(query, key, scale, gamma, block, bits, rows)`: the low-bit estimate (SALE, Ji et al. 2025,
 arXiv:2505.24179: the pattern from 4-bit query-key products, token by token, not from pooled blocks). Per query
 block, `rows` of its queries (evenly spaced) are scored against every visible key with Q and smoothed K rounded to
-`bits`-bit integers per token; their softmax, summed per key block, estimates the block's attention mass; each
-query block keeps the fewest key blocks holding `gamma` of its estimate (and its diagonal block). Unlike SALE's
-relative score against sink and local blocks (thresholds calibrated per head), gamma keeps FlexPrefill's meaning;
-the row sample is this library's: 8 of 64 rows cost an eighth of SALE's estimate and, on the embedded model at
-8k, select as well (`benchmarks/sparse_density.py`). `kernels.estimate` computes `lowbit_block_mass` in Triton.
+`bits`-bit integers per token. As in SALE, a key block's weight for a row is its attention relative to the row's
+anchors, the sink block (the first) and the row's own block: Σ_block exp(s) / Σ_anchors exp(s), known after the
+anchors are read, so one pass over the keys suffices (a softmax would take two: its denominator needs every key).
+Summed over the sampled rows it is the query block's estimate; each query block keeps the fewest key blocks holding
+`gamma` of it (and its diagonal block). SALE thresholds the relative score with per-head calibrated thresholds;
+gamma keeps FlexPrefill's meaning here, and the row sample is this library's: 8 of 64 rows cost an eighth of
+SALE's estimate and, on the embedded model at 8k, select as well as every row would
+(`benchmarks/sparse_density.py`). `kernels.estimate` computes `lowbit_block_mass` in Triton.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -135,10 +140,11 @@ def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: in
 
 def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                       rows: int = 8, chunk: int = 1 << 24) -> torch.Tensor:
-    """The low-bit estimate of each query block's attention mass per key block, float32 [batch, q_heads, blocks,
-    blocks] (row b: the softmax of query block b's sampled rows summed per key block; it sums to `rows`). In float32
-    over the dequantized codes, a chunk of sampled rows at a time (scores [.., rows, tokens] near `chunk`
-    elements)."""
+    """The low-bit estimate of each query block's attention per key block relative to its anchors (see the module
+    doc), float32 [batch, q_heads, blocks, blocks]: row b sums over query block b's sampled rows, so its sink and
+    diagonal entries add up to `rows` (block 0: its one anchor holds `rows`). Exponents are capped at 64 bits above
+    the anchors' maximum (a block that far above them is picked whatever its value). In float32 over the
+    dequantized codes, a chunk of sampled rows at a time (scores [.., rows, tokens] near `chunk` elements)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     blocks = -(-tokens // block)
@@ -151,9 +157,12 @@ def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, bloc
     for first in range(0, len(positions), step):
         picked = slice(first, min(first + step, len(positions)))
         grouped = queries[:, :, picked].reshape(batch, kv_heads, -1, dim) @ keys_t  # each KV head with its group
-        scores = grouped.view(batch, q_heads, -1, tokens) * scale
-        hidden = torch.arange(tokens, device=query.device)[None, :] > positions[picked, None]
-        weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        scores = (grouped.view(batch, q_heads, -1, tokens) * scale).masked_fill(
+            torch.arange(tokens, device=query.device)[None, :] > positions[picked, None], float("-inf"))
+        anchors = (key_block[None, :] == 0) | (key_block[None, :] == positions[picked, None] // block)
+        top = scores.masked_fill(~anchors, float("-inf")).amax(-1, keepdim=True)
+        weights = torch.exp((scores - top).clamp_max(64 * math.log(2)))
+        weights = weights / (weights * anchors).sum(-1, keepdim=True)
         per_block = torch.zeros(batch, q_heads, weights.shape[2], blocks, device=query.device).index_add_(
             3, key_block, weights)
         mass.index_add_(2, positions[picked] // block, per_block)
