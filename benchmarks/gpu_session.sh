@@ -110,14 +110,15 @@ for step in "${steps[@]}"; do
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern: gamma 0.95 recalls ~0.95 at a third of the blocks on the model at 8k
             launches="QUERY_BLOCKS=2;QUERY_BLOCKS=2,UNROLL=2;QUERY_BLOCKS=4;QUERY_BLOCKS=4,num_warps=8;QUERY_BLOCKS=1,num_warps=2"
-            for run in int4:0.95 int4:0.97 int4:0.9 pooled:0.95; do  # the estimate kernel's launches timed on the first
-              timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate ${run%:*} \
-                --gamma ${run#*:} --estimate-launches "$launches" \
-                --out "$OUT/sparse_prefill_captured_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -20
-              launches=""
+            for run in sum:0.95 max:0.98 sum:0.97 max:0.99; do  # the estimate kernel's launches timed on the first two
+              timeout 120 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
+                --reduce ${run%:*} --gamma ${run#*:} --estimate-launches "$( [ ${run#*:} = 0.95 -o ${run#*:} = 0.98 ] && echo "$launches")" \
+                --out "$OUT/sparse_prefill_captured_int4_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -20
             done
-            timeout 150 python benchmarks/sparse_prefill.py --estimate int4 --out "$OUT/sparse_prefill_int4" 2>&1 \
-              | grep -v Warn | tail -4 ;;  # Llama-3.1-8B shapes (head_dim 128), synthetic pattern
+            for run in sum:0.95 max:0.98; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern
+              timeout 120 python benchmarks/sparse_prefill.py --estimate int4 --reduce ${run%:*} --gamma ${run#*:} \
+                --out "$OUT/sparse_prefill_int4_${run%:*}" 2>&1 | grep -v Warn | tail -4
+            done ;;
     e2e) timeout 330 python benchmarks/fast_decode.py --methods none,kivi:4,kivi:2,fp8,kv4:4,snapkv:0.75+kivi:4 \
            --normal fp8,kv4:4 --eager "" --out "$OUT/fast_decode.json" 2>&1 | grep -v Warn | tail -14 ;;
     e2e8) timeout 420 python benchmarks/fast_decode.py --batch 8 --methods none,kivi:4,kivi:2,kv4:4,snapkv:0.75+kivi:4 \

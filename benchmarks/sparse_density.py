@@ -72,12 +72,12 @@ def block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int,
 
 
 def layer_rows(query: torch.Tensor, key: torch.Tensor, scale: float, gammas: list[float], tau: float,
-               block: int, bits: int, sample: int) -> list[dict]:
+               block: int, bits: int, sample: int, reduce: str = "sum") -> list[dict]:
     """Per head and gamma: FlexPrefill's, the low-bit estimate's and the oracle's density and recall (exact block
     masses and the estimate computed once)."""
     group = query.shape[1] // key.shape[1]
     masses = [block_mass(query[0, head], key[0, head // group], scale, block) for head in range(query.shape[1])]
-    estimate = lowbit_block_mass(query, key, scale, block, bits, sample)[0]
+    estimate = lowbit_block_mass(query, key, scale, block, bits, sample, reduce)[0]
     blocks = masses[0].shape[0]
     causal = blocks * (blocks + 1) / 2
     rows = []
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--bits", type=int, default=4, help="the low-bit estimate's bits (4 or 8)")
     parser.add_argument("--rows", type=int, default=8, help="the low-bit estimate's sampled queries per block")
+    parser.add_argument("--reduce", default="sum", choices=["sum", "max"], help="the low-bit estimate's block weight")
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -121,7 +122,7 @@ def main() -> None:
     chosen = [int(i) for i in args.layers.split(",")] if args.layers else range(len(layers))
     results, every_head = [], []
     for index in chosen:
-        heads = layer_rows(*layers[index], scale, gammas, args.tau, args.block, args.bits, args.rows)
+        heads = layer_rows(*layers[index], scale, gammas, args.tau, args.block, args.bits, args.rows, args.reduce)
         every_head += heads
         results.append({"layer": index, "heads": heads, "summary": [summary(heads, g) for g in gammas]})
         print(f"layer {index:2d}: " + " | ".join(
@@ -130,7 +131,7 @@ def main() -> None:
             for r in results[-1]["summary"]), flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "tokens": tokens, "seed": args.seed,
             "gammas": gammas, "tau": args.tau, "block": args.block,
-            "lowbit_bits": args.bits, "lowbit_rows": args.rows, "torch": torch.__version__,
+            "lowbit_bits": args.bits, "lowbit_rows": args.rows, "lowbit_reduce": args.reduce, "torch": torch.__version__,
             "kvfold": kvfold.__version__, "seconds": round(time.perf_counter() - start)}
     average = [summary(every_head, g) for g in gammas]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,8 @@ def main() -> None:
              f"{meta['model']}, {tokens} tokens of prose (seed {args.seed}), tau {args.tau}, blocks of {args.block}; "
              "`benchmarks/sparse_density.py`. Density: selected share of the causal blocks; recall: mean attention "
              "mass of every query row inside the selection (all rows, exact attention); low-bit: "
-             f"`lowbit_mask` ({args.rows} sampled queries per block, {args.bits}-bit Q and smoothed K); oracle: per "
+             f"`lowbit_mask` ({args.rows} sampled queries per block, {args.bits}-bit Q and smoothed K, reduce "
+             f"{args.reduce}); oracle: per "
              "query block the fewest key blocks holding gamma of its mass (what a perfect estimate of the pattern "
              "would pick). Every selection keeps the diagonal blocks.", "",
              "| layer | " + " | ".join(f"γ {g}: FlexPrefill density / recall | low-bit | oracle"

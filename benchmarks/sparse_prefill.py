@@ -66,14 +66,14 @@ def recall(q, k, mask, scale, block, rows=64) -> float:
 
 
 def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float, block: int, time_ms,
-         source: Path | None, estimate: str = "pooled", sample: int = 8) -> dict:
+         source: Path | None, estimate: str = "pooled", sample: int = 8, reduce: str = "sum") -> dict:
     q, k, v = structured(length, device, dtype) if source is None else captured(source, length, device, dtype)
     scale = q.shape[-1] ** -0.5
     if estimate == "pooled":
         pattern = lambda: flexprefill_mask(q, k, scale, gamma, tau, block)  # noqa: E731
         mask, aware = pattern()
     else:  # the low-bit estimate's masses by its Triton kernel (interpreted on the CPU)
-        pattern = lambda: lowbit_mask(q, k, scale, gamma, block, int(estimate[3:]), sample, kernel=True)  # noqa: E731
+        pattern = lambda: lowbit_mask(q, k, scale, gamma, block, int(estimate[3:]), sample, True, reduce)  # noqa: E731
         mask, aware = pattern(), None
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # noqa: E731
     kernel = lambda: sparse_prefill(q, k, v, mask, scale, block)  # noqa: E731
@@ -98,7 +98,7 @@ def estimate_launches(length: int, args, dtype: torch.dtype) -> dict:
     for launch in filter(None, args.estimate_launches.split(";")):
         options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
         times[launch] = timer(args.device)(lambda: lowbit_block_mass_triton(
-            q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, launch=options))
+            q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, args.reduce, launch=options))
         print(f"  estimate kernel at {launch}: {times[launch]:.2f} ms", flush=True)
     return times
 
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--estimate", default="pooled", choices=["pooled", "int4", "int8"],
                         help="the pattern's estimate: FlexPrefill's pooled one, or the low-bit (SALE-style) one")
     parser.add_argument("--rows", type=int, default=8, help="the low-bit estimate's sampled queries per block")
+    parser.add_argument("--reduce", default="sum", choices=["sum", "max"], help="the low-bit estimate's block weight")
     parser.add_argument("--estimate-launches", default="",
                         help="also time the low-bit estimate's kernel alone at each of these ';'-separated launches "
                              "(e.g. 'num_warps=4,num_stages=3;num_warps=8,num_stages=2')")
@@ -123,7 +124,7 @@ def main() -> None:
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         rows.append(case(length, args.device, dtype, args.gamma, args.tau, args.block, timer(args.device),
-                         args.captured, args.estimate, args.rows))
+                         args.captured, args.estimate, args.rows, args.reduce))
         if args.estimate_launches:
             rows[-1]["estimate_kernel_ms"] = estimate_launches(length, args, dtype)
         r = rows[-1]
@@ -134,13 +135,14 @@ def main() -> None:
     report = {"device": device, "torch": torch.__version__, "kvfold": kvfold.__version__, "dtype": str(dtype),
               "gamma": args.gamma, "tau": args.tau, "block": args.block, "estimate": args.estimate,
               "estimate_rows": args.rows if args.estimate != "pooled" else None,
+              "estimate_reduce": args.reduce if args.estimate != "pooled" else None,
               "shape": ("batch 1, 32 q heads / 8 KV heads, head_dim 128, causal, synthetic column + diagonal pattern"
                         if args.captured is None else f"batch 1, 9 q heads / 3 KV heads, head_dim 64, causal, "
                         f"SmolLM2 layer Q/K/V captured at 8k ({args.captured.name}), tiled"),
               "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     pattern = ("FlexPrefill pattern" if args.estimate == "pooled" else
-               f"low-bit pattern ({args.estimate}, {args.rows} sampled queries per block)")
+               f"low-bit pattern ({args.estimate}, {args.rows} sampled queries per block, {args.reduce})")
     lines = [f"# Sparse prefill ({pattern} + block-sparse kernel) vs SDPA ({device})", "",
              f"{report['shape']}; gamma {args.gamma}" + (f", tau {args.tau}" if args.estimate == "pooled" else "")
              + f", blocks of {args.block}; "

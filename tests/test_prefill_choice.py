@@ -29,6 +29,8 @@ def prefill_logits(model, ids, monkeypatch, choice: str | None, attention_mask=N
                                                      ("sparse:gamma=1,block=16", "block_sparse_attention", 1 - 1e-6),
                                                      ("sparse:gamma=0.95,block=16,estimate=int4,rows=4",
                                                       "block_sparse_attention", 0.99),
+                                                     ("sparse:gamma=0.97,block=16,estimate=int8,reduce=max",
+                                                      "block_sparse_attention", 0.99),
                                                      ("int8", "int8_prefill_attention", 0.999),
                                                      ("int8:pv=fp8", "int8_prefill_attention", 0.99)])
 def test_the_prefill_choice_runs_its_reference_on_the_cpu(monkeypatch, choice, function, close):

@@ -64,6 +64,24 @@ def test_the_estimate_kernel_launches_read_the_same_masses(launch):
     torch.testing.assert_close(got, lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, 4), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens, group, rows", [(200, 3, 4), (64, 1, 16)])
+def test_the_estimate_kernel_weighs_blocks_by_their_largest_score(tokens, group, rows):
+    """reduce="max": the kernel's weights equal the reference's; per row a block weighs its largest exp(score) over
+    the anchors' largest, so a query block's anchors hold at most `rows` and the heaviest anchor 1 a row."""
+    from kvfold.kernels.estimate import lowbit_block_mass_triton
+
+    torch.manual_seed(5)
+    query = torch.randn(1, 2 * group, tokens, 32, device=DEVICE).half()
+    key = torch.randn(1, 2, tokens, 32, device=DEVICE).half()
+    want = lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, rows, "max")
+    got = lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, rows, "max")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.triu(1), torch.zeros_like(got))
+    anchors = torch.maximum(got[..., 0], got.diagonal(dim1=-2, dim2=-1))
+    assert (anchors <= rows + 1e-4).all() and (anchors >= 1 - 1e-4).all()
+    assert torch.equal(pick_blocks(got, 0.9), pick_blocks(want, 0.9))
+
+
 def test_the_estimate_approaches_exact_block_mass_with_every_row_and_8_bits():
     """Normalised per query block, the estimate is each query block's share of attention per key block up to:
     rounding Q and smoothed K per token, the row sample, and weighting each row by its anchors' share instead of
@@ -88,8 +106,8 @@ def test_the_low_bit_mask_keeps_the_mass_gamma_promises():
     exact = exact_block_mass(query, key, scale, 32)
     full = lowbit_mask(query, key, scale, gamma=1.0, block=32)
     assert torch.equal(full, torch.ones_like(full).tril())
-    for gamma in (0.8, 0.9):
-        mask = lowbit_mask(query, key, scale, gamma=gamma, block=32, bits=4, rows=8)
+    for gamma, reduce in [(0.8, "sum"), (0.9, "sum"), (0.95, "max")]:  # max: a larger gamma for the same recall
+        mask = lowbit_mask(query, key, scale, gamma=gamma, block=32, bits=4, rows=8, reduce=reduce)
         recall = (exact * mask).sum(-1) / exact.sum(-1)  # per query block
         assert recall.mean() >= gamma and recall.min() > gamma - 0.1 and mask.sum() < full.sum()
         assert mask.diagonal(dim1=-2, dim2=-1).all()
@@ -102,3 +120,5 @@ def test_sampled_rows_and_bad_settings():
     for bits, rows in [(2, 8), (4, 3), (4, 32)]:
         with pytest.raises(ValueError, match="bits must be 4 or 8 and rows a power of two"):
             lowbit_block_mass(query, query, 1.0, 16, bits, rows)
+    with pytest.raises(ValueError, match="reduce must be sum or max"):
+        lowbit_block_mass(query, query, 1.0, 16, 4, 8, "mean")

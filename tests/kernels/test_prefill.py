@@ -183,6 +183,7 @@ def test_kvfold_prefill_runs_the_model_prefill_through_the_kernel(monkeypatch, c
                                             ("sparse:estimate=int2", "estimate must be pooled, int4 or int8"),
                                             ("sparse:estimate=int4,rows=6", "rows must be a power of two"),
                                             ("sparse:rows=128", "rows must be a power of two <= block"),
+                                            ("sparse:estimate=int4,reduce=mean", "reduce must be sum or max"),
                                             ("int8:estimate=int4", "unknown knob")])
 def test_bad_kvfold_prefill_values_name_the_fix(monkeypatch, value, message):
     from kvfold.errors import KVFoldError

@@ -30,9 +30,10 @@ INT8_BLOCKS = {"block_m": 64, "block_n": 128}  # queries, keys per int8 scale of
 class PrefillAttention:
     """How a model's first prefill attends, from `KVFOLD_PREFILL`: `sdpa` (default, exact), `int8[:pv=fp8]`
     (SageAttention-style int8 scores, P·V in 16 bits or float8, `kernels.prefill`) or
-    `sparse[:gamma=0.95,tau=0.1,block=64,estimate=pooled,rows=8]` (FlexPrefill, `kernels.sparse`; `estimate=int4`
-    or `int8`: the pattern from SALE-style low-bit scores of `rows` sampled queries per block,
-    `pattern.lowbit_mask`, in place of FlexPrefill's pooled estimate). The choice sets the math: where the
+    `sparse[:gamma=0.95,tau=0.1,block=64,estimate=pooled,rows=8,reduce=sum]` (FlexPrefill, `kernels.sparse`;
+    `estimate=int4` or `int8`: the pattern from SALE-style low-bit scores of `rows` sampled queries per block,
+    `pattern.lowbit_mask`, in place of FlexPrefill's pooled estimate; `reduce=max`: its blocks weighed by their
+    largest score). The choice sets the math: where the
     kernel does not run (`kernel_fits`: the CPU, float32 activations) its reference computes the same, in float32
     and row chunks, so the approximation is the same on every machine (and measurable on the CPU)."""
 
@@ -43,6 +44,7 @@ class PrefillAttention:
     pv: str = "16"
     estimate: str = "pooled"
     rows: int = 8
+    reduce: str = "sum"
 
     def __post_init__(self) -> None:
         if self.kind not in ("sdpa", "int8", "sparse"):
@@ -55,6 +57,8 @@ class PrefillAttention:
             raise KVFoldError(f"KVFOLD_PREFILL: pv must be 16 or fp8, got {self.pv!r}")
         if self.estimate not in ("pooled", "int4", "int8"):
             raise KVFoldError(f"KVFOLD_PREFILL: estimate must be pooled, int4 or int8, got {self.estimate!r}")
+        if self.reduce not in ("sum", "max"):
+            raise KVFoldError(f"KVFOLD_PREFILL: reduce must be sum or max, got {self.reduce!r}")
         if self.rows < 1 or self.rows & (self.rows - 1) or self.rows > self.block:
             raise KVFoldError(f"KVFOLD_PREFILL: rows must be a power of two <= block ({self.block}), got {self.rows}")
 
@@ -64,12 +68,12 @@ class PrefillAttention:
         values: dict = {}
         for knob in filter(None, knobs.split(",")):
             name, _, value = knob.partition("=")
-            sparse_knobs = ("gamma", "tau", "block", "estimate", "rows")
+            sparse_knobs = ("gamma", "tau", "block", "estimate", "rows", "reduce")
             if not (kind == "sparse" and name in sparse_knobs or (kind, name) == ("int8", "pv")):
                 raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes "
                                   f"{', '.join(sparse_knobs)}; int8 takes pv)")
             try:
-                values[name] = (value if name in ("pv", "estimate") else int(value) if name in ("block", "rows")
+                values[name] = (value if name in ("pv", "estimate", "reduce") else int(value) if name in ("block", "rows")
                                 else float(value))
             except ValueError:
                 raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
@@ -107,7 +111,7 @@ class PrefillAttention:
                 mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
             else:  # the estimate's int8 dot products reduce over >= 32 channels
                 mask = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]), self.rows,
-                                   kernel=kernel and query.shape[-1] >= 32)
+                                   kernel=kernel and query.shape[-1] >= 32, reduce=self.reduce)
             if kernel:
                 from .sparse import sparse_prefill
 

@@ -37,21 +37,28 @@ def _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.co
 
 @triton.jit
 def _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, anchor, m_i, l_i, D: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """Key block j into the maximum and sum of the rows it anchors (`anchor` [rows])."""
+                  BLOCK: tl.constexpr, MAX: tl.constexpr):
+    """Key block j into the maximum and sum of the rows it anchors (`anchor` [rows]); MAX: the maximum alone (the
+    sum stays 1)."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
     scores = tl.where(anchor[:, None], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the sink block comes first, key 0 is always visible
+    if MAX:
+        return m_new, l_i
     return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(scores - m_new[:, None]), axis=1)
 
 
 @triton.jit
 def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS: tl.constexpr,
-                D: tl.constexpr, BLOCK: tl.constexpr):
+                D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr):
     """Each (query block, head)'s weights in key block j relative to its rows' anchors, summed over its rows, at
-    out + j (exponents capped at 64 above the anchors' maximum: no overflow)."""
+    out + j (exponents capped at 64 above the anchors' maximum: no overflow). MAX: the block's largest score, one
+    exponential a row."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
-    row_mass = tl.sum(tl.exp2(tl.minimum(scores - m_i[:, None], 64.0)), axis=1) / l_i
+    if MAX:
+        row_mass = tl.exp2(tl.minimum(tl.max(scores, axis=1) - m_i, 64.0))
+    else:
+        row_mass = tl.sum(tl.exp2(tl.minimum(scores - m_i[:, None], 64.0)), axis=1) / l_i
     tl.store(out + j, tl.sum(tl.reshape(row_mass, [stored.shape[0], ROWS]), axis=1), mask=stored)
 
 
@@ -59,8 +66,9 @@ def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, 
 def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks, scale_log2,
                         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, G_PAD: tl.constexpr,
                         D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
-                        QUERY_BLOCKS: tl.constexpr = 1, UNROLL: tl.constexpr = 1):
-    """UNROLL: key blocks a step of the main pass (independent work for the scheduler to interleave)."""
+                        QUERY_BLOCKS: tl.constexpr = 1, UNROLL: tl.constexpr = 1, MAX: tl.constexpr = False):
+    """UNROLL: key blocks a step of the main pass (independent work for the scheduler to interleave). MAX: the
+    `reduce="max"` weights."""
     first = (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest (last) query blocks first
     kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
     tile = tl.arange(0, QUERY_BLOCKS * G_PAD * ROWS)
@@ -72,11 +80,12 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks
     q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
     m_i = tl.full([QUERY_BLOCKS * G_PAD * ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([QUERY_BLOCKS * G_PAD * ROWS], tl.float32)
-    m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, l_i, D, BLOCK)
+    m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, l_i, D, BLOCK,
+                             MAX)
     for d in tl.static_range(QUERY_BLOCKS):  # each row's own block (block 0's is the sink, already in)
         if (first + d > 0) & (first + d < blocks):
             m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d,
-                                     m_i, l_i, D, BLOCK)
+                                     m_i, l_i, D, BLOCK, MAX)
     pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)  # (query block, head) pairs
     pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
     q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + pair_head
@@ -87,16 +96,16 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks
         for j in range(0, INTERPRETED_BLOCKS):
             if j < end:
                 _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D,
-                            BLOCK)
+                            BLOCK, MAX)
     else:
         for step in range(0, end, UNROLL):
             for u in tl.static_range(UNROLL):  # a block past `end` is hidden from every row: store nothing past
                 _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, step + u, m_i, l_i, out,  # the rows
-                            stored & (step + u < blocks), ROWS, D, BLOCK)
+                            stored & (step + u < blocks), ROWS, D, BLOCK, MAX)
 
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
-                             rows: int = 8, launch: dict | None = None) -> torch.Tensor:
+                             rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
     >= 32: int8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
     diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, QUERY_BLOCKS)."""
@@ -104,6 +113,8 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     blocks = -(-tokens // block)
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"low-bit estimate: reduce must be sum or max, got {reduce!r}")
     if q_heads % kv_heads or dim < 32 or dim & (dim - 1):
         raise ValueError(f"low-bit estimate kernel: q_heads must be a multiple of kv_heads and head_dim a power of "
                          f"two >= 32, got {q_heads}, {kv_heads}, {dim}")
@@ -118,5 +129,5 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     _lowbit_mass_kernel[(triton.cdiv(blocks, options.get("QUERY_BLOCKS", 1)), batch * kv_heads)](
         q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, tokens, blocks, scale * LOG2E,
         KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim, BLOCK=block,
-        INTERPRETED_BLOCKS=interpreted, **options)
+        INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max", **options)
     return mass

@@ -25,7 +25,9 @@ Summed over the sampled rows it is the query block's estimate; each query block 
 `gamma` of it (and its diagonal block). SALE thresholds the relative score with per-head calibrated thresholds;
 gamma keeps FlexPrefill's meaning here, and the row sample is this library's: 8 of 64 rows cost an eighth of
 SALE's estimate and, on the embedded model at 8k, select as well as every row would
-(`benchmarks/sparse_density.py`). `kernels.estimate` computes `lowbit_block_mass` in Triton.
+(`benchmarks/sparse_density.py`). `reduce="max"`: a key block's weight is its largest exp(s) relative to the
+anchors' (one exponential per row and block, not per key; a block's spread-out mass counts less, so a given recall
+takes a somewhat larger gamma). `kernels.estimate` computes `lowbit_block_mass` in Triton.
 """
 
 from __future__ import annotations
@@ -139,12 +141,15 @@ def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: in
 
 
 def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
-                      rows: int = 8, chunk: int = 1 << 24) -> torch.Tensor:
+                      rows: int = 8, reduce: str = "sum", chunk: int = 1 << 24) -> torch.Tensor:
     """The low-bit estimate of each query block's attention per key block relative to its anchors (see the module
     doc), float32 [batch, q_heads, blocks, blocks]: row b sums over query block b's sampled rows, so its sink and
-    diagonal entries add up to `rows` (block 0: its one anchor holds `rows`). Exponents are capped at 64 bits above
-    the anchors' maximum (a block that far above them is picked whatever its value). In float32 over the
-    dequantized codes, a chunk of sampled rows at a time (scores [.., rows, tokens] near `chunk` elements)."""
+    diagonal entries add up to `rows` (block 0: its one anchor holds `rows`); `reduce="max"`: per row the block's
+    largest exp(s) over the anchors' largest. Exponents are capped at 64 bits above the anchors' maximum (a block
+    that far above them is picked whatever its value). In float32 over the dequantized codes, a chunk of sampled
+    rows at a time (scores [.., rows, tokens] near `chunk` elements)."""
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"low-bit estimate: reduce must be sum or max, got {reduce!r}")
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     blocks = -(-tokens // block)
@@ -161,10 +166,15 @@ def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, bloc
             torch.arange(tokens, device=query.device)[None, :] > positions[picked, None], float("-inf"))
         anchors = (key_block[None, :] == 0) | (key_block[None, :] == positions[picked, None] // block)
         top = scores.masked_fill(~anchors, float("-inf")).amax(-1, keepdim=True)
-        weights = torch.exp((scores - top).clamp_max(64 * math.log(2)))
-        weights = weights / (weights * anchors).sum(-1, keepdim=True)
-        per_block = torch.zeros(batch, q_heads, weights.shape[2], blocks, device=query.device).index_add_(
-            3, key_block, weights)
+        if reduce == "max":  # each block's largest score, then one exponential
+            largest = torch.full((batch, q_heads, scores.shape[2], blocks), float("-inf"), device=query.device)
+            largest = largest.scatter_reduce(3, key_block.expand_as(scores), scores, "amax")
+            per_block = torch.exp((largest - top).clamp_max(64 * math.log(2)))
+        else:
+            weights = torch.exp((scores - top).clamp_max(64 * math.log(2)))
+            weights = weights / (weights * anchors).sum(-1, keepdim=True)
+            per_block = torch.zeros(batch, q_heads, weights.shape[2], blocks, device=query.device).index_add_(
+                3, key_block, weights)
         mass.index_add_(2, positions[picked] // block, per_block)
     return mass
 
@@ -179,13 +189,13 @@ def pick_blocks(mass: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def lowbit_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma: float = 0.95, block: int = 64,
-                bits: int = 4, rows: int = 8, kernel: bool = False) -> torch.Tensor:
+                bits: int = 4, rows: int = 8, kernel: bool = False, reduce: str = "sum") -> torch.Tensor:
     """Block mask [batch, q_heads, blocks, blocks] for a causal prefill of query/key [batch, heads, tokens, dim]
     (GQA) from the low-bit estimate (see the module doc); `kernel`: its masses by `kernels.estimate` (Triton)."""
     if kernel:
         from .estimate import lowbit_block_mass_triton
 
-        mass = lowbit_block_mass_triton(query, key, scale, block, bits, rows)
+        mass = lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce)
     else:
-        mass = lowbit_block_mass(query, key, scale, block, bits, rows)
+        mass = lowbit_block_mass(query, key, scale, block, bits, rows, reduce)
     return pick_blocks(mass, gamma)
