@@ -50,11 +50,10 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
     assert torch.equal(pick_blocks(got, 0.9), pick_blocks(want, 0.9))
 
 
-@pytest.mark.parametrize("launch", [{"QUERY_BLOCKS": 1}, {"QUERY_BLOCKS": 4}, {"UNROLL": 2}])
+@pytest.mark.parametrize("launch", [{"QUERY_BLOCKS": 1}, {"QUERY_BLOCKS": 4, "num_warps": 8}])
 def test_the_estimate_kernel_launches_read_the_same_masses(launch):
-    """Launches: one or four query blocks a program (13 blocks: the last program partly past the end), two key
-    blocks a step of the main pass (compiled only on a GPU; the interpreter steps one at a time); the masses stay
-    the reference's."""
+    """Launches: one or four query blocks a program (13 blocks: the last program partly past the end; the default
+    is two); the masses stay the reference's."""
     from kvfold.kernels.estimate import lowbit_block_mass_triton
 
     torch.manual_seed(3)

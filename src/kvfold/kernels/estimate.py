@@ -20,7 +20,10 @@ import triton.language as tl
 from .pattern import lowbit_operands
 from .prefill import LOG2E
 
-ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2}  # a 64-row tile: one warp's 16 rows each
+# Two query blocks a program: a 64-row tile, 16 rows a warp (wgmma), row reductions within a warp. On an H200 at 128k
+# (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md): 8.2 ms, against 9.9 for
+# one block a program at 2 warps and 8.6 for four at 4 or 8 warps; two key blocks a step were within noise (8.1).
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2}
 
 
 @triton.jit
@@ -66,9 +69,8 @@ def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, 
 def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks, scale_log2,
                         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, G_PAD: tl.constexpr,
                         D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
-                        QUERY_BLOCKS: tl.constexpr = 1, UNROLL: tl.constexpr = 1, MAX: tl.constexpr = False):
-    """UNROLL: key blocks a step of the main pass (independent work for the scheduler to interleave). MAX: the
-    `reduce="max"` weights."""
+                        QUERY_BLOCKS: tl.constexpr = 1, MAX: tl.constexpr = False):
+    """MAX: the `reduce="max"` weights."""
     first = (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest (last) query blocks first
     kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
     tile = tl.arange(0, QUERY_BLOCKS * G_PAD * ROWS)
@@ -80,8 +82,8 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks
     q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
     m_i = tl.full([QUERY_BLOCKS * G_PAD * ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([QUERY_BLOCKS * G_PAD * ROWS], tl.float32)
-    m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, l_i, D, BLOCK,
-                             MAX)
+    sink = block >= 0  # every row
+    m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, sink, m_i, l_i, D, BLOCK, MAX)
     for d in tl.static_range(QUERY_BLOCKS):  # each row's own block (block 0's is the sink, already in)
         if (first + d > 0) & (first + d < blocks):
             m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d,
@@ -98,10 +100,9 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks
                 _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D,
                             BLOCK, MAX)
     else:
-        for step in range(0, end, UNROLL):
-            for u in tl.static_range(UNROLL):  # a block past `end` is hidden from every row: store nothing past
-                _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, step + u, m_i, l_i, out,  # the rows
-                            stored & (step + u < blocks), ROWS, D, BLOCK, MAX)
+        for j in range(0, end):
+            _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D, BLOCK,
+                        MAX)
 
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
