@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|lowbit|e2e|e2e8|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|decode-gqa8|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|lowbit|e2e|e2e8|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -30,6 +30,8 @@ for step in "${steps[@]}"; do
     decode) timeout 330 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
     decode-fast) timeout 200 python benchmarks/decode_kernel.py --skip-accuracy --out "$OUT/decode_kernel.json" 2>&1 \
                    | grep -v Warn | tail -30 ;;  # the speed table alone (the error table takes ~2 minutes more)
+    decode-gqa8) timeout 230 python benchmarks/decode_kernel.py --skip-accuracy --group 8 --out "$OUT/decode_kernel_gqa8.json" \
+                   2>&1 | grep -v Warn | tail -30 ;;  # 64 q heads / 8 KV heads (Llama-3.1-70B's GQA 8)
     agreement) timeout 200 python benchmarks/path_agreement.py --invariant --out "$OUT/path_agreement_invariant.json" \
                  2>&1 | grep -v Warn | tail -8 ;;  # fast loop vs normal path, teacher-forced, bit for bit
     ragged) timeout 200 python benchmarks/decode_kernel.py --skip-accuracy --cases "none (bf16,uniform,ragged" \
@@ -137,6 +139,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, lowbit, e2e, e2e8, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, decode-gqa8, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, lowbit, e2e, e2e8, chunked, agreement, serve, peer)" ;;
   esac
 done
