@@ -224,8 +224,8 @@ def main() -> None:
     peak = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "kvfold": kvfold.__version__, "copy_bandwidth_tb_s": peak / 1e12,
-              "shape": f"batch {args.batch}, {args.tokens} tokens, {8 * args.group} q heads / 8 KV heads, head_dim 128, "
-                       "one layer",
+              "shape": f"batch {args.batch}, {args.tokens} tokens, {8 * args.group} q heads / 8 KV heads, "
+                       "head_dim 128, one layer",
               "accuracy": [] if args.skip_accuracy else accuracy(),
               "speed": speed(args.batch, args.tokens, peak, tuple(filter(None, args.cases.split(","))), args.group),
               "sweep": []}

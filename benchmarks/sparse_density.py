@@ -100,7 +100,8 @@ def summary(heads: list[dict], gamma: float) -> dict:
     chosen = [h for h in heads if h["gamma"] == gamma]
     return {"gamma": gamma, **{name: statistics.mean(h[name] for h in chosen) for name in METRICS},
             "min_recall": min(h["recall"] for h in chosen),
-            "lowbit_min_recall": min(h["lowbit_recall"] for h in chosen), "query_aware_heads": sum(h["query_aware"] for h in chosen)}
+            "lowbit_min_recall": min(h["lowbit_recall"] for h in chosen),
+            "query_aware_heads": sum(h["query_aware"] for h in chosen)}
 
 
 def main() -> None:
@@ -131,7 +132,8 @@ def main() -> None:
             for r in results[-1]["summary"]), flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "tokens": tokens, "seed": args.seed,
             "gammas": gammas, "tau": args.tau, "block": args.block,
-            "lowbit_bits": args.bits, "lowbit_rows": args.rows, "lowbit_reduce": args.reduce, "torch": torch.__version__,
+            "lowbit_bits": args.bits, "lowbit_rows": args.rows, "lowbit_reduce": args.reduce,
+            "torch": torch.__version__,
             "kvfold": kvfold.__version__, "seconds": round(time.perf_counter() - start)}
     average = [summary(every_head, g) for g in gammas]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float,
     return {"length": length, "sdpa_ms": sdpa_ms, "kernel_ms": kernel_ms, "pattern_ms": pattern_ms,
             "speedup": sdpa_ms / (kernel_ms + pattern_ms), "kernel_speedup": sdpa_ms / kernel_ms,
             "density": mask.sum().item() / (mask.shape[0] * mask.shape[1] * causal_blocks),
-            "query_aware_heads": None if aware is None else int(aware.sum()), "recall": recall(q, k, mask, scale, block),
+            "query_aware_heads": None if aware is None else int(aware.sum()),
+            "recall": recall(q, k, mask, scale, block),
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item()}
 
 

@@ -73,8 +73,7 @@ class PrefillAttention:
                 raise KVFoldError(f"KVFOLD_PREFILL: unknown knob {name!r} for {kind!r} (sparse takes "
                                   f"{', '.join(sparse_knobs)}; int8 takes pv)")
             try:
-                values[name] = (value if name in ("pv", "estimate", "reduce") else int(value) if name in ("block", "rows")
-                                else float(value))
+                values[name] = {"gamma": float, "tau": float, "block": int, "rows": int}.get(name, str)(value)
             except ValueError:
                 raise KVFoldError(f"KVFOLD_PREFILL: {name}={value!r} is not a number") from None
         return cls(kind, **values)
