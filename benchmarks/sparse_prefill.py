@@ -65,10 +65,9 @@ def recall(q, k, mask, scale, block, rows=64) -> float:
     return (weights * kept).sum(-1).mean().item()
 
 
-def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float, block: int, time_ms,
-         source: Path | None, estimate: str = "pooled", sample: int = 8, reduce: str = "sum") -> dict:
-    q, k, v = structured(length, device, dtype) if source is None else captured(source, length, device, dtype)
-    scale = q.shape[-1] ** -0.5
+def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str = "pooled", sample: int = 8,
+         reduce: str = "sum") -> dict:
+    length, scale = q.shape[2], q.shape[-1] ** -0.5
     if estimate == "pooled":
         pattern = lambda: flexprefill_mask(q, k, scale, gamma, tau, block)  # noqa: E731
         mask, aware = pattern()
@@ -88,12 +87,11 @@ def case(length: int, device: str, dtype: torch.dtype, gamma: float, tau: float,
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item()}
 
 
-def estimate_launches(length: int, args, dtype: torch.dtype) -> dict:
-    """The low-bit estimate's kernel alone (`lowbit_block_mass_triton`), ms at each launch of --estimate-launches."""
+def estimate_launches(q, k, args) -> dict:
+    """The low-bit estimate's kernel alone (`lowbit_block_mass_triton`), ms at each launch of --estimate-launches
+    (at --estimate's bits; 4 with the pooled estimate)."""
     from kvfold.kernels.estimate import lowbit_block_mass_triton
 
-    q, k, _ = (structured(length, args.device, dtype) if args.captured is None
-               else captured(args.captured, length, args.device, dtype))
     bits = int(args.estimate[3:]) if args.estimate != "pooled" else 4
     times = {}
     for launch in filter(None, args.estimate_launches.split(";")):
@@ -124,10 +122,12 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
-        rows.append(case(length, args.device, dtype, args.gamma, args.tau, args.block, timer(args.device),
-                         args.captured, args.estimate, args.rows, args.reduce))
+        q, k, v = (structured(length, args.device, dtype) if args.captured is None
+                   else captured(args.captured, length, args.device, dtype))
+        rows.append(case(q, k, v, args.gamma, args.tau, args.block, timer(args.device), args.estimate, args.rows,
+                         args.reduce))
         if args.estimate_launches:
-            rows[-1]["estimate_kernel_ms"] = estimate_launches(length, args, dtype)
+            rows[-1]["estimate_kernel_ms"] = estimate_launches(q, k, args)
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "

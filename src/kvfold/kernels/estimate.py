@@ -114,12 +114,10 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     blocks = -(-tokens // block)
-    if reduce not in ("sum", "max"):
-        raise ValueError(f"low-bit estimate: reduce must be sum or max, got {reduce!r}")
     if q_heads % kv_heads or dim < 32 or dim & (dim - 1):
         raise ValueError(f"low-bit estimate kernel: q_heads must be a multiple of kv_heads and head_dim a power of "
                          f"two >= 32, got {q_heads}, {kv_heads}, {dim}")
-    q_codes, q_scales, k_codes, k_scales, _ = lowbit_operands(query, key, block, bits, rows)
+    q_codes, q_scales, k_codes, k_scales, _ = lowbit_operands(query, key, block, bits, rows, reduce)
     # [batch, q_heads, blocks * rows] -> [batch, kv_heads, blocks, group, rows]: a program's tile is contiguous
     regroup = lambda x: x.unflatten(1, (kv_heads, group)).unflatten(3, (blocks, rows)).transpose(2, 3)  # noqa: E731
     q_codes, q_scales = regroup(q_codes).contiguous(), regroup(q_scales).contiguous()

@@ -25,9 +25,10 @@ Summed over the sampled rows it is the query block's estimate; each query block 
 `gamma` of it (and its diagonal block). SALE thresholds the relative score with per-head calibrated thresholds;
 gamma keeps FlexPrefill's meaning here, and the row sample is this library's: 8 of 64 rows cost an eighth of
 SALE's estimate and, on the embedded model at 8k, selected as well as 16 rows or 16-bit scores (8 of its layers,
-offline), and close to the oracle on all 30 (`benchmarks/sparse_density.py`). `reduce="max"`: a key block's weight is its largest exp(s) relative to the
-anchors' (one exponential per row and block, not per key; a block's spread-out mass counts less, so a given recall
-takes a somewhat larger gamma). `kernels.estimate` computes `lowbit_block_mass` in Triton.
+offline), and close to the oracle on all 30 (`benchmarks/sparse_density.py`). `reduce="max"`: a key block's
+weight is its largest exp(s) relative to the anchors' (one exponential per row and block, not per key; a block's
+spread-out mass counts less, so a given recall takes a somewhat larger gamma). `kernels.estimate` computes
+`lowbit_block_mass` in Triton.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import math
 
 import torch
 
-from .reference import smooth_keys
+from .reference import int8_blocks, smooth_keys
 
 
 def _cumulative_pick(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -119,24 +120,18 @@ def sampled_rows(tokens: int, block: int, rows: int) -> torch.Tensor:
     return positions.flatten().clamp_max(tokens - 1)
 
 
-def lowbit_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric `bits`-bit integer codes of x [..., tokens, dim] per token: int8 codes in [-(2^(bits-1) - 1),
-    2^(bits-1) - 1] and float32 scales [..., tokens], x ≈ codes * scale."""
-    top = 2 ** (bits - 1) - 1
-    scales = x.float().abs().amax(dim=-1).clamp_min(1e-8) / top
-    codes = torch.round(x.float() / scales[..., None]).clamp(-top, top).to(torch.int8)
-    return codes, scales
-
-
-def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: int, rows: int):
-    """What the low-bit estimate reads: the sampled queries' codes and scales [batch, q_heads, blocks * rows, ...],
-    the smoothed keys' codes and scales, and the sampled positions."""
+def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: int, rows: int, reduce: str = "sum"):
+    """What the low-bit estimate reads, once its settings are checked: the sampled queries' codes and scales
+    [batch, q_heads, blocks * rows, ...] and the smoothed keys' (`bits`-bit codes per token,
+    `reference.int8_blocks`), and the sampled positions."""
     if bits not in (4, 8) or rows < 1 or rows & (rows - 1) or block % rows:
         raise ValueError(f"low-bit estimate: bits must be 4 or 8 and rows a power of two dividing the block "
                          f"({block}), got bits={bits}, rows={rows}")
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"low-bit estimate: reduce must be sum or max, got {reduce!r}")
     positions = sampled_rows(query.shape[2], block, rows).to(query.device)
-    q_codes, q_scales = lowbit_codes(query[:, :, positions], bits)
-    k_codes, k_scales = lowbit_codes(smooth_keys(key.float()), bits)
+    q_codes, q_scales = int8_blocks(query[:, :, positions], 1, bits)
+    k_codes, k_scales = int8_blocks(smooth_keys(key.float()), 1, bits)
     return q_codes, q_scales, k_codes, k_scales, positions
 
 
@@ -148,22 +143,21 @@ def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, bloc
     largest exp(s) over the anchors' largest. Exponents are capped at 64 bits above the anchors' maximum (a block
     that far above them is picked whatever its value). In float32 over the dequantized codes, a chunk of sampled
     rows at a time (scores [.., rows, tokens] near `chunk` elements)."""
-    if reduce not in ("sum", "max"):
-        raise ValueError(f"low-bit estimate: reduce must be sum or max, got {reduce!r}")
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     blocks = -(-tokens // block)
-    q_codes, q_scales, k_codes, k_scales, positions = lowbit_operands(query, key, block, bits, rows)
+    q_codes, q_scales, k_codes, k_scales, positions = lowbit_operands(query, key, block, bits, rows, reduce)
     queries = q_codes.float() * q_scales[..., None]
     keys_t = (k_codes.float() * k_scales[..., None]).transpose(-1, -2)  # [batch, kv_heads, dim, tokens]
-    key_block = torch.arange(tokens, device=query.device) // block
+    key_positions = torch.arange(tokens, device=query.device)
+    key_block = key_positions // block
     mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
     step = max(1, chunk // (batch * q_heads * tokens))
     for first in range(0, len(positions), step):
         picked = slice(first, min(first + step, len(positions)))
         grouped = queries[:, :, picked].reshape(batch, kv_heads, -1, dim) @ keys_t  # each KV head with its group
         scores = (grouped.view(batch, q_heads, -1, tokens) * scale).masked_fill(
-            torch.arange(tokens, device=query.device)[None, :] > positions[picked, None], float("-inf"))
+            key_positions[None, :] > positions[picked, None], float("-inf"))
         anchors = (key_block[None, :] == 0) | (key_block[None, :] == positions[picked, None] // block)
         top = scores.masked_fill(~anchors, float("-inf")).amax(-1, keepdim=True)
         if reduce == "max":  # each block's largest score, then one exponential

@@ -159,15 +159,17 @@ def smooth_keys(keys: torch.Tensor) -> torch.Tensor:
     return keys - keys.mean(dim=-2, keepdim=True)
 
 
-def int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_blocks(x: torch.Tensor, block: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of x [..., tokens, dim] with one float32 scale per `block` tokens: codes [..., tokens,
-    dim] int8 and scales [..., ceil(tokens / block)], x ≈ codes * scale of its block."""
+    dim] int8 and scales [..., ceil(tokens / block)], x ≈ codes * scale of its block. `bits` < 8: codes of that
+    width (in [-(2^(bits-1) - 1), 2^(bits-1) - 1]), still held in int8."""
     tokens = x.shape[-2]
     blocks = -(-tokens // block)
+    top = 2 ** (bits - 1) - 1
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block - tokens))
     grouped = padded.unflatten(-2, (blocks, block))
-    scales = grouped.abs().amax(dim=(-2, -1)).clamp_min(1e-8) / 127
-    codes = torch.round(grouped / scales[..., None, None]).clamp(-127, 127).to(torch.int8)
+    scales = grouped.abs().amax(dim=(-2, -1)).clamp_min(1e-8) / top
+    codes = torch.round(grouped / scales[..., None, None]).clamp(-top, top).to(torch.int8)
     return codes.flatten(-3, -2)[..., :tokens, :], scales
 
 
