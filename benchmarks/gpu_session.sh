@@ -110,14 +110,16 @@ for step in "${steps[@]}"; do
               tests/kernels/test_prefill.py -k "estimate or sparse or through_the_kernel" -p no:cacheprovider 2>&1 \
               | tail -3  # the low-bit estimate compiled
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
-            # low-bit (SALE-style) pattern: gamma 0.95 recalls ~0.95 at a third of the blocks on the model at 8k
+            # low-bit (SALE-style) pattern, shares of each row's total: gamma 0.96 recalls ~0.95 on the layer tiled
+            # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
             launches="QUERY_BLOCKS=2;QUERY_BLOCKS=4;QUERY_BLOCKS=4,num_warps=8;QUERY_BLOCKS=1,num_warps=2"
-            for run in sum:0.95 max:0.98 sum:0.97 max:0.99; do  # the estimate kernel's launches timed on the first two
+            for run in sum:0.96:8 sum:0.97:8 sum:0.97:4 max:0.98:8; do
+              IFS=: read -r reduce gamma rows <<< "$run"
               timeout 120 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
-                --reduce ${run%:*} --gamma ${run#*:} --estimate-launches "$( [ ${run#*:} = 0.95 -o ${run#*:} = 0.98 ] && echo "$launches")" \
-                --out "$OUT/sparse_prefill_captured_int4_${run%:*}_g$(echo ${run#*:} | tr -d .)" 2>&1 | grep -v Warn | tail -20
+                --reduce $reduce --gamma $gamma --rows $rows --estimate-launches "$( [ $run = sum:0.96:8 ] && echo "$launches")" \
+                --out "$OUT/sparse_prefill_captured_int4_${reduce}_g$(echo $gamma | tr -d .)_r$rows" 2>&1 | grep -v Warn | tail -20
             done
-            for run in sum:0.95 max:0.98; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern
+            for run in sum:0.96 max:0.98; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern
               timeout 120 python benchmarks/sparse_prefill.py --estimate int4 --reduce ${run%:*} --gamma ${run#*:} \
                 --out "$OUT/sparse_prefill_int4_${run%:*}" 2>&1 | grep -v Warn | tail -4
             done ;;

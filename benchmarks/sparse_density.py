@@ -13,8 +13,12 @@ rows and keys), then
 Every selection keeps the diagonal blocks.
 The sparse kernel's time follows density (benchmarks/sparse_prefill.py), so a layer's best speed-up is about
 1 / oracle density and FlexPrefill's about 1 / its density. Writes OUT.json and OUT.md.
+--captured FILE --length N: one layer's Q/K captured at 8k (`capture_qkv.py`) repeated to N tokens, the input
+`sparse_prefill.py` times on the GPU, in place of the model's layers.
 
     python benchmarks/sparse_density.py --out benchmarks/results/sparse_density_cpu
+    python benchmarks/sparse_density.py --captured benchmarks/captured/smollm2_layer15_8k.safetensors \
+        --length 32768 --gammas 0.95,0.96,0.97 --out benchmarks/results/sparse_density_cpu_tiled32k
 """
 
 from __future__ import annotations
@@ -115,22 +119,34 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="the low-bit estimate's sampled queries per block")
     parser.add_argument("--reduce", default="sum", choices=["sum", "max"], help="the low-bit estimate's block weight")
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    parser.add_argument("--captured", type=Path, help="a capture_qkv.py file: its layer, tiled to --length")
+    parser.add_argument("--length", type=int, default=32768, help="with --captured: tokens after tiling")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     gammas = [float(g) for g in args.gammas.split(",")]
     start = time.perf_counter()
-    layers, scale, tokens = capture_all(args.tokens, args.seed)
+    if args.captured:
+        from sparse_prefill import captured  # beside this script
+
+        query, key, _ = captured(args.captured, args.length, "cpu", torch.float32)
+        layers, scale, tokens = [(query, key)], query.shape[-1] ** -0.5, args.length
+    else:
+        layers, scale, tokens = capture_all(args.tokens, args.seed)
     chosen = [int(i) for i in args.layers.split(",")] if args.layers else range(len(layers))
     results, every_head = [], []
     for index in chosen:
         heads = layer_rows(*layers[index], scale, gammas, args.tau, args.block, args.bits, args.rows, args.reduce)
         every_head += heads
-        results.append({"layer": index, "heads": heads, "summary": [summary(heads, g) for g in gammas]})
-        print(f"layer {index:2d}: " + " | ".join(
+        results.append({"layer": "tiled" if args.captured else index, "heads": heads,
+                        "summary": [summary(heads, g) for g in gammas]})
+        print(f"layer {results[-1]['layer']}: " + " | ".join(
             f"gamma {r['gamma']}: FlexPrefill density {r['density']:.2f} recall {r['recall']:.3f}, low-bit "
             f"{r['lowbit_density']:.2f} / {r['lowbit_recall']:.3f}, oracle density {r['oracle_density']:.2f}"
             for r in results[-1]["summary"]), flush=True)
-    meta = {"model": "SmolLM2-135M-Instruct (embedded, float32, CPU)", "tokens": tokens, "seed": args.seed,
+    model = "SmolLM2-135M-Instruct (embedded, float32, CPU)"
+    if args.captured:
+        model += f", one layer captured at 8k ({args.captured.name}) tiled to {tokens} tokens"
+    meta = {"model": model, "tokens": tokens, "seed": args.seed,
             "gammas": gammas, "tau": args.tau, "block": args.block,
             "lowbit_bits": args.bits, "lowbit_rows": args.rows, "lowbit_reduce": args.reduce,
             "torch": torch.__version__,
@@ -141,7 +157,8 @@ def main() -> None:
                                                         indent=1))
     lines = [f"# Prefill attention density per layer: FlexPrefill and the low-bit estimate vs the oracle ({tokens} "
              "tokens)", "",
-             f"{meta['model']}, {tokens} tokens of prose (seed {args.seed}), tau {args.tau}, blocks of {args.block}; "
+             f"{meta['model']}, " + ("" if args.captured else f"{tokens} tokens of prose (seed {args.seed}), ")
+             + f"tau {args.tau}, blocks of {args.block}; "
              "`benchmarks/sparse_density.py`. Density: selected share of the causal blocks; recall: mean attention "
              "mass of every query row inside the selection (all rows, exact attention); low-bit: "
              f"`lowbit_mask` ({args.rows} sampled queries per block, {args.bits}-bit Q and smoothed K, reduce "

@@ -4,11 +4,11 @@ Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), batch 
 --lengths. The attention has the structure sparse prefill relies on (a few key columns every query reads, a local
 diagonal, noise elsewhere), built synthetically; or (--captured FILE, from `benchmarks/capture_qkv.py`) the embedded
 model's own post-RoPE Q/K/V of one layer at 8k tokens, tiled to each length (its shapes: 9 query heads, 3 KV
-heads, head_dim 64). Timed: the
-pattern choice (`flexprefill_mask`, or with --estimate int4|int8 the low-bit estimate `lowbit_mask` and its Triton
-kernel), the kernel, and their sum, against `scaled_dot_product_attention`; accuracy:
-the cosine similarity to SDPA's output and the recall (attention mass inside the selected blocks) of 64 sampled
-query rows per head. Issue 7's aim: >= 3x at 128k with recall >= 0.95. Writes OUT.json and OUT.md.
+heads, head_dim 64). Timed: the pattern choice (`flexprefill_mask`, or with --estimate int4|int8 the low-bit
+estimate `lowbit_mask` through its Triton kernels), the kernel, and their sum, against
+`scaled_dot_product_attention`, and the pattern's parts (codes, estimate, pick; the kernel's block lists);
+accuracy: the cosine similarity to SDPA's output and the recall (attention mass inside the selected blocks) of 256
+sampled query rows per head. Issue 7's aim: >= 3x at 128k with recall >= 0.95. Writes OUT.json and OUT.md.
 
     python benchmarks/sparse_prefill.py --out benchmarks/results/sparse_prefill_h200
 On the CPU (`--device cpu`, TRITON_INTERPRET=1, small --lengths) it checks the script, not speed.
@@ -53,7 +53,7 @@ def captured(path: Path, length: int, device: str, dtype: torch.dtype):
                  for name in ("query", "key", "value"))
 
 
-def recall(q, k, mask, scale, block, rows=64) -> float:
+def recall(q, k, mask, scale, block, rows=256) -> float:
     """Mean attention mass inside the selected blocks, over `rows` query positions sampled per head."""
     length, group = q.shape[2], q.shape[1] // k.shape[1]
     picked = torch.randint(0, length, (rows,), device=q.device)
@@ -84,7 +84,26 @@ def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str =
             "density": mask.sum().item() / (mask.shape[0] * mask.shape[1] * causal_blocks),
             "query_aware_heads": None if aware is None else int(aware.sum()),
             "recall": recall(q, k, mask, scale, block),
-            "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item()}
+            "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
+            "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, time_ms)}
+
+
+def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, time_ms) -> dict:
+    """Where the low-bit pattern's time goes: the codes (`lowbit_operands`), the estimate kernel with them, the pick
+    kernel; and the block lists the sparse kernel walks (inside its time)."""
+    from kvfold.kernels.sparse import block_lists
+
+    parts = {"lists": time_ms(lambda: block_lists(mask))}
+    if estimate != "pooled":
+        from kvfold.kernels.estimate import lowbit_block_mass_triton, pick_blocks_triton
+        from kvfold.kernels.pattern import lowbit_operands
+
+        bits, scale = int(estimate[3:]), q.shape[-1] ** -0.5
+        mass = lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)
+        parts = {"codes": time_ms(lambda: lowbit_operands(q, k, block, bits, sample, reduce)),
+                 "codes+estimate": time_ms(lambda: lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)),
+                 "pick": time_ms(lambda: pick_blocks_triton(mass, 0.95)), **parts}
+    return parts
 
 
 def estimate_launches(q, k, args) -> dict:
@@ -131,7 +150,8 @@ def main() -> None:
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "
-              f"cosine {r['cosine']:.4f}", flush=True)
+              f"cosine {r['cosine']:.4f}; " + ", ".join(f"{name} {ms:.2f}" for name, ms in
+                                                       r["pattern_parts_ms"].items()) + " ms", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter: not a speed)"
     report = {"device": device, "torch": torch.__version__, "kvfold": kvfold.__version__, "dtype": str(dtype),
               "gamma": args.gamma, "tau": args.tau, "block": args.block, "estimate": args.estimate,
@@ -148,11 +168,16 @@ def main() -> None:
              f"{report['shape']}; gamma {args.gamma}" + (f", tau {args.tau}" if args.estimate == "pooled" else "")
              + f", blocks of {args.block}; "
              "`benchmarks/sparse_prefill.py`. Density: selected share of the causal blocks; recall: attention mass "
-             "inside them (64 sampled rows per head).", "",
+             "inside them (256 sampled rows per head).", "",
              "| tokens | SDPA ms | kernel ms | pattern ms | × SDPA (both) | kernel × SDPA | density | recall | cosine |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['length']} | {r['sdpa_ms']:.2f} | {r['kernel_ms']:.2f} | {r['pattern_ms']:.2f} | {r['speedup']:.2f} "
               f"| {r['kernel_speedup']:.2f} | {r['density']:.2f} | {r['recall']:.3f} | {r['cosine']:.4f} |" for r in rows]
+    parts = list(rows[0]["pattern_parts_ms"])
+    lines += ["", "Parts, ms (`pattern_parts`: the pattern's codes, estimate kernel and pick; the sparse kernel's block "
+              "lists, inside its time):", "", "| tokens | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    lines += [f"| {r['length']} | " + " | ".join(f"{r['pattern_parts_ms'][name]:.2f}" for name in parts) + " |"
+              for r in rows]
     launched = [r for r in rows if r.get("estimate_kernel_ms")]
     if launched:
         launches = list(launched[0]["estimate_kernel_ms"])

@@ -102,3 +102,14 @@ def test_heads_whose_pooled_estimate_is_faithful_go_query_aware():
     assert aware.all()
     _, aware = flexprefill_mask(q, k, 32 ** -0.5, gamma=0.9, block=32)
     assert not aware.any()
+
+
+def test_block_lists_walk_the_selected_blocks_in_order():
+    """Per query block: the selected key blocks below the diagonal in ascending order (zeros after), their count,
+    and the diagonal's flag."""
+    from kvfold.kernels.sparse import block_lists
+
+    mask = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    picks, counts, diagonal = block_lists(mask[None, None])
+    assert picks[0, 0].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]]
+    assert counts[0, 0].tolist() == [0, 0, 2, 2] and diagonal[0, 0].tolist() == [1, 0, 1, 1]

@@ -4,9 +4,12 @@ One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query bloc
 of the blocks' GQA group of query heads form one tile (block q, head g, row r at tile row (q * G_PAD + g) * rows +
 r, heads padded to a power of two, the tile to >= 16 rows), so every key block is loaded once for all of them.
 Integer dot products of the codes (int8 tensor cores; 4-bit codes are held in int8: Hopper has no int4 MMA). The
-anchors come first (the sink block, then each row's own block): their maximum and sum; then one pass over the
-visible key blocks sums each (query block, head)'s relative weights per key block into the mass. Nothing of size
-tokens × tokens is written.
+anchors come first (the sink block, then each row's own block): their maximum shifts the row's exponents. One pass
+over the visible key blocks then writes each row's weight per key block to a scratch (float32, one 256-byte line per
+key block and program) and sums the row's total; a last loop over the scratch (just written: mostly from L2, 16
+key blocks a step) turns the weights into shares of their row's total and sums them over each (query block,
+head)'s rows into the mass. The scratch is bounded (`SCRATCH_BYTES`: spans of query blocks a launch); nothing of
+size tokens × tokens is written. `pick_blocks_triton` then picks each query block's key blocks from the mass.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from .prefill import LOG2E
 # (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md): 8.2 ms, against 9.9 for
 # one block a program at 2 warps and 8.6 for four at 4 or 8 warps; two key blocks a step were within noise (8.1).
 ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2}
+# Each program keeps its rows' weights per key block until the rows' totals are known: at most this much scratch
+# (launches over spans of query blocks beyond it; 128k tokens at Llama-3.1-8B's 8 KV heads: 16 launches).
+SCRATCH_BYTES = 256 << 20
+SHARES_STEP = tl.constexpr(16)  # key blocks a step of the loop that turns the scratch into shares
 
 
 @triton.jit
@@ -39,70 +46,90 @@ def _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.co
 
 
 @triton.jit
-def _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, anchor, m_i, l_i, D: tl.constexpr,
-                  BLOCK: tl.constexpr, MAX: tl.constexpr):
-    """Key block j into the maximum and sum of the rows it anchors (`anchor` [rows]); MAX: the maximum alone (the
-    sum stays 1)."""
+def _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, anchor, m_i, D: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Key block j into the maximum score of the rows it anchors (`anchor` [rows])."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
-    scores = tl.where(anchor[:, None], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the sink block comes first, key 0 is always visible
-    if MAX:
-        return m_new, l_i
-    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(scores - m_new[:, None]), axis=1)
+    return tl.maximum(m_i, tl.max(tl.where(anchor[:, None], scores, float("-inf")), axis=1))
 
 
 @triton.jit
-def _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS: tl.constexpr,
-                D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr):
-    """Each (query block, head)'s weights in key block j relative to its rows' anchors, summed over its rows, at
-    out + j (exponents capped at 64 above the anchors' maximum: no overflow). MAX: the block's largest score, one
-    exponential a row."""
+def _row_weights(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, D: tl.constexpr, BLOCK: tl.constexpr,
+                 MAX: tl.constexpr):
+    """Each row's weight in key block j relative to its anchors' maximum: its keys' exp(s) summed (MAX: the
+    largest, one exponential a row), exponents capped at 64 above the anchors' maximum (no overflow)."""
     scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
     if MAX:
-        row_mass = tl.exp2(tl.minimum(tl.max(scores, axis=1) - m_i, 64.0))
-    else:
-        row_mass = tl.sum(tl.exp2(tl.minimum(scores - m_i[:, None], 64.0)), axis=1) / l_i
-    tl.store(out + j, tl.sum(tl.reshape(row_mass, [stored.shape[0], ROWS]), axis=1), mask=stored)
+        return tl.exp2(tl.minimum(tl.max(scores, axis=1) - m_i, 64.0))
+    return tl.sum(tl.exp2(tl.minimum(scores - m_i[:, None], 64.0)), axis=1)
 
 
 @triton.jit
-def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, tokens, blocks, scale_log2,
-                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, G_PAD: tl.constexpr,
-                        D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
+def _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE: tl.constexpr,
+                 D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr):
+    """Key block j's row weights into the scratch; the rows' running totals."""
+    weights = _row_weights(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, D, BLOCK, MAX)
+    tl.store(rows_at + j * TILE, weights)
+    return total + weights
+
+
+@triton.jit
+def _store_shares(rows_at, total, out, stored, first, end, TILE: tl.constexpr, PAIRS: tl.constexpr,
+                  ROWS: tl.constexpr, STEP: tl.constexpr):
+    """Key blocks [first, first + STEP) below `end`: their share of each row's total, summed over each (query block,
+    head)'s rows, at out + key block."""
+    at = first + tl.arange(0, STEP)
+    inside = at < end
+    shares = tl.load(rows_at[None, :] + at[:, None] * TILE, mask=inside[:, None], other=0.0) / total[None, :]
+    summed = tl.sum(tl.reshape(shares, [STEP, PAIRS, ROWS]), axis=2)
+    tl.store(out[None, :] + at[:, None], summed, mask=inside[:, None] & stored[None, :])
+
+
+@triton.jit
+def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, tokens, blocks, first_block,
+                        scale_log2, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+                        G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
                         QUERY_BLOCKS: tl.constexpr = 1, MAX: tl.constexpr = False):
-    """MAX: the `reduce="max"` weights."""
-    first = (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest (last) query blocks first
+    """Query blocks [first_block, first_block + num_programs(0) * QUERY_BLOCKS); MAX: the `reduce="max"` weights.
+    scratch: each program's row weights [key blocks, tile rows] (float32) until its rows' totals are known."""
+    first = first_block + (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest blocks first
     kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
-    tile = tl.arange(0, QUERY_BLOCKS * G_PAD * ROWS)
+    TILE: tl.constexpr = QUERY_BLOCKS * G_PAD * ROWS
+    tile = tl.arange(0, TILE)
     block, head, row = first + tile // (G_PAD * ROWS), tile // ROWS % G_PAD, tile % ROWS
     real = (head < GROUP) & (block < blocks)
     positions = tl.minimum(block * BLOCK + (row + 1) * (BLOCK // ROWS) - 1, tokens - 1)
     sampled = (kv * blocks + block) * GROUP * ROWS + head * ROWS + row  # [batch, kv_heads, blocks, group, rows]
     q = tl.load(qc_ptr + sampled[:, None] * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0)
     q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
-    m_i = tl.full([QUERY_BLOCKS * G_PAD * ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([QUERY_BLOCKS * G_PAD * ROWS], tl.float32)
-    sink = block >= 0  # every row
-    m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, sink, m_i, l_i, D, BLOCK, MAX)
+    m_i = tl.full([TILE], float("-inf"), tl.float32)
+    # the anchors: their maximum is each row's exponent shift (finite: key 0 is always visible)
+    m_i = _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, D, BLOCK)
     for d in tl.static_range(QUERY_BLOCKS):  # each row's own block (block 0's is the sink, already in)
         if (first + d > 0) & (first + d < blocks):
-            m_i, l_i = _anchor_stats(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d,
-                                     m_i, l_i, D, BLOCK, MAX)
-    pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)  # (query block, head) pairs
-    pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
-    q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + pair_head
-    out = mass_ptr + (q_head * blocks + pair_block) * blocks
-    stored = (pair_head < GROUP) & (pair_block < blocks)
+            m_i = _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d, m_i,
+                              D, BLOCK)
+    slot = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    rows_at = scratch_ptr + slot * blocks * TILE + tile  # + j * TILE: key block j's weights, one per tile row
+    total = tl.zeros([TILE], tl.float32)
     end = tl.minimum(first + QUERY_BLOCKS, blocks)  # key blocks [0, end) are visible to some row
     if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for j in range(0, INTERPRETED_BLOCKS):
             if j < end:
-                _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D,
-                            BLOCK, MAX)
+                total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
+                                     D, BLOCK, MAX)
     else:
         for j in range(0, end):
-            _store_mass(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, l_i, out, stored, ROWS, D, BLOCK,
-                        MAX)
+            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
+                                 BLOCK, MAX)
+    # each row's weights as shares of its total, summed over each (query block, head)'s rows into the mass
+    pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)
+    pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
+    q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + pair_head
+    out = mass_ptr + (q_head * blocks + pair_block) * blocks
+    stored = (pair_head < GROUP) & (pair_block < blocks)
+    for j in range(0, INTERPRETED_BLOCKS if INTERPRETED_BLOCKS else end, SHARES_STEP):
+        _store_shares(rows_at, total, out, stored, j, end, TILE, QUERY_BLOCKS * G_PAD, ROWS, SHARES_STEP)
 
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
@@ -125,8 +152,49 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     g_pad = max(triton.next_power_of_2(group), 16 // rows)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
     options = {**ESTIMATE_LAUNCH, **(launch or {})}
-    _lowbit_mass_kernel[(triton.cdiv(blocks, options.get("QUERY_BLOCKS", 1)), batch * kv_heads)](
-        q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, tokens, blocks, scale * LOG2E,
-        KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim, BLOCK=block,
-        INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max", **options)
+    per_program = options.get("QUERY_BLOCKS", 1)
+    tile_bytes = batch * kv_heads * blocks * per_program * g_pad * rows * 4  # one program index's scratch
+    programs = triton.cdiv(blocks, per_program)
+    at_once = max(1, min(programs, SCRATCH_BYTES // tile_bytes))
+    scratch = torch.empty(at_once * tile_bytes // 4, device=query.device)
+    for start in range(0, programs, at_once):  # query blocks in spans, so the scratch stays under SCRATCH_BYTES
+        count = min(at_once, programs - start)
+        _lowbit_mass_kernel[(count, batch * kv_heads)](
+            q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, scratch, tokens, blocks,
+            start * per_program, scale * LOG2E, KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim,
+            BLOCK=block, INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max", **options)
     return mass
+
+
+@triton.jit
+def _pick_kernel(mass_ptr, mask_ptr, blocks, gamma, BLOCKS_PAD: tl.constexpr):
+    """Query block program_id(0) of head program_id(1): its visible key blocks' masses, the largest threshold t with
+    the masses >= t still holding gamma of the row (bisection on the float bits: non-negative floats order as their
+    bits), and the mask: the masses >= t, and the diagonal."""
+    row = tl.program_id(0)
+    at = (tl.program_id(1).to(tl.int64) * blocks + row) * blocks + tl.arange(0, BLOCKS_PAD)
+    cols = tl.arange(0, BLOCKS_PAD)
+    mass = tl.load(mass_ptr + at, mask=cols <= row, other=0.0)
+    bits = mass.to(tl.int32, bitcast=True)
+    target = tl.sum(mass) * gamma
+    low = row * 0  # every mass is >= 0 (bits 0): the whole row holds gamma of itself
+    high = low + 0x7F800000  # nothing is >= inf
+    for _ in range(31):
+        middle = low + (high - low) // 2
+        holds = tl.sum(tl.where(bits >= middle, mass, 0.0)) >= target
+        low, high = tl.where(holds, middle, low), tl.where(holds, high, middle)
+    keep = (((bits >= low) | (gamma >= 1)) & (mass > 0)) | (cols == row)  # gamma 1: whatever the sums' rounding
+    tl.store(mask_ptr + at, keep.to(tl.int8), mask=cols < blocks)
+
+
+def pick_blocks_triton(mass: torch.Tensor, gamma: float) -> torch.Tensor:
+    """`pattern.pick_blocks` in Triton, one program per query block: masses [..., blocks, blocks] (float32, >= 0)
+    -> the causal block mask. The fewest largest visible blocks whose sum reaches gamma of the row, and the diagonal
+    (blocks tied with the last one kept are kept too: the reference keeps the first of them in its sort order)."""
+    blocks = mass.shape[-1]
+    rows = mass.reshape(-1, blocks, blocks).contiguous().float()
+    mask = torch.empty(rows.shape, dtype=torch.bool, device=mass.device)
+    pad = triton.next_power_of_2(blocks)
+    _pick_kernel[(blocks, rows.shape[0])](rows, mask.view(torch.int8), blocks, gamma, BLOCKS_PAD=pad,
+                                           num_warps=min(16, max(1, pad // 256)))
+    return mask.view(mass.shape)

@@ -18,17 +18,20 @@ The mask approximates full attention; its recall of the attention mass is measur
 `lowbit_mask(query, key, scale, gamma, block, bits, rows)`: the low-bit estimate (SALE, Ji et al. 2025,
 arXiv:2505.24179: the pattern from 4-bit query-key products, token by token, not from pooled blocks). Per query
 block, `rows` of its queries (evenly spaced) are scored against every visible key with Q and smoothed K rounded to
-`bits`-bit integers per token. As in SALE, a key block's weight for a row is its attention relative to the row's
-anchors, the sink block (the first) and the row's own block: Σ_block exp(s) / Σ_anchors exp(s), known after the
-anchors are read, so one pass over the keys suffices (a softmax would take two: its denominator needs every key).
-Summed over the sampled rows it is the query block's estimate; each query block keeps the fewest key blocks holding
+`bits`-bit integers per token. A key block's weight for a row is its share of the row's attention: Σ_block exp(s) /
+Σ_keys exp(s). As in SALE the row's anchors, the sink block (the first) and its own block, are read first: their
+largest score shifts the exponents, so one pass over the keys writes each block's exp-sum and the row's total, and
+the shares follow from them (the kernel keeps the sums in a scratch, not the scores). SALE weighs a block relative
+to the anchors alone; on the embedded model's layer tiled to 32k that let rows whose anchors hold little of their
+attention outweigh the others (recall 0.902 against 0.943 at gamma 0.95, `sparse_density_cpu_tiled32k*.md`). Summed
+over the sampled rows it is the query block's estimate; each query block keeps the fewest key blocks holding
 `gamma` of it (and its diagonal block). SALE thresholds the relative score with per-head calibrated thresholds;
 gamma keeps FlexPrefill's meaning here, and the row sample is this library's: 8 of 64 rows cost an eighth of
 SALE's estimate and, on the embedded model at 8k, selected as well as 16 rows or 16-bit scores (8 of its layers,
 offline), and close to the oracle on all 30 (`benchmarks/sparse_density.py`). `reduce="max"`: a key block's
-weight is its largest exp(s) relative to the anchors' (one exponential per row and block, not per key; a block's
-spread-out mass counts less, so a given recall takes a somewhat larger gamma). `kernels.estimate` computes
-`lowbit_block_mass` in Triton.
+weight is its largest exp(s), as a share of the row's sum of them (one exponential per row and block, not per key;
+a block's spread-out mass counts less, so a given recall takes a somewhat larger gamma). `kernels.estimate`
+computes `lowbit_block_mass` and `pick_blocks` in Triton.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ from .reference import int8_blocks, smooth_keys
 
 
 def _cumulative_pick(scores: torch.Tensor, gamma: float) -> torch.Tensor:
-    """[..., n] non-negative scores -> bool [..., n]: the fewest largest entries whose share reaches `gamma`."""
+    """[..., n] non-negative scores -> bool [..., n]: the fewest largest entries whose share reaches `gamma`
+    (gamma >= 1: every positive entry, whatever the rounding of the shares' running sum)."""
     share = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
     ordered, order = share.sort(dim=-1, descending=True)
     before = ordered.cumsum(-1) - ordered  # mass of the larger entries: keep while it is still below gamma
     picked = torch.zeros_like(share, dtype=torch.bool)
-    return picked.scatter(-1, order, (before < gamma) & (ordered > 0))
+    return picked.scatter(-1, order, ((before < gamma) | (gamma >= 1)) & (ordered > 0))
 
 
 def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -137,12 +141,12 @@ def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: in
 
 def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                       rows: int = 8, reduce: str = "sum", chunk: int = 1 << 24) -> torch.Tensor:
-    """The low-bit estimate of each query block's attention per key block relative to its anchors (see the module
-    doc), float32 [batch, q_heads, blocks, blocks]: row b sums over query block b's sampled rows, so its sink and
-    diagonal entries add up to `rows` (block 0: its one anchor holds `rows`); `reduce="max"`: per row the block's
-    largest exp(s) over the anchors' largest. Exponents are capped at 64 bits above the anchors' maximum (a block
-    that far above them is picked whatever its value). In float32 over the dequantized codes, a chunk of sampled
-    rows at a time (scores [.., rows, tokens] near `chunk` elements)."""
+    """The low-bit estimate of each query block's attention per key block (see the module doc), float32 [batch,
+    q_heads, blocks, blocks]: row b sums the shares of query block b's sampled rows, so it adds up to `rows`;
+    `reduce="max"`: per row each block's largest exp(s) as a share of their sum. Exponents are shifted by the
+    anchors' (sink and own block) largest score and capped at 64 bits above it (a block that far above them is
+    picked whatever its value). In float32 over the dequantized codes, a chunk of sampled rows at a time (scores
+    [.., rows, tokens] near `chunk` elements)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     blocks = -(-tokens // block)
@@ -166,10 +170,9 @@ def lowbit_block_mass(query: torch.Tensor, key: torch.Tensor, scale: float, bloc
             per_block = torch.exp((largest - top).clamp_max(64 * math.log(2)))
         else:
             weights = torch.exp((scores - top).clamp_max(64 * math.log(2)))
-            weights = weights / (weights * anchors).sum(-1, keepdim=True)
             per_block = torch.zeros(batch, q_heads, weights.shape[2], blocks, device=query.device).index_add_(
                 3, key_block, weights)
-        mass.index_add_(2, positions[picked] // block, per_block)
+        mass.index_add_(2, positions[picked] // block, per_block / per_block.sum(-1, keepdim=True))
     return mass
 
 
@@ -185,11 +188,10 @@ def pick_blocks(mass: torch.Tensor, gamma: float) -> torch.Tensor:
 def lowbit_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma: float = 0.95, block: int = 64,
                 bits: int = 4, rows: int = 8, kernel: bool = False, reduce: str = "sum") -> torch.Tensor:
     """Block mask [batch, q_heads, blocks, blocks] for a causal prefill of query/key [batch, heads, tokens, dim]
-    (GQA) from the low-bit estimate (see the module doc); `kernel`: its masses by `kernels.estimate` (Triton)."""
+    (GQA) from the low-bit estimate (see the module doc); `kernel`: its masses and pick by `kernels.estimate`
+    (Triton)."""
     if kernel:
-        from .estimate import lowbit_block_mass_triton
+        from .estimate import lowbit_block_mass_triton, pick_blocks_triton
 
-        mass = lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce)
-    else:
-        mass = lowbit_block_mass(query, key, scale, block, bits, rows, reduce)
-    return pick_blocks(mass, gamma)
+        return pick_blocks_triton(lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce), gamma)
+    return pick_blocks(lowbit_block_mass(query, key, scale, block, bits, rows, reduce), gamma)

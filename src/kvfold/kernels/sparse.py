@@ -74,11 +74,15 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out
 
 def block_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A causal block mask [..., blocks, blocks] as the kernel walks it: per query block, the selected key blocks
-    below the diagonal in ascending order (int32 [..., blocks, blocks], the first `counts` valid), their counts
-    (int32 [..., blocks]) and whether the diagonal block is selected (int8 [..., blocks])."""
+    below the diagonal in ascending order (int32 [..., blocks, blocks], the first `counts` valid, zeros after), their
+    counts (int32 [..., blocks]) and whether the diagonal block is selected (int8 [..., blocks])."""
     blocks = block_mask.shape[-1]
     below = block_mask & torch.ones(blocks, blocks, dtype=torch.bool, device=block_mask.device).tril(-1)
-    picks = torch.sort((~below).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)  # selected first
+    # each selected block to its rank among the row's selected ones (a scan, not a sort); the rest to a spare column
+    slots = torch.where(below, below.cumsum(-1, dtype=torch.int32) - 1, blocks).long()
+    ids = torch.arange(blocks, dtype=torch.int32, device=block_mask.device).expand_as(slots)
+    picks = torch.zeros(*below.shape[:-1], blocks + 1, dtype=torch.int32, device=block_mask.device)
+    picks = picks.scatter_(-1, slots, ids)[..., :blocks].contiguous()
     return picks, below.sum(-1, dtype=torch.int32), block_mask.diagonal(dim1=-2, dim2=-1).to(torch.int8)
 
 
