@@ -5,6 +5,7 @@ Triton's wheel ships ptxas and nvdisasm, so this needs no CUDA device.
 
     python benchmarks/inspect_kernel.py                      # every fast kernel at Llama-3.1-8B decode shapes
     python benchmarks/inspect_kernel.py --warps 4 --stages 2 --dump /tmp/ttgir   # other launch; keep the TTGIR
+    python benchmarks/inspect_kernel.py --estimate --dim 64 --group 3   # the sparse prefill's low-bit estimate
 
 Registers and instruction counts are not times: compare launches on a GPU (`benchmarks/decode_kernel.py
 --sweep-only`). This is for reading the compiler's choices between device sessions (e.g. a float16 tile stored to
@@ -57,8 +58,9 @@ def ptxas_report(compiled) -> str:
     return f"{used:>4s} registers, {spilled:>4s} B spilled"
 
 
-def loop_instructions(compiled) -> int:
-    """SASS instructions in the kernel's longest loop (the page loop), from ptxas and nvdisasm (Triton's wheel)."""
+def loop_instructions(compiled, every: bool = False):
+    """SASS instructions in the kernel's longest loop (the page loop), from ptxas and nvdisasm (Triton's wheel);
+    `every`: each loop's count and its I2F and MUFU instructions (quarter-rate), in program order."""
     tools = Path(triton.__file__).parent / "backends/nvidia/bin"
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "k.ptx").write_text(compiled.asm["ptx"])
@@ -73,9 +75,12 @@ def loop_instructions(compiled) -> int:
             labels[label.group(1)] = len(lines)
         elif re.search(r"/\*[0-9a-f]{4}\*/", line):
             lines.append(line)
-    spans = [i - labels[m.group(1)] + 1 for i, line in enumerate(lines)
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-    return max(spans, default=0)
+    if every:
+        return [(end - start + 1, sum(" I2F" in line for line in lines[start:end + 1]),
+                 sum("MUFU" in line for line in lines[start:end + 1])) for start, end in loops]
+    return max((end - start + 1 for start, end in loops), default=0)
 
 
 def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
@@ -125,6 +130,22 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                    {**constants, "BLOCK_G": max(16, pairs), "PAGE_IDS": False}, PACKED_LAUNCH)
 
 
+def estimate_cases(group: int, dim: int):
+    """The low-bit estimate's kernel (`kernels.estimate`) at its default launch: 4-bit codes as float8 or int8,
+    each reduce."""
+    from kvfold.kernels.estimate import ESTIMATE_LAUNCH
+
+    launch = {name: value for name, value in ESTIMATE_LAUNCH.items() if name in ("num_warps", "num_stages")}
+    for codes in ("fp8e4nv", "i8"):
+        signature = dict(qc_ptr="*" + codes, qs_ptr="*fp32", kc_ptr="*" + codes, ks_ptr="*fp32", mass_ptr="*fp32",
+                         scratch_ptr="*fp32", tokens="i32", blocks="i32", first_block="i32", scale_log2="fp32")
+        for reduce in ("sum", "max"):
+            constants = dict(KV_HEADS=8, GROUP=group, ROWS=8, G_PAD=max(triton.next_power_of_2(group), 2), D=dim,
+                             BLOCK=64, INTERPRETED_BLOCKS=0, QUERY_BLOCKS=ESTIMATE_LAUNCH["QUERY_BLOCKS"],
+                             MAX=reduce == "max")
+            yield f"estimate {'float8' if codes[0] == 'f' else 'int8'} codes, {reduce}", signature, constants, launch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--page", type=int, default=64, help="tokens per page")
@@ -136,7 +157,19 @@ def main() -> None:
     parser.add_argument("--tile-tokens", type=int, default=0, help="16-bit/float8 pages: tokens read per step "
                         "(`paged_decode(tile_tokens=)`; 0: one page)")
     parser.add_argument("--only", default="", help="only the kernels whose label contains this")
+    parser.add_argument("--estimate", action="store_true", help="the sparse prefill's low-bit estimate kernel instead "
+                        "(its loops: the anchors, the key blocks before the diagonal, the diagonal ones, the shares)")
     args = parser.parse_args()
+    if args.estimate:
+        from kvfold.kernels.estimate import _lowbit_mass_kernel
+
+        print(f"sm_90, triton {triton.__version__}; GQA {args.group}, head_dim {args.dim}, 8 sampled rows per block")
+        for label, signature, constants, launch in estimate_cases(args.group, args.dim):
+            compiled = compile_for_hopper(_lowbit_mass_kernel, signature, constants, launch)
+            loops = ", ".join(f"{count} ({i2f} I2F, {mufu} MUFU)" for count, i2f, mufu in
+                              loop_instructions(compiled, every=True))
+            print(f"{label:28s} {ptxas_report(compiled)}; loops: {loops}")
+        return
     print(f"sm_90, triton {triton.__version__}; {args.page}-token pages, GQA {args.group}, head_dim {args.dim}"
           + (f", {args.tile_tokens} tokens per step" if args.tile_tokens else ""))
     for label, kernel, signature, constants, launch in cases(args.page, args.group, args.dim, args.tile_tokens):

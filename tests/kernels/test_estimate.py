@@ -49,11 +49,12 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
     assert torch.equal(pick_blocks(got, 0.9), pick_blocks(want, 0.9))
 
 
-@pytest.mark.parametrize("launch", [{"QUERY_BLOCKS": 1}, {"QUERY_BLOCKS": 4, "num_warps": 8}])
+@pytest.mark.parametrize("launch", [{"QUERY_BLOCKS": 1}, {"QUERY_BLOCKS": 4, "num_warps": 8},
+                                    {"QUERY_BLOCKS": 2, "FLOAT8": 0}])
 def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
     """Launches: one or four query blocks a program (13 blocks: the last program partly past the end; the default
-    is two), and a scratch for 2 programs so the query blocks go in spans of launches; the masses stay the
-    reference's."""
+    is two), 4-bit codes as int8 instead of float8, and a scratch for 2 programs so the query blocks go in spans of
+    launches; the masses stay the reference's."""
     from kvfold.kernels import estimate
     from kvfold.kernels.estimate import lowbit_block_mass_triton
 

@@ -3,13 +3,15 @@
 One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query blocks (default 2): the sampled rows
 of the blocks' GQA group of query heads form one tile (block q, head g, row r at tile row (q * G_PAD + g) * rows +
 r, heads padded to a power of two, the tile to >= 16 rows), so every key block is loaded once for all of them.
-Integer dot products of the codes (int8 tensor cores; 4-bit codes are held in int8: Hopper has no int4 MMA). The
-anchors come first (the sink block, then each row's own block): their maximum shifts the row's exponents. One pass
-over the visible key blocks then writes each row's weight per key block to a scratch (float32, one 256-byte line per
-key block and program) and sums the row's total; a last loop over the scratch (just written: mostly from L2, 16
-key blocks a step) turns the weights into shares of their row's total and sums them over each (query block,
-head)'s rows into the mass. The scratch is bounded (`SCRATCH_BYTES`: spans of query blocks a launch); nothing of
-size tokens × tokens is written. `pick_blocks_triton` then picks each query block's key blocks from the mass.
+Exact dot products of the codes: Hopper has no int4 MMA, so 4-bit codes go to the tensor cores as float8 e4m3
+(exact: see `ESTIMATE_LAUNCH`'s FLOAT8), 8-bit ones as int8. The anchors come first (the sink block, then each
+row's own block): their maximum shifts the row's exponents. One pass over the visible key blocks (those before the
+tile's first query block unmasked, then the diagonal ones) writes each row's weight per key block to a scratch
+(float32, one 256-byte line per key block and program) and sums the row's total; a last loop over the scratch
+(just written: mostly from L2, 16 key blocks a step) turns the weights into shares of their row's total and sums
+them over each (query block, head)'s rows into the mass. The scratch is bounded (`SCRATCH_BYTES`: spans of query
+blocks a launch); nothing of size tokens × tokens is written. `pick_blocks_triton` then picks each query block's
+key blocks from the mass.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from .prefill import LOG2E
 # Two query blocks a program: a 64-row tile, 16 rows a warp (wgmma), row reductions within a warp. On an H200 at 128k
 # (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md): 8.2 ms, against 9.9 for
 # one block a program at 2 warps and 8.6 for four at 4 or 8 warps; two key blocks a step were within noise (8.1).
-ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2}
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2, "FLOAT8": 1}
+# FLOAT8: 4-bit codes as float8 e4m3 (every code exact; a row's sum of products is an integer below 128 * 49 < 2^13,
+# well inside the ~14 bits Hopper's float8 accumulation keeps), so the dot product is a float8 wgmma at int8's rate
+# and the scores need no int -> float conversion, a quarter-rate instruction per score like the exponential. With
+# the blocks before the diagonal read unmasked (no compare and select; scale and shift fused), the key loop's sm_90
+# SASS at head_dim 64, GQA 3 (the shapes timed at 128k) went from 455 instructions (32 of them I2F) to 293, and
+# with reduce=max from 366 to 203 (`benchmarks/inspect_kernel.py --estimate`, offline); not yet timed on a GPU.
 # Each program keeps its rows' weights per key block until the rows' totals are known: at most this much scratch
 # (launches over spans of query blocks beyond it; 128k tokens at Llama-3.1-8B's 8 KV heads: 16 launches).
 SCRATCH_BYTES = 256 << 20
@@ -34,41 +42,44 @@ SHARES_STEP = tl.constexpr(16)  # key blocks a step of the loop that turns the s
 
 
 @triton.jit
-def _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Scores (log2 units) of the tile's rows against key block j; keys after a row's position are -inf."""
+def _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.constexpr, BLOCK: tl.constexpr,
+                MASKED: tl.constexpr):
+    """The tile's rows against key block j before the rows' own scales (q_codes · k_codes × the key's scale). MASKED:
+    keys after a row's position or past the end are -inf (only the diagonal blocks need it: every row sees the
+    blocks before them whole, and those scores go straight into one multiply-add and an exponential)."""
     keys = j * BLOCK + tl.arange(0, BLOCK)
-    inside = keys < tokens
-    codes = tl.load(kc_ptr + (kv * tokens + keys[:, None]) * D + tl.arange(0, D)[None, :], mask=inside[:, None],
-                    other=0)
-    key_scale = tl.load(ks_ptr + kv * tokens + keys, mask=inside, other=0.0)
-    scores = tl.dot(q, tl.trans(codes)).to(tl.float32) * q_scale[:, None] * key_scale[None, :]
-    return tl.where(keys[None, :] <= positions[:, None], scores, float("-inf"))
+    at = kc_ptr + (kv * tokens + keys[:, None]) * D + tl.arange(0, D)[None, :]
+    if MASKED:
+        codes = tl.load(at, mask=(keys < tokens)[:, None], other=0.0)
+        key_scale = tl.load(ks_ptr + kv * tokens + keys, mask=keys < tokens, other=0.0)
+    else:
+        codes = tl.load(at)
+        key_scale = tl.load(ks_ptr + kv * tokens + keys)
+    scores = tl.dot(q, tl.trans(codes)).to(tl.float32) * key_scale[None, :]
+    if MASKED:
+        scores = tl.where(keys[None, :] <= positions[:, None], scores, float("-inf"))
+    return scores
 
 
 @triton.jit
 def _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, anchor, m_i, D: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """Key block j into the maximum score of the rows it anchors (`anchor` [rows])."""
-    scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
+    """Key block j into the maximum score (log2 units) of the rows it anchors (`anchor` [rows])."""
+    scores = _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK, True) * q_scale[:, None]
     return tl.maximum(m_i, tl.max(tl.where(anchor[:, None], scores, float("-inf")), axis=1))
 
 
 @triton.jit
-def _row_weights(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, D: tl.constexpr, BLOCK: tl.constexpr,
-                 MAX: tl.constexpr):
-    """Each row's weight in key block j relative to its anchors' maximum: its keys' exp(s) summed (MAX: the
-    largest, one exponential a row), exponents capped at 64 above the anchors' maximum (no overflow)."""
-    scores = _block_scores(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK)
-    if MAX:
-        return tl.exp2(tl.minimum(tl.max(scores, axis=1) - m_i, 64.0))
-    return tl.sum(tl.exp2(tl.minimum(scores - m_i[:, None], 64.0)), axis=1)
-
-
-@triton.jit
 def _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE: tl.constexpr,
-                 D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr):
-    """Key block j's row weights into the scratch; the rows' running totals."""
-    weights = _row_weights(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, D, BLOCK, MAX)
+                 D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr, MASKED: tl.constexpr):
+    """Each row's weight in key block j relative to its anchors' maximum, into the scratch; the rows' running
+    totals. The weight: its keys' exp(s) summed (MAX: the largest, one exponential a row; the rows' scales are
+    positive, so they apply after the maximum), exponents capped at 64 above the anchors' maximum (no overflow)."""
+    scores = _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK, MASKED)
+    if MAX:
+        weights = tl.exp2(tl.minimum(tl.max(scores, axis=1) * q_scale - m_i, 64.0))
+    else:
+        weights = tl.sum(tl.exp2(tl.minimum(scores * q_scale[:, None] - m_i[:, None], 64.0)), axis=1)
     tl.store(rows_at + j * TILE, weights)
     return total + weights
 
@@ -100,8 +111,8 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, t
     real = (head < GROUP) & (block < blocks)
     positions = tl.minimum(block * BLOCK + (row + 1) * (BLOCK // ROWS) - 1, tokens - 1)
     sampled = (kv * blocks + block) * GROUP * ROWS + head * ROWS + row  # [batch, kv_heads, blocks, group, rows]
-    q = tl.load(qc_ptr + sampled[:, None] * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0)
-    q_scale = tl.load(qs_ptr + sampled, mask=real, other=0.0) * scale_log2
+    q = tl.load(qc_ptr + sampled[:, None] * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0.0)
+    q_scale = tl.load(qs_ptr + sampled, mask=real, other=1.0) * scale_log2  # > 0: a maximum's order holds
     m_i = tl.full([TILE], float("-inf"), tl.float32)
     # the anchors: their maximum is each row's exponent shift (finite: key 0 is always visible)
     m_i = _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, D, BLOCK)
@@ -115,13 +126,19 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, t
     end = tl.minimum(first + QUERY_BLOCKS, blocks)  # key blocks [0, end) are visible to some row
     if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for j in range(0, INTERPRETED_BLOCKS):
-            if j < end:
+            if j < first:
                 total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
-                                     D, BLOCK, MAX)
-    else:
-        for j in range(0, end):
+                                     D, BLOCK, MAX, False)
+            elif j < end:
+                total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
+                                     D, BLOCK, MAX, True)
+    else:  # the blocks before the tile's first query block, seen whole by every row; then the diagonal ones
+        for j in range(0, first):
             total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
-                                 BLOCK, MAX)
+                                 BLOCK, MAX, False)
+        for j in range(first, end):
+            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
+                                 BLOCK, MAX, True)
     # each row's weights as shares of its total, summed over each (query block, head)'s rows into the mass
     pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)
     pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
@@ -152,6 +169,8 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     g_pad = max(triton.next_power_of_2(group), 16 // rows)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
     options = {**ESTIMATE_LAUNCH, **(launch or {})}
+    if options.pop("FLOAT8") and bits == 4:  # 4-bit codes are exact in e4m3 (8-bit ones are not): no int->float
+        q_codes, k_codes = q_codes.to(torch.float8_e4m3fn), k_codes.to(torch.float8_e4m3fn)
     per_program = options.get("QUERY_BLOCKS", 1)
     tile_bytes = batch * kv_heads * blocks * per_program * g_pad * rows * 4  # one program index's scratch
     programs = triton.cdiv(blocks, per_program)
