@@ -85,10 +85,10 @@ def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str =
             "query_aware_heads": None if aware is None else int(aware.sum()),
             "recall": recall(q, k, mask, scale, block),
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
-            "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, time_ms)}
+            "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, gamma, time_ms)}
 
 
-def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, time_ms) -> dict:
+def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, gamma: float, time_ms) -> dict:
     """Where the low-bit pattern's time goes: the codes (`lowbit_operands`), the estimate kernel with them, the pick
     kernel; and the block lists the sparse kernel walks (inside its time)."""
     from kvfold.kernels.sparse import block_lists
@@ -102,7 +102,7 @@ def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: st
         mass = lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)
         parts = {"codes": time_ms(lambda: lowbit_operands(q, k, block, bits, sample, reduce)),
                  "codes+estimate": time_ms(lambda: lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)),
-                 "pick": time_ms(lambda: pick_blocks_triton(mass, 0.95)), **parts}
+                 "pick": time_ms(lambda: pick_blocks_triton(mass, gamma)), **parts}
     return parts
 
 
