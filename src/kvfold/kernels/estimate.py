@@ -1,6 +1,7 @@
 """The low-bit estimate of a causal prefill's block attention (`pattern.lowbit_block_mass`) in Triton.
 
-One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query blocks (default 2): the sampled rows
+One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query blocks (default: a 64-row tile; 2 at
+8 rows and GQA 3-4): the sampled rows
 of the blocks' GQA group of query heads form one tile (block q, head g, row r at tile row (q * G_PAD + g) * rows +
 r, heads padded to a power of two, the tile to >= 16 rows), so every key block is loaded once for all of them.
 Exact dot products of the codes: Hopper has no int4 MMA, so 4-bit codes go to the tensor cores as float8 e4m3
@@ -25,10 +26,11 @@ import triton.language as tl
 from .pattern import lowbit_operands
 from .prefill import LOG2E
 
-# Two query blocks a program: a 64-row tile, 16 rows a warp (wgmma), row reductions within a warp. On an H200 at 128k
-# (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md): 8.2 ms, against 9.9 for
-# one block a program at 2 warps and 8.6 for four at 4 or 8 warps; two key blocks a step were within noise (8.1).
-ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 2, "FLOAT8": 1}
+# QUERY_BLOCKS 0: as many query blocks a program as make a 64-row tile, 16 rows a warp (wgmma), row reductions
+# within a warp. At 8 rows and GQA 3 (padded to 4) that is two, on an H200 at 128k (9 / 3 heads, head_dim 64;
+# benchmarks/results/sparse_prefill_h200_captured_int4_*.md): 8.2 ms, against 9.9 for one block a program at 2
+# warps and 8.6 for four at 4 or 8 warps; two key blocks a step were within noise (8.1).
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 0, "FLOAT8": 1}
 # FLOAT8: 4-bit codes as float8 e4m3 (every code exact; a row's sum of products is an integer below 128 * 49 < 2^13,
 # well inside the ~14 bits Hopper's float8 accumulation keeps), so the dot product is a float8 wgmma at int8's rate
 # and the scores need no int -> float conversion, a quarter-rate instruction per score like the exponential. With
@@ -153,7 +155,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
                              rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
     >= 32: int8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
-    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, QUERY_BLOCKS)."""
+    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, QUERY_BLOCKS, FLOAT8)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -171,7 +173,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     options = {**ESTIMATE_LAUNCH, **(launch or {})}
     if options.pop("FLOAT8") and bits == 4:  # 4-bit codes are exact in e4m3 (8-bit ones are not): no int->float
         q_codes, k_codes = q_codes.to(torch.float8_e4m3fn), k_codes.to(torch.float8_e4m3fn)
-    per_program = options.get("QUERY_BLOCKS", 1)
+    per_program = options["QUERY_BLOCKS"] = options.get("QUERY_BLOCKS") or max(1, 64 // (g_pad * rows))
     tile_bytes = batch * kv_heads * blocks * per_program * g_pad * rows * 4  # one program index's scratch
     programs = triton.cdiv(blocks, per_program)
     at_once = max(1, min(programs, SCRATCH_BYTES // tile_bytes))
