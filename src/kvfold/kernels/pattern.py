@@ -95,7 +95,7 @@ def flexprefill_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma
     block_causal = torch.ones(blocks, blocks, dtype=torch.bool, device=query.device).tril()
     pooled = torch.softmax(((pooled_queries @ pooled_keys.transpose(-1, -2)) * scale).masked_fill(
         ~block_causal, float("-inf")), dim=-1)
-    aware_mask = _cumulative_pick(pooled, gamma) & block_causal
+    aware_mask = pick_blocks(pooled, gamma)
     # vertical-slash from the last block's attention: columns, and offsets (query position - key position)
     vertical = _cumulative_pick(a_hat.sum(dim=2), gamma)  # [.., tokens]
     offsets = (last_pos[:, None] - torch.arange(tokens, device=query.device)[None, :]).clamp_min(0)
