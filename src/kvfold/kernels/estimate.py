@@ -1,9 +1,9 @@
 """The low-bit estimate of a causal prefill's block attention (`pattern.lowbit_block_mass`) in Triton.
 
 One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query blocks (default: a 64-row tile; 2 at
-8 rows and GQA 3-4): the sampled rows
-of the blocks' GQA group of query heads form one tile (block q, head g, row r at tile row (q * G_PAD + g) * rows +
-r, heads padded to a power of two, the tile to >= 16 rows), so every key block is loaded once for all of them.
+8 rows and GQA 3-4): the sampled rows of the blocks' GQA group of query heads form one tile (block q, head g, row r
+at tile row (q * G_PAD + g) * rows + r, heads padded to a power of two, the tile to >= 16 rows), so every key block
+is loaded once for all of them.
 Exact dot products of the codes: Hopper has no int4 MMA, so 4-bit codes go to the tensor cores as float8 e4m3
 (exact: see `ESTIMATE_LAUNCH`'s FLOAT8), 8-bit ones as int8. The anchors come first (the sink block, then each
 row's own block): their maximum shifts the row's exponents. One pass over the visible key blocks (those before the
@@ -154,7 +154,7 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, t
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                              rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
-    >= 32: int8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
+    >= 32: int8 and float8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
     diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, QUERY_BLOCKS, FLOAT8)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
@@ -173,6 +173,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     options = {**ESTIMATE_LAUNCH, **(launch or {})}
     if options.pop("FLOAT8") and bits == 4:  # 4-bit codes are exact in e4m3 (8-bit ones are not): no int->float
         q_codes, k_codes = q_codes.to(torch.float8_e4m3fn), k_codes.to(torch.float8_e4m3fn)
+    k_codes, k_scales = k_codes.contiguous(), k_scales.contiguous()  # once, not per launch
     per_program = options["QUERY_BLOCKS"] = options.get("QUERY_BLOCKS") or max(1, 64 // (g_pad * rows))
     tile_bytes = batch * kv_heads * blocks * per_program * g_pad * rows * 4  # one program index's scratch
     programs = triton.cdiv(blocks, per_program)
@@ -181,7 +182,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     for start in range(0, programs, at_once):  # query blocks in spans, so the scratch stays under SCRATCH_BYTES
         count = min(at_once, programs - start)
         _lowbit_mass_kernel[(count, batch * kv_heads)](
-            q_codes, q_scales, k_codes.contiguous(), k_scales.contiguous(), mass, scratch, tokens, blocks,
+            q_codes, q_scales, k_codes, k_scales, mass, scratch, tokens, blocks,
             start * per_program, scale * LOG2E, KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim,
             BLOCK=block, INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max", **options)
     return mass
@@ -193,8 +194,8 @@ def _pick_kernel(mass_ptr, mask_ptr, blocks, gamma, BLOCKS_PAD: tl.constexpr):
     the masses >= t still holding gamma of the row (bisection on the float bits: non-negative floats order as their
     bits), and the mask: the masses >= t, and the diagonal."""
     row = tl.program_id(0)
-    at = (tl.program_id(1).to(tl.int64) * blocks + row) * blocks + tl.arange(0, BLOCKS_PAD)
     cols = tl.arange(0, BLOCKS_PAD)
+    at = (tl.program_id(1).to(tl.int64) * blocks + row) * blocks + cols
     mass = tl.load(mass_ptr + at, mask=cols <= row, other=0.0)
     bits = mass.to(tl.int32, bitcast=True)
     target = tl.sum(mass) * gamma
