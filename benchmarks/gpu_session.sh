@@ -112,8 +112,8 @@ for step in "${steps[@]}"; do
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern, shares of each row's total: gamma 0.96 recalls ~0.95 on the layer tiled
             # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
-            launches="QUERY_BLOCKS=2;QUERY_BLOCKS=2,FLOAT8=0;QUERY_BLOCKS=4;QUERY_BLOCKS=4,num_warps=8;QUERY_BLOCKS=1,num_warps=2"
-            for run in sum:0.96:8 sum:0.97:8 sum:0.97:4 max:0.98:8; do
+            launches="PAIRS=8;PAIRS=8,FLOAT8=0;PAIRS=16;PAIRS=16,num_warps=8;PAIRS=4,num_warps=2;PAIRS=8,num_stages=2"
+            for run in sum:0.96:8 sum:0.97:4 max:0.98:8 sum:0.97:8; do
               IFS=: read -r reduce gamma rows <<< "$run"
               timeout 120 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
                 --reduce $reduce --gamma $gamma --rows $rows --estimate-launches "$( [ $run = sum:0.96:8 ] && echo "$launches")" \

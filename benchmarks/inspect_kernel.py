@@ -138,12 +138,11 @@ def estimate_cases(group: int, dim: int):
     launch = {name: value for name, value in ESTIMATE_LAUNCH.items() if name in ("num_warps", "num_stages")}
     for codes in ("fp8e4nv", "i8"):
         signature = dict(qc_ptr="*" + codes, qs_ptr="*fp32", kc_ptr="*" + codes, ks_ptr="*fp32", mass_ptr="*fp32",
-                         scratch_ptr="*fp32", tokens="i32", blocks="i32", first_block="i32", scale_log2="fp32")
+                         scratch_ptr="*fp32", tokens="i32", blocks="i32", first_pair="i32", scale_log2="fp32")
         for reduce in ("sum", "max"):
-            g_pad = max(triton.next_power_of_2(group), 2)  # as `lowbit_block_mass_triton` pads 8 rows a block
-            constants = dict(KV_HEADS=8, GROUP=group, ROWS=8, G_PAD=g_pad, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0,
-                             QUERY_BLOCKS=ESTIMATE_LAUNCH["QUERY_BLOCKS"] or max(1, 64 // (g_pad * 8)),
-                             MAX=reduce == "max")
+            pairs = ESTIMATE_LAUNCH["PAIRS"] or 8  # as `lowbit_block_mass_triton` tiles 8 rows a block
+            constants = dict(GROUP=group, ROWS=8, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, PAIRS=pairs,
+                             SPAN=max(-(-(pairs + offset) // group) for offset in range(group)), MAX=reduce == "max")
             yield f"estimate {'float8' if codes[0] == 'f' else 'int8'} codes, {reduce}", signature, constants, launch
 
 

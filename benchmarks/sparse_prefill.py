@@ -89,18 +89,20 @@ def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str =
 
 
 def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, gamma: float, time_ms) -> dict:
-    """Where the low-bit pattern's time goes: the codes (`lowbit_operands`), the estimate kernel with them, the pick
-    kernel; and the block lists the sparse kernel walks (inside its time)."""
+    """Where the low-bit pattern's time goes: the codes (`lowbit_codes_triton`; PyTorch's `lowbit_operands` beside
+    it), the estimate kernel with them, the pick kernel; and the block lists the sparse kernel walks (inside its
+    time)."""
     from kvfold.kernels.sparse import block_lists
 
     parts = {"lists": time_ms(lambda: block_lists(mask))}
     if estimate != "pooled":
-        from kvfold.kernels.estimate import lowbit_block_mass_triton, pick_blocks_triton
+        from kvfold.kernels.estimate import lowbit_block_mass_triton, lowbit_codes_triton, pick_blocks_triton
         from kvfold.kernels.pattern import lowbit_operands
 
         bits, scale = int(estimate[3:]), q.shape[-1] ** -0.5
         mass = lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)
-        parts = {"codes": time_ms(lambda: lowbit_operands(q, k, block, bits, sample, reduce)),
+        parts = {"codes": time_ms(lambda: lowbit_codes_triton(q, k, block, bits, sample, bits == 4)),
+                 "codes (torch)": time_ms(lambda: lowbit_operands(q, k, block, bits, sample, reduce)),
                  "codes+estimate": time_ms(lambda: lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)),
                  "pick": time_ms(lambda: pick_blocks_triton(mass, gamma)), **parts}
     return parts

@@ -49,12 +49,13 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
     assert torch.equal(pick_blocks(got, 0.9), pick_blocks(want, 0.9))
 
 
-@pytest.mark.parametrize("launch", [{"QUERY_BLOCKS": 1}, {"QUERY_BLOCKS": 4, "num_warps": 8},
-                                    {"QUERY_BLOCKS": 2, "FLOAT8": 0}])
+@pytest.mark.parametrize("launch", [{"PAIRS": 4}, {"PAIRS": 16, "num_warps": 8}, {"PAIRS": 8, "FLOAT8": 0},
+                                    {"PAIRS": 32}])
 def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
-    """Launches: one or four query blocks a program (13 blocks: the last program partly past the end; the default
-    is two), 4-bit codes as int8 instead of float8, and a scratch for 2 programs so the query blocks go in spans of
-    launches; the masses stay the reference's."""
+    """Launches: 4 to 32 of the 39 (query block, head) pairs of each KV head a program (13 blocks x GQA 3: tiles
+    starting mid-block, the last partly past the end; the default is 16 at 4 rows), 4-bit codes as int8 instead of
+    float8, and a scratch for 2 programs so the pairs go in spans of launches; the masses stay the reference's. A
+    tile must be a power of two of >= 16 rows."""
     from kvfold.kernels import estimate
     from kvfold.kernels.estimate import lowbit_block_mass_triton
 
@@ -64,10 +65,13 @@ def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
     want = lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, 4)
     torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch=launch), want,
                                rtol=1e-4, atol=1e-5)
-    per_program = 2 * launch["QUERY_BLOCKS"] * 4 * 4 * 13 * 4  # kv heads, tile rows (heads padded to 4), blocks
+    per_program = 2 * launch["PAIRS"] * 4 * 13 * 4  # kv heads, tile rows, key blocks, float32
     monkeypatch.setattr(estimate, "SCRATCH_BYTES", 2 * per_program)
     torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch=launch), want,
                                rtol=1e-4, atol=1e-5)
+    for pairs in (2, 5):
+        with pytest.raises(ValueError, match="PAIRS must be a power of two"):
+            lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch={"PAIRS": pairs})
 
 
 @pytest.mark.parametrize("tokens, group, rows", [(200, 3, 4), (64, 1, 16)])
@@ -127,6 +131,36 @@ def test_sampled_rows_and_bad_settings():
             lowbit_block_mass(query, query, 1.0, 16, bits, rows)
     with pytest.raises(ValueError, match="reduce must be sum or max"):
         lowbit_block_mass(query, query, 1.0, 16, 4, 8, "mean")
+
+
+
+@pytest.mark.parametrize("tokens, block, group, rows, bits, dim", [
+    (200, 16, 3, 4, 4, 32), (17, 16, 8, 2, 8, 64), (64, 64, 1, 8, 4, 128)])
+@pytest.mark.parametrize("float8", [False, True])
+def test_the_codes_kernel_rounds_the_reference_codes(tokens, block, group, rows, bits, dim, float8):
+    """`lowbit_codes_triton` = `lowbit_operands` code for code and scale for scale: ragged last blocks (a short last
+    block repeats its last token), GQA 1-8, 4 and 8 bits, keys read through strides ([batch, tokens, heads, dim]
+    transposed, as attention layers hand them over), ties rounded to even; float8 only holds 4-bit codes."""
+    from kvfold.kernels.estimate import lowbit_codes_triton
+    from kvfold.kernels.pattern import lowbit_operands
+
+    if float8 and bits == 8:
+        pytest.skip("8-bit codes are not exact in float8 e4m3")
+    torch.manual_seed(tokens)
+    query = torch.randn(2, 2 * group, tokens, dim, device=DEVICE).half()
+    key = (torch.randn(2, tokens, 2, dim, device=DEVICE) + 3).half().transpose(1, 2)  # strided, offset channels
+    top = 2 ** (bits - 1) - 1
+    tie = sampled_rows(tokens, block, rows)[0]  # step 1 exactly: halves round to even
+    query[0, 0, tie] = 0.0
+    query[0, 0, tie, :4] = torch.tensor([top, 2.5, 3.5, -2.5])
+    q_codes, q_scales, k_codes, k_scales, _ = lowbit_operands(query, key, block, bits, rows)
+    got = lowbit_codes_triton(query, key, block, bits, rows, float8)
+    grouped = lambda x: x.unflatten(1, (2, group)).unflatten(3, (-1, rows)).transpose(2, 3)  # noqa: E731
+    assert got[0].dtype == (torch.float8_e4m3fn if float8 else torch.int8)
+    assert torch.equal(got[0].float(), grouped(q_codes).float()) and torch.equal(got[1], grouped(q_scales))
+    assert torch.equal(got[2].float(), k_codes.float()) and torch.equal(got[3], k_scales)
+    assert got[0][0, 0, 0, 0, 0, :4].tolist() == [top, 2, 4, -2]
+    assert k_codes.abs().amax() == top
 
 
 @pytest.mark.parametrize("blocks", [1, 5, 37])

@@ -1,9 +1,9 @@
 """The low-bit estimate of a causal prefill's block attention (`pattern.lowbit_block_mass`) in Triton.
 
-One program per (query block, KV head), or `QUERY_BLOCKS` consecutive query blocks (default: a 64-row tile; 2 at
-8 rows and GQA 3-4): the sampled rows of the blocks' GQA group of query heads form one tile (block q, head g, row r
-at tile row (q * G_PAD + g) * rows + r, heads padded to a power of two, the tile to >= 16 rows), so every key block
-is loaded once for all of them.
+One program per KV head and `PAIRS` consecutive (query block, query head) pairs of its GQA group (default: a 64-row
+tile, 8 pairs at 8 sampled rows): the pairs' sampled rows form one tile, so every key block is loaded once for all of
+them, and no row is padding (GQA 3 in tiles of whole query blocks padded the heads to 4: a quarter of the
+exponentials were for nothing).
 Exact dot products of the codes: Hopper has no int4 MMA, so 4-bit codes go to the tensor cores as float8 e4m3
 (exact: see `ESTIMATE_LAUNCH`'s FLOAT8), 8-bit ones as int8. The anchors come first (the sink block, then each
 row's own block): their maximum shifts the row's exponents. One pass over the visible key blocks (those before the
@@ -17,20 +17,21 @@ key blocks from the mass.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .pattern import lowbit_operands
+from .pattern import check_lowbit_settings, key_means
 from .prefill import LOG2E
 
-# QUERY_BLOCKS 0: as many query blocks a program as make a 64-row tile, 16 rows a warp (wgmma), row reductions
-# within a warp. At 8 rows and GQA 3 (padded to 4) that is two, on an H200 at 128k (9 / 3 heads, head_dim 64;
-# benchmarks/results/sparse_prefill_h200_captured_int4_*.md): 8.2 ms, against 9.9 for one block a program at 2
-# warps and 8.6 for four at 4 or 8 warps; two key blocks a step were within noise (8.1).
-ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "QUERY_BLOCKS": 0, "FLOAT8": 1}
+# PAIRS 0: as many (query block, head) pairs a program as make a 64-row tile (16 rows a warp: wgmma). Tiles of whole
+# query blocks with the heads padded to a power of two (GQA 3 -> 4), two blocks a tile at 8 rows, took 8.2 ms at 128k
+# on an H200 (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md), against 9.9 for
+# one block a program at 2 warps and 8.6 for four at 4 or 8 warps.
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1}
 # FLOAT8: 4-bit codes as float8 e4m3 (every code exact; a row's sum of products is an integer below 128 * 49 < 2^13,
 # well inside the ~14 bits Hopper's float8 accumulation keeps), so the dot product is a float8 wgmma at int8's rate
 # and the scores need no int -> float conversion, a quarter-rate instruction per score like the exponential. With
@@ -99,33 +100,37 @@ def _store_shares(rows_at, total, out, stored, first, end, TILE: tl.constexpr, P
 
 
 @triton.jit
-def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, tokens, blocks, first_block,
-                        scale_log2, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-                        G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr,
-                        QUERY_BLOCKS: tl.constexpr = 1, MAX: tl.constexpr = False):
-    """Query blocks [first_block, first_block + num_programs(0) * QUERY_BLOCKS); MAX: the `reduce="max"` weights.
-    scratch: each program's row weights [key blocks, tile rows] (float32) until its rows' totals are known."""
-    first = first_block + (tl.num_programs(0) - 1 - tl.program_id(0)) * QUERY_BLOCKS  # the longest blocks first
+def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, tokens, blocks, first_pair,
+                        scale_log2, GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                        INTERPRETED_BLOCKS: tl.constexpr, PAIRS: tl.constexpr = 8, SPAN: tl.constexpr = 1,
+                        MAX: tl.constexpr = False):
+    """KV head program_id(1)'s (query block, head) pairs [first_pair + i * PAIRS, + PAIRS), i = num_programs(0) - 1 -
+    program_id(0) (the longest first); pair p is query block p // GROUP's head p % GROUP, as the codes are stored.
+    SPAN: the most query blocks PAIRS pairs touch. MAX: the `reduce="max"` weights. scratch: each program's row
+    weights [key blocks, tile rows] (float32) until its rows' totals are known."""
+    start = first_pair + (tl.num_programs(0) - 1 - tl.program_id(0)) * PAIRS
     kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
-    TILE: tl.constexpr = QUERY_BLOCKS * G_PAD * ROWS
+    TILE: tl.constexpr = PAIRS * ROWS
     tile = tl.arange(0, TILE)
-    block, head, row = first + tile // (G_PAD * ROWS), tile // ROWS % G_PAD, tile % ROWS
-    real = (head < GROUP) & (block < blocks)
+    pair, row = start + tile // ROWS, tile % ROWS
+    block = pair // GROUP
+    real = pair < blocks * GROUP
     positions = tl.minimum(block * BLOCK + (row + 1) * (BLOCK // ROWS) - 1, tokens - 1)
-    sampled = (kv * blocks + block) * GROUP * ROWS + head * ROWS + row  # [batch, kv_heads, blocks, group, rows]
+    sampled = (kv * blocks * GROUP + pair) * ROWS + row  # [batch, kv_heads, blocks, group, rows]
     q = tl.load(qc_ptr + sampled[:, None] * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0.0)
     q_scale = tl.load(qs_ptr + sampled, mask=real, other=1.0) * scale_log2  # > 0: a maximum's order holds
+    first = start // GROUP
+    end = tl.minimum((start + PAIRS - 1) // GROUP + 1, blocks)  # key blocks [0, end) are visible to some row
     m_i = tl.full([TILE], float("-inf"), tl.float32)
     # the anchors: their maximum is each row's exponent shift (finite: key 0 is always visible)
     m_i = _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, 0, block >= 0, m_i, D, BLOCK)
-    for d in tl.static_range(QUERY_BLOCKS):  # each row's own block (block 0's is the sink, already in)
-        if (first + d > 0) & (first + d < blocks):
+    for d in tl.static_range(SPAN):  # each row's own block (block 0's is the sink, already in)
+        if (first + d > 0) & (first + d < end):
             m_i = _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d, m_i,
                               D, BLOCK)
     slot = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     rows_at = scratch_ptr + slot * blocks * TILE + tile  # + j * TILE: key block j's weights, one per tile row
     total = tl.zeros([TILE], tl.float32)
-    end = tl.minimum(first + QUERY_BLOCKS, blocks)  # key blocks [0, end) are visible to some row
     if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for j in range(0, INTERPRETED_BLOCKS):
             if j < first:
@@ -141,21 +146,81 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, t
         for j in range(first, end):
             total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
                                  BLOCK, MAX, True)
-    # each row's weights as shares of its total, summed over each (query block, head)'s rows into the mass
-    pairs = tl.arange(0, QUERY_BLOCKS * G_PAD)
-    pair_block, pair_head = first + pairs // G_PAD, pairs % G_PAD
-    q_head = (kv // KV_HEADS) * KV_HEADS * GROUP + (kv % KV_HEADS) * GROUP + pair_head
-    out = mass_ptr + (q_head * blocks + pair_block) * blocks
-    stored = (pair_head < GROUP) & (pair_block < blocks)
+    # each row's weights as shares of its total, summed over each pair's rows into the mass
+    pairs = start + tl.arange(0, PAIRS)
+    out = mass_ptr + ((kv * GROUP + pairs % GROUP) * blocks + pairs // GROUP) * blocks  # q head = kv * GROUP + head
+    stored = pairs < blocks * GROUP
     for j in range(0, INTERPRETED_BLOCKS if INTERPRETED_BLOCKS else end, SHARES_STEP):
-        _store_shares(rows_at, total, out, stored, j, end, TILE, QUERY_BLOCKS * G_PAD, ROWS, SHARES_STEP)
+        _store_shares(rows_at, total, out, stored, j, end, TILE, PAIRS, ROWS, SHARES_STEP)
+
+
+@triton.jit
+def _codes_kernel(x_ptr, mean_ptr, codes_ptr, scales_ptr, stride_b, stride_h, stride_t, heads, tokens, count,
+                  TOP: tl.constexpr, D: tl.constexpr, TOKENS: tl.constexpr, SMOOTH: tl.constexpr,
+                  BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """Rows [program_id(0) * TOKENS, + TOKENS) of the `count` of head program_id(1) (batch * heads + head): per row
+    codes round(x' / s) in [-TOP, TOP] (to even, as torch.round) and s = max |x'| / TOP, x' = x (- the head's mean
+    if SMOOTH). ROWS > 0: row i is sampled query i % ROWS of query block i // ROWS (`pattern.sampled_rows`), stored
+    as the estimate reads its tile: [batch, kv_heads, blocks, GROUP, ROWS]."""
+    i = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    flat = tl.program_id(1).to(tl.int64)
+    if ROWS:
+        token = tl.minimum((i // ROWS) * BLOCK + (i % ROWS + 1) * (BLOCK // ROWS) - 1, tokens - 1)
+        out = ((flat // GROUP) * (count // ROWS) + i // ROWS) * (GROUP * ROWS) + (flat % GROUP) * ROWS + i % ROWS
+    else:
+        token = i
+        out = flat * count + i
+    live = i < count
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + (flat // heads) * stride_b + (flat % heads) * stride_h + token[:, None].to(tl.int64) * stride_t
+                + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = x - tl.load(mean_ptr + flat * D + d)[None, :]
+    step = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) / TOP
+    scaled = x / step[:, None]
+    codes = tl.minimum(tl.maximum((scaled + 12582912.0) - 12582912.0, -TOP), TOP)  # + 1.5 * 2^23: round to even
+    tl.store(codes_ptr + out[:, None] * D + d[None, :], codes.to(codes_ptr.dtype.element_ty), mask=live[:, None])
+    tl.store(scales_ptr + out, step, mask=live)
+
+
+def _codes(x: torch.Tensor, count: int, bits: int, dtype: torch.dtype, smooth: bool, block: int = 0, rows: int = 0,
+           group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `_codes_kernel` pass over x [batch, heads, tokens, dim]: codes [batch * heads * count, dim] and scales."""
+    batch, heads, tokens, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    codes = torch.empty(batch * heads * count, dim, device=x.device, dtype=dtype)
+    scales = torch.empty(batch * heads * count, device=x.device)
+    mean = key_means(x).contiguous() if smooth else scales
+    per_program = max(16, 8192 // dim)
+    _codes_kernel[(triton.cdiv(count, per_program), batch * heads)](
+        x, mean, codes, scales, x.stride(0), x.stride(1), x.stride(2), heads, tokens, count, TOP=2 ** (bits - 1) - 1,
+        D=dim, TOKENS=per_program, SMOOTH=smooth, BLOCK=block, ROWS=rows, GROUP=group)
+    return codes, scales
+
+
+def lowbit_codes_triton(query: torch.Tensor, key: torch.Tensor, block: int, bits: int, rows: int,
+                        float8: bool = False) -> tuple[torch.Tensor, ...]:
+    """`pattern.lowbit_operands`' codes in one Triton pass over the sampled queries and one over the keys (after
+    their mean): the same codes and scales, the queries' already grouped as the estimate kernel reads them
+    ([batch, kv_heads, blocks, group, rows, dim]), the keys' [batch, kv_heads, tokens, dim]; `float8`: the codes as
+    float8 e4m3 (exact for 4 bits), else int8."""
+    batch, q_heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    blocks = -(-tokens // block)
+    dtype = torch.float8_e4m3fn if float8 else torch.int8
+    q_codes, q_scales = _codes(query, blocks * rows, bits, dtype, False, block, rows, q_heads // kv_heads)
+    k_codes, k_scales = _codes(key, tokens, bits, dtype, True)
+    grouped = (batch, kv_heads, blocks, q_heads // kv_heads, rows)
+    return (q_codes.view(*grouped, dim), q_scales.view(grouped), k_codes.view(batch, kv_heads, tokens, dim),
+            k_scales.view(batch, kv_heads, tokens))
 
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                              rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
     >= 32: int8 and float8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
-    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, QUERY_BLOCKS, FLOAT8)."""
+    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, PAIRS, FLOAT8)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -163,28 +228,28 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     if q_heads % kv_heads or dim < 32 or dim & (dim - 1):
         raise ValueError(f"low-bit estimate kernel: q_heads must be a multiple of kv_heads and head_dim a power of "
                          f"two >= 32, got {q_heads}, {kv_heads}, {dim}")
-    q_codes, q_scales, k_codes, k_scales, _ = lowbit_operands(query, key, block, bits, rows, reduce)
-    # [batch, q_heads, blocks * rows] -> [batch, kv_heads, blocks, group, rows]: a program's tile is contiguous
-    regroup = lambda x: x.unflatten(1, (kv_heads, group)).unflatten(3, (blocks, rows)).transpose(2, 3)  # noqa: E731
-    q_codes, q_scales = regroup(q_codes).contiguous(), regroup(q_scales).contiguous()
-    mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
-    g_pad = max(triton.next_power_of_2(group), 16 // rows)
-    interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    check_lowbit_settings(block, bits, rows, reduce)
     options = {**ESTIMATE_LAUNCH, **(launch or {})}
-    if options.pop("FLOAT8") and bits == 4:  # 4-bit codes are exact in e4m3 (8-bit ones are not): no int->float
-        q_codes, k_codes = q_codes.to(torch.float8_e4m3fn), k_codes.to(torch.float8_e4m3fn)
-    k_codes, k_scales = k_codes.contiguous(), k_scales.contiguous()  # once, not per launch
-    per_program = options["QUERY_BLOCKS"] = options.get("QUERY_BLOCKS") or max(1, 64 // (g_pad * rows))
-    tile_bytes = batch * kv_heads * blocks * per_program * g_pad * rows * 4  # one program index's scratch
-    programs = triton.cdiv(blocks, per_program)
+    float8 = bool(options.pop("FLOAT8")) and bits == 4  # 4-bit codes are exact in e4m3 (8-bit ones are not)
+    q_codes, q_scales, k_codes, k_scales = lowbit_codes_triton(query, key, block, bits, rows, float8)
+    mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
+    interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    per_program = options["PAIRS"] = options.get("PAIRS") or max(1, 64 // rows)
+    if per_program & (per_program - 1) or per_program * rows < 16:
+        raise ValueError(f"low-bit estimate kernel: PAIRS must be a power of two and PAIRS * rows >= 16 (a "
+                         f"tensor-core tile), got PAIRS={per_program}, rows={rows}")
+    options["SPAN"] = max(-(-(per_program + offset) // group) for offset in range(0, group, math.gcd(per_program,
+                                                                                                     group)))
+    tile_bytes = batch * kv_heads * blocks * per_program * rows * 4  # one program index's scratch
+    programs = triton.cdiv(blocks * group, per_program)
     at_once = max(1, min(programs, SCRATCH_BYTES // tile_bytes))
     scratch = torch.empty(at_once * tile_bytes // 4, device=query.device)
-    for start in range(0, programs, at_once):  # query blocks in spans, so the scratch stays under SCRATCH_BYTES
+    for start in range(0, programs, at_once):  # pairs in spans, so the scratch stays under SCRATCH_BYTES
         count = min(at_once, programs - start)
         _lowbit_mass_kernel[(count, batch * kv_heads)](
-            q_codes, q_scales, k_codes, k_scales, mass, scratch, tokens, blocks,
-            start * per_program, scale * LOG2E, KV_HEADS=kv_heads, GROUP=group, ROWS=rows, G_PAD=g_pad, D=dim,
-            BLOCK=block, INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max", **options)
+            q_codes, q_scales, k_codes, k_scales, mass, scratch, tokens, blocks, start * per_program, scale * LOG2E,
+            GROUP=group, ROWS=rows, D=dim, BLOCK=block, INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max",
+            **options)
     return mass
 
 

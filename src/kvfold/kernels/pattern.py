@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from .reference import int8_blocks, smooth_keys
+from .reference import int8_blocks
 
 
 def _cumulative_pick(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -124,18 +124,29 @@ def sampled_rows(tokens: int, block: int, rows: int) -> torch.Tensor:
     return positions.flatten().clamp_max(tokens - 1)
 
 
-def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: int, rows: int, reduce: str = "sum"):
-    """What the low-bit estimate reads, once its settings are checked: the sampled queries' codes and scales
-    [batch, q_heads, blocks * rows, ...] and the smoothed keys' (`bits`-bit codes per token,
-    `reference.int8_blocks`), and the sampled positions."""
+def check_lowbit_settings(block: int, bits: int, rows: int, reduce: str) -> None:
+    """The low-bit estimate's settings, or a ValueError naming the allowed ones."""
     if bits not in (4, 8) or rows < 1 or rows & (rows - 1) or block % rows:
         raise ValueError(f"low-bit estimate: bits must be 4 or 8 and rows a power of two dividing the block "
                          f"({block}), got bits={bits}, rows={rows}")
     if reduce not in ("sum", "max"):
         raise ValueError(f"low-bit estimate: reduce must be sum or max, got {reduce!r}")
+
+
+def key_means(key: torch.Tensor) -> torch.Tensor:
+    """Each KV head's mean key [..., 1, dim] in float32, summed without a float32 copy of K (the smoothing of
+    `reference.smooth_keys`; the kernel path reads the same tensor, so both round the same codes)."""
+    return key.mean(dim=-2, keepdim=True, dtype=torch.float32)
+
+
+def lowbit_operands(query: torch.Tensor, key: torch.Tensor, block: int, bits: int, rows: int, reduce: str = "sum"):
+    """What the low-bit estimate reads, once its settings are checked: the sampled queries' codes and scales
+    [batch, q_heads, blocks * rows, ...] and the smoothed keys' (`bits`-bit codes per token,
+    `reference.int8_blocks`), and the sampled positions."""
+    check_lowbit_settings(block, bits, rows, reduce)
     positions = sampled_rows(query.shape[2], block, rows).to(query.device)
     q_codes, q_scales = int8_blocks(query[:, :, positions], 1, bits)
-    k_codes, k_scales = int8_blocks(smooth_keys(key.float()), 1, bits)
+    k_codes, k_scales = int8_blocks(key.float() - key_means(key), 1, bits)
     return q_codes, q_scales, k_codes, k_scales, positions
 
 
