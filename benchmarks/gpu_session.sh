@@ -112,11 +112,13 @@ for step in "${steps[@]}"; do
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern, shares of each row's total: gamma 0.96 recalls ~0.95 on the layer tiled
             # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
+            kernels="FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;FOLD=0,num_warps=8,num_stages=2"
             launches="PAIRS=8;PAIRS=8,FLOAT8=0;PAIRS=16;PAIRS=16,num_warps=8;PAIRS=4,num_warps=2;PAIRS=8,num_stages=2"
             for run in sum:0.96:8 sum:0.97:4 max:0.98:8 sum:0.97:8; do
               IFS=: read -r reduce gamma rows <<< "$run"
-              timeout 120 python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
+              timeout $( [ $run = sum:0.96:8 ] && echo 200 || echo 120 ) python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
                 --reduce $reduce --gamma $gamma --rows $rows --estimate-launches "$( [ $run = sum:0.96:8 ] && echo "$launches")" \
+                --kernel-launches "$( [ $run = sum:0.96:8 ] && echo "$kernels")" \
                 --out "$OUT/sparse_prefill_captured_int4_${reduce}_g$(echo $gamma | tr -d .)_r$rows" 2>&1 | grep -v Warn | tail -20
             done
             for run in sum:0.96 max:0.98; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern

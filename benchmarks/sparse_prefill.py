@@ -85,7 +85,8 @@ def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str =
             "query_aware_heads": None if aware is None else int(aware.sum()),
             "recall": recall(q, k, mask, scale, block),
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
-            "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, gamma, time_ms)}
+            "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, gamma, time_ms),
+            "mask": mask}  # main's, not the report's
 
 
 def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, gamma: float, time_ms) -> dict:
@@ -123,6 +124,17 @@ def estimate_launches(q, k, args) -> dict:
     return times
 
 
+def kernel_launches(q, k, v, mask, args) -> dict:
+    """The block-sparse kernel alone (`sparse_prefill`) over the run's mask, ms at each launch of --kernel-launches."""
+    times = {}
+    for launch in filter(None, args.kernel_launches.split(";")):
+        options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
+        times[launch] = timer(args.device)(lambda: sparse_prefill(q, k, v, mask, q.shape[-1] ** -0.5, args.block,
+                                                                  launch=options))
+        print(f"  sparse kernel at {launch}: {times[launch]:.2f} ms", flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="32768,65536,131072")
@@ -136,6 +148,9 @@ def main() -> None:
     parser.add_argument("--estimate-launches", default="",
                         help="also time the low-bit estimate's kernel alone at each of these ';'-separated launches "
                              "(e.g. 'num_warps=4,num_stages=3;num_warps=8,num_stages=2')")
+    parser.add_argument("--kernel-launches", default="",
+                        help="also time the sparse kernel alone at each of these ';'-separated launches "
+                             "(e.g. 'FOLD=1;FOLD=1,LAZY=1;num_warps=8,num_stages=2')")
     parser.add_argument("--captured", type=Path, help="a capture_qkv.py file: its real Q/K/V, tiled")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
@@ -147,8 +162,11 @@ def main() -> None:
                    else captured(args.captured, length, args.device, dtype))
         rows.append(case(q, k, v, args.gamma, args.tau, args.block, timer(args.device), args.estimate, args.rows,
                          args.reduce))
+        mask = rows[-1].pop("mask")
         if args.estimate_launches:
             rows[-1]["estimate_kernel_ms"] = estimate_launches(q, k, args)
+        if args.kernel_launches:
+            rows[-1]["sparse_kernel_ms"] = kernel_launches(q, k, v, mask, args)
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "
@@ -180,14 +198,16 @@ def main() -> None:
               "lists, inside its time):", "", "| tokens | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     lines += [f"| {r['length']} | " + " | ".join(f"{r['pattern_parts_ms'][name]:.2f}" for name in parts) + " |"
               for r in rows]
-    launched = [r for r in rows if r.get("estimate_kernel_ms")]
-    if launched:
-        launches = list(launched[0]["estimate_kernel_ms"])
-        lines += ["", "The low-bit estimate's kernel alone (`lowbit_block_mass_triton`), ms per launch:", "",
-                  "| tokens | " + " | ".join(f"`{launch}`" for launch in launches) + " |",
-                  "|---|" + "---|" * len(launches)]
-        lines += [f"| {r['length']} | " + " | ".join(f"{r['estimate_kernel_ms'][launch]:.2f}" for launch in launches)
-                  + " |" for r in launched]
+    for key, title in (("estimate_kernel_ms", "The low-bit estimate's kernel alone (`lowbit_block_mass_triton`)"),
+                       ("sparse_kernel_ms", "The sparse kernel alone (`sparse_prefill`, the run's mask)")):
+        launched = [r for r in rows if r.get(key)]
+        if launched:
+            launches = list(launched[0][key])
+            lines += ["", f"{title}, ms per launch:", "",
+                      "| tokens | " + " | ".join(f"`{launch}`" for launch in launches) + " |",
+                      "|---|" + "---|" * len(launches)]
+            lines += [f"| {r['length']} | " + " | ".join(f"{r[key][launch]:.2f}" for launch in launches) + " |"
+                      for r in launched]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -49,6 +49,30 @@ def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
                                exact(q, k, v, 32 ** -0.5), rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("launch", [{"FOLD": True}, {"FOLD": True, "LAZY": True}])
+def test_block_sparse_kernel_launches_match_the_reference(launch):
+    """The scale folded into the shift (FOLD) and the running maximum moved only when it grows by more than 2^8
+    (LAZY): the same attention. A key far above the rest (block 4) makes every later row's maximum jump past
+    the threshold after some tiles, and the rows' other tiles stay under it."""
+    from kvfold.kernels.sparse import sparse_prefill
+
+    torch.manual_seed(2)
+    q = torch.randn(1, 4, 256, 32, device=DEVICE)
+    k = torch.randn(1, 2, 256, 32, device=DEVICE)
+    v = torch.randn(1, 2, 256, 32, device=DEVICE)
+    direction = torch.nn.functional.normalize(torch.randn(32, device=DEVICE), dim=0)
+    q += 4 * direction
+    k[:, :, 70] += 20 * direction  # ~20 (log2) above the other scores: 2^20 overflows float16 unless rescaled
+    q, k, v = q.half(), k.half(), v.half()
+    mask = torch.rand(1, 4, 16, 16, device=DEVICE) < 0.5
+    mask[..., 4] = True
+    mask |= torch.eye(16, dtype=torch.bool, device=DEVICE)
+    got = sparse_prefill(q, k, v, mask, 32 ** -0.5, 16, launch=launch).float()
+    want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, 16)
+    assert ((got - want).norm() / want.norm()).item() < 3e-3
+
+
 def test_flexprefill_mask_keeps_the_attention_mass_it_promises():
     from kvfold.kernels.pattern import flexprefill_mask
 

@@ -21,9 +21,11 @@ from .prefill import LOG2E
 
 @triton.jit
 def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: tl.constexpr,
-                 BLOCK: tl.constexpr, DIAGONAL: tl.constexpr):
+                 BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, FOLD: tl.constexpr, LAZY: tl.constexpr):
     """Key block j into the running softmax. Below the diagonal every query of the tile sees every key of the
-    block; on it (DIAGONAL) the causal mask and the end of the keys apply."""
+    block; on it (DIAGONAL) the causal mask and the end of the keys apply. FOLD: the maximum is taken over the raw
+    scores (the scale is positive) and the scale folds into the shift, one multiply-add a score instead of a
+    multiply and an add."""
     keys = j * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     at = (kv_head * tokens + keys[:, None]) * D + offs_d[None, :]
@@ -32,17 +34,36 @@ def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, sca
         visible = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < tokens)
         s = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         v = tl.load(v_ptr + at, mask=keys[:, None] < tokens, other=0.0)
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
+    elif LAZY:  # FOLD, and the running maximum moves only when a row's grows by more than 8 (FA4's rescaling)
+        s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
+        v = tl.load(v_ptr + at)
+        m_tile = tl.max(s, axis=1) * scale
+        if tl.max(m_tile - m_i, axis=0) > 8.0:  # one branch for the tile: most tiles of a long row skip it
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.math.exp2(m_i - m_new)
+            acc, l_i, m_i = acc * alpha[:, None], l_i * alpha, m_new
+        p = tl.math.exp2(s * scale - m_i[:, None])  # <= 2^8
+        l_i += tl.sum(p, axis=1)
+        alpha = tl.full([BLOCK], 1.0, tl.float32)  # acc is already rescaled (a multiply by one folds away)
+    elif FOLD:  # every row sees the whole block: its maximum is finite, and so is the running one after it
+        s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
+        v = tl.load(v_ptr + at)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+        p = tl.math.exp2(s * scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        m_i, l_i = m_new, l_i * alpha + tl.sum(p, axis=1)
     else:
         s = tl.dot(q, tl.trans(tl.load(k_ptr + at))) * scale
         v = tl.load(v_ptr + at)
-    p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
     return m_i, l_i, tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
 
 
 @triton.jit
 def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out_ptr, tokens, blocks, scale,
                    Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                   INTERPRETED_BLOCKS: tl.constexpr):
+                   INTERPRETED_BLOCKS: tl.constexpr, FOLD: tl.constexpr = False, LAZY: tl.constexpr = False):
     block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
     head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head
     kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
@@ -59,14 +80,14 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out
         for index in range(0, INTERPRETED_BLOCKS):
             if index < count:
                 m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc,
-                                             k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK, False)
+                                             k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK, False, FOLD, LAZY)
     else:
         for index in range(0, count):
             m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc, k_ptr,
-                                         v_ptr, kv_head, tokens, scale, D, BLOCK, False)
+                                         v_ptr, kv_head, tokens, scale, D, BLOCK, False, FOLD, LAZY)
     if tl.load(diagonal_ptr + row) != 0:
         m_i, l_i, acc = _sparse_tile(q, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK,
-                                     True)
+                                     True, FOLD, LAZY)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=offs_m[:, None] < tokens)
