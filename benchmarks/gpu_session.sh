@@ -112,7 +112,7 @@ for step in "${steps[@]}"; do
             capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern, shares of each row's total: gamma 0.96 recalls ~0.95 on the layer tiled
             # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
-            kernels="FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;FOLD=0,num_warps=8,num_stages=2"
+            kernels="FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;PAIRED=1;PAIRED=1,num_stages=2;PAIRED=1,num_warps=8,num_stages=2"
             launches="PAIRS=8;PAIRS=8,FLOAT8=0;PAIRS=16;PAIRS=16,num_warps=8;PAIRS=4,num_warps=2;PAIRS=8,num_stages=2"
             for run in sum:0.96:8 sum:0.97:4 max:0.98:8 sum:0.97:8; do
               IFS=: read -r reduce gamma rows <<< "$run"

@@ -50,11 +50,12 @@ def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
 
 
 
-@pytest.mark.parametrize("launch", [{"FOLD": True}, {"FOLD": True, "LAZY": True}])
+@pytest.mark.parametrize("launch", [{"FOLD": True}, {"FOLD": True, "LAZY": True}, {"PAIRED": True}])
 def test_block_sparse_kernel_launches_match_the_reference(launch):
-    """The scale folded into the shift (FOLD) and the running maximum moved only when it grows by more than 2^8
-    (LAZY): the same attention. A key far above the rest (block 4) makes every later row's maximum jump past
-    the threshold after some tiles, and the rows' other tiles stay under it."""
+    """The scale folded into the shift (FOLD), the running maximum moved only when it grows by more than 2^8
+    (LAZY), the listed blocks two a step (PAIRED; odd and even counts): the same attention. A key far above the rest
+    (block 4) makes every later row's maximum jump past the threshold after some tiles, and the rows' other tiles
+    stay under it."""
     from kvfold.kernels.sparse import sparse_prefill
 
     torch.manual_seed(2)
@@ -70,6 +71,7 @@ def test_block_sparse_kernel_launches_match_the_reference(launch):
     mask |= torch.eye(16, dtype=torch.bool, device=DEVICE)
     got = sparse_prefill(q, k, v, mask, 32 ** -0.5, 16, launch=launch).float()
     want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, 16)
+    assert {count % 2 for count in mask.tril(-1).sum(-1)[..., 2:].flatten().tolist()} == {0, 1}
     assert ((got - want).norm() / want.norm()).item() < 3e-3
 
 

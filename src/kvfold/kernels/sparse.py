@@ -61,9 +61,28 @@ def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, sca
 
 
 @triton.jit
+def _pair_tile(q, a, b, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Key blocks a and b (both below the diagonal) into the running softmax as one tile of 2 * BLOCK keys: the
+    per-tile work (row maxima and sums, the accumulator's rescale, the loop) once for both. The scale is folded
+    into the shift as with FOLD."""
+    slots = tl.arange(0, 2 * BLOCK)
+    keys = tl.where(slots < BLOCK, a * BLOCK + slots, b * BLOCK + slots - BLOCK)
+    at = (kv_head * tokens + keys[:, None]) * D + tl.arange(0, D)[None, :]
+    s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
+    v = tl.load(v_ptr + at)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    p = tl.math.exp2(s * scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+
+
+@triton.jit
 def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out_ptr, tokens, blocks, scale,
                    Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                   INTERPRETED_BLOCKS: tl.constexpr, FOLD: tl.constexpr = False, LAZY: tl.constexpr = False):
+                   INTERPRETED_BLOCKS: tl.constexpr, FOLD: tl.constexpr = False, LAZY: tl.constexpr = False,
+                   PAIRED: tl.constexpr = False):
+    """Query block num_programs(0) - 1 - program_id(0) of head program_id(1) over its listed key blocks and its
+    diagonal block. PAIRED: the listed blocks two a step (`_pair_tile`), an odd last one alone."""
     block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
     head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head
     kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
@@ -76,7 +95,21 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out
     acc = tl.zeros([BLOCK, D], tl.float32)
     row = head * blocks + block
     count = tl.load(counts_ptr + row)
-    if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
+    picks = picks_ptr + row * blocks
+    if PAIRED:
+        if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
+            for index in range(0, INTERPRETED_BLOCKS // 2):
+                if index < count // 2:
+                    m_i, l_i, acc = _pair_tile(q, tl.load(picks + 2 * index), tl.load(picks + 2 * index + 1), m_i,
+                                               l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK)
+        else:
+            for index in range(0, count // 2):
+                m_i, l_i, acc = _pair_tile(q, tl.load(picks + 2 * index), tl.load(picks + 2 * index + 1), m_i, l_i,
+                                           acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK)
+        if count % 2 != 0:
+            m_i, l_i, acc = _sparse_tile(q, tl.load(picks + count - 1), offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head,
+                                         tokens, scale, D, BLOCK, False, True, False)
+    elif INTERPRETED_BLOCKS:
         for index in range(0, INTERPRETED_BLOCKS):
             if index < count:
                 m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc,
