@@ -106,10 +106,7 @@ for step in "${steps[@]}"; do
               [ -f $capture ] && timeout 150 python benchmarks/sparse_prefill.py --block 64 --captured $capture \
                 --gamma $gamma --out "$OUT/sparse_prefill_captured_g${gamma/./}" 2>&1 | grep -v Warn | tail -8
             done ;;
-    lowbit) timeout 200 python -m pytest -q -x -n 8 tests/kernels/test_estimate.py tests/kernels/test_sparse.py \
-              tests/kernels/test_prefill.py -k "estimate or sparse or through_the_kernel" -p no:cacheprovider 2>&1 \
-              | tail -3  # the low-bit estimate compiled
-            capture=benchmarks/captured/smollm2_layer15_8k.safetensors
+    lowbit) capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern, shares of each row's total: gamma 0.96 recalls ~0.95 on the layer tiled
             # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
             kernels="FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;PAIRED=1;PAIRED=1,num_stages=2;PAIRED=1,num_warps=8,num_stages=2"
@@ -121,6 +118,9 @@ for step in "${steps[@]}"; do
                 --kernel-launches "$( [ $run = sum:0.96:8 ] && echo "$kernels")" \
                 --out "$OUT/sparse_prefill_captured_int4_${reduce}_g$(echo $gamma | tr -d .)_r$rows" 2>&1 | grep -v Warn | tail -20
             done
+            timeout 200 python -m pytest -q -x -n 8 tests/kernels/test_estimate.py tests/kernels/test_sparse.py \
+              tests/kernels/test_prefill.py -k "estimate or sparse or through_the_kernel" -p no:cacheprovider 2>&1 \
+              | tail -3  # the low-bit estimate and the sparse kernel compiled (after the timings: their numbers first)
             for run in sum:0.96 max:0.98; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern
               timeout 120 python benchmarks/sparse_prefill.py --estimate int4 --reduce ${run%:*} --gamma ${run#*:} \
                 --out "$OUT/sparse_prefill_int4_${run%:*}" 2>&1 | grep -v Warn | tail -4
