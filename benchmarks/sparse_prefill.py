@@ -68,14 +68,16 @@ def recall(q, k, mask, scale, block, rows=256) -> float:
 def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str = "pooled", sample: int = 8,
          reduce: str = "sum") -> dict:
     length, scale = q.shape[2], q.shape[-1] ** -0.5
+    lists = None
     if estimate == "pooled":
         pattern = lambda: flexprefill_mask(q, k, scale, gamma, tau, block)  # noqa: E731
         mask, aware = pattern()
-    else:  # the low-bit estimate's masses by its Triton kernel (interpreted on the CPU)
-        pattern = lambda: lowbit_mask(q, k, scale, gamma, block, int(estimate[3:]), sample, True, reduce)  # noqa: E731
-        mask, aware = pattern(), None
+    else:  # the low-bit estimate's masses by its Triton kernels (interpreted on the CPU); the pick writes the lists
+        pattern = lambda: lowbit_mask(q, k, scale, gamma, block, int(estimate[3:]), sample, True, reduce,  # noqa: E731
+                                      lists=True)
+        (mask, lists), aware = pattern(), None
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # noqa: E731
-    kernel = lambda: sparse_prefill(q, k, v, mask, scale, block)  # noqa: E731
+    kernel = lambda: sparse_prefill(q, k, v, mask, scale, block, lists=lists)  # noqa: E731
     sdpa_ms, kernel_ms, pattern_ms = time_ms(sdpa), time_ms(kernel), time_ms(pattern)
     out, base = kernel(), sdpa().float()
     causal_blocks = mask.shape[-1] * (mask.shape[-1] + 1) / 2
@@ -86,7 +88,7 @@ def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str =
             "recall": recall(q, k, mask, scale, block),
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
             "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, gamma, time_ms),
-            "mask": mask}  # main's, not the report's
+            "mask": (mask, lists)}  # main's, not the report's
 
 
 def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, gamma: float, time_ms) -> dict:
@@ -105,7 +107,8 @@ def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: st
         parts = {"codes": time_ms(lambda: lowbit_codes_triton(q, k, block, bits, sample, bits == 4)),
                  "codes (torch)": time_ms(lambda: lowbit_operands(q, k, block, bits, sample, reduce)),
                  "codes+estimate": time_ms(lambda: lowbit_block_mass_triton(q, k, scale, block, bits, sample, reduce)),
-                 "pick": time_ms(lambda: pick_blocks_triton(mass, gamma)), **parts}
+                 "pick": time_ms(lambda: pick_blocks_triton(mass, gamma)),
+                 "pick+lists": time_ms(lambda: pick_blocks_triton(mass, gamma, lists=True)), **parts}
     return parts
 
 
@@ -124,13 +127,14 @@ def estimate_launches(q, k, args) -> dict:
     return times
 
 
-def kernel_launches(q, k, v, mask, args) -> dict:
-    """The block-sparse kernel alone (`sparse_prefill`) over the run's mask, ms at each launch of --kernel-launches."""
+def kernel_launches(q, k, v, mask, lists, args) -> dict:
+    """The block-sparse kernel alone (`sparse_prefill`) over the run's mask (and lists, as timed in the run), ms at
+    each launch of --kernel-launches."""
     times = {}
     for launch in filter(None, args.kernel_launches.split(";")):
         options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
         times[launch] = timer(args.device)(lambda: sparse_prefill(q, k, v, mask, q.shape[-1] ** -0.5, args.block,
-                                                                  launch=options))
+                                                                  launch=options, lists=lists))
         print(f"  sparse kernel at {launch}: {times[launch]:.2f} ms", flush=True)
     return times
 
@@ -162,11 +166,11 @@ def main() -> None:
                    else captured(args.captured, length, args.device, dtype))
         rows.append(case(q, k, v, args.gamma, args.tau, args.block, timer(args.device), args.estimate, args.rows,
                          args.reduce))
-        mask = rows[-1].pop("mask")
+        mask, lists = rows[-1].pop("mask")
         if args.estimate_launches:
             rows[-1]["estimate_kernel_ms"] = estimate_launches(q, k, args)
         if args.kernel_launches:
-            rows[-1]["sparse_kernel_ms"] = kernel_launches(q, k, v, mask, args)
+            rows[-1]["sparse_kernel_ms"] = kernel_launches(q, k, v, mask, lists, args)
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "
@@ -194,8 +198,9 @@ def main() -> None:
     lines += [f"| {r['length']} | {r['sdpa_ms']:.2f} | {r['kernel_ms']:.2f} | {r['pattern_ms']:.2f} | {r['speedup']:.2f} "
               f"| {r['kernel_speedup']:.2f} | {r['density']:.2f} | {r['recall']:.3f} | {r['cosine']:.4f} |" for r in rows]
     parts = list(rows[0]["pattern_parts_ms"])
-    lines += ["", "Parts, ms (`pattern_parts`: the pattern's codes, estimate kernel and pick; the sparse kernel's block "
-              "lists, inside its time):", "", "| tokens | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    lines += ["", "Parts, ms (`pattern_parts`: the pattern's codes (PyTorch's beside them), estimate kernel, pick, and "
+              "pick with the block lists the sparse kernel walks (the pattern's time has them); `lists`: the same lists "
+              "made from the mask, as FlexPrefill's pattern has them made inside the kernel's time):", "", "| tokens | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     lines += [f"| {r['length']} | " + " | ".join(f"{r['pattern_parts_ms'][name]:.2f}" for name in parts) + " |"
               for r in rows]
     for key, title in (("estimate_kernel_ms", "The low-bit estimate's kernel alone (`lowbit_block_mass_triton`)"),

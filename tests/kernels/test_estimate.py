@@ -168,8 +168,10 @@ def test_the_codes_kernel_rounds_the_reference_codes(tokens, block, group, rows,
 def test_the_pick_kernel_picks_the_reference_blocks(blocks, gamma):
     """`pick_blocks_triton` (bisection on the masses' float bits) = `pick_blocks` (a sort and a running sum) on
     random masses with a heavy tail, ragged block counts (1, 5, 37), gamma 1 (every visible block with mass); only
-    the visible (causal) masses count, whatever lies above the diagonal."""
+    the visible (causal) masses count, whatever lies above the diagonal. With `lists`, the sparse kernel's block
+    lists too, as `block_lists` makes them from the mask."""
     from kvfold.kernels.estimate import pick_blocks_triton
+    from kvfold.kernels.sparse import block_lists
 
     torch.manual_seed(blocks)
     mass = torch.rand(1, 2, blocks, blocks, device=DEVICE) ** 4
@@ -177,6 +179,10 @@ def test_the_pick_kernel_picks_the_reference_blocks(blocks, gamma):
     got = pick_blocks_triton(mass, gamma)
     assert torch.equal(got, pick_blocks(mass.tril(), gamma))
     assert torch.equal(got, pick_blocks(mass, gamma))
+    mask, lists = pick_blocks_triton(mass, gamma, lists=True)  # the sparse kernel's lists from the same pass
+    assert torch.equal(mask, got)
+    for made, want in zip(lists, block_lists(got)):
+        assert torch.equal(made, want)
 
 
 def test_the_pick_kernel_keeps_blocks_tied_with_the_last_one_kept():

@@ -106,15 +106,19 @@ class PrefillAttention:
         else:
             from .pattern import flexprefill_mask, lowbit_mask
 
+            lists = None
             if self.estimate == "pooled":
                 mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
-            else:  # the estimate's int8 dot products reduce over >= 32 channels
+            elif kernel and query.shape[-1] >= 32:  # the estimate's int8 dot products reduce over >= 32 channels
+                mask, lists = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]),
+                                          self.rows, kernel=True, reduce=self.reduce, lists=True)
+            else:
                 mask = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]), self.rows,
-                                   kernel=kernel and query.shape[-1] >= 32, reduce=self.reduce)
+                                   reduce=self.reduce)
             if kernel:
                 from .sparse import sparse_prefill
 
-                out = sparse_prefill(query, key, value, mask, scale, self.block)
+                out = sparse_prefill(query, key, value, mask, scale, self.block, lists=lists)
             else:
                 out = reference.block_sparse_attention(query, key, value, mask, scale, self.block)
         return out.transpose(1, 2).contiguous().to(query.dtype)

@@ -254,10 +254,12 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
 
 
 @triton.jit
-def _pick_kernel(mass_ptr, mask_ptr, blocks, gamma, BLOCKS_PAD: tl.constexpr):
+def _pick_kernel(mass_ptr, mask_ptr, picks_ptr, counts_ptr, blocks, gamma, BLOCKS_PAD: tl.constexpr,
+                 LISTS: tl.constexpr):
     """Query block program_id(0) of head program_id(1): its visible key blocks' masses, the largest threshold t with
     the masses >= t still holding gamma of the row (bisection on the float bits: non-negative floats order as their
-    bits), and the mask: the masses >= t, and the diagonal."""
+    bits), and the mask: the masses >= t, and the diagonal. LISTS: also the kept blocks below the diagonal in
+    ascending order and their count, as `sparse.block_lists` makes them from the mask."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCKS_PAD)
     at = (tl.program_id(1).to(tl.int64) * blocks + row) * blocks + cols
@@ -272,16 +274,28 @@ def _pick_kernel(mass_ptr, mask_ptr, blocks, gamma, BLOCKS_PAD: tl.constexpr):
         low, high = tl.where(holds, middle, low), tl.where(holds, high, middle)
     keep = (((bits >= low) | (gamma >= 1)) & (mass > 0)) | (cols == row)  # gamma 1: whatever the sums' rounding
     tl.store(mask_ptr + at, keep.to(tl.int8), mask=cols < blocks)
+    if LISTS:
+        below = keep & (cols < row)
+        slots = tl.cumsum(below.to(tl.int32), axis=0) - 1
+        tl.store(picks_ptr + at - cols + slots, cols, mask=below)
+        tl.store(counts_ptr + tl.program_id(1).to(tl.int64) * blocks + row, tl.sum(below.to(tl.int32)))
 
 
-def pick_blocks_triton(mass: torch.Tensor, gamma: float) -> torch.Tensor:
+def pick_blocks_triton(mass: torch.Tensor, gamma: float, lists: bool = False):
     """`pattern.pick_blocks` in Triton, one program per query block: masses [..., blocks, blocks] (float32, >= 0)
     -> the causal block mask. The fewest largest visible blocks whose sum reaches gamma of the row, and the diagonal
-    (blocks tied with the last one kept are kept too: the reference keeps the first of them in its sort order)."""
+    (blocks tied with the last one kept are kept too: the reference keeps the first of them in its sort order).
+    `lists`: (mask, `sparse.block_lists(mask)`) from the same pass, so the sparse kernel needs no scan of the mask."""
     blocks = mass.shape[-1]
     rows = mass.reshape(-1, blocks, blocks).contiguous().float()
     mask = torch.empty(rows.shape, dtype=torch.bool, device=mass.device)
+    picks = torch.zeros(rows.shape if lists else (1,), dtype=torch.int32, device=mass.device)
+    counts = torch.empty(rows.shape[:2] if lists else (1,), dtype=torch.int32, device=mass.device)
     pad = triton.next_power_of_2(blocks)
-    _pick_kernel[(blocks, rows.shape[0])](rows, mask.view(torch.int8), blocks, gamma, BLOCKS_PAD=pad,
-                                           num_warps=min(16, max(1, pad // 256)))
-    return mask.view(mass.shape)
+    _pick_kernel[(blocks, rows.shape[0])](rows, mask.view(torch.int8), picks, counts, blocks, gamma, BLOCKS_PAD=pad,
+                                           LISTS=lists, num_warps=min(16, max(1, pad // 256)))
+    mask = mask.view(mass.shape)
+    if not lists:
+        return mask
+    diagonal = torch.ones(mass.shape[:-1], dtype=torch.int8, device=mass.device)  # always kept
+    return mask, (picks.view(mass.shape), counts.view(mass.shape[:-1]), diagonal)

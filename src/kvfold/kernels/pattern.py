@@ -197,12 +197,14 @@ def pick_blocks(mass: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def lowbit_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma: float = 0.95, block: int = 64,
-                bits: int = 4, rows: int = 8, kernel: bool = False, reduce: str = "sum") -> torch.Tensor:
+                bits: int = 4, rows: int = 8, kernel: bool = False, reduce: str = "sum", lists: bool = False):
     """Block mask [batch, q_heads, blocks, blocks] for a causal prefill of query/key [batch, heads, tokens, dim]
     (GQA) from the low-bit estimate (see the module doc); `kernel`: its masses and pick by `kernels.estimate`
-    (Triton)."""
+    (Triton); `lists` (with `kernel`): (mask, the block lists `sparse.sparse_prefill` walks) from the pick."""
     if kernel:
         from .estimate import lowbit_block_mass_triton, pick_blocks_triton
 
-        return pick_blocks_triton(lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce), gamma)
+        return pick_blocks_triton(lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce), gamma, lists)
+    if lists:
+        raise ValueError("lowbit_mask: lists come from the pick kernel (kernel=True)")
     return pick_blocks(lowbit_block_mass(query, key, scale, block, bits, rows, reduce), gamma)

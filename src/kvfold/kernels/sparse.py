@@ -141,16 +141,18 @@ def block_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
-                   scale: float, block: int = 64, launch: dict | None = None) -> torch.Tensor:
+                   scale: float, block: int = 64, launch: dict | None = None, lists: tuple | None = None
+                   ) -> torch.Tensor:
     """`reference.block_sparse_attention` in Triton: 16-bit query/key/value [batch, heads, tokens, dim] (GQA),
     block_mask [batch, q_heads, blocks, blocks]; output [batch, q_heads, tokens, dim] in the value dtype. Only the
-    selected blocks are read: the mask becomes per-query-block lists of key blocks (`block_lists`)."""
+    selected blocks are read: the mask becomes per-query-block lists of key blocks (`block_lists`; `lists`: those of
+    the mask, already made, e.g. by `estimate.pick_blocks_triton`)."""
     batch, q_heads, tokens, dim = query.shape
     blocks = -(-tokens // block)
     if q_heads % key.shape[1] or block_mask.shape != (batch, q_heads, blocks, blocks):
         raise ValueError(f"sparse_prefill: q_heads must be a multiple of kv_heads and the mask [batch, q_heads, "
                          f"{blocks}, {blocks}], got {tuple(block_mask.shape)}")
-    picks, counts, diagonal = block_lists(block_mask.bool())
+    picks, counts, diagonal = lists if lists is not None else block_lists(block_mask.bool())
     out = torch.empty(batch, q_heads, tokens, dim, device=query.device, dtype=value.dtype)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
     options = {"num_warps": 8 if block >= 128 else 4, "num_stages": 2 if block >= 128 else 3, **(launch or {})}
