@@ -140,14 +140,15 @@ def test_sampled_rows_and_bad_settings():
 def test_the_codes_kernel_rounds_the_reference_codes(tokens, block, group, rows, bits, dim, float8):
     """`lowbit_codes_triton` = `lowbit_operands` code for code and scale for scale: ragged last blocks (a short last
     block repeats its last token), GQA 1-8, 4 and 8 bits, keys read through strides ([batch, tokens, heads, dim]
-    transposed, as attention layers hand them over), ties rounded to even; float8 only holds 4-bit codes."""
+    transposed, as attention layers hand them over; the queries too), ties rounded to even; float8 only holds 4-bit
+    codes."""
     from kvfold.kernels.estimate import lowbit_codes_triton
     from kvfold.kernels.pattern import lowbit_operands
 
     if float8 and bits == 8:
         pytest.skip("8-bit codes are not exact in float8 e4m3")
     torch.manual_seed(tokens)
-    query = torch.randn(2, 2 * group, tokens, dim, device=DEVICE).half()
+    query = torch.randn(2, tokens, 2 * group, dim, device=DEVICE).half().transpose(1, 2)  # strided too
     key = (torch.randn(2, tokens, 2, dim, device=DEVICE) + 3).half().transpose(1, 2)  # strided, offset channels
     top = 2 ** (bits - 1) - 1
     tie = sampled_rows(tokens, block, rows)[0]  # step 1 exactly: halves round to even
