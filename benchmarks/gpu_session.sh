@@ -111,7 +111,7 @@ for step in "${steps[@]}"; do
             # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
             kernels="FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;PAIRED=1;PAIRED=1,num_stages=2;PAIRED=1,num_warps=8,num_stages=2"
             launches="PAIRS=8;PAIRS=8,FLOAT8=0;PAIRS=16;PAIRS=16,num_warps=8;PAIRS=4,num_warps=2;PAIRS=8,num_stages=2"
-            for run in sum:0.96:8 sum:0.97:4 max:0.98:8 sum:0.97:8; do
+            for run in ${LOWBIT_RUNS:-sum:0.96:8 sum:0.97:4 max:0.98:8 sum:0.97:8}; do  # LOWBIT_RUNS: fewer, when time is short
               IFS=: read -r reduce gamma rows <<< "$run"
               timeout $( [ $run = sum:0.96:8 ] && echo 200 || echo 120 ) python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
                 --reduce $reduce --gamma $gamma --rows $rows --estimate-launches "$( [ $run = sum:0.96:8 ] && echo "$launches")" \
@@ -121,7 +121,7 @@ for step in "${steps[@]}"; do
             timeout 200 python -m pytest -q -x -n 8 tests/kernels/test_estimate.py tests/kernels/test_sparse.py \
               tests/kernels/test_prefill.py -k "estimate or sparse or through_the_kernel" -p no:cacheprovider 2>&1 \
               | tail -3  # the low-bit estimate and the sparse kernel compiled (after the timings: their numbers first)
-            for run in sum:0.96 max:0.98; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern
+            for run in ${LOWBIT_SYNTHETIC-sum:0.96 max:0.98}; do  # Llama-3.1-8B shapes (32 / 8 heads, head_dim 128), synthetic pattern
               timeout 120 python benchmarks/sparse_prefill.py --estimate int4 --reduce ${run%:*} --gamma ${run#*:} \
                 --out "$OUT/sparse_prefill_int4_${run%:*}" 2>&1 | grep -v Warn | tail -4
             done ;;
