@@ -5,6 +5,9 @@ block reads (`kernels.pattern.flexprefill_mask`, in PyTorch), then block-sparse 
 the selected blocks only: per query block, a list of key blocks below the diagonal (no causal mask) and the
 diagonal block (masked). The mask is an approximation of full attention; its recall of the attention mass is
 measured, not assumed (`tests/kernels/test_sparse.py`, `benchmarks/sparse_prefill.py`).
+Launch options (`launch=`, all equal to the reference; the defaults stay until a GPU times them,
+`benchmarks/sparse_prefill.py --kernel-launches`): FOLD (the scale folded into the exponent's shift), LAZY (FOLD,
+and the running maximum moved only when a row's grows past 2^8), PAIRED (two listed key blocks a step).
 """
 
 from __future__ import annotations
