@@ -109,8 +109,8 @@ for step in "${steps[@]}"; do
     lowbit) capture=benchmarks/captured/smollm2_layer15_8k.safetensors
             # low-bit (SALE-style) pattern, shares of each row's total: gamma 0.96 recalls ~0.95 on the layer tiled
             # to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS, the estimate kernel's launches timed on the first
-            kernels="FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;PAIRED=1;PAIRED=1,num_stages=2;PAIRED=1,num_warps=8,num_stages=2"
-            launches="PAIRS=8;PAIRS=8,FLOAT8=0;PAIRS=16;PAIRS=16,num_warps=8;PAIRS=4,num_warps=2;PAIRS=8,num_stages=2"
+            kernels=${LOWBIT_KERNELS:-"FOLD=0;FOLD=1;FOLD=1,LAZY=1;FOLD=1,num_warps=8,num_stages=2;PAIRED=1;PAIRED=1,num_stages=2;PAIRED=1,num_warps=8,num_stages=2"}
+            launches=${LOWBIT_LAUNCHES:-"PAIRS=8;PAIRS=8,FLOAT8=0;PAIRS=16;PAIRS=16,num_warps=8;PAIRS=4,num_warps=2;PAIRS=8,num_stages=2"}
             for run in ${LOWBIT_RUNS:-sum:0.96:8 sum:0.97:4 max:0.98:8 sum:0.97:8}; do  # LOWBIT_RUNS: fewer, when time is short
               IFS=: read -r reduce gamma rows <<< "$run"
               timeout $( [ $run = sum:0.96:8 ] && echo 200 || echo 120 ) python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
