@@ -133,16 +133,16 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
 def estimate_cases(group: int, dim: int):
     """The low-bit estimate's kernel (`kernels.estimate`) at its default launch: 4-bit codes as float8 or int8,
     each reduce."""
-    from kvfold.kernels.estimate import ESTIMATE_LAUNCH
+    from kvfold.kernels.estimate import ESTIMATE_LAUNCH, pair_tiles
 
     launch = {name: value for name, value in ESTIMATE_LAUNCH.items() if name in ("num_warps", "num_stages")}
     for codes in ("fp8e4nv", "i8"):
         signature = dict(qc_ptr="*" + codes, qs_ptr="*fp32", kc_ptr="*" + codes, ks_ptr="*fp32", mass_ptr="*fp32",
                          scratch_ptr="*fp32", tokens="i32", blocks="i32", first_pair="i32", scale_log2="fp32")
         for reduce in ("sum", "max"):
-            pairs = ESTIMATE_LAUNCH["PAIRS"] or 8  # as `lowbit_block_mass_triton` tiles 8 rows a block
-            constants = dict(GROUP=group, ROWS=8, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, PAIRS=pairs,
-                             SPAN=max(-(-(pairs + offset) // group) for offset in range(group)), MAX=reduce == "max")
+            pairs, span = pair_tiles(8, group, ESTIMATE_LAUNCH["PAIRS"])  # as `lowbit_block_mass_triton` tiles
+            constants = dict(GROUP=group, ROWS=8, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, PAIRS=pairs, SPAN=span,
+                             MAX=reduce == "max")
             yield f"estimate {'float8' if codes[0] == 'f' else 'int8'} codes, {reduce}", signature, constants, launch
 
 

@@ -88,13 +88,13 @@ def case(q, k, v, gamma: float, tau: float, block: int, time_ms, estimate: str =
             "recall": recall(q, k, mask, scale, block),
             "cosine": F.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
             "pattern_parts_ms": pattern_parts(q, k, mask, estimate, block, sample, reduce, gamma, time_ms),
-            "mask": (mask, lists)}  # main's, not the report's
+            "selection": (mask, lists)}  # main's, not the report's
 
 
 def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: str, gamma: float, time_ms) -> dict:
     """Where the low-bit pattern's time goes: the codes (`lowbit_codes_triton`; PyTorch's `lowbit_operands` beside
-    it), the estimate kernel with them, the pick kernel; and the block lists the sparse kernel walks (inside its
-    time)."""
+    them), the estimate kernel with them, the pick kernel alone and writing the sparse kernel's block lists; and
+    those lists made from the mask (`block_lists`, inside the sparse kernel's time with FlexPrefill's pattern)."""
     from kvfold.kernels.sparse import block_lists
 
     parts = {"lists": time_ms(lambda: block_lists(mask))}
@@ -112,31 +112,31 @@ def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: st
     return parts
 
 
+def time_launches(spec: str, device: str, label: str, run) -> dict:
+    """ms of `run(launch options)` at each ';'-separated launch of `spec` ('NAME=INT,...')."""
+    times = {}
+    for launch in filter(None, spec.split(";")):
+        options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
+        times[launch] = timer(device)(lambda: run(options))
+        print(f"  {label} at {launch}: {times[launch]:.2f} ms", flush=True)
+    return times
+
+
 def estimate_launches(q, k, args) -> dict:
     """The low-bit estimate's kernel alone (`lowbit_block_mass_triton`), ms at each launch of --estimate-launches
     (at --estimate's bits; 4 with the pooled estimate)."""
     from kvfold.kernels.estimate import lowbit_block_mass_triton
 
     bits = int(args.estimate[3:]) if args.estimate != "pooled" else 4
-    times = {}
-    for launch in filter(None, args.estimate_launches.split(";")):
-        options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
-        times[launch] = timer(args.device)(lambda: lowbit_block_mass_triton(
-            q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, args.reduce, launch=options))
-        print(f"  estimate kernel at {launch}: {times[launch]:.2f} ms", flush=True)
-    return times
+    return time_launches(args.estimate_launches, args.device, "estimate kernel", lambda options: (
+        lowbit_block_mass_triton(q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, args.reduce, launch=options)))
 
 
 def kernel_launches(q, k, v, mask, lists, args) -> dict:
     """The block-sparse kernel alone (`sparse_prefill`) over the run's mask (and lists, as timed in the run), ms at
     each launch of --kernel-launches."""
-    times = {}
-    for launch in filter(None, args.kernel_launches.split(";")):
-        options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
-        times[launch] = timer(args.device)(lambda: sparse_prefill(q, k, v, mask, q.shape[-1] ** -0.5, args.block,
-                                                                  launch=options, lists=lists))
-        print(f"  sparse kernel at {launch}: {times[launch]:.2f} ms", flush=True)
-    return times
+    return time_launches(args.kernel_launches, args.device, "sparse kernel", lambda options: (
+        sparse_prefill(q, k, v, mask, q.shape[-1] ** -0.5, args.block, launch=options, lists=lists)))
 
 
 def main() -> None:
@@ -166,7 +166,7 @@ def main() -> None:
                    else captured(args.captured, length, args.device, dtype))
         rows.append(case(q, k, v, args.gamma, args.tau, args.block, timer(args.device), args.estimate, args.rows,
                          args.reduce))
-        mask, lists = rows[-1].pop("mask")
+        mask, lists = rows[-1].pop("selection")
         if args.estimate_launches:
             rows[-1]["estimate_kernel_ms"] = estimate_launches(q, k, args)
         if args.kernel_launches:
@@ -200,7 +200,8 @@ def main() -> None:
     parts = list(rows[0]["pattern_parts_ms"])
     lines += ["", "Parts, ms (`pattern_parts`: the pattern's codes (PyTorch's beside them), estimate kernel, pick, and "
               "pick with the block lists the sparse kernel walks (the pattern's time has them); `lists`: the same lists "
-              "made from the mask, as FlexPrefill's pattern has them made inside the kernel's time):", "", "| tokens | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+              "made from the mask, as FlexPrefill's pattern has them made inside the kernel's time):", "",
+              "| tokens | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     lines += [f"| {r['length']} | " + " | ".join(f"{r['pattern_parts_ms'][name]:.2f}" for name in parts) + " |"
               for r in rows]
     for key, title in (("estimate_kernel_ms", "The low-bit estimate's kernel alone (`lowbit_block_mass_triton`)"),

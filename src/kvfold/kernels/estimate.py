@@ -216,6 +216,17 @@ def lowbit_codes_triton(query: torch.Tensor, key: torch.Tensor, block: int, bits
             k_scales.view(batch, kv_heads, tokens))
 
 
+def pair_tiles(rows: int, group: int, pairs: int = 0) -> tuple[int, int]:
+    """The estimate kernel's PAIRS (0: a 64-row tile) and SPAN, the most query blocks a tile of that many
+    consecutive (query block, head) pairs touches (tiles start at multiples of PAIRS, so mid-block unless GROUP
+    divides them)."""
+    pairs = pairs or max(1, 64 // rows)
+    if pairs & (pairs - 1) or pairs * rows < 16:
+        raise ValueError(f"low-bit estimate kernel: PAIRS must be a power of two and PAIRS * rows >= 16 (a "
+                         f"tensor-core tile), got PAIRS={pairs}, rows={rows}")
+    return pairs, max(-(-(pairs + offset) // group) for offset in range(0, group, math.gcd(pairs, group)))
+
+
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
                              rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
@@ -234,12 +245,8 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     q_codes, q_scales, k_codes, k_scales = lowbit_codes_triton(query, key, block, bits, rows, float8)
     mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
-    per_program = options["PAIRS"] = options.get("PAIRS") or max(1, 64 // rows)
-    if per_program & (per_program - 1) or per_program * rows < 16:
-        raise ValueError(f"low-bit estimate kernel: PAIRS must be a power of two and PAIRS * rows >= 16 (a "
-                         f"tensor-core tile), got PAIRS={per_program}, rows={rows}")
-    options["SPAN"] = max(-(-(per_program + offset) // group) for offset in range(0, group, math.gcd(per_program,
-                                                                                                     group)))
+    per_program, options["SPAN"] = pair_tiles(rows, group, options.get("PAIRS", 0))
+    options["PAIRS"] = per_program
     tile_bytes = batch * kv_heads * blocks * per_program * rows * 4  # one program index's scratch
     programs = triton.cdiv(blocks * group, per_program)
     at_once = max(1, min(programs, SCRATCH_BYTES // tile_bytes))

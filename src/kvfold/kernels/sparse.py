@@ -23,6 +23,16 @@ from .prefill import LOG2E
 
 
 @triton.jit
+def _folded_update(s, m_i, l_i, scale):
+    """`common.softmax_update` (base 2) of raw scores no row of which is all hidden: the maximum over the raw
+    scores (the scale is positive), the scale folded into the shift (one multiply-add a score)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    p = tl.math.exp2(s * scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: tl.constexpr,
                  BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, FOLD: tl.constexpr, LAZY: tl.constexpr):
     """Key block j into the running softmax. Below the diagonal every query of the tile sees every key of the
@@ -52,10 +62,7 @@ def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, sca
     elif FOLD:  # every row sees the whole block: its maximum is finite, and so is the running one after it
         s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
         v = tl.load(v_ptr + at)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
-        p = tl.math.exp2(s * scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        m_i, l_i = m_new, l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _folded_update(s, m_i, l_i, scale)
     else:
         s = tl.dot(q, tl.trans(tl.load(k_ptr + at))) * scale
         v = tl.load(v_ptr + at)
@@ -73,10 +80,8 @@ def _pair_tile(q, a, b, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: 
     at = (kv_head * tokens + keys[:, None]) * D + tl.arange(0, D)[None, :]
     s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
     v = tl.load(v_ptr + at)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
-    p = tl.math.exp2(s * scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    p, alpha, m_i, l_i = _folded_update(s, m_i, l_i, scale)
+    return m_i, l_i, tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
 
 
 @triton.jit
@@ -115,12 +120,12 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out
     elif INTERPRETED_BLOCKS:
         for index in range(0, INTERPRETED_BLOCKS):
             if index < count:
-                m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc,
-                                             k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK, False, FOLD, LAZY)
+                m_i, l_i, acc = _sparse_tile(q, tl.load(picks + index), offs_m, m_i, l_i, acc, k_ptr, v_ptr,
+                                             kv_head, tokens, scale, D, BLOCK, False, FOLD, LAZY)
     else:
         for index in range(0, count):
-            m_i, l_i, acc = _sparse_tile(q, tl.load(picks_ptr + row * blocks + index), offs_m, m_i, l_i, acc, k_ptr,
-                                         v_ptr, kv_head, tokens, scale, D, BLOCK, False, FOLD, LAZY)
+            m_i, l_i, acc = _sparse_tile(q, tl.load(picks + index), offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head,
+                                         tokens, scale, D, BLOCK, False, FOLD, LAZY)
     if tl.load(diagonal_ptr + row) != 0:
         m_i, l_i, acc = _sparse_tile(q, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK,
                                      True, FOLD, LAZY)
