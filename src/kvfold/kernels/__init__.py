@@ -109,12 +109,11 @@ class PrefillAttention:
             lists = None
             if self.estimate == "pooled":
                 mask, _ = flexprefill_mask(query, key, scale, self.gamma, self.tau, self.block)
-            elif kernel and query.shape[-1] >= 32:  # the estimate's int8 dot products reduce over >= 32 channels
-                mask, lists = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]),
-                                          self.rows, kernel=True, reduce=self.reduce, lists=True)
             else:
-                mask = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]), self.rows,
-                                   reduce=self.reduce)
+                estimate_kernel = kernel and query.shape[-1] >= 32  # its int8 dot products reduce over >= 32 channels
+                selection = lowbit_mask(query, key, scale, self.gamma, self.block, int(self.estimate[3:]), self.rows,
+                                        kernel=estimate_kernel, reduce=self.reduce, lists=estimate_kernel)
+                mask, lists = selection if estimate_kernel else (selection, None)
             if kernel:
                 from .sparse import sparse_prefill
 
