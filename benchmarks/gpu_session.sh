@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|decode-gqa8|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|lowbit|e2e|e2e8|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|decode-gqa8|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|lowbit|group-rows|e2e|e2e8|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -32,6 +32,11 @@ for step in "${steps[@]}"; do
                    | grep -v Warn | tail -30 ;;  # the speed table alone (the error table takes ~2 minutes more)
     decode-gqa8) timeout 230 python benchmarks/decode_kernel.py --skip-accuracy --group 8 --out "$OUT/decode_kernel_gqa8.json" \
                    2>&1 | grep -v Warn | tail -30 ;;  # 64 q heads / 8 KV heads (Llama-3.1-70B's GQA 8)
+    group-rows) timeout 150 python -m pytest -q -x -n 8 tests/kernels/test_fast_decode.py -k value_groups_as_rows \
+                  -p no:cacheprovider 2>&1 | tail -2  # compiled: GROUP_ROWS = queries repeated per value group
+                timeout 200 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2" --group 8 --splits default \
+                  --launches "num_warps=1,num_stages=3;num_warps=1,num_stages=3,GROUP_ROWS=1;num_warps=1,num_stages=4,GROUP_ROWS=1;num_warps=2,num_stages=3,GROUP_ROWS=1" \
+                  --out "$OUT/decode_kernel_sweep_group_rows.json" 2>&1 | grep -v Warn | tail -12 ;;  # GQA 8: 16 pairs -> 8 columns
     agreement) timeout 200 python benchmarks/path_agreement.py --invariant --out "$OUT/path_agreement_invariant.json" \
                  2>&1 | grep -v Warn | tail -8 ;;  # fast loop vs normal path, teacher-forced, bit for bit
     ragged) timeout 200 python benchmarks/decode_kernel.py --skip-accuracy --cases "none (bf16,uniform,ragged" \
@@ -143,6 +148,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, decode-gqa8, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, lowbit, e2e, e2e8, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, decode-gqa8, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, lowbit, group-rows, e2e, e2e8, chunked, agreement, serve, peer)" ;;
   esac
 done

@@ -126,6 +126,12 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                     yield f"{label} (32 a step)", kivi_columns_kernel, read, {**columns, "STEP": 32}, PACKED_LAUNCH
                 if words:  # launch WORDS=0: bytes of 4 fields
                     yield f"{label} (bytes)", kivi_columns_kernel, signature, columns, PACKED_LAUNCH
+            value_groups = dim // value_group if not key_token else 1  # KV4: one value group a token
+            if value_groups > 1 and triton.next_power_of_2(group) <= COLUMNS_UP_TO:  # launch GROUP_ROWS=1 (bytes: a
+                # group's value dot needs 16 words)
+                rows = {**constants, "BLOCK_G": max(8, triton.next_power_of_2(group)), "KEY_FOLD": True,
+                        "ASYNC_SCALES": 3, "PAGE_IDS": True, "GROUP_ROWS": True}
+                yield f"{label} (value groups as rows)", kivi_columns_kernel, signature, rows, PACKED_LAUNCH
             yield (f"{label} (rows)", kivi_pages_kernel, signature,
                    {**constants, "BLOCK_G": max(16, pairs), "PAGE_IDS": False}, PACKED_LAUNCH)
 

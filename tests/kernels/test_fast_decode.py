@@ -114,6 +114,36 @@ def test_both_packed_kernels_match_reference(spec, window, columns, group):
         assert_near(got, expected, what=f"({pages_per_split} pages a split)")
 
 
+@pytest.mark.parametrize("spec, dim, window", [
+    ("kivi:4,group=16,residual=16", 64, None), ("kivi:2,group=16,residual=16", 64, 23),
+    ("kivi:4,group=64,residual=16", 128, 23), ("kivi:2,group=64,residual=16", 128, None),
+    ("kivi:8,group=32,residual=16", 128, 23)])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_value_groups_as_rows_match_queries_repeated_per_group(spec, dim, window, group):
+    """GROUP_ROWS (the packed columns kernel with the queries alone as columns, each value group its own rows of
+    the output and its own dot product) reads what repeating the queries once per value group reads: 2 and 4 value
+    groups, GQA 1/3/8 (8 × 4 groups: 32 pairs, past `COLUMNS_UP_TO`, 8 columns here), value zeros tied to the dot
+    or not (ASYNC_SCALES 3 / 0), splits of 1-3 pages (rows ending mid-split and mid-page), a sliding window. On a
+    GPU a group's dot needs 16 words of codes (head_dim 128, groups of 32-64 channels)."""
+    from kvfold.kernels.decode import paged_decode
+
+    if DEVICE == "cuda" and dim < 128:
+        pytest.skip("a value group of under 16 words: GROUP_ROWS refuses it on a GPU")
+    tokens = 170
+    layer, query, expected = decode_case(spec, tokens, dim, group, 16, window)
+    for pages_per_split in (1, 2, 3):
+        for scales in (0, 3):
+            launch = {"num_warps": 1, "num_stages": 3, "COLUMNS": 1, "ASYNC_SCALES": scales}
+            repeated, as_rows = (paged_decode(query, layer.kernel_parts(), tokens - 1, dim ** -0.5, window,
+                                              pages_per_split=pages_per_split, launch={**launch, "GROUP_ROWS": rows})
+                                 for rows in (0, 1))
+            what = f"({pages_per_split} pages a split, ASYNC_SCALES {scales})"
+            assert_near(as_rows, expected, what=what)
+            # the same float16 weights and codes; the dots' float32 sums differ in order, and FOLD's offset (1024
+            # a code, taken off after the sum) makes that a few units in the last place of 1024 (6e-5 each)
+            torch.testing.assert_close(as_rows, repeated, atol=5e-4, rtol=1e-3, msg=what)
+
+
 @pytest.mark.parametrize("spec", ["fp8", "fp8:e5m2,scale=page,group=32,residual=16", "fp8:scale=page,group=16"])
 @pytest.mark.parametrize("window", [None, 23])
 @pytest.mark.parametrize("group", [1, 4, 8])

@@ -154,11 +154,14 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if pages_per_split is None and query.device.type != "cuda":  # Triton's interpreter runs a grid's programs one
         pages_per_split = width  # after another at a fixed cost each: one split per row, exactly as long as the rows
     fast = None if precise and not part.page_tokens else fast_kind(part, dim, query.device)
-    columns, packed_rows = False, 0
+    columns, packed_rows, group_rows = False, 0, False
     if fast == "packed":
-        pairs = triton.next_power_of_2(group * dim // part.value_group)  # (query, value group) pairs of a row
-        columns = launch.get("COLUMNS", pairs <= COLUMNS_UP_TO)
-        packed_rows = max(8 if columns else 16, pairs)
+        value_groups = dim // part.value_group
+        pairs = triton.next_power_of_2(group * value_groups)  # (query, value group) pairs of a row
+        group_rows = bool(launch.get("GROUP_ROWS", False)) and value_groups > 1
+        columns = launch.get("COLUMNS", (triton.next_power_of_2(group) if group_rows else pairs) <= COLUMNS_UP_TO)
+        group_rows = group_rows and bool(columns)
+        packed_rows = max(8, triton.next_power_of_2(group)) if group_rows else max(8 if columns else 16, pairs)
     elif fast == "full" and part.scaled and query.dtype != torch.float32:  # its dots are float16: a float32 query
         # keeps full_pages_kernel's float32 ones; columns as timed (GQA <= 8, pages of >= TILE_TOKENS)
         columns = bool(launch.get("COLUMNS", group <= FLOAT8_COLUMNS_UP_TO and page >= TILE_TOKENS)) and dim >= 32
@@ -169,16 +172,16 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if columns and fast == "packed" and part.bits == 2:
         if part.key_smooth is not None:  # kv4:2: 0.122 ms loaded field by field, 0.130 copied ahead
             options = {"ASYNC_SCALES": 0, **options}
-        if query.device.type == "cuda":  # codes as 16-bit words (H200, batch 8 x 32k: kivi:2 0.097 -> 0.086 ms,
-            options = {"WORDS": 1, **options}  # kv4:2 0.112 -> 0.107)
+        if query.device.type == "cuda" and not group_rows:  # codes as 16-bit words (H200, batch 8 x 32k: kivi:2
+            options = {"WORDS": 1, **options}  # 0.097 -> 0.086 ms, kv4:2 0.112 -> 0.107); GROUP_ROWS: bytes, 16 a group
     if columns and query.device.type != "cuda":  # the interpreter copies nothing ahead, and its extra steps cost
         options = {"ASYNC_SCALES": 0, "KEY_FOLD": 0, **options}  # CPU time (tests set both explicitly)
     # COLUMNS picks the kernel, WORDS how the packed columns one reads 2-bit codes (`packed_words`); FOLD is a
-    # constant of the packed kernels, KEY_FOLD of the packed columns one, ASYNC_SCALES of both columns kernels,
+    # constant of the packed kernels, KEY_FOLD and GROUP_ROWS of the packed columns one, ASYNC_SCALES of both columns kernels,
     # PAGE_IDS of every fast kernel, STEP of the columns ones
     two_bit_words = bool(options.get("WORDS", False)) and columns and fast == "packed"
     own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns,
-           "PAGE_IDS": fast is not None, "STEP": columns}
+           "PAGE_IDS": fast is not None, "STEP": columns, "GROUP_ROWS": group_rows}
     launch = {k: v for k, v in options.items() if k not in ("COLUMNS", "WORDS") and own.get(k, True)}
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
@@ -221,6 +224,10 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         smooth = part.key_smooth
         keys = packed_words(part.keys, dim, part.bits, two_bit_words)
         values = packed_words(part.values, dim, part.bits, two_bit_words)
+        group_words = part.value_group * part.bits // (8 * keys.element_size())  # a value group's words a token
+        if group_rows and query.device.type == "cuda" and group_words < 16:  # a group's value dot: >= 16 rows
+            raise ValueError(f"launch GROUP_ROWS gives each value group its own dot product: {group_words} words "
+                             f"of codes a group is under the 16 rows a GPU tile needs; leave GROUP_ROWS off")
         kernel = kivi_columns_kernel if columns else kivi_pages_kernel
         kernel[grid](query, table, part.lengths, keys, values, part.positions, part.key_scale,
                      part.key_zero, smooth if smooth is not None else dummy, part.value_scale,
@@ -394,7 +401,9 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     `launch` overrides Triton's launch options (num_warps, num_stages) and kernel constants, for
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
     `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs), and
-    `WORDS` 1 (the default on CUDA) has the columns kernel read 2-bit codes as 16-bit words (`packed_words`); for
+    `WORDS` 1 (the default on CUDA) has the columns kernel read 2-bit codes as 16-bit words (`packed_words`), and
+    `GROUP_ROWS` 1 gives it the queries alone as columns and each value group its own output rows (off by default
+    until timed; on a GPU a group needs 16 words of codes, so 2-bit codes are then read as bytes); for
     scaled float8 pages `COLUMNS` 1 or 0 picks `float8_decode.float8_columns_kernel` or `full_pages_kernel`
     (default: columns for at most `FLOAT8_COLUMNS_UP_TO` query heads per KV head and pages of at least
     `TILE_TOKENS`).

@@ -37,6 +37,12 @@ What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_k
   stall samples on that wait). kivi:4 0.112 -> 0.104 ms, kivi:2 0.104 -> 0.097, kv4:4 0.135 -> 0.122
   (`decode_kernel_h200_sweep_page_ids.json`).
 
+- Not yet timed: `GROUP_ROWS` (launch option) — where G × value groups > 8 (KIVI at GQA 8, head_dim 128, groups of
+  64 channels) the repeated queries double the scores, the softmax and the accumulators; with the queries alone
+  as columns and each value group's words as its own dot product's rows, offline for sm_90 kivi:4 at GQA 8 goes
+  from 255 registers with 192 B spilled and 1942 page-loop instructions to 253 registers, no spill and 1519
+  (half the tensor-core instructions; the weights' sums by the tensor cores, not shuffles).
+
 Scores use float16 dot products whatever the query's 16-bit type (the scales are float16): queries beyond
 float16's range (|q| > 65504) are not supported.
 """
@@ -404,6 +410,64 @@ def _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group, NVG: tl.c
 
 
 @triton.jit
+def _group_value_weights(p, scales, zeros, tops, g: tl.constexpr, NVG: tl.constexpr):
+    """GROUP_ROWS: value group g's weights for queries as columns, from p [P, BLOCK_G], a page's scales and zeros
+    [P, NVG] (0 where not valid) and their largest scales [NVG]: the weights p s_t / top (float16), top, and per
+    column the zeros' share Σ_t p_t z_t."""
+    this = tl.arange(0, NVG)[None, :] == g  # column g (each thread holds whole rows of the block: no data moves)
+    scale = tl.sum(tl.where(this, scales, 0.0), axis=1)
+    zero = tl.sum(tl.where(this, zeros, 0.0), axis=1)
+    top = tl.sum(tl.where(tl.arange(0, NVG) == g, tops, 0.0), axis=0)
+    weights = (p * scale[:, None] * (1.0 / top)).to(tl.float16)
+    return weights, top, tl.sum(p * zero[:, None], axis=0)
+
+
+@triton.jit
+def _group_value_codes(v_ptr, page, slots, valid, g: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
+                       WG: tl.constexpr, FIELDS: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """GROUP_ROWS: the page's value codes of group g, transposed as the dot takes them: words g WG .. (g + 1) WG
+    (a word's FIELDS channels share a value group: VG is a multiple of FIELDS) [WG, P]."""
+    words = g * WG + tl.arange(0, WG)
+    vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)
+    if ASM and FIELDS * BITS == 8:
+        vc = _spread_bytes(vc)
+    return vc
+
+
+@triton.jit
+def _group_rows_update(accs, alpha, p, v_ptr, vs_ptr, vz_ptr, vch_ptr, page, slots, valid, token_stat,
+                       P: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WG: tl.constexpr, NVG: tl.constexpr,
+                       FIELDS: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr,
+                       VALUE_CHANNEL: tl.constexpr, TIE: tl.constexpr):
+    """GROUP_ROWS: a page's values into the accumulators (one per value group and field, [WG, BLOCK_G]). The page's
+    scales and zeros load as one [P, NVG] block each (contiguous: copied ahead); TIE as `_column_value_weights`."""
+    block = token_stat[:, None] + tl.arange(0, NVG)[None, :]
+    scales = tl.load(vs_ptr + block, mask=valid[:, None], other=0.0).to(tl.float32)
+    zeros = tl.load(vz_ptr + block, mask=valid[:, None], other=0.0).to(tl.float32)
+    if TIE:
+        scales = scales + zeros * 0.0
+    tops = tl.max(scales, axis=0)
+    tops = tl.where(tops > 0, tops, 1.0)
+    updated = ()
+    for g in tl.static_range(NVG):
+        weights, top, zero_share = _group_value_weights(p, scales, zeros, tops, g, NVG)
+        vc = _group_value_codes(v_ptr, page, slots, valid, g, P, W, WG, FIELDS, BITS, ASM)
+        if FOLD:  # Σ_t w_t in every row, by the tensor cores (a sum over the tile's rows costs shuffles)
+            weight_sums = tl.dot(tl.full([WG, p.shape[0]], 1.0, tl.float16), weights)
+        for r in tl.static_range(FIELDS):
+            if FOLD:  # the codes keep their float16 offset b: Σ w (b + c) - b Σ w, the dot starting from -b Σ w
+                update = top * tl.dot(_field(vc, r, BITS, ASM, True), weights,
+                                      weight_sums * -_field_offset(r, BITS, ASM)) + zero_share[None, :]
+            else:
+                update = top * tl.dot(_field(vc, r, BITS, ASM), weights) + zero_share[None, :]
+            if VALUE_CHANNEL:
+                channels = (g * WG + tl.arange(0, WG)) * FIELDS + r
+                update = update * tl.load(vch_ptr + page * D + channels).to(tl.float32)[:, None]
+            updated = updated + (accs[g * FIELDS + r] * alpha[None, :] + update,)
+    return updated
+
+
+@triton.jit
 def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr, kz_ptr, ksm_ptr, vs_ptr, vz_ptr,
                         vch_ptr, m_ptr, l_ptr, acc_ptr, width, splits, qpos_ptr, window, scale,
                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -411,7 +475,8 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
                         WINDOWED: tl.constexpr, KEY_TOKEN: tl.constexpr, PAGE_TOKENS: tl.constexpr = 0,
                         P_PAD: tl.constexpr = 0, VALUE_CHANNEL: tl.constexpr = False, ASM: tl.constexpr = False,
                         FOLD: tl.constexpr = True, KEY_FOLD: tl.constexpr = True,
-                        ASYNC_SCALES: tl.constexpr = 3, PAGE_IDS: tl.constexpr = False, STEP: tl.constexpr = 0):
+                        ASYNC_SCALES: tl.constexpr = 3, PAGE_IDS: tl.constexpr = False, STEP: tl.constexpr = 0,
+                        GROUP_ROWS: tl.constexpr = False):
     """`kivi_pages_kernel` with the dot products' operands swapped: scores [P, BLOCK_G] = codes [P, W] · query
     columns [W, BLOCK_G] per bit field, outputs [W, BLOCK_G] = value codes [W, P] (loaded transposed, as the dot
     takes them) · weights [P, BLOCK_G]. BLOCK_G columns (>= 8): G queries × D / VG value groups. Same arguments,
@@ -427,23 +492,29 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
     changed nothing measurable (kivi:4 0.123 -> 0.121). STEP (< P, a power of two >= 16; not mixed pages): read
     STEP tokens a step, part of a page (`common.step_slots`; fewer codes in registers at a time). Off by default:
     slower on an H200 (kivi:4 0.101 -> 0.123 ms at 32 a step, kv4:4 0.122 -> 0.178;
-    decode_kernel_h200_sweep_packed_steps.json)."""
+    decode_kernel_h200_sweep_packed_steps.json). GROUP_ROWS: the columns are the G queries alone (BLOCK_G >= G, not
+    G × value groups) and the value groups split the output's rows instead: per group, its words' codes · its
+    weights (`_group_value_weights`). Repeating the queries once per value group doubles (KIVI at head_dim 128,
+    group 64) the scores, the softmax and the accumulators wherever G × groups > 8, the dot's narrowest tile:
+    at GQA 8, kivi:4 spilled (255 registers, 1942 sm_90 loop instructions)."""
     FIELDS: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // BITS
     W: tl.constexpr = D // FIELDS  # words per token
     NVG: tl.constexpr = D // VG
+    WG: tl.constexpr = W // NVG  # words per value group (GROUP_ROWS)
     STAT: tl.constexpr = PAGE_TOKENS if PAGE_TOKENS else P  # slots per page in the value scales
     row = tl.program_id(0)
     split = tl.program_id(1)
-    length, query, group, columns_ok, offs_p = _packed_row(len_ptr, row, G, BLOCK_G, P, P_PAD, PAGE_TOKENS, NVG)
+    length, query, group, columns_ok, offs_p = _packed_row(len_ptr, row, G, BLOCK_G, P, P_PAD, PAGE_TOKENS,
+                                                           1 if GROUP_ROWS else NVG)
     words = tl.arange(0, W)
     channels = words * FIELDS  # each word's first channel
     qs = _query_columns(q_ptr, row, query, columns_ok, channels, FIELDS, G, D)
     scale_log2 = scale * 1.4426950408889634  # base-2 softmax: one multiply less per score
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    accs = ()
-    for r in tl.static_range(FIELDS):
-        accs = accs + (tl.zeros([W, BLOCK_G], tl.float32),)
+    accs = ()  # GROUP_ROWS: one per (value group, field), [WG, BLOCK_G]
+    for r in tl.static_range(NVG * FIELDS if GROUP_ROWS else FIELDS):
+        accs = accs + (tl.zeros([WG if GROUP_ROWS else W, BLOCK_G], tl.float32),)
     first = split * PAGES_PER_SPLIT
     if first * P < length:
         ids = split_page_ids(table_ptr, row, width, first, length, P, PAGES_PER_SPLIT, PAGE_IDS)
@@ -453,30 +524,44 @@ def kivi_columns_kernel(q_ptr, table_ptr, len_ptr, k_ptr, v_ptr, pos_ptr, ks_ptr
                                                       window, offs_p, P, P_PAD, PAGE_TOKENS, WINDOWED, TOKENS, ids,
                                                       PAGE_IDS)
             kc = tl.load(k_ptr + page * P * W + slots[:, None] * W + words[None, :], mask=valid[:, None], other=0)
-            vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)
             if ASM and FIELDS * BITS == 8:
-                kc, vc = _spread_bytes(kc), _spread_bytes(vc)
+                kc = _spread_bytes(kc)
+            if not GROUP_ROWS:
+                vc = tl.load(v_ptr + page * P * W + slots[None, :] * W + words[:, None], mask=valid[None, :], other=0)
+                if ASM and FIELDS * BITS == 8:
+                    vc = _spread_bytes(vc)
             s = _column_scores(kc, qs, page, slots, valid, channels, ks_ptr, kz_ptr, ksm_ptr, P, D, FIELDS, BITS,
                                KEY_TOKEN, ASM, KEY_FOLD, ASYNC_SCALES > 0, start)
             s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, BASE2=True, KEYS_AXIS=0)
-            weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, page * STAT * NVG + slots * NVG,
-                                                                    valid, group, NVG, G, ASYNC_SCALES > 1,
-                                                                    ASYNC_SCALES > 2)
-            updated = ()
-            for r in tl.static_range(FIELDS):
-                if FOLD:  # the codes keep their float16 offset b: Σ w (b + c) - b Σ w
-                    update = top[None, :] * tl.dot(_field(vc, r, BITS, ASM, True), weights) \
-                        + (zeros - top * weight_sum * _field_offset(r, BITS, ASM))[None, :]
-                else:
-                    update = top[None, :] * tl.dot(_field(vc, r, BITS, ASM), weights) + zeros[None, :]
-                if VALUE_CHANNEL:
-                    update = update * tl.load(vch_ptr + page * D + channels + r).to(tl.float32)[:, None]
-                updated = updated + (accs[r] * alpha[None, :] + update,)
-            accs = updated
+            token_stat = page * STAT * NVG + slots * NVG
+            if GROUP_ROWS:
+                accs = _group_rows_update(accs, alpha, p, v_ptr, vs_ptr, vz_ptr, vch_ptr, page, slots, valid,
+                                          token_stat, P, D, W, WG, NVG, FIELDS, BITS, ASM, FOLD, VALUE_CHANNEL,
+                                          ASYNC_SCALES > 2)
+            else:
+                weights, top, zeros, weight_sum = _column_value_weights(p, vs_ptr, vz_ptr, token_stat, valid, group,
+                                                                        NVG, G, ASYNC_SCALES > 1, ASYNC_SCALES > 2)
+                updated = ()
+                for r in tl.static_range(FIELDS):
+                    if FOLD:  # the codes keep their float16 offset b: Σ w (b + c) - b Σ w
+                        update = top[None, :] * tl.dot(_field(vc, r, BITS, ASM, True), weights) \
+                            + (zeros - top * weight_sum * _field_offset(r, BITS, ASM))[None, :]
+                    else:
+                        update = top[None, :] * tl.dot(_field(vc, r, BITS, ASM), weights) + zeros[None, :]
+                    if VALUE_CHANNEL:
+                        update = update * tl.load(vch_ptr + page * D + channels + r).to(tl.float32)[:, None]
+                    updated = updated + (accs[r] * alpha[None, :] + update,)
+                accs = updated
     m_i = m_i * 0.6931471805599453  # back to natural-log units for `combine` (-inf stays -inf)
     store_stats(m_ptr, l_ptr, row, split, splits, m_i, l_i, G, BLOCK_G)  # columns < G: the first group's
-    out = acc_ptr + ((row * splits + split) * G + query)[None, :] * D + channels[:, None]
-    for r in tl.static_range(FIELDS):  # each channel from its group's columns
-        mine = columns_ok[None, :] & (group[None, :] == ((channels + r) // VG)[:, None])
-        tl.store(out + r, accs[r], mask=mine)
+    out = acc_ptr + ((row * splits + split) * G + query)[None, :] * D
+    if GROUP_ROWS:  # group g's rows hold words g WG ..
+        for g in tl.static_range(NVG):
+            group_channels = (g * WG + tl.arange(0, WG)) * FIELDS
+            for r in tl.static_range(FIELDS):
+                tl.store(out + group_channels[:, None] + r, accs[g * FIELDS + r], mask=columns_ok[None, :])
+    else:
+        for r in tl.static_range(FIELDS):  # each channel from its group's columns
+            mine = columns_ok[None, :] & (group[None, :] == ((channels + r) // VG)[:, None])
+            tl.store(out + channels[:, None] + r, accs[r], mask=mine)
