@@ -105,10 +105,10 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                        {**COMMON, "k_ptr": "*" + dtype, "v_ptr": "*u16", "ks_ptr": scales, "vs_ptr": scales},
                        {**shape, "BLOCK_G": max(8, triton.next_power_of_2(group)), "P": page, "SCALED": scaled,
                         "E5M2": False, "ASM": True, "ASYNC_SCALES": 1, "PAGE_IDS": True, "STEP": 32}, PACKED_LAUNCH)
-    value_group = min(64, dim)
     for bits in (4, 2):
         for key_token in (False, True):
             label = f"{'kv4' if key_token else 'kivi'}:{bits}"
+            value_group = dim if key_token else min(64, dim)  # KV4: a value scale per token; KIVI: groups of 64
             word = "*u16" if bits >= 4 and dim * bits % 16 == 0 and dim * bits // 16 >= 16 else "*u8"  # `decode.packed_words`
             signature = {**COMMON, "k_ptr": word, "v_ptr": word, "ks_ptr": "*fp16", "kz_ptr": "*fp16",
                          "ksm_ptr": "*fp16" if key_token else "*i32", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
@@ -126,7 +126,7 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                     yield f"{label} (32 a step)", kivi_columns_kernel, read, {**columns, "STEP": 32}, PACKED_LAUNCH
                 if words:  # launch WORDS=0: bytes of 4 fields
                     yield f"{label} (bytes)", kivi_columns_kernel, signature, columns, PACKED_LAUNCH
-            value_groups = dim // value_group if not key_token else 1  # KV4: one value group a token
+            value_groups = dim // value_group
             if value_groups > 1 and triton.next_power_of_2(group) <= COLUMNS_UP_TO:  # launch GROUP_ROWS=1 (bytes: a
                 # group's value dot needs 16 words)
                 rows = {**constants, "BLOCK_G": max(8, triton.next_power_of_2(group)), "KEY_FOLD": True,
