@@ -139,9 +139,11 @@ def test_value_groups_as_rows_match_queries_repeated_per_group(spec, dim, window
                                  for rows in (0, 1))
             what = f"({pages_per_split} pages a split, ASYNC_SCALES {scales})"
             assert_near(as_rows, expected, what=what)
-            # the same float16 weights and codes; the dots' float32 sums differ in order, and FOLD's offset (1024
-            # a code, taken off after the sum) makes that a few units in the last place of 1024 (6e-5 each)
-            torch.testing.assert_close(as_rows, repeated, atol=5e-4, rtol=1e-3, msg=what)
+            # the same float16 weights and codes; the dots' float32 sums differ in order, and FOLD's offset (up to
+            # 1024 a code, taken off after the sum; on a GPU inside the tensor cores' accumulation) makes that a few
+            # units in the last place of 1024: within the fast kernels' bound of each other (H200, 1500 tokens,
+            # GQA 3/8: each 2.6e-4 to 5.4e-4 from the reference, GROUP_ROWS never further than the repeated layout)
+            assert_near(as_rows, repeated, what=f"from the repeated layout {what}")
 
 
 @pytest.mark.parametrize("spec", ["fp8", "fp8:e5m2,scale=page,group=32,residual=16", "fp8:scale=page,group=16"])

@@ -158,7 +158,13 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if fast == "packed":
         value_groups = dim // part.value_group
         pairs = triton.next_power_of_2(group * value_groups)  # (query, value group) pairs of a row
-        group_rows = bool(launch.get("GROUP_ROWS", False)) and value_groups > 1
+        group_words = part.value_group * part.bits // 8 // (2 if part.bits >= 4 and dim * part.bits >= 256 else 1)
+        # GROUP_ROWS where repeating the queries per value group passes the dot's 8 columns and (on a GPU) a group
+        # holds 16 words: H200, GQA 8, batch 8 x 32k, kivi:4 0.160 -> 0.111 ms, kivi:2 0.134 -> 0.110
+        # (decode_kernel_h200_sweep_group_rows.json)
+        fits = query.device.type != "cuda" or group_words >= 16
+        default = group * value_groups > 8 and group <= 8 and fits  # timed at GQA 8 (GQA 16: untimed, rows kernel)
+        group_rows = bool(launch.get("GROUP_ROWS", default)) and value_groups > 1
         columns = launch.get("COLUMNS", (triton.next_power_of_2(group) if group_rows else pairs) <= COLUMNS_UP_TO)
         group_rows = group_rows and bool(columns)
         packed_rows = max(8, triton.next_power_of_2(group)) if group_rows else max(8 if columns else 16, pairs)
@@ -183,6 +189,8 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     own = {"FOLD": fast == "packed", "KEY_FOLD": fast == "packed" and columns, "ASYNC_SCALES": columns,
            "PAGE_IDS": fast is not None, "STEP": columns, "GROUP_ROWS": group_rows}
     launch = {k: v for k, v in options.items() if k not in ("COLUMNS", "WORDS") and own.get(k, True)}
+    if group_rows:  # the default as well as asked for: the kernel's tile was sized for it above
+        launch["GROUP_ROWS"] = True
     if pages_per_split is None:
         pages_per_split = split_pages(part.pages_used or rows * width, launch.get("num_warps", 4),
                                       _multiprocessors(query.device))
@@ -402,8 +410,8 @@ def paged_decode(query: torch.Tensor, parts: list[PagedPart], q_pos: int | torch
     `benchmarks/decode_kernel.py --sweep`; for packed pages `COLUMNS` 1 or 0 picks `kivi_columns_kernel` or
     `kivi_pages_kernel` (default: columns for rows of at most `COLUMNS_UP_TO` (query, value group) pairs), and
     `WORDS` 1 (the default on CUDA) has the columns kernel read 2-bit codes as 16-bit words (`packed_words`), and
-    `GROUP_ROWS` 1 gives it the queries alone as columns and each value group its own output rows (off by default
-    until timed; on a GPU a group needs 16 words of codes, so 2-bit codes are then read as bytes); for
+    `GROUP_ROWS` 1 gives it the queries alone as columns and each value group its own output rows (the default
+    where G × value groups > 8; on a GPU a group needs 16 words of codes, so 2-bit codes are then read as bytes); for
     scaled float8 pages `COLUMNS` 1 or 0 picks `float8_decode.float8_columns_kernel` or `full_pages_kernel`
     (default: columns for at most `FLOAT8_COLUMNS_UP_TO` query heads per KV head and pages of at least
     `TILE_TOKENS`).

@@ -37,11 +37,12 @@ What makes them fast (measured on an H200 at batch 8 x 32k, `benchmarks/decode_k
   stall samples on that wait). kivi:4 0.112 -> 0.104 ms, kivi:2 0.104 -> 0.097, kv4:4 0.135 -> 0.122
   (`decode_kernel_h200_sweep_page_ids.json`).
 
-- Not yet timed: `GROUP_ROWS` (launch option) — where G × value groups > 8 (KIVI at GQA 8, head_dim 128, groups of
-  64 channels) the repeated queries double the scores, the softmax and the accumulators; with the queries alone
-  as columns and each value group's words as its own dot product's rows, offline for sm_90 kivi:4 at GQA 8 goes
-  from 255 registers with 192 B spilled and 1942 page-loop instructions to 253 registers, no spill and 1519
-  (half the tensor-core instructions; the weights' sums by the tensor cores, not shuffles).
+- `GROUP_ROWS` (the default where G × value groups > 8 and G <= 8: KIVI at GQA 8, head_dim 128, groups of 64
+  channels): repeated queries would double the scores, the softmax and the accumulators; with the queries alone
+  as columns and each value group's words as its own dot product's rows, sm_90 kivi:4 at GQA 8 goes from 255
+  registers with 192 B spilled and 1942 page-loop instructions to 253, no spill and 1519 (the weights' sums by
+  the tensor cores, not row reductions). H200, GQA 8: kivi:4 0.160 -> 0.111 ms, kivi:2 0.134 -> 0.110
+  (`decode_kernel_h200_sweep_group_rows.json`).
 
 Scores use float16 dot products whatever the query's 16-bit type (the scales are float16): queries beyond
 float16's range (|q| > 65504) are not supported.
