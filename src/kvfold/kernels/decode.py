@@ -158,7 +158,7 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if fast == "packed":
         value_groups = dim // part.value_group
         pairs = triton.next_power_of_2(group * value_groups)  # (query, value group) pairs of a row
-        group_words = part.value_group * part.bits // 8 // (2 if part.bits >= 4 and dim * part.bits >= 256 else 1)
+        group_words = part.value_group * part.bits // (8 * packed_words(part.keys, dim, part.bits).element_size())
         # GROUP_ROWS where repeating the queries per value group passes the dot's 8 columns and (on a GPU) a group
         # holds 16 words: H200, GQA 8, batch 8 x 32k, kivi:4 0.160 -> 0.111 ms, kivi:2 0.134 -> 0.110
         # (decode_kernel_h200_sweep_group_rows.json)
