@@ -35,7 +35,7 @@ for step in "${steps[@]}"; do
     group-rows) timeout 150 python -m pytest -q -x -n 8 tests/kernels/test_fast_decode.py -k value_groups_as_rows \
                   -p no:cacheprovider 2>&1 | tail -2  # compiled: GROUP_ROWS = queries repeated per value group
                 timeout 200 python benchmarks/decode_kernel.py --sweep-only "kivi:4|kivi:2" --group 8 --splits default \
-                  --launches "num_warps=1,num_stages=3;num_warps=1,num_stages=3,GROUP_ROWS=1;num_warps=1,num_stages=4,GROUP_ROWS=1;num_warps=2,num_stages=3,GROUP_ROWS=1" \
+                  --launches "num_warps=1,num_stages=3,GROUP_ROWS=0;num_warps=1,num_stages=3,GROUP_ROWS=1;num_warps=1,num_stages=4,GROUP_ROWS=1" \
                   --out "$OUT/decode_kernel_sweep_group_rows.json" 2>&1 | grep -v Warn | tail -12 ;;  # GQA 8: 16 pairs -> 8 columns
     agreement) timeout 200 python benchmarks/path_agreement.py --invariant --out "$OUT/path_agreement_invariant.json" \
                  2>&1 | grep -v Warn | tail -8 ;;  # fast loop vs normal path, teacher-forced, bit for bit
