@@ -158,7 +158,9 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
     if fast == "packed":
         value_groups = dim // part.value_group
         pairs = triton.next_power_of_2(group * value_groups)  # (query, value group) pairs of a row
-        group_words = part.value_group * part.bits // (8 * packed_words(part.keys, dim, part.bits).element_size())
+        asked_words = bool(launch.get("WORDS", False))  # GROUP_ROWS never sets WORDS itself (below)
+        group_words = part.value_group * part.bits // (8 * packed_words(part.keys, dim, part.bits,
+                                                                        asked_words).element_size())
         # GROUP_ROWS where repeating the queries per value group passes the dot's 8 columns and (on a GPU) a group
         # holds 16 words: H200, GQA 8, batch 8 x 32k, kivi:4 0.160 -> 0.111 ms, kivi:2 0.134 -> 0.110
         # (decode_kernel_h200_sweep_group_rows.json)
@@ -232,7 +234,6 @@ def _partials(query: torch.Tensor, part: PagedPart, q_pos: torch.Tensor, window:
         smooth = part.key_smooth
         keys = packed_words(part.keys, dim, part.bits, two_bit_words)
         values = packed_words(part.values, dim, part.bits, two_bit_words)
-        group_words = part.value_group * part.bits // (8 * keys.element_size())  # a value group's words a token
         if group_rows and query.device.type == "cuda" and group_words < 16:  # a group's value dot: >= 16 rows
             raise ValueError(f"launch GROUP_ROWS gives each value group its own dot product: {group_words} words "
                              f"of codes a group is under the 16 rows a GPU tile needs; leave GROUP_ROWS off")
