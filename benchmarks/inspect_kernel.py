@@ -136,18 +136,22 @@ def cases(page: int, group: int, dim: int, tile_tokens: int = 0):
                    {**constants, "BLOCK_G": max(16, pairs), "PAGE_IDS": False}, PACKED_LAUNCH)
 
 
-def estimate_cases(group: int, dim: int):
-    """The low-bit estimate's kernel (`kernels.estimate`) at its default launch: 4-bit codes as float8 or int8,
-    each reduce."""
+def estimate_cases(group: int, dim: int, rows: int, extra: dict):
+    """The low-bit estimate's kernel (`kernels.estimate`) at its default launch (and `extra`'s overrides): 4-bit codes
+    as float8 or int8, each reduce."""
     from kvfold.kernels.estimate import ESTIMATE_LAUNCH, pair_tiles
 
-    launch = {name: value for name, value in ESTIMATE_LAUNCH.items() if name in ("num_warps", "num_stages")}
+    options = {**ESTIMATE_LAUNCH, **extra}
+    launch = {name: value for name, value in options.items() if name in ("num_warps", "num_stages", "maxnreg")}
     for codes in ("fp8e4nv", "i8"):
         signature = dict(qc_ptr="*" + codes, qs_ptr="*fp32", kc_ptr="*" + codes, ks_ptr="*fp32", mass_ptr="*fp32",
-                         scratch_ptr="*fp32", tokens="i32", blocks="i32", first_pair="i32", scale_log2="fp32")
+                         scratch_ptr="*fp32", taken_ptr="*i32", tokens="i32", blocks="i32", tiles="i32", heads="i32",
+                         first_tile="i32", scale_log2="fp32")
         for reduce in ("sum", "max"):
-            pairs, span = pair_tiles(8, group, ESTIMATE_LAUNCH["PAIRS"])  # as `lowbit_block_mass_triton` tiles
-            constants = dict(GROUP=group, ROWS=8, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, PAIRS=pairs, SPAN=span,
+            pairs, span = pair_tiles(rows, group, options["PAIRS"])  # as `lowbit_block_mass_triton` tiles
+            constants = dict(GROUP=group, ROWS=rows, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, INTERPRETED_TILES=0,
+                             PAIRS=pairs, SPAN=span, PERSISTENT=bool(options["PERSISTENT"]),
+                             PREFETCH=bool(options["PREFETCH"]),
                              MAX=reduce == "max")
             yield f"estimate {'float8' if codes[0] == 'f' else 'int8'} codes, {reduce}", signature, constants, launch
 
@@ -165,16 +169,21 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only the kernels whose label contains this")
     parser.add_argument("--estimate", action="store_true", help="the sparse prefill's low-bit estimate kernel instead "
                         "(its loops: the anchors, the key blocks before the diagonal, the diagonal ones, the shares)")
+    parser.add_argument("--rows", type=int, default=4, help="--estimate: sampled queries per block")
+    parser.add_argument("--pairs", type=int, default=0, help="--estimate: (query block, head) pairs a program")
     args = parser.parse_args()
     if args.estimate:
         from kvfold.kernels.estimate import _lowbit_mass_kernel
 
-        print(f"sm_90, triton {triton.__version__}; GQA {args.group}, head_dim {args.dim}, 8 sampled rows per block")
-        for label, signature, constants, launch in estimate_cases(args.group, args.dim):
+        extra = {**({"num_warps": args.warps} if args.warps else {}), **({"num_stages": args.stages} if args.stages
+                                                                         else {}), **({"PAIRS": args.pairs} if args.pairs else {})}
+        print(f"sm_90, triton {triton.__version__}; GQA {args.group}, head_dim {args.dim}, {args.rows} sampled rows "
+              f"per block, {extra or 'default launch'}")
+        for label, signature, constants, launch in estimate_cases(args.group, args.dim, args.rows, extra):
             compiled = compile_for_hopper(_lowbit_mass_kernel, signature, constants, launch)
             loops = ", ".join(f"{count} ({i2f} I2F, {mufu} MUFU)" for count, i2f, mufu in
                               loop_instructions(compiled, every=True))
-            print(f"{label:28s} {ptxas_report(compiled)}; loops: {loops}")
+            print(f"{label:28s} {ptxas_report(compiled)}, {compiled.metadata.shared:6d} B shared; loops: {loops}")
         return
     print(f"sm_90, triton {triton.__version__}; {args.page}-token pages, GQA {args.group}, head_dim {args.dim}"
           + (f", {args.tile_tokens} tokens per step" if args.tile_tokens else ""))

@@ -31,9 +31,12 @@ def exact_block_mass(query, key, scale, block):
     (200, 16, 3, 4, 4, 32), (256, 32, 1, 8, 8, 64), (130, 16, 4, 16, 4, 32), (64, 64, 2, 8, 4, 128),
     (17, 16, 8, 2, 8, 32), (520, 16, 2, 4, 4, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group, rows, bits, dim, dtype):
+@pytest.mark.parametrize("mode", [{}, {"PREFETCH": 1}, {"PERSISTENT": 1}, {"PERSISTENT": 1, "PREFETCH": 1}],
+                         ids=["one-tile", "prefetch", "persistent", "persistent-prefetch"])
+def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group, rows, bits, dim, dtype, mode):
     """Ragged last blocks (200 = 12 x 16 + 8, 17 = 16 + 1), GQA 1..8, every row sampled (16 of 16), 4 and 8 bits,
-    33 key blocks (the shares are summed 16 key blocks a step):
+    33 key blocks (the shares are summed 16 key blocks a step); one tile a program or PERSISTENT (tiles from a
+    counter), key scales loaded a block ahead or not (PREFETCH: compiled only, the interpreter runs the masked loop):
     the kernel's weights equal the reference's to float32 rounding (integer dot products are exact), so the masks
     picked from them agree; every sampled row adds shares summing to 1, so each query block's row sums to `rows`."""
     from kvfold.kernels.estimate import lowbit_block_mass_triton
@@ -42,7 +45,7 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
     query = torch.randn(2, 2 * group, tokens, dim, device=DEVICE).to(dtype)
     key = (torch.randn(2, 2, tokens, dim, device=DEVICE) + torch.randn(dim, device=DEVICE)).to(dtype)
     want = lowbit_block_mass(query, key, dim ** -0.5, block, bits, rows)
-    got = lowbit_block_mass_triton(query, key, dim ** -0.5, block, bits, rows)
+    got = lowbit_block_mass_triton(query, key, dim ** -0.5, block, bits, rows, launch=mode)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.sum(-1), torch.full(got.shape[:-1], float(rows), device=DEVICE))
     assert torch.equal(got.triu(1), torch.zeros_like(got))  # nothing above the diagonal
@@ -52,10 +55,12 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
 @pytest.mark.parametrize("launch", [{"PAIRS": 4}, {"PAIRS": 16, "num_warps": 8}, {"PAIRS": 8, "FLOAT8": 0},
                                     {"PAIRS": 32}])
 def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
-    """Launches: 4 to 32 of the 39 (query block, head) pairs of each KV head a program (13 blocks x GQA 3: tiles
+    """Launches: 4 to 32 of the 39 (query block, head) pairs of each KV head a tile (13 blocks x GQA 3: tiles
     starting mid-block, the last partly past the end; the default is 16 at 4 rows), 4-bit codes as int8 instead of
-    float8, and a scratch for 2 programs so the pairs go in spans of launches; the masses stay the reference's. A
-    tile must be a power of two of >= 16 rows."""
+    float8; one tile a program (all at once, 3 a launch, and a scratch for one program: one a launch), and
+    PERSISTENT (3 programs taking the tiles in turn from a counter, and one doing every tile, reusing its
+    scratch); the masses stay the reference's. A tile must be a power of two of >= 16 rows. (PREFETCH, key scales
+    a block ahead, changes only the compiled loop: the interpreter runs the masked one.)"""
     from kvfold.kernels import estimate
     from kvfold.kernels.estimate import lowbit_block_mass_triton
 
@@ -63,12 +68,15 @@ def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
     query = torch.randn(1, 6, 200, 32, device=DEVICE).half()
     key = torch.randn(1, 2, 200, 32, device=DEVICE).half()
     want = lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, 4)
-    torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch=launch), want,
-                               rtol=1e-4, atol=1e-5)
-    per_program = 2 * launch["PAIRS"] * 4 * 13 * 4  # kv heads, tile rows, key blocks, float32
-    monkeypatch.setattr(estimate, "SCRATCH_BYTES", 2 * per_program)
-    torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch=launch), want,
-                               rtol=1e-4, atol=1e-5)
+    for persistent in ({}, {"PERSISTENT": 1, "PREFETCH": 1}):
+        options = {**launch, **persistent}
+        for slots in ({}, {"SLOTS": 3}):
+            torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4,
+                                                                launch={**options, **slots}), want, rtol=1e-4, atol=1e-5)
+        with monkeypatch.context() as patch:
+            patch.setattr(estimate, "SCRATCH_BYTES", launch["PAIRS"] * 4 * 13 * 4)  # tile rows, key blocks, float32
+            torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch=options),
+                                       want, rtol=1e-4, atol=1e-5)
     for pairs in (2, 5):
         with pytest.raises(ValueError, match="PAIRS must be a power of two"):
             lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch={"PAIRS": pairs})

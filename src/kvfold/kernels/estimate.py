@@ -1,17 +1,18 @@
 """The low-bit estimate of a causal prefill's block attention (`pattern.lowbit_block_mass`) in Triton.
 
-One program per KV head and `PAIRS` consecutive (query block, query head) pairs of its GQA group (default: a 64-row
-tile, 8 pairs at 8 sampled rows): the pairs' sampled rows form one tile, so every key block is loaded once for all of
-them, and no row is padding (GQA 3 in tiles of whole query blocks padded the heads to 4: a quarter of the
-exponentials were for nothing).
+A tile is one KV head's `PAIRS` consecutive (query block, query head) pairs of its GQA group (default: 64 rows, 16
+pairs at 4 sampled rows), the longest first; a program does one (or, PERSISTENT, takes tiles from a counter until
+none is left). The pairs' sampled rows form one tile, so every key block is loaded once for all of them, and no
+row is padding (GQA 3 in tiles of whole query blocks padded the heads to 4: a quarter of the exponentials were for
+nothing).
 Exact dot products of the codes: Hopper has no int4 MMA, so 4-bit codes go to the tensor cores as float8 e4m3
 (exact: see `ESTIMATE_LAUNCH`'s FLOAT8), 8-bit ones as int8. The anchors come first (the sink block, then each
 row's own block): their maximum shifts the row's exponents. One pass over the visible key blocks (those before the
 tile's first query block unmasked, then the diagonal ones) writes each row's weight per key block to a scratch
-(float32, one 256-byte line per key block and program) and sums the row's total; a last loop over the scratch
+(float32, one 256-byte line per key block, a program's own) and sums the row's total; a last loop over the scratch
 (just written: mostly from L2, 16 key blocks a step) turns the weights into shares of their row's total and sums
-them over each (query block, head)'s rows into the mass. The scratch is bounded (`SCRATCH_BYTES`: spans of query
-blocks a launch); nothing of size tokens × tokens is written. `pick_blocks_triton` then picks each query block's
+them over each (query block, head)'s rows into the mass. The scratch is bounded (`SCRATCH_BYTES`: fewer programs a
+launch beyond it); nothing of size tokens × tokens is written. `pick_blocks_triton` then picks each query block's
 key blocks from the mass.
 """
 
@@ -31,25 +32,36 @@ from .prefill import LOG2E
 # query blocks with the heads padded to a power of two (GQA 3 -> 4), two blocks a tile at 8 rows, took 8.2 ms at 128k
 # on an H200 (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md), against 9.9 for
 # one block a program at 2 warps and 8.6 for four at 4 or 8 warps.
-ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1}
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1, "PERSISTENT": 0, "PREFETCH": 0,
+                   "SLOTS": 0}
 # FLOAT8: 4-bit codes as float8 e4m3 (every code exact; a row's sum of products is an integer below 128 * 49 < 2^13,
 # well inside the ~14 bits Hopper's float8 accumulation keeps), so the dot product is a float8 wgmma at int8's rate
 # and the scores need no int -> float conversion, a quarter-rate instruction per score like the exponential. With
 # the blocks before the diagonal read unmasked (no compare and select; scale and shift fused), the key loop's sm_90
 # SASS at head_dim 64, GQA 3 (the shapes timed at 128k) went from 455 instructions (32 of them I2F) to 293, and
-# with reduce=max from 366 to 203 (`benchmarks/inspect_kernel.py --estimate`, offline); not yet timed on a GPU.
-# Each program keeps its rows' weights per key block until the rows' totals are known: at most this much scratch
-# (launches over spans of query blocks beyond it; 128k tokens at Llama-3.1-8B's 8 KV heads: 16 launches).
+# with reduce=max from 366 to 203 (`benchmarks/inspect_kernel.py --estimate`, offline).
+# Without PERSISTENT a program does one tile, in launches of SLOTS tiles of every KV head (0: all at once) under
+# SCRATCH_BYTES: at 128k, 9 / 3 heads, three launches, the last with one long program a multiprocessor. PERSISTENT: one launch of
+# SLOTS programs (0: SLOTS_PER_SM a multiprocessor, more than can be resident; those not resident find no tile
+# left) taking tiles longest first from a counter, each reusing its scratch. PREFETCH: the next block's key scales
+# loaded a block ahead (read right after the dot, their load stalled every step: Nsight Compute, H200). Both on,
+# H200, the captured layer tiled (`estimate_kernel_h200_captured.md`): 4.11 -> 2.40 ms at 128k (the whole sparse
+# prefill 2.57x -> 2.87x SDPA), 1.00 -> 1.11 at 64k (0.88 with SLOTS 264 or 396); the loop over tiles took the
+# registers from 88 to 152, and capped (maxnreg 128, 96) it was slower. Not the default yet: that build's compiled
+# tests failed (masses off by up to 2.5%) in three of five runs on the H200 and passed in two; the barrier before
+# the shares' loop came after, untimed and untested on a GPU.
 SCRATCH_BYTES = 256 << 20
+SLOTS_PER_SM = 8
 SHARES_STEP = tl.constexpr(16)  # key blocks a step of the loop that turns the scratch into shares
 
 
 @triton.jit
 def _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.constexpr, BLOCK: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, key_scale=None):
     """The tile's rows against key block j before the rows' own scales (q_codes · k_codes × the key's scale). MASKED:
     keys after a row's position or past the end are -inf (only the diagonal blocks need it: every row sees the
-    blocks before them whole, and those scores go straight into one multiply-add and an exponential)."""
+    blocks before them whole, and those scores go straight into one multiply-add and an exponential). `key_scale`:
+    the block's key scales, loaded ahead by the caller (else loaded here)."""
     keys = j * BLOCK + tl.arange(0, BLOCK)
     at = kc_ptr + (kv * tokens + keys[:, None]) * D + tl.arange(0, D)[None, :]
     if MASKED:
@@ -57,7 +69,8 @@ def _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D: tl.constexpr, BL
         key_scale = tl.load(ks_ptr + kv * tokens + keys, mask=keys < tokens, other=0.0)
     else:
         codes = tl.load(at)
-        key_scale = tl.load(ks_ptr + kv * tokens + keys)
+        if key_scale is None:
+            key_scale = tl.load(ks_ptr + kv * tokens + keys)
     scores = tl.dot(q, tl.trans(codes)).to(tl.float32) * key_scale[None, :]
     if MASKED:
         scores = tl.where(keys[None, :] <= positions[:, None], scores, float("-inf"))
@@ -74,11 +87,11 @@ def _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, anchor, m_
 
 @triton.jit
 def _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE: tl.constexpr,
-                 D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr, MASKED: tl.constexpr):
+                 D: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr, MASKED: tl.constexpr, key_scale=None):
     """Each row's weight in key block j relative to its anchors' maximum, into the scratch; the rows' running
     totals. The weight: its keys' exp(s) summed (MAX: the largest, one exponential a row; the rows' scales are
     positive, so they apply after the maximum), exponents capped at 64 above the anchors' maximum (no overflow)."""
-    scores = _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK, MASKED)
+    scores = _key_scores(q, positions, kc_ptr, ks_ptr, kv, tokens, j, D, BLOCK, MASKED, key_scale)
     if MAX:
         weights = tl.exp2(tl.minimum(tl.max(scores, axis=1) * q_scale - m_i, 64.0))
     else:
@@ -88,28 +101,25 @@ def _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows
 
 
 @triton.jit
-def _store_shares(rows_at, total, out, stored, first, end, TILE: tl.constexpr, PAIRS: tl.constexpr,
+def _store_shares(rows_at, inverse, out, stored, first, end, TILE: tl.constexpr, PAIRS: tl.constexpr,
                   ROWS: tl.constexpr, STEP: tl.constexpr):
-    """Key blocks [first, first + STEP) below `end`: their share of each row's total, summed over each (query block,
-    head)'s rows, at out + key block."""
+    """Key blocks [first, first + STEP) below `end`: their share of each row's total (`inverse`: 1 / the total),
+    summed over each (query block, head)'s rows, at out + key block."""
     at = first + tl.arange(0, STEP)
     inside = at < end
-    shares = tl.load(rows_at[None, :] + at[:, None] * TILE, mask=inside[:, None], other=0.0) / total[None, :]
+    shares = tl.load(rows_at[None, :] + at[:, None] * TILE, mask=inside[:, None], other=0.0) * inverse[None, :]
     summed = tl.sum(tl.reshape(shares, [STEP, PAIRS, ROWS]), axis=2)
     tl.store(out[None, :] + at[:, None], summed, mask=inside[:, None] & stored[None, :])
 
 
 @triton.jit
-def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, tokens, blocks, first_pair,
-                        scale_log2, GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                        INTERPRETED_BLOCKS: tl.constexpr, PAIRS: tl.constexpr = 8, SPAN: tl.constexpr = 1,
-                        MAX: tl.constexpr = False):
-    """KV head program_id(1)'s (query block, head) pairs [first_pair + i * PAIRS, + PAIRS), i = num_programs(0) - 1 -
-    program_id(0) (the longest first); pair p is query block p // GROUP's head p % GROUP, as the codes are stored.
-    SPAN: the most query blocks PAIRS pairs touch. MAX: the `reduce="max"` weights. scratch: each program's row
-    weights [key blocks, tile rows] (float32) until its rows' totals are known."""
-    start = first_pair + (tl.num_programs(0) - 1 - tl.program_id(0)) * PAIRS
-    kv = tl.program_id(1).to(tl.int64)  # batch * kv_heads + kv_head
+def _estimate_tile(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, rows_at, kv, start, tokens, blocks, scale_log2,
+                   GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                   INTERPRETED_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, SPAN: tl.constexpr, MAX: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    """KV head kv's (query block, head) pairs [start, start + PAIRS) (pair p: query block p // GROUP's head
+    p % GROUP, as the codes are stored): their masses, through the scratch at rows_at (+ j * TILE: key block j's
+    weights, one per tile row)."""
     TILE: tl.constexpr = PAIRS * ROWS
     tile = tl.arange(0, TILE)
     pair, row = start + tile // ROWS, tile % ROWS
@@ -128,8 +138,6 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, t
         if (first + d > 0) & (first + d < end):
             m_i = _anchor_max(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, first + d, block == first + d, m_i,
                               D, BLOCK)
-    slot = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    rows_at = scratch_ptr + slot * blocks * TILE + tile  # + j * TILE: key block j's weights, one per tile row
     total = tl.zeros([TILE], tl.float32)
     if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
         for j in range(0, INTERPRETED_BLOCKS):
@@ -139,19 +147,71 @@ def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, t
             elif j < end:
                 total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
                                      D, BLOCK, MAX, True)
-    else:  # the blocks before the tile's first query block, seen whole by every row; then the diagonal ones
+    elif not PREFETCH:  # the blocks before the tile's first query block, seen whole by every row; the diagonal ones
         for j in range(0, first):
             total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
                                  BLOCK, MAX, False)
         for j in range(first, end):
             total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
                                  BLOCK, MAX, True)
-    # each row's weights as shares of its total, summed over each pair's rows into the mass
+    else:
+        scales_at = ks_ptr + kv * tokens + tl.arange(0, BLOCK)
+        key_scale = tl.load(scales_at, mask=first > 0, other=0.0)  # block 0's: whole when the loop runs
+        for j in range(0, first):
+            # the next block's key scales a block ahead (their load is not pipelined through shared memory, and
+            # read right after the dot it stalled every step); the last step reloads its own block, which is whole
+            ahead = tl.load(scales_at + tl.minimum(j + 1, first - 1) * BLOCK)
+            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
+                                 BLOCK, MAX, False, key_scale)
+            key_scale = ahead
+        for j in range(first, end):
+            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
+                                 BLOCK, MAX, True)
+    # each row's weights as shares of its total, summed over each pair's rows into the mass; the weights are read
+    # back by other threads than wrote them (the layout change of `total` below put a barrier between them, by
+    # chance: this one says so)
+    tl.debug_barrier()
     pairs = start + tl.arange(0, PAIRS)
     out = mass_ptr + ((kv * GROUP + pairs % GROUP) * blocks + pairs // GROUP) * blocks  # q head = kv * GROUP + head
     stored = pairs < blocks * GROUP
+    inverse = 1.0 / total  # once a row (a full division per weight was 6% of the kernel's stall samples)
     for j in range(0, INTERPRETED_BLOCKS if INTERPRETED_BLOCKS else end, SHARES_STEP):
-        _store_shares(rows_at, total, out, stored, j, end, TILE, PAIRS, ROWS, SHARES_STEP)
+        _store_shares(rows_at, inverse, out, stored, j, end, TILE, PAIRS, ROWS, SHARES_STEP)
+
+
+@triton.jit
+def _lowbit_mass_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, scratch_ptr, taken_ptr, tokens, blocks, tiles,
+                        heads, first_tile, scale_log2, GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                        BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr, INTERPRETED_TILES: tl.constexpr = 0,
+                        PAIRS: tl.constexpr = 8, SPAN: tl.constexpr = 1, MAX: tl.constexpr = False,
+                        PERSISTENT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    """Without PERSISTENT: KV head program_id(1) (batch * kv_heads + kv_head)'s tile of pairs [t * PAIRS, + PAIRS),
+    t = tiles - 1 - first_tile - program_id(0) (the longest first). PERSISTENT: each program takes the next item i
+    from the counter at taken_ptr until none is left, KV head i % heads's tile t = tiles - 1 - i // heads. SPAN: the
+    most query blocks PAIRS pairs touch. MAX: the `reduce="max"` weights. PREFETCH: key scales a block ahead.
+    scratch: each program's row weights [key blocks, tile rows] (float32) until its rows' totals are known."""
+    TILE: tl.constexpr = PAIRS * ROWS
+    slot = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    rows_at = scratch_ptr + slot * blocks * TILE + tl.arange(0, TILE)
+    if not PERSISTENT:  # a 2-D grid: its index math kept 21 registers fewer than an item's division (sm_90)
+        _estimate_tile(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, rows_at, tl.program_id(1).to(tl.int64),
+                       (tiles - 1 - first_tile - tl.program_id(0)) * PAIRS, tokens, blocks, scale_log2, GROUP, ROWS,
+                       D, BLOCK, INTERPRETED_BLOCKS, PAIRS, SPAN, MAX, PREFETCH)
+    elif INTERPRETED_TILES:  # the interpreter: a loop to a constant
+        for _ in range(0, INTERPRETED_TILES):
+            taken = tl.atomic_add(taken_ptr, 1)
+            if taken < tiles * heads:
+                _estimate_tile(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, rows_at, (taken % heads).to(tl.int64),
+                               (tiles - 1 - taken // heads) * PAIRS, tokens, blocks, scale_log2, GROUP, ROWS, D,
+                               BLOCK, INTERPRETED_BLOCKS, PAIRS, SPAN, MAX, PREFETCH)
+    else:
+        taken = tl.atomic_add(taken_ptr, 1)
+        while taken < tiles * heads:
+            _estimate_tile(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, rows_at, (taken % heads).to(tl.int64),
+                           (tiles - 1 - taken // heads) * PAIRS, tokens, blocks, scale_log2, GROUP, ROWS, D, BLOCK,
+                           INTERPRETED_BLOCKS, PAIRS, SPAN, MAX, PREFETCH)
+            tl.debug_barrier()  # every thread done reading the scratch before the next tile writes it
+            taken = tl.atomic_add(taken_ptr, 1)
 
 
 @triton.jit
@@ -231,7 +291,8 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
                              rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
     >= 32: int8 and float8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
-    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, PAIRS, FLOAT8)."""
+    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, PAIRS, FLOAT8, PERSISTENT, PREFETCH,
+    SLOTS)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -244,19 +305,32 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     float8 = bool(options.pop("FLOAT8")) and bits == 4  # 4-bit codes are exact in e4m3 (8-bit ones are not)
     q_codes, q_scales, k_codes, k_scales = lowbit_codes_triton(query, key, block, bits, rows, float8)
     mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
-    interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
     per_program, options["SPAN"] = pair_tiles(rows, group, options.get("PAIRS", 0))
     options["PAIRS"] = per_program
-    tile_bytes = batch * kv_heads * blocks * per_program * rows * 4  # one program index's scratch
-    programs = triton.cdiv(blocks * group, per_program)
-    at_once = max(1, min(programs, SCRATCH_BYTES // tile_bytes))
-    scratch = torch.empty(at_once * tile_bytes // 4, device=query.device)
-    for start in range(0, programs, at_once):  # pairs in spans, so the scratch stays under SCRATCH_BYTES
-        count = min(at_once, programs - start)
-        _lowbit_mass_kernel[(count, batch * kv_heads)](
-            q_codes, q_scales, k_codes, k_scales, mass, scratch, tokens, blocks, start * per_program, scale * LOG2E,
-            GROUP=group, ROWS=rows, D=dim, BLOCK=block, INTERPRETED_BLOCKS=interpreted, MAX=reduce == "max",
-            **options)
+    tiles = triton.cdiv(blocks * group, per_program)
+    items = tiles * batch * kv_heads  # (tile, KV head) pairs
+    slot_bytes = blocks * per_program * rows * 4  # one program's scratch
+    taken = torch.zeros(1, dtype=torch.int32, device=query.device)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    common = dict(GROUP=group, ROWS=rows, D=dim, BLOCK=block, INTERPRETED_BLOCKS=blocks if interpreted else 0,
+                  MAX=reduce == "max")
+    if options.pop("PERSISTENT"):  # one launch
+        slots = options.pop("SLOTS") or (torch.cuda.get_device_properties(query.device).multi_processor_count
+                                         * SLOTS_PER_SM if query.is_cuda else 4)
+        slots = max(1, min(slots, items, SCRATCH_BYTES // slot_bytes))
+        scratch = torch.empty(slots * slot_bytes // 4, device=query.device)
+        _lowbit_mass_kernel[(slots, 1)](
+            q_codes, q_scales, k_codes, k_scales, mass, scratch, taken, tokens, blocks, tiles, batch * kv_heads, 0,
+            scale * LOG2E, INTERPRETED_TILES=triton.cdiv(items, slots) if interpreted else 0, PERSISTENT=True,
+            **common, **options)
+        return mass
+    # launches of `at_once` tiles of every KV head, the longest first, so the scratch stays under SCRATCH_BYTES
+    at_once = max(1, min(options.pop("SLOTS") or tiles, tiles, SCRATCH_BYTES // (slot_bytes * batch * kv_heads)))
+    scratch = torch.empty(at_once * batch * kv_heads * slot_bytes // 4, device=query.device)
+    for first_tile in range(0, tiles, at_once):
+        _lowbit_mass_kernel[(min(at_once, tiles - first_tile), batch * kv_heads)](
+            q_codes, q_scales, k_codes, k_scales, mass, scratch, taken, tokens, blocks, tiles, batch * kv_heads,
+            first_tile, scale * LOG2E, **common, **options)
     return mass
 
 
