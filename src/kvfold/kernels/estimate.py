@@ -49,7 +49,10 @@ ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1, "PE
 # prefill 2.57x -> 2.87x SDPA), 1.00 -> 1.11 at 64k (0.88 with SLOTS 264 or 396); the loop over tiles took the
 # registers from 88 to 152, and capped (maxnreg 128, 96) it was slower. Not the default yet: that build's compiled
 # tests failed (masses off by up to 2.5%) in three of five runs on the H200 and passed in two; the barrier before
-# the shares' loop came after, untimed and untested on a GPU.
+# the shares' loop came after, untimed and untested on a GPU. Not pursued: exponentials two to an instruction
+# (`ex2.approx.f16x2` / `.bf16x2` of each block's scores less the block's own maximum; in a one-off CPU emulation,
+# not kept, float16 that way gave float32's density and recall on the captured layer at 32k) compile to two
+# MUFU.EX2.F16 / .BF16 each on sm_90 (ptxas): no fewer than float32.
 SCRATCH_BYTES = 256 << 20
 SLOTS_PER_SM = 8
 SHARES_STEP = tl.constexpr(16)  # key blocks a step of the loop that turns the scratch into shares
