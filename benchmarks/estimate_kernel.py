@@ -21,12 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
 from kvfold.kernels import estimate  # noqa: E402
 from prefill_kernel import timer  # noqa: E402  (beside this script)
-from sparse_prefill import captured, structured  # noqa: E402
+from sparse_prefill import captured, parse_launches, structured  # noqa: E402
 
 
 def load_revision(path: Path, index: int):
@@ -37,11 +38,6 @@ def load_revision(path: Path, index: int):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def parse_launches(spec: str) -> list[dict]:
-    return [{name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
-            for launch in filter(None, spec.split(";"))]
 
 
 def main() -> None:
@@ -97,7 +93,7 @@ def main() -> None:
               f", {args.bits}-bit codes, {args.rows} sampled rows per {args.block}-token block, reduce={args.reduce}")
     if args.out:
         args.out.with_suffix(".json").write_text(json.dumps({
-            "device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "device": device, "torch": torch.__version__, "triton": triton.__version__,
             "kvfold": kvfold.__version__, "shapes": shapes, "default_launch": estimate.ESTIMATE_LAUNCH,
             "results": results}, indent=1))
         table = [f"# Low-bit estimate kernel, codes included ({device})", "", shapes + "; "

@@ -112,11 +112,16 @@ def pattern_parts(q, k, mask, estimate: str, block: int, sample: int, reduce: st
     return parts
 
 
+def parse_launches(spec: str) -> list[dict]:
+    """';'-separated launches 'NAME=INT,...' -> their option dicts."""
+    return [{name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
+            for launch in filter(None, spec.split(";"))]
+
+
 def time_launches(spec: str, device: str, label: str, run) -> dict:
     """ms of `run(launch options)` at each ';'-separated launch of `spec` ('NAME=INT,...')."""
     times = {}
-    for launch in filter(None, spec.split(";")):
-        options = {name: int(value) for name, _, value in (item.partition("=") for item in launch.split(","))}
+    for launch, options in zip(filter(None, spec.split(";")), parse_launches(spec)):
         times[launch] = timer(device)(lambda: run(options))
         print(f"  {label} at {launch}: {times[launch]:.2f} ms", flush=True)
     return times

@@ -150,23 +150,21 @@ def _estimate_tile(qc_ptr, qs_ptr, kc_ptr, ks_ptr, mass_ptr, rows_at, kv, start,
             elif j < end:
                 total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
                                      D, BLOCK, MAX, True)
-    elif not PREFETCH:  # the blocks before the tile's first query block, seen whole by every row; the diagonal ones
-        for j in range(0, first):
-            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
-                                 BLOCK, MAX, False)
-        for j in range(first, end):
-            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
-                                 BLOCK, MAX, True)
-    else:
-        scales_at = ks_ptr + kv * tokens + tl.arange(0, BLOCK)
-        key_scale = tl.load(scales_at, mask=first > 0, other=0.0)  # block 0's: whole when the loop runs
-        for j in range(0, first):
-            # the next block's key scales a block ahead (their load is not pipelined through shared memory, and
-            # read right after the dot it stalled every step); the last step reloads its own block, which is whole
-            ahead = tl.load(scales_at + tl.minimum(j + 1, first - 1) * BLOCK)
-            total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
-                                 BLOCK, MAX, False, key_scale)
-            key_scale = ahead
+    else:  # the blocks before the tile's first query block, seen whole by every row; then the diagonal ones
+        if PREFETCH:
+            scales_at = ks_ptr + kv * tokens + tl.arange(0, BLOCK)
+            key_scale = tl.load(scales_at, mask=first > 0, other=0.0)  # block 0's: whole when the loop runs
+            for j in range(0, first):
+                # the next block's key scales a block ahead (their load is not pipelined through shared memory,
+                # and read right after the dot it stalled every step); the last step reloads its own, whole block
+                ahead = tl.load(scales_at + tl.minimum(j + 1, first - 1) * BLOCK)
+                total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
+                                     D, BLOCK, MAX, False, key_scale)
+                key_scale = ahead
+        else:
+            for j in range(0, first):
+                total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE,
+                                     D, BLOCK, MAX, False)
         for j in range(first, end):
             total = _weigh_block(q, q_scale, positions, kc_ptr, ks_ptr, kv, tokens, j, m_i, rows_at, total, TILE, D,
                                  BLOCK, MAX, True)
@@ -313,7 +311,6 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     tiles = triton.cdiv(blocks * group, per_program)
     items = tiles * batch * kv_heads  # (tile, KV head) pairs
     slot_bytes = blocks * per_program * rows * 4  # one program's scratch
-    taken = torch.zeros(1, dtype=torch.int32, device=query.device)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(GROUP=group, ROWS=rows, D=dim, BLOCK=block, INTERPRETED_BLOCKS=blocks if interpreted else 0,
                   MAX=reduce == "max")
@@ -322,6 +319,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
                                          * SLOTS_PER_SM if query.is_cuda else 4)
         slots = max(1, min(slots, items, SCRATCH_BYTES // slot_bytes))
         scratch = torch.empty(slots * slot_bytes // 4, device=query.device)
+        taken = torch.zeros(1, dtype=torch.int32, device=query.device)  # the next item's index
         _lowbit_mass_kernel[(slots, 1)](
             q_codes, q_scales, k_codes, k_scales, mass, scratch, taken, tokens, blocks, tiles, batch * kv_heads, 0,
             scale * LOG2E, INTERPRETED_TILES=triton.cdiv(items, slots) if interpreted else 0, PERSISTENT=True,
@@ -332,7 +330,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     scratch = torch.empty(at_once * batch * kv_heads * slot_bytes // 4, device=query.device)
     for first_tile in range(0, tiles, at_once):
         _lowbit_mass_kernel[(min(at_once, tiles - first_tile), batch * kv_heads)](
-            q_codes, q_scales, k_codes, k_scales, mass, scratch, taken, tokens, blocks, tiles, batch * kv_heads,
+            q_codes, q_scales, k_codes, k_scales, mass, scratch, None, tokens, blocks, tiles, batch * kv_heads,
             first_tile, scale * LOG2E, **common, **options)
     return mass
 
