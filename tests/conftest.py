@@ -12,6 +12,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def pytest_report_header(config) -> str:
+    """Where the kernels run, first thing in the output: on a GPU machine a run without TRITON_INTERPRET=0 still
+    tests them interpreted on the CPU (and passes), which is easy to mistake for a compiled run."""
+    if os.environ["TRITON_INTERPRET"] == "1":
+        return "kernels: Triton interpreter on the CPU (TRITON_INTERPRET=1; TRITON_INTERPRET=0 compiles them on a GPU)"
+    return f"kernels: compiled (TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, CUDA {torch.cuda.is_available()})"
+
+
 def _patch_the_interpreter_once_a_kernel() -> None:
     """Triton's interpreter re-patches `triton.language` at every @triton.jit helper call inside a kernel (an
     `inspect.getmembers` scan, ~0.2 ms a call: 30-40% of an interpreted fast-loop test), although the kernel's launch

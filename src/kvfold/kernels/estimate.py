@@ -237,8 +237,10 @@ def _codes_kernel(x_ptr, mean_ptr, codes_ptr, scales_ptr, stride_b, stride_h, st
                 + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     if SMOOTH:
         x = x - tl.load(mean_ptr + flat * D + d)[None, :]
-    step = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) / TOP
-    scaled = x / step[:, None]
+    # divisions rounded as IEEE (and torch) round them: Triton's `/` is the approximate div.full.f32 (2 ulp), which
+    # moved codes at rounding boundaries and scales by an ulp (compiled tests, H100)
+    step = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8), TOP + 0.0)
+    scaled = tl.div_rn(x, step[:, None])
     codes = tl.minimum(tl.maximum((scaled + 12582912.0) - 12582912.0, -TOP), TOP)  # + 1.5 * 2^23: round to even
     tl.store(codes_ptr + out[:, None] * D + d[None, :], codes.to(codes_ptr.dtype.element_ty), mask=live[:, None])
     tl.store(scales_ptr + out, step, mask=live)

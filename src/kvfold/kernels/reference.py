@@ -168,7 +168,10 @@ def int8_blocks(x: torch.Tensor, block: int, bits: int = 8) -> tuple[torch.Tenso
     top = 2 ** (bits - 1) - 1
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block - tokens))
     grouped = padded.unflatten(-2, (blocks, block))
-    scales = grouped.abs().amax(dim=(-2, -1)).clamp_min(1e-8) / top
+    largest = grouped.abs().amax(dim=(-2, -1)).clamp_min(1e-8)
+    # a tensor divisor: on CUDA, torch divides by a Python number as a multiply by its reciprocal (an ulp off the
+    # quotient), on the CPU it divides; the Triton codes kernel divides as IEEE does (`tl.div_rn`)
+    scales = largest / torch.full_like(largest, top)
     codes = torch.round(grouped / scales[..., None, None]).clamp(-top, top).to(torch.int8)
     return codes.flatten(-3, -2)[..., :tokens, :], scales
 
