@@ -31,7 +31,8 @@ def exact_block_mass(query, key, scale, block):
     (200, 16, 3, 4, 4, 32), (256, 32, 1, 8, 8, 64), (130, 16, 4, 16, 4, 32), (64, 64, 2, 8, 4, 128),
     (17, 16, 8, 2, 8, 32), (520, 16, 2, 4, 4, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-@pytest.mark.parametrize("mode", [{}, {"PREFETCH": 1}, {"PERSISTENT": 1}, {"PERSISTENT": 1, "PREFETCH": 1}],
+@pytest.mark.parametrize("mode", [{"PERSISTENT": 0, "PREFETCH": 0}, {"PERSISTENT": 0, "PREFETCH": 1},
+                                  {"PERSISTENT": 1, "PREFETCH": 0}, {"PERSISTENT": 1, "PREFETCH": 1}],
                          ids=["one-tile", "prefetch", "persistent", "persistent-prefetch"])
 def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group, rows, bits, dim, dtype, mode):
     """Ragged last blocks (200 = 12 x 16 + 8, 17 = 16 + 1), GQA 1..8, every row sampled (16 of 16), 4 and 8 bits,
@@ -68,7 +69,7 @@ def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
     query = torch.randn(1, 6, 200, 32, device=DEVICE).half()
     key = torch.randn(1, 2, 200, 32, device=DEVICE).half()
     want = lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, 4)
-    for persistent in ({}, {"PERSISTENT": 1, "PREFETCH": 1}):
+    for persistent in ({"PERSISTENT": 0}, {"PERSISTENT": 1, "PREFETCH": 1}):
         options = {**launch, **persistent}
         for slots in ({}, {"SLOTS": 3}):
             torch.testing.assert_close(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4,
@@ -80,6 +81,34 @@ def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
     for pairs in (2, 5):
         with pytest.raises(ValueError, match="PAIRS must be a power of two"):
             lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, launch={"PAIRS": pairs})
+
+
+def test_the_estimate_kernel_goes_persistent_by_default_only_where_the_scratch_splits_the_launches(monkeypatch):
+    """The default launch (PERSISTENT None): one tile a program, all in one launch, while the scratch holds every
+    tile (3 tiles x 2 KV heads here); one persistent launch (programs taking tiles from a counter, as many as the
+    scratch holds) where one tile a program would take several launches. The masses are the reference's either way."""
+    from kvfold.kernels import estimate
+
+    grids, kernel = [], estimate._lowbit_mass_kernel
+
+    class RecordingGrids:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(estimate, "_lowbit_mass_kernel", RecordingGrids())
+    torch.manual_seed(3)
+    query = torch.randn(1, 6, 200, 32, device=DEVICE).half()
+    key = torch.randn(1, 2, 200, 32, device=DEVICE).half()
+    want = lowbit_block_mass(query, key, 32 ** -0.5, 16, 4, 4)
+    assert estimate.ESTIMATE_LAUNCH["PERSISTENT"] is None
+    torch.testing.assert_close(estimate.lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4), want, rtol=1e-4,
+                               atol=1e-5)
+    assert grids == [(3, 2)]
+    monkeypatch.setattr(estimate, "SCRATCH_BYTES", 2 * 13 * 64 * 4)  # two programs' (13 key blocks x 64 rows)
+    torch.testing.assert_close(estimate.lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4), want, rtol=1e-4,
+                               atol=1e-5)
+    assert grids[1:] == [(2, 1)]
 
 
 @pytest.mark.parametrize("tokens, group, rows", [(200, 3, 4), (64, 1, 16)])

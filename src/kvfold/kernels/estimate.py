@@ -32,7 +32,7 @@ from .prefill import LOG2E
 # query blocks with the heads padded to a power of two (GQA 3 -> 4), two blocks a tile at 8 rows, took 8.2 ms at 128k
 # on an H200 (9 / 3 heads, head_dim 64; benchmarks/results/sparse_prefill_h200_captured_int4_*.md), against 9.9 for
 # one block a program at 2 warps and 8.6 for four at 4 or 8 warps.
-ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1, "PERSISTENT": 0, "PREFETCH": 0,
+ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1, "PERSISTENT": None, "PREFETCH": 1,
                    "SLOTS": 0}
 # FLOAT8: 4-bit codes as float8 e4m3 (every code exact; a row's sum of products is an integer below 128 * 49 < 2^13,
 # well inside the ~14 bits Hopper's float8 accumulation keeps), so the dot product is a float8 wgmma at int8's rate
@@ -40,19 +40,24 @@ ESTIMATE_LAUNCH = {"num_warps": 4, "num_stages": 3, "PAIRS": 0, "FLOAT8": 1, "PE
 # the blocks before the diagonal read unmasked (no compare and select; scale and shift fused), the key loop's sm_90
 # SASS at head_dim 64, GQA 3 (the shapes timed at 128k) went from 455 instructions (32 of them I2F) to 293, and
 # with reduce=max from 366 to 203 (`benchmarks/inspect_kernel.py --estimate`, offline).
-# Without PERSISTENT a program does one tile, in launches of SLOTS tiles of every KV head (0: all at once) under
-# SCRATCH_BYTES: at 128k, 9 / 3 heads, three launches, the last with one long program a multiprocessor. PERSISTENT: one launch of
-# SLOTS programs (0: SLOTS_PER_SM a multiprocessor, more than can be resident; those not resident find no tile
-# left) taking tiles longest first from a counter, each reusing its scratch. PREFETCH: the next block's key scales
-# loaded a block ahead (read right after the dot, their load stalled every step: Nsight Compute, H200). Both on,
-# H200, the captured layer tiled (`estimate_kernel_h200_captured.md`): 4.11 -> 2.40 ms at 128k (the whole sparse
-# prefill 2.57x -> 2.87x SDPA), 1.00 -> 1.11 at 64k (0.88 with SLOTS 264 or 396); the loop over tiles took the
-# registers from 88 to 152, and capped (maxnreg 128, 96) it was slower. Not the default yet: that build's compiled
-# tests failed (masses off by up to 2.5%) in three of five runs on the H200 and passed in two; the barrier before
-# the shares' loop came after, untimed and untested on a GPU. Not pursued: exponentials two to an instruction
-# (`ex2.approx.f16x2` / `.bf16x2` of each block's scores less the block's own maximum; in a one-off CPU emulation,
-# not kept, float16 that way gave float32's density and recall on the captured layer at 32k) compile to two
-# MUFU.EX2.F16 / .BF16 each on sm_90 (ptxas): no fewer than float32.
+# Without PERSISTENT (0, or None with SLOTS set) a program does one tile, in launches of SLOTS tiles of every KV
+# head (0: all at once) under SCRATCH_BYTES: at 128k, 9 / 3 heads, three launches, the last with one long program a
+# multiprocessor. PERSISTENT: one launch of SLOTS programs (0: SLOTS_PER_SM a multiprocessor, more than can be
+# resident; those not resident find no tile left) taking tiles longest first from a counter, each reusing its
+# scratch. PREFETCH: the next block's key scales loaded a block ahead (read right after the dot, their load stalled
+# every step: Nsight Compute, H200). Both on, H200, the captured layer tiled (`estimate_kernel_h200_captured.md`):
+# 4.11 -> 2.40 ms at 128k (the whole sparse prefill 2.57x -> 2.87x SDPA), 1.00 -> 1.11 at 64k (0.88 with SLOTS 264
+# or 396); the loop over tiles took the registers from 88 to 152, and capped (maxnreg 128, 96) it was slower. On an
+# H100 (`estimate_kernel_h100_captured.md`, every mode's masses equal): one tile a program 1.01 / 3.15 ms at 64k /
+# 128k, PREFETCH 0.92 / 2.72, both 1.09 / 2.31. Hence the default: PREFETCH on, and PERSISTENT None, persistent where
+# one tile a program would take several launches (at 128k, not at 64k, for these heads). The compiled tests'
+# failures that had kept both off (masses off by up to 2.5% in every mode, and the codes test) were the reference's:
+# torch on CUDA divides by a Python number as a multiply by its reciprocal, an ulp off, which moved a few codes
+# (`reference.int8_blocks` now divides by a tensor; the codes kernel by `tl.div_rn`). Those tests have yet to run
+# compiled since the fix. Not pursued: exponentials two to an instruction (`ex2.approx.f16x2` / `.bf16x2` of each
+# block's scores less the block's own maximum; in a one-off CPU emulation, not kept, float16 that way gave float32's
+# density and recall on the captured layer at 32k) compile to two MUFU.EX2.F16 / .BF16 each on sm_90 (ptxas): no
+# fewer than float32.
 SCRATCH_BYTES = 256 << 20
 SLOTS_PER_SM = 8
 SHARES_STEP = tl.constexpr(16)  # key blocks a step of the loop that turns the scratch into shares
@@ -316,9 +321,15 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(GROUP=group, ROWS=rows, D=dim, BLOCK=block, INTERPRETED_BLOCKS=blocks if interpreted else 0,
                   MAX=reduce == "max")
-    if options.pop("PERSISTENT"):  # one launch
-        slots = options.pop("SLOTS") or (torch.cuda.get_device_properties(query.device).multi_processor_count
-                                         * SLOTS_PER_SM if query.is_cuda else 4)
+    slots = options.pop("SLOTS")
+    # one tile a program: launches of `at_once` tiles of every KV head, so the scratch stays under SCRATCH_BYTES
+    at_once = max(1, min(slots or tiles, tiles, SCRATCH_BYTES // (slot_bytes * batch * kv_heads)))
+    persistent = options.pop("PERSISTENT")
+    if persistent is None:  # the default: one persistent launch where one tile a program would take several
+        persistent = at_once < tiles and not slots
+    if persistent:
+        slots = slots or (torch.cuda.get_device_properties(query.device).multi_processor_count * SLOTS_PER_SM
+                          if query.is_cuda else 4)
         slots = max(1, min(slots, items, SCRATCH_BYTES // slot_bytes))
         scratch = torch.empty(slots * slot_bytes // 4, device=query.device)
         taken = torch.zeros(1, dtype=torch.int32, device=query.device)  # the next item's index
@@ -327,8 +338,6 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
             scale * LOG2E, INTERPRETED_TILES=triton.cdiv(items, slots) if interpreted else 0, PERSISTENT=True,
             **common, **options)
         return mass
-    # launches of `at_once` tiles of every KV head, the longest first, so the scratch stays under SCRATCH_BYTES
-    at_once = max(1, min(options.pop("SLOTS") or tiles, tiles, SCRATCH_BYTES // (slot_bytes * batch * kv_heads)))
     scratch = torch.empty(at_once * batch * kv_heads * slot_bytes // 4, device=query.device)
     for first_tile in range(0, tiles, at_once):
         _lowbit_mass_kernel[(min(at_once, tiles - first_tile), batch * kv_heads)](
