@@ -6,6 +6,7 @@ Triton's wheel ships ptxas and nvdisasm, so this needs no CUDA device.
     python benchmarks/inspect_kernel.py                      # every fast kernel at Llama-3.1-8B decode shapes
     python benchmarks/inspect_kernel.py --warps 4 --stages 2 --dump /tmp/ttgir   # other launch; keep the TTGIR
     python benchmarks/inspect_kernel.py --estimate --dim 64 --group 3   # the sparse prefill's low-bit estimate
+    python benchmarks/inspect_kernel.py --sparse --dim 64 --group 3     # the sparse prefill's kernel, per launch
 
 Registers and instruction counts are not times: compare launches on a GPU (`benchmarks/decode_kernel.py
 --sweep-only`). This is for reading the compiler's choices between device sessions (e.g. a float16 tile stored to
@@ -156,6 +157,25 @@ def estimate_cases(group: int, dim: int, rows: int, extra: dict):
             yield f"estimate {'float8' if codes[0] == 'f' else 'int8'} codes, {reduce}", signature, constants, launch
 
 
+def inspect_sparse(group: int, dim: int, warps: int | None, stages: int | None) -> None:
+    """The sparse prefill's kernel (`kernels.sparse`, 64-token blocks, bf16) at each launch option: registers, and
+    per loop its instructions and MUFU (exponential) instructions; the listed blocks' loop is the longest."""
+    from kvfold.kernels.sparse import _sparse_kernel
+
+    signature = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", picks_ptr="*i32", counts_ptr="*i32",
+                     diagonal_ptr="*i8", out_ptr="*bf16", overflow_ptr="*i8", tokens="i32", blocks="i32", scale="fp32")
+    launch = {"num_warps": warps or 4, "num_stages": stages or 3}
+    print(f"sm_90, triton {triton.__version__}; GQA {group}, head_dim {dim}, 64-token blocks, {launch}")
+    for label, options in (("FOLD (default)", {"FOLD": True}), ("no FOLD", {"FOLD": False}),
+                           ("LAZY", {"FOLD": True, "LAZY": True}), ("PAIRED", {"FOLD": True, "PAIRED": True}),
+                           ("ANCHORED", {"FOLD": True, "ANCHORED": True})):
+        constants = dict(Q_HEADS=group * 2, GROUP=group, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, FOLD=False,
+                         LAZY=False, PAIRED=False, ANCHORED=False, RETRY=False)
+        compiled = compile_for_hopper(_sparse_kernel, signature, {**constants, **options}, launch)
+        loops = ", ".join(f"{count} ({mufu} MUFU)" for count, _, mufu in loop_instructions(compiled, every=True))
+        print(f"{label:16s} {ptxas_report(compiled)}, {compiled.metadata.shared:6d} B shared; loops: {loops}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--page", type=int, default=64, help="tokens per page")
@@ -169,9 +189,14 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only the kernels whose label contains this")
     parser.add_argument("--estimate", action="store_true", help="the sparse prefill's low-bit estimate kernel instead "
                         "(its loops: the anchors, the key blocks before the diagonal, the diagonal ones, the shares)")
+    parser.add_argument("--sparse", action="store_true", help="the sparse prefill's block-sparse kernel instead, "
+                        "at 64-token blocks, for each launch option (FOLD, LAZY, PAIRED, ANCHORED)")
     parser.add_argument("--rows", type=int, default=4, help="--estimate: sampled queries per block")
     parser.add_argument("--pairs", type=int, default=0, help="--estimate: (query block, head) pairs a program")
     args = parser.parse_args()
+    if args.sparse:
+        inspect_sparse(args.group, args.dim, args.warps, args.stages)
+        return
     if args.estimate:
         from kvfold.kernels.estimate import _lowbit_mass_kernel
 

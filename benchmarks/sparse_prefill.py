@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import kvfold  # noqa: E402
 from kvfold.kernels.pattern import flexprefill_mask, lowbit_mask  # noqa: E402
-from kvfold.kernels.sparse import sparse_prefill  # noqa: E402
+from kvfold.kernels.sparse import sparse_prefill, sparse_prefill_flagged  # noqa: E402
 from prefill_kernel import timer  # noqa: E402  (beside this script)
 
 
@@ -137,11 +137,22 @@ def estimate_launches(q, k, args) -> dict:
         lowbit_block_mass_triton(q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, args.reduce, launch=options)))
 
 
-def kernel_launches(q, k, v, mask, lists, args) -> dict:
+def kernel_launches(q, k, v, mask, lists, args) -> tuple[dict, dict]:
     """The block-sparse kernel alone (`sparse_prefill`) over the run's mask (and lists, as timed in the run), ms at
-    each launch of --kernel-launches."""
-    return time_launches(args.kernel_launches, args.device, "sparse kernel", lambda options: (
-        sparse_prefill(q, k, v, mask, q.shape[-1] ** -0.5, args.block, launch=options, lists=lists)))
+    each launch of --kernel-launches; and per launch the max |difference| of its output to the default launch's
+    and (ANCHORED) the share of query blocks redone with the running maximum."""
+    scale = q.shape[-1] ** -0.5
+    times = time_launches(args.kernel_launches, args.device, "sparse kernel", lambda options: (
+        sparse_prefill(q, k, v, mask, scale, args.block, launch=options, lists=lists)))
+    default = sparse_prefill(q, k, v, mask, scale, args.block, lists=lists).float()
+    checks = {}
+    for launch, options in zip(filter(None, args.kernel_launches.split(";")), parse_launches(args.kernel_launches)):
+        out, redone = sparse_prefill_flagged(q, k, v, mask, scale, args.block, launch=options, lists=lists)
+        checks[launch] = {"max_abs_diff": (out.float() - default).abs().max().item(),
+                          "redone": None if redone is None else redone.float().mean().item()}
+        print(f"  sparse kernel at {launch}: max |diff| to the default {checks[launch]['max_abs_diff']:.2e}"
+              + ("" if redone is None else f", query blocks redone {checks[launch]['redone']:.4f}"), flush=True)
+    return times, checks
 
 
 def main() -> None:
@@ -175,7 +186,8 @@ def main() -> None:
         if args.estimate_launches:
             rows[-1]["estimate_kernel_ms"] = estimate_launches(q, k, args)
         if args.kernel_launches:
-            rows[-1]["sparse_kernel_ms"] = kernel_launches(q, k, v, mask, lists, args)
+            rows[-1]["sparse_kernel_ms"], rows[-1]["sparse_kernel_checks"] = kernel_launches(q, k, v, mask, lists,
+                                                                                             args)
         r = rows[-1]
         print(f"{length:7d} tokens: SDPA {r['sdpa_ms']:.2f} ms, sparse {r['kernel_ms']:.2f} + pattern "
               f"{r['pattern_ms']:.2f} ms ({r['speedup']:.2f}x), density {r['density']:.2f}, recall {r['recall']:.3f}, "

@@ -30,7 +30,9 @@ def structured_qkv(tokens=256, dim=32, q_heads=4, kv_heads=2, seed=0, dtype=torc
 @pytest.mark.parametrize("tokens, block, group", [(100, 16, 1), (256, 32, 2), (64, 16, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
-    from kvfold.kernels.sparse import sparse_prefill
+    """Random masks (some diagonal blocks unselected), ragged last blocks, GQA 1-4; the default launch and
+    ANCHORED."""
+    from kvfold.kernels.sparse import sparse_prefill, sparse_prefill_flagged
 
     torch.manual_seed(1)
     kv_heads = 2
@@ -44,18 +46,23 @@ def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
     got = sparse_prefill(q, k, v, mask, 32 ** -0.5, block).float()
     want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, block)
     assert ((got - want).norm() / want.norm()).item() < (3e-3 if dtype == torch.float16 else 1.5e-2)
+    anchored, redone = sparse_prefill_flagged(q, k, v, mask, 32 ** -0.5, block, launch={"ANCHORED": True})
+    assert not redone.any()  # no score far above its anchors here: every query block kept the anchored shift
+    assert ((anchored.float() - want).norm() / want.norm()).item() < (3e-3 if dtype == torch.float16 else 1.5e-2)
     full = torch.ones_like(mask)
     torch.testing.assert_close(block_sparse_attention(q, k, v, full, 32 ** -0.5, block),
                                exact(q, k, v, 32 ** -0.5), rtol=1e-4, atol=1e-4)
 
 
 
-@pytest.mark.parametrize("launch", [{"FOLD": True}, {"FOLD": True, "LAZY": True}, {"PAIRED": True}])
+@pytest.mark.parametrize("launch", [{"FOLD": True}, {"FOLD": True, "LAZY": True}, {"PAIRED": True},
+                                    {"ANCHORED": True}])
 def test_block_sparse_kernel_launches_match_the_reference(launch):
     """The scale folded into the shift (FOLD), the running maximum moved only when it grows by more than 2^8
-    (LAZY), the listed blocks two a step (PAIRED; odd and even counts): the same attention. A key far above the rest
-    (block 4) makes every later row's maximum jump past the threshold after some tiles, and the rows' other tiles
-    stay under it."""
+    (LAZY), the listed blocks two a step (PAIRED; odd and even counts), the shift fixed at the anchors' maximum
+    after the diagonal and first listed blocks (ANCHORED; the 2^20 weights overflow float16, so those query blocks
+    are redone): the same attention. A key far above the rest (block 4) makes every later row's maximum jump past
+    the threshold after some tiles, and the rows' other tiles stay under it."""
     from kvfold.kernels.sparse import sparse_prefill
 
     torch.manual_seed(2)
@@ -73,6 +80,40 @@ def test_block_sparse_kernel_launches_match_the_reference(launch):
     want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, 16)
     assert {count % 2 for count in mask.tril(-1).sum(-1)[..., 2:].flatten().tolist()} == {0, 1}
     assert ((got - want).norm() / want.norm()).item() < 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_anchored_blocks_that_overflow_are_redone_with_the_running_maximum(dtype):
+    """ANCHORED shifts every listed block after the first by the anchors' maximum (the diagonal block's and the
+    first listed one's). A key ~140 (log2 units) above them in a later listed block overflows those weights (inf,
+    and inf - inf in the accumulator); the query blocks that read it are flagged and redone with the running
+    maximum, so the output is still the reference's, with no NaN; blocks that never read it keep the anchored
+    result (the same attention either way)."""
+    from kvfold.kernels.sparse import sparse_prefill, sparse_prefill_flagged
+
+    torch.manual_seed(4)
+    q = torch.randn(1, 2, 128, 32, device=DEVICE)
+    k = torch.randn(1, 1, 128, 32, device=DEVICE)
+    v = torch.randn(1, 1, 128, 32, device=DEVICE)
+    direction = torch.nn.functional.normalize(torch.randn(32, device=DEVICE), dim=0)
+    q[:, 1] -= (q[:, 1] @ direction)[..., None] * direction  # head 1: nothing along it
+    q[:, 0] += 12 * direction  # head 0 only: q . k[40] ~ 12 * 60 = 720, ~140 above the rest in log2 units
+    k[:, :, 40] += 60 * direction
+    v[:, :, 40] = torch.linspace(-3, 3, 32, device=DEVICE)  # values of both signs: inf - inf where p overflows
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    mask = torch.eye(8, dtype=torch.bool, device=DEVICE).expand(1, 2, 8, 8).clone()
+    mask[..., 5:, 0] = True  # anchors: key block 0 first, then key block 2 (token 40) in a later step
+    mask[..., 5:, 2] = True
+    got, redone = sparse_prefill_flagged(q, k, v, mask, 32 ** -0.5, 16, launch={"ANCHORED": True})
+    got = got.float()
+    want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, 16)
+    # head 0's query blocks 5-7 read key block 2 after their anchors; query block 2 sees token 40 on its diagonal
+    assert redone.tolist() == [[[0] * 5 + [1] * 3, [0] * 8]]
+    assert got.isfinite().all()
+    assert ((got - want).norm() / want.norm()).item() < (3e-3 if dtype == torch.float16 else 1.5e-2)
+    torch.testing.assert_close(got[0, 0, 80:], v[0, 0, 40].float().expand(48, -1), rtol=0, atol=1e-2)
+    with pytest.raises(ValueError, match="ANCHORED replaces LAZY and PAIRED"):
+        sparse_prefill(q, k, v, mask, 32 ** -0.5, 16, launch={"ANCHORED": True, "PAIRED": True})
 
 
 def test_flexprefill_mask_keeps_the_attention_mass_it_promises():

@@ -7,7 +7,15 @@ diagonal block (masked). The mask is an approximation of full attention; its rec
 measured, not assumed (`tests/kernels/test_sparse.py`, `benchmarks/sparse_prefill.py`).
 Launch options (`launch=`, all equal to the reference; timed by `benchmarks/sparse_prefill.py --kernel-launches`):
 FOLD (the scale folded into the exponent's shift; the default: H200, 128k, 11.99 -> 11.48 ms), LAZY (FOLD, and the
-running maximum moved only when a row's grows past 2^8; 12.15 ms), PAIRED (two listed key blocks a step; 12.50 ms).
+running maximum moved only when a row's grows past 2^8; 12.15 ms), PAIRED (two listed key blocks a step; 12.50 ms),
+ANCHORED (untimed): the anchors first (the diagonal block and the first listed one, the sink's when listed) with the
+running maximum, then the other listed blocks shifted by the anchors' maximum, so no row maximum, rescale or alpha
+per block (a unified maximum as in FlashDecoding++, Hong et al. 2024, arXiv:2311.01282, with its redo on overflow as
+a second launch over the flagged query blocks): the key loop's sm_90 SASS 319 -> 241 instructions, 126 registers, no
+spill (`benchmarks/inspect_kernel.py --sparse`). By these counts that loop is bound by instruction issue at head_dim
+64 (34 MUFU instructions at 8 cycles a warp, 272, against 319 issued), which is also why FlashAttention-4's
+polynomial exponentials were not kept (tried offline: on sm_90 the loop took 576 instructions, 2 MUFU: ~8 an
+exponential).
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ def _folded_update(s, m_i, l_i, scale):
 
 @triton.jit
 def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: tl.constexpr,
-                 BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, FOLD: tl.constexpr, LAZY: tl.constexpr):
+                 BLOCK: tl.constexpr, DIAGONAL: tl.constexpr, FOLD: tl.constexpr, LAZY: tl.constexpr,
+                 ANCHORED: tl.constexpr = False):
     """Key block j into the running softmax. Below the diagonal every query of the tile sees every key of the
     block; on it (DIAGONAL) the causal mask and the end of the keys apply. FOLD: the maximum is taken over the raw
     scores (the scale is positive) and the scale folds into the shift, one multiply-add a score instead of a
-    multiply and an add."""
+    multiply and an add. ANCHORED (below the diagonal): the shift stays m_i, the anchors' maximum (no row maximum,
+    no rescale; weights above 1 where a score passes the anchors')."""
     keys = j * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     at = (kv_head * tokens + keys[:, None]) * D + offs_d[None, :]
@@ -48,6 +58,12 @@ def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, sca
         s = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         v = tl.load(v_ptr + at, mask=keys[:, None] < tokens, other=0.0)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
+    elif ANCHORED:
+        s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
+        v = tl.load(v_ptr + at)
+        p = tl.math.exp2(s * scale - m_i[:, None])
+        l_i += tl.sum(p, axis=1)
+        alpha = tl.full([BLOCK], 1.0, tl.float32)  # no rescale (a multiply by one folds away)
     elif LAZY:  # FOLD, and the running maximum moves only when a row's grows by more than 8 (FA4's rescaling)
         s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
         v = tl.load(v_ptr + at)
@@ -85,25 +101,14 @@ def _pair_tile(q, a, b, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D: 
 
 
 @triton.jit
-def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out_ptr, tokens, blocks, scale,
-                   Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                   INTERPRETED_BLOCKS: tl.constexpr, FOLD: tl.constexpr = False, LAZY: tl.constexpr = False,
-                   PAIRED: tl.constexpr = False):
-    """Query block num_programs(0) - 1 - program_id(0) of head program_id(1) over its listed key blocks and its
-    diagonal block. PAIRED: the listed blocks two a step (`_pair_tile`), an odd last one alone."""
-    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
-    head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head
-    kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
-    offs_m = block * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], mask=offs_m[:, None] < tokens,
-                other=0.0)
+def _online_blocks(q, offs_m, block, row, count, picks, diagonal_ptr, k_ptr, v_ptr, kv_head, tokens, scale,
+                   D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr, FOLD: tl.constexpr,
+                   LAZY: tl.constexpr, PAIRED: tl.constexpr):
+    """The query tile over its `count` listed key blocks at `picks`, then its diagonal block (if selected), with
+    the running maximum: (m, l, acc)."""
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
-    row = head * blocks + block
-    count = tl.load(counts_ptr + row)
-    picks = picks_ptr + row * blocks
     if PAIRED:
         if INTERPRETED_BLOCKS:  # Triton's interpreter loops only to constants
             for index in range(0, INTERPRETED_BLOCKS // 2):
@@ -129,6 +134,69 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out
     if tl.load(diagonal_ptr + row) != 0:
         m_i, l_i, acc = _sparse_tile(q, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK,
                                      True, FOLD, LAZY)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _anchored_blocks(q, offs_m, block, row, count, picks, diagonal_ptr, k_ptr, v_ptr, kv_head, tokens, scale,
+                     D: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_BLOCKS: tl.constexpr):
+    """`_online_blocks` with the anchors first: the diagonal block and the first listed one (the sink's, key block 0,
+    whenever it is listed) with the running maximum, then every other listed block shifted by the anchors' maximum
+    (ANCHORED tiles). Finite after the anchors: each row sees a key of its diagonal block (its own) or all of a
+    listed block's."""
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, D], tl.float32)
+    if tl.load(diagonal_ptr + row) != 0:
+        m_i, l_i, acc = _sparse_tile(q, block, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale, D, BLOCK,
+                                     True, True, False)
+    if count > 0:
+        m_i, l_i, acc = _sparse_tile(q, tl.load(picks), offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, scale,
+                                     D, BLOCK, False, True, False)
+    if INTERPRETED_BLOCKS:
+        for index in range(1, INTERPRETED_BLOCKS):
+            if index < count:
+                m_i, l_i, acc = _sparse_tile(q, tl.load(picks + index), offs_m, m_i, l_i, acc, k_ptr, v_ptr,
+                                             kv_head, tokens, scale, D, BLOCK, False, True, False, True)
+    else:  # no branch in the loop: Triton pipelines the loads of a loop body without one
+        for index in range(1, count):
+            m_i, l_i, acc = _sparse_tile(q, tl.load(picks + index), offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head,
+                                         tokens, scale, D, BLOCK, False, True, False, True)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out_ptr, overflow_ptr, tokens, blocks,
+                   scale, Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                   INTERPRETED_BLOCKS: tl.constexpr, FOLD: tl.constexpr = False, LAZY: tl.constexpr = False,
+                   PAIRED: tl.constexpr = False, ANCHORED: tl.constexpr = False, RETRY: tl.constexpr = False):
+    """Query block num_programs(0) - 1 - program_id(0) of head program_id(1) over its listed key blocks and its
+    diagonal block. PAIRED: the listed blocks two a step (`_pair_tile`), an odd last one alone. ANCHORED:
+    `_anchored_blocks`; where a weight overflowed (a score ~100 above the anchors' maximum, in log2 units, with
+    bfloat16 values; 16 with float16, as P is rounded to the value dtype) it sets the query block's flag at
+    overflow_ptr, and a RETRY launch redoes the flagged ones with the running maximum (FOLD)."""
+    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query blocks first
+    head = tl.program_id(1).to(tl.int64)  # batch * q_heads + q_head
+    row = head * blocks + block
+    if RETRY:
+        if tl.load(overflow_ptr + row) == 0:
+            return
+    kv_head = (head // Q_HEADS) * (Q_HEADS // GROUP) + (head % Q_HEADS) // GROUP
+    offs_m = block * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], mask=offs_m[:, None] < tokens,
+                other=0.0)
+    count = tl.load(counts_ptr + row)
+    picks = picks_ptr + row * blocks
+    if ANCHORED:
+        m_i, l_i, acc = _anchored_blocks(q, offs_m, block, row, count, picks, diagonal_ptr, k_ptr, v_ptr, kv_head,
+                                         tokens, scale, D, BLOCK, INTERPRETED_BLOCKS)
+        # not `< inf` only: inf - inf in the accumulator is NaN, which compares false
+        overflowed = tl.sum((~(l_i < 3.0e38)).to(tl.int32)) + tl.sum((~(tl.abs(acc) < 3.0e38)).to(tl.int32))
+        tl.store(overflow_ptr + row, (overflowed > 0).to(tl.int8))
+    else:
+        m_i, l_i, acc = _online_blocks(q, offs_m, block, row, count, picks, diagonal_ptr, k_ptr, v_ptr, kv_head,
+                                       tokens, scale, D, BLOCK, INTERPRETED_BLOCKS, FOLD or RETRY, LAZY, PAIRED)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=offs_m[:, None] < tokens)
@@ -155,6 +223,14 @@ def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     block_mask [batch, q_heads, blocks, blocks]; output [batch, q_heads, tokens, dim] in the value dtype. Only the
     selected blocks are read: the mask becomes per-query-block lists of key blocks (`block_lists`; `lists`: those of
     the mask, already made, e.g. by `estimate.pick_blocks_triton`)."""
+    return sparse_prefill_flagged(query, key, value, block_mask, scale, block, launch, lists)[0]
+
+
+def sparse_prefill_flagged(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
+                           scale: float, block: int = 64, launch: dict | None = None, lists: tuple | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sparse_prefill`, and with ANCHORED the query blocks redone with the running maximum (int8 [batch, q_heads,
+    blocks], 1 where the anchored weights overflowed; else None)."""
     batch, q_heads, tokens, dim = query.shape
     blocks = -(-tokens // block)
     if q_heads % key.shape[1] or block_mask.shape != (batch, q_heads, blocks, blocks):
@@ -167,9 +243,15 @@ def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     # benchmarks/results/sparse_prefill_h200_captured_int4_sum_g097_r4.md)
     options = {"num_warps": 8 if block >= 128 else 4, "num_stages": 2 if block >= 128 else 3, "FOLD": True,
                **(launch or {})}
-    _sparse_kernel[(blocks, batch * q_heads)](
-        query.contiguous(), key.contiguous(), value.contiguous(), picks, counts, diagonal, out, tokens, blocks,
-        scale * LOG2E,
-        Q_HEADS=q_heads, GROUP=q_heads // key.shape[1], D=dim, BLOCK=block, INTERPRETED_BLOCKS=interpreted,
-        **options)
-    return out
+    anchored = bool(options.get("ANCHORED"))
+    if anchored and (options.get("LAZY") or options.get("PAIRED")):
+        raise ValueError(f"sparse_prefill: ANCHORED replaces LAZY and PAIRED (one of them), got {launch}")
+    overflow = torch.zeros(batch * q_heads * blocks if anchored else 1, dtype=torch.int8, device=query.device)
+    operands = (query.contiguous(), key.contiguous(), value.contiguous(), picks, counts, diagonal, out, overflow,
+                tokens, blocks, scale * LOG2E)
+    shape = dict(Q_HEADS=q_heads, GROUP=q_heads // key.shape[1], D=dim, BLOCK=block, INTERPRETED_BLOCKS=interpreted)
+    _sparse_kernel[(blocks, batch * q_heads)](*operands, **shape, **options)
+    if anchored:  # the query blocks whose weights overflowed, again with the running maximum (no host sync)
+        retry = {name: value for name, value in options.items() if name in ("num_warps", "num_stages")}
+        _sparse_kernel[(blocks, batch * q_heads)](*operands, **shape, RETRY=True, **retry)
+    return out, overflow.view(batch, q_heads, blocks) if anchored else None
