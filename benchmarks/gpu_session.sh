@@ -134,12 +134,14 @@ for step in "${steps[@]}"; do
             # tiled to 128k (CPU, sparse_density.py); REDUCE:GAMMA:ROWS; the launches (the estimate kernel's alone:
             # `estimate`) of the sparse kernel timed on the first run, over its mask
             kernels=${LOWBIT_KERNELS-"FOLD=1;ANCHORED=1;ANCHORED=1,num_stages=4;ANCHORED=1,num_stages=2;FOLD=1,num_warps=8;FOLD=1,num_stages=4"}
+            picks=${LOWBIT_PICKS-"ARITY=2;ARITY=4;ARITY=2,num_warps=4;ARITY=4,num_warps=4"}  # the pick: 31 bisection steps or 16 of three thresholds
             first=
             for run in ${LOWBIT_RUNS:-sum:0.97:4 sum:0.96:4 sum:0.97:8 max:0.98:8}; do  # LOWBIT_RUNS: fewer, when time is short
               IFS=: read -r reduce gamma rows <<< "$run"
-              timeout $( [ -z "$first" ] && echo 200 || echo 120 ) python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
+              timeout $( [ -z "$first" ] && echo 260 || echo 120 ) python benchmarks/sparse_prefill.py --block 64 --captured $capture --estimate int4 \
                 --reduce $reduce --gamma $gamma --rows $rows --kernel-launches "$( [ -z "$first" ] && echo "$kernels")" \
-                --out "$OUT/sparse_prefill_captured_int4_${reduce}_g$(echo $gamma | tr -d .)_r$rows" 2>&1 | grep -v Warn | tail -20
+                --pick-launches "$( [ -z "$first" ] && echo "$picks")" \
+                --out "$OUT/sparse_prefill_captured_int4_${reduce}_g$(echo $gamma | tr -d .)_r$rows" 2>&1 | grep -v Warn | tail -60
               first=no
             done
             timeout 200 python -m pytest -q -x -n 8 tests/kernels/test_estimate.py tests/kernels/test_sparse.py \

@@ -137,6 +137,17 @@ def estimate_launches(q, k, args) -> dict:
         lowbit_block_mass_triton(q, k, q.shape[-1] ** -0.5, args.block, bits, args.rows, args.reduce, launch=options)))
 
 
+def pick_launches(q, k, args) -> dict:
+    """The pick with its block lists alone (`pick_blocks_triton(lists=True)`) over the low-bit masses, ms at each
+    launch of --pick-launches (ARITY, num_warps)."""
+    from kvfold.kernels.estimate import lowbit_block_mass_triton, pick_blocks_triton
+
+    mass = lowbit_block_mass_triton(q, k, q.shape[-1] ** -0.5, args.block, int(args.estimate[3:]), args.rows,
+                                    args.reduce)
+    return time_launches(args.pick_launches, args.device, "pick+lists", lambda options: (
+        pick_blocks_triton(mass, args.gamma, lists=True, launch=options)))
+
+
 def kernel_launches(q, k, v, mask, lists, args) -> tuple[dict, dict]:
     """The block-sparse kernel alone (`sparse_prefill`) over the run's mask (and lists, as timed in the run), ms at
     each launch of --kernel-launches; and per launch the max |difference| of its output to the default launch's
@@ -171,6 +182,9 @@ def main() -> None:
     parser.add_argument("--kernel-launches", default="",
                         help="also time the sparse kernel alone at each of these ';'-separated launches "
                              "(e.g. 'FOLD=1;FOLD=1,LAZY=1;num_warps=8,num_stages=2')")
+    parser.add_argument("--pick-launches", default="",
+                        help="--estimate int4/int8: also time the pick with its lists alone at each of these "
+                             "';'-separated launches (e.g. 'ARITY=2;ARITY=4;ARITY=4,num_warps=4')")
     parser.add_argument("--captured", type=Path, help="a capture_qkv.py file: its real Q/K/V, tiled")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
@@ -185,6 +199,8 @@ def main() -> None:
         mask, lists = rows[-1].pop("selection")
         if args.estimate_launches:
             rows[-1]["estimate_kernel_ms"] = estimate_launches(q, k, args)
+        if args.pick_launches and args.estimate != "pooled":
+            rows[-1]["pick_ms"] = pick_launches(q, k, args)
         if args.kernel_launches:
             rows[-1]["sparse_kernel_ms"], rows[-1]["sparse_kernel_checks"] = kernel_launches(q, k, v, mask, lists,
                                                                                              args)
@@ -222,6 +238,7 @@ def main() -> None:
     lines += [f"| {r['length']} | " + " | ".join(f"{r['pattern_parts_ms'][name]:.2f}" for name in parts) + " |"
               for r in rows]
     for key, title in (("estimate_kernel_ms", "The low-bit estimate's kernel alone (`lowbit_block_mass_triton`)"),
+                       ("pick_ms", "The pick with its block lists alone (`pick_blocks_triton(lists=True)`)"),
                        ("sparse_kernel_ms", "The sparse kernel alone (`sparse_prefill`, the run's mask)")):
         launched = [r for r in rows if r.get(key)]
         if launched:

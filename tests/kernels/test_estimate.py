@@ -203,21 +203,23 @@ def test_the_codes_kernel_rounds_the_reference_codes(tokens, block, group, rows,
 
 @pytest.mark.parametrize("blocks", [1, 5, 37])
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.95, 1.0])
-def test_the_pick_kernel_picks_the_reference_blocks(blocks, gamma):
-    """`pick_blocks_triton` (bisection on the masses' float bits) = `pick_blocks` (a sort and a running sum) on
-    random masses with a heavy tail, ragged block counts (1, 5, 37), gamma 1 (every visible block with mass); only
-    the visible (causal) masses count, whatever lies above the diagonal. With `lists`, the sparse kernel's block
-    lists too, as `block_lists` makes them from the mask."""
+@pytest.mark.parametrize("arity", [2, 4])
+def test_the_pick_kernel_picks_the_reference_blocks(blocks, gamma, arity):
+    """`pick_blocks_triton` (a search on the masses' float bits: bisection, or three thresholds a step) =
+    `pick_blocks` (a sort and a running sum) on random masses with a heavy tail, ragged block counts (1, 5, 37),
+    gamma 1 (every visible block with mass); only the visible (causal) masses count, whatever lies above the
+    diagonal. With `lists`, the sparse kernel's block lists too, as `block_lists` makes them from the mask."""
     from kvfold.kernels.estimate import pick_blocks_triton
     from kvfold.kernels.sparse import block_lists
 
     torch.manual_seed(blocks)
     mass = torch.rand(1, 2, blocks, blocks, device=DEVICE) ** 4
     mass[0, 0, :, 0] = 0.0  # blocks with no mass are never picked (but the diagonal)
-    got = pick_blocks_triton(mass, gamma)
+    launch = {"ARITY": arity}
+    got = pick_blocks_triton(mass, gamma, launch=launch)
     assert torch.equal(got, pick_blocks(mass.tril(), gamma))
     assert torch.equal(got, pick_blocks(mass, gamma))
-    mask, lists = pick_blocks_triton(mass, gamma, lists=True)  # the sparse kernel's lists from the same pass
+    mask, lists = pick_blocks_triton(mass, gamma, lists=True, launch=launch)  # the sparse kernel's lists too
     assert torch.equal(mask, got)
     for made, want in zip(lists, block_lists(got)):
         assert torch.equal(made, want)
@@ -231,4 +233,5 @@ def test_the_pick_kernel_keeps_blocks_tied_with_the_last_one_kept():
     mass = torch.zeros(1, 1, 4, 4, device=DEVICE)
     mass[0, 0, 3] = 1.0
     assert pick_blocks_triton(mass, 0.5)[0, 0, 3].tolist() == [True, True, True, True]
+    assert pick_blocks_triton(mass, 0.5, launch={"ARITY": 4})[0, 0, 3].tolist() == [True, True, True, True]
     assert pick_blocks(mass, 0.5)[0, 0, 3].sum() == 3  # two of the four, and the diagonal
