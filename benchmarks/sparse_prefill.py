@@ -118,10 +118,15 @@ def parse_launches(spec: str) -> list[dict]:
             for launch in filter(None, spec.split(";"))]
 
 
+def named_launches(spec: str) -> dict[str, dict]:
+    """';'-separated launches 'NAME=INT,...' -> each launch's text to its option dict."""
+    return dict(zip(filter(None, spec.split(";")), parse_launches(spec)))
+
+
 def time_launches(spec: str, device: str, label: str, run) -> dict:
     """ms of `run(launch options)` at each ';'-separated launch of `spec` ('NAME=INT,...')."""
     times = {}
-    for launch, options in zip(filter(None, spec.split(";")), parse_launches(spec)):
+    for launch, options in named_launches(spec).items():
         times[launch] = timer(device)(lambda: run(options))
         print(f"  {label} at {launch}: {times[launch]:.2f} ms", flush=True)
     return times
@@ -157,7 +162,7 @@ def kernel_launches(q, k, v, mask, lists, args) -> tuple[dict, dict]:
         sparse_prefill(q, k, v, mask, scale, args.block, launch=options, lists=lists)))
     default = sparse_prefill(q, k, v, mask, scale, args.block, lists=lists).float()
     checks = {}
-    for launch, options in zip(filter(None, args.kernel_launches.split(";")), parse_launches(args.kernel_launches)):
+    for launch, options in named_launches(args.kernel_launches).items():
         out, redone = sparse_prefill_flagged(q, k, v, mask, scale, args.block, launch=options, lists=lists)
         checks[launch] = {"max_abs_diff": (out.float() - default).abs().max().item(),
                           "redone": None if redone is None else redone.float().mean().item()}

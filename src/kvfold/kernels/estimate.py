@@ -368,9 +368,8 @@ def _pick_kernel(mass_ptr, mask_ptr, picks_ptr, counts_ptr, blocks, gamma, BLOCK
             tries = tl.minimum(low + quarters * ((high - low + 3) // 4), high - 1)
             held = tl.sum(tl.where(bits[:, None] >= tries[None, :], mass[:, None], 0.0), axis=0) >= target
             highest = tl.max(tl.where(held, quarters, 0), axis=0)  # the largest that holds (smaller ones do too)
-            next_low = tl.sum(tl.where(quarters == highest, tries, 0), axis=0)
             high = tl.where(highest == 3, high, tl.sum(tl.where(quarters == highest + 1, tries, 0), axis=0))
-            low = next_low
+            low = tl.sum(tl.where(quarters == highest, tries, 0), axis=0)
     else:
         for _ in range(31):
             middle = low + (high - low) // 2
@@ -391,7 +390,7 @@ def pick_blocks_triton(mass: torch.Tensor, gamma: float, lists: bool = False, la
     (blocks tied with the last one kept are kept too: the reference keeps the first of them in its sort order).
     `lists`: (mask, `sparse.block_lists(mask)`) from the same pass, so the sparse kernel needs no scan of the mask.
     `launch`: num_warps, ARITY (2: bisection, 31 steps; 4: three thresholds a step, 16: half the barriers, a step's
-    sm_90 instructions 55 -> 210 and registers 62 -> 124 at 2048 blocks; untimed)."""
+    sm_90 instructions 55 -> 210 and registers 62 -> 125 at 2048 blocks; untimed)."""
     blocks = mass.shape[-1]
     rows = mass.reshape(-1, blocks, blocks).contiguous().float()
     mask = torch.empty(rows.shape, dtype=torch.bool, device=mass.device)

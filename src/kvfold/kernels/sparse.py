@@ -58,21 +58,17 @@ def _sparse_tile(q, j, offs_m, m_i, l_i, acc, k_ptr, v_ptr, kv_head, tokens, sca
         s = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         v = tl.load(v_ptr + at, mask=keys[:, None] < tokens, other=0.0)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, True)
-    elif ANCHORED:
+    elif LAZY or ANCHORED:  # the shift m_i moves (LAZY) only when a row's maximum grows by more than 8 (FA4's
+        # rescaling; ANCHORED: never)
         s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
         v = tl.load(v_ptr + at)
-        p = tl.math.exp2(s * scale - m_i[:, None])
-        l_i += tl.sum(p, axis=1)
-        alpha = tl.full([BLOCK], 1.0, tl.float32)  # no rescale (a multiply by one folds away)
-    elif LAZY:  # FOLD, and the running maximum moves only when a row's grows by more than 8 (FA4's rescaling)
-        s = tl.dot(q, tl.trans(tl.load(k_ptr + at)))
-        v = tl.load(v_ptr + at)
-        m_tile = tl.max(s, axis=1) * scale
-        if tl.max(m_tile - m_i, axis=0) > 8.0:  # one branch for the tile: most tiles of a long row skip it
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.math.exp2(m_i - m_new)
-            acc, l_i, m_i = acc * alpha[:, None], l_i * alpha, m_new
-        p = tl.math.exp2(s * scale - m_i[:, None])  # <= 2^8
+        if LAZY:
+            m_tile = tl.max(s, axis=1) * scale
+            if tl.max(m_tile - m_i, axis=0) > 8.0:  # one branch for the tile: most tiles of a long row skip it
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.math.exp2(m_i - m_new)
+                acc, l_i, m_i = acc * alpha[:, None], l_i * alpha, m_new
+        p = tl.math.exp2(s * scale - m_i[:, None])  # LAZY: <= 2^8
         l_i += tl.sum(p, axis=1)
         alpha = tl.full([BLOCK], 1.0, tl.float32)  # acc is already rescaled (a multiply by one folds away)
     elif FOLD:  # every row sees the whole block: its maximum is finite, and so is the running one after it
@@ -196,7 +192,7 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, picks_ptr, counts_ptr, diagonal_ptr, out
         tl.store(overflow_ptr + row, (overflowed > 0).to(tl.int8))
     else:
         m_i, l_i, acc = _online_blocks(q, offs_m, block, row, count, picks, diagonal_ptr, k_ptr, v_ptr, kv_head,
-                                       tokens, scale, D, BLOCK, INTERPRETED_BLOCKS, FOLD or RETRY, LAZY, PAIRED)
+                                       tokens, scale, D, BLOCK, INTERPRETED_BLOCKS, FOLD, LAZY, PAIRED)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (head * tokens + offs_m[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=offs_m[:, None] < tokens)
@@ -253,5 +249,5 @@ def sparse_prefill_flagged(query: torch.Tensor, key: torch.Tensor, value: torch.
     _sparse_kernel[(blocks, batch * q_heads)](*operands, **shape, **options)
     if anchored:  # the query blocks whose weights overflowed, again with the running maximum (no host sync)
         retry = {name: value for name, value in options.items() if name in ("num_warps", "num_stages")}
-        _sparse_kernel[(blocks, batch * q_heads)](*operands, **shape, RETRY=True, **retry)
+        _sparse_kernel[(blocks, batch * q_heads)](*operands, **shape, FOLD=True, RETRY=True, **retry)
     return out, overflow.view(batch, q_heads, blocks) if anchored else None
