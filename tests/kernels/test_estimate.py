@@ -53,6 +53,22 @@ def test_the_estimate_kernel_computes_the_reference_masses(tokens, block, group,
     assert torch.equal(pick_blocks(got, 0.9), pick_blocks(want, 0.9))
 
 
+def test_the_low_bit_mask_leaves_the_masses_above_the_diagonal_unset():
+    """`lowbit_mask(kernel=True)` asks the estimate for its masses with `upper=False` (no memset of blocks^2 floats):
+    the visible ones are the same, and so are the mask and the lists picked from them."""
+    from kvfold.kernels.estimate import lowbit_block_mass_triton, pick_blocks_triton
+
+    torch.manual_seed(3)
+    query, key = torch.randn(1, 6, 300, 32, device=DEVICE).half(), torch.randn(1, 2, 300, 32, device=DEVICE).half()
+    whole = lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4)
+    assert torch.equal(lowbit_block_mass_triton(query, key, 32 ** -0.5, 16, 4, 4, upper=False).tril(), whole)
+    mask, (picks, counts, diagonal) = lowbit_mask(query, key, 32 ** -0.5, 0.9, 16, 4, 4, kernel=True, lists=True)
+    want_mask, (want_picks, want_counts, _) = pick_blocks_triton(whole, 0.9, lists=True)
+    listed = torch.arange(mask.shape[-1], device=DEVICE) < counts[..., None]
+    assert torch.equal(mask, want_mask) and torch.equal(counts, want_counts)
+    assert torch.equal(picks[listed], want_picks[listed]) and bool(diagonal.all())
+
+
 @pytest.mark.parametrize("launch", [{"PAIRS": 4}, {"PAIRS": 16, "num_warps": 8}, {"PAIRS": 8, "FLOAT8": 0},
                                     {"PAIRS": 32}])
 def test_the_estimate_kernel_launches_read_the_same_masses(launch, monkeypatch):
@@ -218,11 +234,15 @@ def test_the_pick_kernel_picks_the_reference_blocks(blocks, gamma, arity):
     launch = {"ARITY": arity}
     got = pick_blocks_triton(mass, gamma, launch=launch)
     assert torch.equal(got, pick_blocks(mass.tril(), gamma))
+    unset = torch.ones(blocks, blocks, dtype=torch.bool, device=DEVICE).triu(1)  # as `upper=False` leaves them
+    assert torch.equal(pick_blocks_triton(mass.masked_fill(unset, float("nan")), gamma, launch=launch), got)
     assert torch.equal(got, pick_blocks(mass, gamma))
     mask, lists = pick_blocks_triton(mass, gamma, lists=True, launch=launch)  # the sparse kernel's lists too
     assert torch.equal(mask, got)
-    for made, want in zip(lists, block_lists(got)):
-        assert torch.equal(made, want)
+    (picks, counts, diagonal), (want_picks, want_counts, want_diagonal) = lists, block_lists(got)
+    assert torch.equal(counts, want_counts) and torch.equal(diagonal, want_diagonal)
+    listed = torch.arange(blocks, device=DEVICE) < counts[..., None]  # past its count a list is not set
+    assert torch.equal(picks[listed], want_picks[listed])
 
 
 def test_the_pick_kernel_keeps_blocks_tied_with_the_last_one_kept():

@@ -296,11 +296,13 @@ def pair_tiles(rows: int, group: int, pairs: int = 0) -> tuple[int, int]:
 
 
 def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 64, bits: int = 4,
-                             rows: int = 8, reduce: str = "sum", launch: dict | None = None) -> torch.Tensor:
+                             rows: int = 8, reduce: str = "sum", launch: dict | None = None, upper: bool = True
+                             ) -> torch.Tensor:
     """`pattern.lowbit_block_mass` in Triton: query/key [batch, heads, tokens, dim] (GQA, head_dim a power of two
     >= 32: int8 and float8 dot products reduce over >= 32), float32 [batch, q_heads, blocks, blocks] (zero above the
-    diagonal). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages, PAIRS, FLOAT8, PERSISTENT, PREFETCH,
-    SLOTS)."""
+    diagonal; `upper=False`: left unset there, for the pick, which reads only the visible blocks: no memset of
+    blocks^2 floats, 151 MB at 128k for 9 heads). `launch` overrides `ESTIMATE_LAUNCH` (num_warps, num_stages,
+    PAIRS, FLOAT8, PERSISTENT, PREFETCH, SLOTS)."""
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -312,7 +314,7 @@ def lowbit_block_mass_triton(query: torch.Tensor, key: torch.Tensor, scale: floa
     options = {**ESTIMATE_LAUNCH, **(launch or {})}
     float8 = bool(options.pop("FLOAT8")) and bits == 4  # 4-bit codes are exact in e4m3 (8-bit ones are not)
     q_codes, q_scales, k_codes, k_scales = lowbit_codes_triton(query, key, block, bits, rows, float8)
-    mass = torch.zeros(batch, q_heads, blocks, blocks, device=query.device)
+    mass = (torch.zeros if upper else torch.empty)(batch, q_heads, blocks, blocks, device=query.device)
     per_program, options["SPAN"] = pair_tiles(rows, group, options.get("PAIRS", 0))
     options["PAIRS"] = per_program
     tiles = triton.cdiv(blocks * group, per_program)
@@ -388,13 +390,14 @@ def pick_blocks_triton(mass: torch.Tensor, gamma: float, lists: bool = False, la
     """`pattern.pick_blocks` in Triton, one program per query block: masses [..., blocks, blocks] (float32, >= 0)
     -> the causal block mask. The fewest largest visible blocks whose sum reaches gamma of the row, and the diagonal
     (blocks tied with the last one kept are kept too: the reference keeps the first of them in its sort order).
-    `lists`: (mask, `sparse.block_lists(mask)`) from the same pass, so the sparse kernel needs no scan of the mask.
+    `lists`: (mask, `sparse.block_lists(mask)`) from the same pass, so the sparse kernel needs no scan of the mask
+    (a row's list is set up to its count, not zero-filled past it).
     `launch`: num_warps, ARITY (2: bisection, 31 steps; 4: three thresholds a step, 16: half the barriers, a step's
     sm_90 instructions 55 -> 210 and registers 62 -> 125 at 2048 blocks; untimed)."""
     blocks = mass.shape[-1]
     rows = mass.reshape(-1, blocks, blocks).contiguous().float()
     mask = torch.empty(rows.shape, dtype=torch.bool, device=mass.device)
-    picks = torch.zeros(rows.shape if lists else (1,), dtype=torch.int32, device=mass.device)
+    picks = torch.empty(rows.shape if lists else (1,), dtype=torch.int32, device=mass.device)
     counts = torch.empty(rows.shape[:2] if lists else (1,), dtype=torch.int32, device=mass.device)
     pad = triton.next_power_of_2(blocks)
     options = {"num_warps": min(16, max(1, pad // 256)), "ARITY": 2, **(launch or {})}

@@ -204,7 +204,8 @@ def lowbit_mask(query: torch.Tensor, key: torch.Tensor, scale: float, gamma: flo
     if kernel:
         from .estimate import lowbit_block_mass_triton, pick_blocks_triton
 
-        return pick_blocks_triton(lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce), gamma, lists)
+        mass = lowbit_block_mass_triton(query, key, scale, block, bits, rows, reduce, upper=False)
+        return pick_blocks_triton(mass, gamma, lists)
     if lists:
         raise ValueError("lowbit_mask: lists come from the pick kernel (kernel=True)")
     return pick_blocks(lowbit_block_mass(query, key, scale, block, bits, rows, reduce), gamma)
