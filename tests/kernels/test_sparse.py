@@ -30,8 +30,8 @@ def structured_qkv(tokens=256, dim=32, q_heads=4, kv_heads=2, seed=0, dtype=torc
 @pytest.mark.parametrize("tokens, block, group", [(100, 16, 1), (256, 32, 2), (64, 16, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
-    """Random masks (some diagonal blocks unselected), ragged last blocks, GQA 1-4; the default launch and
-    ANCHORED."""
+    """Random masks (some diagonal blocks unselected), ragged last blocks, GQA 1-4; the default launch (ANCHORED)
+    and the running maximum's (FOLD alone)."""
     from kvfold.kernels.sparse import sparse_prefill, sparse_prefill_flagged
 
     torch.manual_seed(1)
@@ -43,25 +43,26 @@ def test_block_sparse_kernel_matches_reference(tokens, block, group, dtype):
     mask = torch.rand(1, kv_heads * group, blocks, blocks, device=DEVICE) < 0.5
     if group != 4:  # with group 4 some diagonal blocks stay unselected (their first queries then see nothing)
         mask |= torch.eye(blocks, dtype=torch.bool, device=DEVICE)
-    got = sparse_prefill(q, k, v, mask, 32 ** -0.5, block).float()
+    got = sparse_prefill(q, k, v, mask, 32 ** -0.5, block, launch={"ANCHORED": False}).float()
     want = block_sparse_attention(q, k, v, mask, 32 ** -0.5, block)
     assert ((got - want).norm() / want.norm()).item() < (3e-3 if dtype == torch.float16 else 1.5e-2)
-    anchored, redone = sparse_prefill_flagged(q, k, v, mask, 32 ** -0.5, block, launch={"ANCHORED": True})
+    anchored, redone = sparse_prefill_flagged(q, k, v, mask, 32 ** -0.5, block)
     assert not redone.any()  # no score far above its anchors here: every query block kept the anchored shift
     assert ((anchored.float() - want).norm() / want.norm()).item() < (3e-3 if dtype == torch.float16 else 1.5e-2)
+    assert torch.equal(sparse_prefill(q, k, v, mask, 32 ** -0.5, block), anchored)
     full = torch.ones_like(mask)
     torch.testing.assert_close(block_sparse_attention(q, k, v, full, 32 ** -0.5, block),
                                exact(q, k, v, 32 ** -0.5), rtol=1e-4, atol=1e-4)
 
 
 
-@pytest.mark.parametrize("launch", [{"FOLD": True}, {"FOLD": True, "LAZY": True}, {"PAIRED": True},
-                                    {"ANCHORED": True}])
+@pytest.mark.parametrize("launch", [{"ANCHORED": False, "FOLD": False}, {"ANCHORED": False}, {"LAZY": True},
+                                    {"PAIRED": True}, {}], ids=["online", "fold", "lazy", "paired", "anchored"])
 def test_block_sparse_kernel_launches_match_the_reference(launch):
-    """The scale folded into the shift (FOLD), the running maximum moved only when it grows by more than 2^8
-    (LAZY), the listed blocks two a step (PAIRED; odd and even counts), the shift fixed at the anchors' maximum
-    after the diagonal and first listed blocks (ANCHORED; the 2^20 weights overflow float16, so those query blocks
-    are redone): the same attention. A key far above the rest (block 4) makes every later row's maximum jump past
+    """The plain online softmax, the scale folded into the shift (FOLD), the running maximum moved only when it
+    grows by more than 2^8 (LAZY), the listed blocks two a step (PAIRED; odd and even counts), the shift fixed at
+    the anchors' maximum after the diagonal and first listed blocks (ANCHORED, the default; the 2^20 weights
+    overflow float16, so those query blocks are redone): the same attention. A key far above the rest (block 4) makes every later row's maximum jump past
     the threshold after some tiles, and the rows' other tiles stay under it."""
     from kvfold.kernels.sparse import sparse_prefill
 

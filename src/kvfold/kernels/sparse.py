@@ -6,16 +6,18 @@ the selected blocks only: per query block, a list of key blocks below the diagon
 diagonal block (masked). The mask is an approximation of full attention; its recall of the attention mass is
 measured, not assumed (`tests/kernels/test_sparse.py`, `benchmarks/sparse_prefill.py`).
 Launch options (`launch=`, all equal to the reference; timed by `benchmarks/sparse_prefill.py --kernel-launches`):
-FOLD (the scale folded into the exponent's shift; the default: H200, 128k, 11.99 -> 11.48 ms), LAZY (FOLD, and the
-running maximum moved only when a row's grows past 2^8; 12.15 ms), PAIRED (two listed key blocks a step; 12.50 ms),
-ANCHORED (untimed): the anchors first (the diagonal block and the first listed one, the sink's when listed) with the
-running maximum, then the other listed blocks shifted by the anchors' maximum, so no row maximum, rescale or alpha
-per block (a unified maximum as in FlashDecoding++, Hong et al. 2024, arXiv:2311.01282, with its redo on overflow as
-a second launch over the flagged query blocks): the key loop's sm_90 SASS 319 -> 241 instructions, 126 registers, no
-spill (`benchmarks/inspect_kernel.py --sparse`). By these counts that loop is bound by instruction issue at head_dim
-64 (34 MUFU instructions at 8 cycles a warp, 272, against 319 issued), which is also why FlashAttention-4's
-polynomial exponentials were not kept (tried offline: on sm_90 the loop took 576 instructions, 2 MUFU: ~8 an
-exponential).
+FOLD (the scale folded into the exponent's shift: H200, 128k, 11.99 -> 11.48 ms), LAZY (FOLD, and the running
+maximum moved only when a row's grows past 2^8; 12.15 ms), PAIRED (two listed key blocks a step; 12.50 ms), and
+ANCHORED, the default (with FOLD for the anchors): the anchors first (the diagonal block and the first listed one,
+the sink's when listed) with the running maximum, then the other listed blocks shifted by the anchors' maximum, so
+no row maximum, rescale or alpha per block (a unified maximum as in FlashDecoding++, Hong et al. 2024,
+arXiv:2311.01282, with its redo on overflow as a second launch over the flagged query blocks): the key loop's sm_90
+SASS 319 -> 241 instructions, 126 registers, no spill (`benchmarks/inspect_kernel.py --sparse`); H100, 128k, the
+captured layer at 23% of the blocks: 11.67 -> 10.21 ms, no query block redone, outputs within one bfloat16 ulp
+of FOLD's (`sparse_prefill_h100_captured_int4_sum_g097_r4_sweep.md`). By those counts FOLD's loop is bound by
+instruction issue at head_dim 64 (34 MUFU instructions at 8 cycles a warp, 272, against 319 issued), which is also
+why FlashAttention-4's polynomial exponentials were not kept (tried offline: on sm_90 the loop took 576
+instructions, 2 MUFU: ~8 an exponential).
 """
 
 from __future__ import annotations
@@ -225,8 +227,8 @@ def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 def sparse_prefill_flagged(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
                            scale: float, block: int = 64, launch: dict | None = None, lists: tuple | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sparse_prefill`, and with ANCHORED the query blocks redone with the running maximum (int8 [batch, q_heads,
-    blocks], 1 where the anchored weights overflowed; else None)."""
+    """`sparse_prefill`, and with ANCHORED (the default) the query blocks redone with the running maximum (int8
+    [batch, q_heads, blocks], 1 where the anchored weights overflowed; else, `launch={"ANCHORED": False}`, None)."""
     batch, q_heads, tokens, dim = query.shape
     blocks = -(-tokens // block)
     if q_heads % key.shape[1] or block_mask.shape != (batch, q_heads, blocks, blocks):
@@ -235,11 +237,12 @@ def sparse_prefill_flagged(query: torch.Tensor, key: torch.Tensor, value: torch.
     picks, counts, diagonal = lists if lists is not None else block_lists(block_mask.bool())
     out = torch.empty(batch, q_heads, tokens, dim, device=query.device, dtype=value.dtype)
     interpreted = blocks if os.environ.get("TRITON_INTERPRET") == "1" else 0
-    # FOLD: H200, 128k tokens, layer 15 tiled at 23% of the blocks: 11.99 -> 11.48 ms (LAZY 12.15, PAIRED 12.50;
-    # benchmarks/results/sparse_prefill_h200_captured_int4_sum_g097_r4.md)
+    # 128k tokens, layer 15 tiled at 23% of the blocks: FOLD 11.99 -> 11.48 ms (H200; LAZY 12.15, PAIRED 12.50),
+    # ANCHORED 11.67 -> 10.21 (H100; benchmarks/results/sparse_prefill_h{200,100}_captured_int4_sum_g097_r4*.md)
+    launch = launch or {}
     options = {"num_warps": 8 if block >= 128 else 4, "num_stages": 2 if block >= 128 else 3, "FOLD": True,
-               **(launch or {})}
-    anchored = bool(options.get("ANCHORED"))
+               "ANCHORED": not (launch.get("LAZY") or launch.get("PAIRED")), **launch}  # LAZY, PAIRED: not anchored
+    anchored = bool(options["ANCHORED"])
     if anchored and (options.get("LAZY") or options.get("PAIRED")):
         raise ValueError(f"sparse_prefill: ANCHORED replaces LAZY and PAIRED (one of them), got {launch}")
     overflow = torch.zeros(batch * q_heads * blocks if anchored else 1, dtype=torch.int8, device=query.device)
