@@ -9,12 +9,18 @@ adds empty splits): if the paths store the same tokens, their logits are then eq
 difference left is a real one, not the split merge's rounding.
 
     python benchmarks/path_agreement.py --methods "kivi:4;snapkv:0.75,every=64+kivi:4" --invariant --out x.json
+
+`--against reference`: the normal path through the Triton kernels (`KVFOLD_KERNELS=triton`) teacher-forced to the
+same path through the PyTorch references (`KVFOLD_KERNELS=reference`; issue 7's end-to-end check). Their math
+differs only in rounding (bf16 dot products and split merges against float32 chunks): the steps where the argmax
+differs are printed with the reference's top-2 margin, to be read against the largest |Δ logit| of every step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,6 +90,9 @@ def main() -> None:
     parser.add_argument("--methods", default="kivi:4;zipcache:4;snapkv:0.75,every=64;snapkv:0.75,every=64+kivi:4")
     parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--invariant", action="store_true", help="batch-invariant reads in both paths")
+    parser.add_argument("--against", default="fast", choices=["fast", "reference"],
+                        help="fast: the fast loop vs the normal path; reference: the normal path through the kernels "
+                             "vs through the references")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.invariant:
@@ -94,20 +103,40 @@ def main() -> None:
     ids = torch.randint(10, model.config.vocab_size, (args.batch, args.length), generator=gen).to(args.device)
     results = []
     for spec in split_methods(args.methods):
+        if args.against == "reference":
+            os.environ["KVFOLD_KERNELS"] = "reference"
         normal = run(model, ids, spec, args.new, False, None, args.prefill_chunk)
         forced = [logits.argmax(-1) for logits in normal.logits]
-        fast = run(model, ids, spec, args.new, True, forced, args.prefill_chunk)
-        row = {"method": spec, **compare(normal, fast)}
+        if args.against == "reference":
+            os.environ["KVFOLD_KERNELS"] = "triton"
+        other = run(model, ids, spec, args.new, args.against == "fast", forced, args.prefill_chunk)
+        os.environ.pop("KVFOLD_KERNELS", None)
+        row = {"method": spec, **compare(normal, other)}
         results.append(row)
         flips = [s["step"] for s in row["steps"] if not s["argmax_equal"]]
         print(f"{spec:36s} first bitwise difference {row['first_bitwise_difference']}, max |Δ| "
-              f"{row['max_abs_diff']:.3g}, argmax differs at steps {flips[:8]}"
+              f"{row['max_abs_diff']:.3g}, argmax differs at steps {flips[:8]} of {len(row['steps'])}"
               + "".join(f"\n    step {s['step']}: |Δ| {s['max_abs_diff']:.3g}, margin {s['min_margin']:.3g}"
                         for s in row["steps"] if s["step"] in flips[:4]), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        args.out.write_text(json.dumps({"device": device, "torch": torch.__version__,
                                         "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                        indent=1))
+        paths = ("Triton kernels vs PyTorch references (normal path)" if args.against == "reference"
+                 else "fast loop vs normal path")
+        lines = [f"# Teacher-forced agreement: {paths} ({device}, torch {torch.__version__})", "",
+                 f"{args.config if args.device == 'cuda' else 'embedded model'}, batch {args.batch}, {args.length}-token "
+                 f"prompts, {args.new} new tokens{', batch-invariant reads' if args.invariant else ''}; "
+                 "`benchmarks/path_agreement.py`. Step 0 is the prefill's logits.", "",
+                 "| method | first step whose logits differ | largest \\|Δ logit\\| | steps whose argmax differs "
+                 "(\\|Δ\\|, reference top-2 margin) |", "|---|---|---|---|"]
+        for row in results:
+            flips = "; ".join(f"{s['step']}: {s['max_abs_diff']:.3g}, {s['min_margin']:.3g}" for s in row["steps"]
+                              if not s["argmax_equal"]) or "none"
+            lines.append(f"| `{row['method']}` | {row['first_bitwise_difference']} | {row['max_abs_diff']:.3g} | "
+                         f"{flips} |")
+        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
