@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one command (the device tool allows ~10 minutes a command, 30 a session):
 # the kernel tests compiled, then the kernel benchmarks and the end-to-end decode loop, each writing
-# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|decode-fast|decode-gqa8|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|estimate|lowbit|group-rows|e2e|e2e8|chunked|agreement|serve|peer]...
+# $OUT/<name>.json and .md. Usage on the device: OUT=... bash benchmarks/gpu_session.sh [tests|prefill-tests|decode|grid|decode-fast|decode-gqa8|ragged|fp8-columns|columns-tall|async-scales|fp8-page-scales|registers|page-ids|page-ids-next|words|steps|profile|few|prefill|sparse|estimate|lowbit|group-rows|e2e|e2e8|chunked|agreement|serve|peer]...
 # (no argument: all five, in that order; each step has its own time limit so one slow step cannot eat the rest).
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -28,6 +28,8 @@ for step in "${steps[@]}"; do
     prefill-tests) timeout 150 python -m pytest -q --tb=line tests/kernels/test_prefill.py tests/kernels/test_sparse.py \
                      -p no:cacheprovider 2>&1 | tail -12 ;;
     decode) timeout 330 python benchmarks/decode_kernel.py --out "$OUT/decode_kernel.json" 2>&1 | grep -v Warn | tail -40 ;;
+    grid) timeout 300 python benchmarks/decode_grid.py --tokens 32768,4096,131072 --out "$OUT/decode_grid" 2>&1 \
+            | grep -v Warn | tail -14 ;;  # context 4k-128k x batch 1-32 at GQA 8 (issue 7's grid)
     decode-fast) timeout 200 python benchmarks/decode_kernel.py --skip-accuracy --out "$OUT/decode_kernel.json" 2>&1 \
                    | grep -v Warn | tail -30 ;;  # the speed table alone (the error table takes ~2 minutes more)
     decode-gqa8) timeout 230 python benchmarks/decode_kernel.py --skip-accuracy --group 8 --out "$OUT/decode_kernel_gqa8.json" \
@@ -171,6 +173,6 @@ for step in "${steps[@]}"; do
            [ -f "$OUT/serve_load_h200.json" ] || tail -25 /tmp/kvfold_serve_load.log ;;
     peer) carry_wheels  # FlashInfer compiles its kernels at first use (minutes; not timed)
           timeout 540 python benchmarks/peer_decode.py --out "$OUT/peer_decode" 2>&1 | grep -v Warn | tail -24 ;;
-    *) echo "unknown step $step (tests, prefill-tests, decode, decode-fast, decode-gqa8, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, estimate, lowbit, group-rows, e2e, e2e8, chunked, agreement, serve, peer)" ;;
+    *) echo "unknown step $step (tests, prefill-tests, decode, grid, decode-fast, decode-gqa8, ragged, fp8-columns, columns-tall, async-scales, fp8-page-scales, registers, page-ids, page-ids-next, words, steps, profile, few, prefill, sparse, estimate, lowbit, group-rows, e2e, e2e8, chunked, agreement, serve, peer)" ;;
   esac
 done
