@@ -166,14 +166,14 @@ def inspect_sparse(group: int, dim: int, warps: int | None, stages: int | None) 
                      diagonal_ptr="*i8", out_ptr="*bf16", overflow_ptr="*i8", tokens="i32", blocks="i32", scale="fp32")
     launch = {"num_warps": warps or 4, "num_stages": stages or 3}
     print(f"sm_90, triton {triton.__version__}; GQA {group}, head_dim {dim}, 64-token blocks, {launch}")
-    for label, options in (("FOLD (default)", {"FOLD": True}), ("no FOLD", {"FOLD": False}),
+    for label, options in (("FOLD", {"FOLD": True}), ("no FOLD", {"FOLD": False}),
                            ("LAZY", {"FOLD": True, "LAZY": True}), ("PAIRED", {"FOLD": True, "PAIRED": True}),
-                           ("ANCHORED", {"FOLD": True, "ANCHORED": True})):
+                           ("ANCHORED (default)", {"FOLD": True, "ANCHORED": True})):
         constants = dict(Q_HEADS=group * 2, GROUP=group, D=dim, BLOCK=64, INTERPRETED_BLOCKS=0, FOLD=False,
                          LAZY=False, PAIRED=False, ANCHORED=False, RETRY=False)
         compiled = compile_for_hopper(_sparse_kernel, signature, {**constants, **options}, launch)
         loops = ", ".join(f"{count} ({mufu} MUFU)" for count, _, mufu in loop_instructions(compiled, every=True))
-        print(f"{label:16s} {ptxas_report(compiled)}, {compiled.metadata.shared:6d} B shared; loops: {loops}")
+        print(f"{label:18s} {ptxas_report(compiled)}, {compiled.metadata.shared:6d} B shared; loops: {loops}")
 
 
 def main() -> None:
