@@ -190,7 +190,7 @@ def main() -> None:
                              "(e.g. 'num_warps=4,num_stages=3;num_warps=8,num_stages=2')")
     parser.add_argument("--kernel-launches", default="",
                         help="also time the sparse kernel alone at each of these ';'-separated launches "
-                             "(e.g. 'FOLD=1;FOLD=1,LAZY=1;num_warps=8,num_stages=2')")
+                             "(e.g. 'ANCHORED=0;ANCHORED=1;LAZY=1;num_warps=8,num_stages=2'; ANCHORED is the default)")
     parser.add_argument("--pick-launches", default="",
                         help="--estimate int4/int8: also time the pick with its lists alone at each of these "
                              "';'-separated launches (e.g. 'ARITY=2;ARITY=4;ARITY=4,num_warps=4')")
